@@ -1,0 +1,136 @@
+// Python module _gqsgd_cpu: the CPU FFI handlers as capsules, plus a host
+// emulation of the CUDA launch grid for the tests.
+//
+// emulate_* run a kernel body exactly as a CUDA grid of `blocks` x `threads`
+// would (thread t processes items t, t + blocks*threads, ...), so the index
+// math, tail handling and packing of the GPU path run in the CPU test suite.
+#include <cstdint>
+
+#include "gqsgd/kernels.h"
+#include "nanobind/nanobind.h"
+#include "nanobind/ndarray.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace nb = nanobind;
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdQuantizeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdDequantizeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdAverageCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpEncodeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpDecodeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpReduceCpu);
+
+namespace gqsgd {
+namespace {
+
+template <typename T>
+nb::capsule Capsule(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>);
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+template <typename T>
+using Vec = nb::ndarray<T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+struct Grid {
+  int64_t blocks, threads;
+};
+
+template <typename Kernel>
+void Launch(const Kernel& kernel, int64_t items, Grid grid) {
+  const int64_t total = grid.blocks * grid.threads;
+  for (int64_t t = 0; t < total; ++t) kernel(t, total, items);
+}
+
+Grid MakeGrid(int64_t blocks, int64_t threads) {
+  if (blocks < 1 || threads < 1) throw nb::value_error("blocks and threads must be >= 1");
+  return Grid{blocks, threads};
+}
+
+template <int kBits>
+void EmulateQuantizeBits(Vec<const float> x, float scale, Vec<const uint32_t> seed,
+                         nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels,
+                         bool signed_codes, Grid grid) {
+  const int64_t n = static_cast<int64_t>(x.shape(0));
+  auto run = [&](auto signed_tag) {
+    constexpr bool kSigned = decltype(signed_tag)::value;
+    using K = QuantizeKernel<float, kBits, kSigned>;
+    const int64_t words = NumWords(n, kSigned ? 1 : Lanes<kBits>::kCount);
+    if (static_cast<int64_t>(codes.size()) != words ||
+        codes.itemsize() != sizeof(typename K::Word)) {
+      throw nb::value_error("codes has the wrong size or dtype");
+    }
+    K k{x.data(), &scale, seed.data(), static_cast<typename K::Word*>(codes.data()), n, levels};
+    Launch(k, words, grid);
+  };
+  if constexpr (kBits == 8) {
+    if (signed_codes) return run(std::true_type{});
+  }
+  run(std::false_type{});
+}
+
+void EmulateQuantize(Vec<const float> x, float scale, Vec<const uint32_t> seed,
+                     nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels,
+                     int32_t bits, bool signed_codes, int64_t blocks, int64_t threads) {
+  const Grid grid = MakeGrid(blocks, threads);
+  switch (bits) {
+    case 2: return EmulateQuantizeBits<2>(x, scale, seed, codes, levels, signed_codes, grid);
+    case 3: return EmulateQuantizeBits<3>(x, scale, seed, codes, levels, signed_codes, grid);
+    case 4: return EmulateQuantizeBits<4>(x, scale, seed, codes, levels, signed_codes, grid);
+    case 5: return EmulateQuantizeBits<5>(x, scale, seed, codes, levels, signed_codes, grid);
+    case 6: return EmulateQuantizeBits<6>(x, scale, seed, codes, levels, signed_codes, grid);
+    case 7: return EmulateQuantizeBits<7>(x, scale, seed, codes, levels, signed_codes, grid);
+    case 8: return EmulateQuantizeBits<8>(x, scale, seed, codes, levels, signed_codes, grid);
+    default: throw nb::value_error("bits must be in [2, 8]");
+  }
+}
+
+void EmulateExpEncode(Vec<const float> x, float scale, Vec<const uint32_t> seed,
+                      Vec<uint8_t> codes, int32_t floor_code, int64_t blocks, int64_t threads) {
+  if (codes.shape(0) != x.shape(0)) throw nb::value_error("codes must match x");
+  ExpEncodeKernel<float> k{x.data(), &scale, seed.data(), codes.data(), floor_code};
+  Launch(k, static_cast<int64_t>(x.shape(0)), MakeGrid(blocks, threads));
+}
+
+void EmulateExpReduce(Vec<const uint8_t> a, Vec<const uint8_t> b, Vec<const uint32_t> seed,
+                      Vec<uint8_t> out, int64_t blocks, int64_t threads) {
+  if (a.shape(0) != b.shape(0) || out.shape(0) != a.shape(0)) {
+    throw nb::value_error("a, b and out must have the same length");
+  }
+  ExpReduceKernel k{a.data(), b.data(), seed.data(), out.data()};
+  Launch(k, static_cast<int64_t>(a.shape(0)), MakeGrid(blocks, threads));
+}
+
+// Random bits at 64-bit element indices [start, start + len(out)).
+void RandomBitsAt(Vec<const uint32_t> seed, int64_t start, uint32_t stream, Vec<uint32_t> out,
+                  int64_t blocks, int64_t threads) {
+  if (start < 0) throw nb::value_error("start must be >= 0");
+  RandomBitsKernel k{seed.data(), start, stream, out.data()};
+  Launch(k, static_cast<int64_t>(out.shape(0)), MakeGrid(blocks, threads));
+}
+
+}  // namespace
+}  // namespace gqsgd
+
+NB_MODULE(_gqsgd_cpu, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    d["gqsgd_quantize"] = gqsgd::Capsule(GqsgdQuantizeCpu);
+    d["gqsgd_dequantize"] = gqsgd::Capsule(GqsgdDequantizeCpu);
+    d["gqsgd_average"] = gqsgd::Capsule(GqsgdAverageCpu);
+    d["gqsgd_exp_encode"] = gqsgd::Capsule(GqsgdExpEncodeCpu);
+    d["gqsgd_exp_decode"] = gqsgd::Capsule(GqsgdExpDecodeCpu);
+    d["gqsgd_exp_reduce"] = gqsgd::Capsule(GqsgdExpReduceCpu);
+    return d;
+  });
+  m.def("emulate_quantize", &gqsgd::EmulateQuantize, nb::arg("x"), nb::arg("scale"),
+        nb::arg("seed"), nb::arg("codes"), nb::arg("levels"), nb::arg("bits"),
+        nb::arg("signed_codes"), nb::arg("blocks"), nb::arg("threads"));
+  m.def("emulate_exp_encode", &gqsgd::EmulateExpEncode, nb::arg("x"), nb::arg("scale"),
+        nb::arg("seed"), nb::arg("codes"), nb::arg("floor_code"), nb::arg("blocks"),
+        nb::arg("threads"));
+  m.def("emulate_exp_reduce", &gqsgd::EmulateExpReduce, nb::arg("a"), nb::arg("b"),
+        nb::arg("seed"), nb::arg("out"), nb::arg("blocks"), nb::arg("threads"));
+  m.def("random_bits_at", &gqsgd::RandomBitsAt, nb::arg("seed"), nb::arg("start"),
+        nb::arg("stream"), nb::arg("out"), nb::arg("blocks") = 1, nb::arg("threads") = 1);
+}
