@@ -166,10 +166,13 @@ GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
   const uint32_t mant = ef == 0 ? m : (m | 0x800000u);
   const int32_t efe = ef == 0 ? 1 : ef;
   const int32_t sh = 150 - c - efe;  // |v| * 2^c = mant * 2^-sh, sh >= 23
+  // Shift counts are clamped to [0, 31] (C++ shifts by >= 32 are undefined);
+  // the clamped values are only used where the select discards them.
+  const int32_t sh_left = 32 - sh;
   const int32_t sh_right = sh - 32;
-  const uint32_t p32 =
-      sh <= 32 ? (mant << (32 - sh))
-               : (sh_right < 32 ? (mant >> sh_right) : 0u);
+  const uint32_t left = mant << (sh_left < 0 ? 0 : (sh_left > 31 ? 31 : sh_left));
+  const uint32_t right = mant >> (sh_right < 0 ? 0 : (sh_right > 31 ? 31 : sh_right));
+  const uint32_t p32 = sh <= 32 ? left : (sh_right < 32 ? right : 0u);
   const int32_t code_small = random < p32 ? c : 0;
   const int32_t code = is_nan ? 0 : (small ? code_small : code_normal);
   return static_cast<uint8_t>(code == 0 ? 0u : (static_cast<uint32_t>(code) | sign));

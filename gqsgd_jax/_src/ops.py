@@ -1,0 +1,235 @@
+"""The kernels as JAX ops: FFI custom calls with pure-XLA twins.
+
+Every op takes ``impl``:
+
+* ``"auto"`` (default): the FFI handler on each platform that has one
+  registered, the pure-XLA twin elsewhere (``lax.platform_dependent``), so a
+  CPU-only build still runs on a GPU host.
+* ``"ffi"``: the FFI handler; raises if none is registered for the default
+  backend.
+* ``"xla"``: the pure-jnp twin from ``reference.py``.
+
+Both paths give bit-identical results for the same seed. Per-step values
+(scales, seeds, counts) are operands; only static layout (bits, levels,
+offsets) are attributes, so nothing recompiles from step to step.
+
+All ffi_calls use ``vmap_method="sequential"``: the scale operand of a
+quantizer usually comes from the whole buffer, and broadcasting a batch into
+one call would apply one row's scale and random stream to every row.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqsgd_jax._src import ffi as ffi_lib
+from gqsgd_jax._src import reference
+from gqsgd_jax._src import wire
+
+IMPLS = ("auto", "ffi", "xla")
+
+
+def validate_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  return impl
+
+
+def _select(impl: str, ffi_fn: Callable, xla_fn: Callable) -> Callable:
+  validate_impl(impl)
+  if impl == "xla":
+    return xla_fn
+  if impl == "ffi":
+    backend = jax.default_backend()
+    if backend not in ffi_lib.REGISTERED_PLATFORMS:
+      raise RuntimeError(
+          f"impl='ffi' was requested, but no gqsgd_jax FFI module is "
+          f"registered for the {backend!r} backend (registered: "
+          f"{sorted(ffi_lib.REGISTERED_PLATFORMS) or 'none'}). Rebuild the "
+          "package (pip install .) or use impl='auto' or 'xla'.")
+    return ffi_fn
+
+  def dispatch(*args):
+    per_platform = {p: ffi_fn for p in ffi_lib.REGISTERED_PLATFORMS}
+    return jax.lax.platform_dependent(*args, default=xla_fn, **per_platform)
+
+  return dispatch
+
+
+def _scalar_f32(x) -> jax.Array:
+  return jnp.asarray(x, jnp.float32).reshape(())
+
+
+def _seed(seed) -> jax.Array:
+  seed = jnp.asarray(seed)
+  if seed.dtype != jnp.uint32 or seed.shape != (2,):
+    raise ValueError(
+        f"seed must be uint32[2] (see seed_from_key), got {seed.dtype}"
+        f"{list(seed.shape)}")
+  return seed
+
+
+def seed_from_key(key: jax.Array) -> jax.Array:
+  """The uint32[2] seed operand of the kernels, drawn from a PRNG key."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
+_FLOAT_INPUTS = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
+                 np.dtype(np.float16))
+
+
+def _float_input(x, name: str = "x") -> jax.Array:
+  x = jnp.asarray(x)
+  if x.dtype not in _FLOAT_INPUTS:
+    raise TypeError(
+        f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+  return x.reshape(-1)
+
+
+def quantize(x, scale, seed, *, levels: int, bits: int,
+             signed_codes: bool = False, impl: str = "auto") -> jax.Array:
+  """Stochastic rounding of ``x * scale`` to integer codes in [-levels, levels].
+
+  Args:
+    x: float32/bfloat16/float16 array (flattened).
+    scale: float32 scalar multiplier applied before rounding (e.g. s / M).
+    seed: uint32[2] operand of the counter-based generator.
+    levels: per-worker level count s.
+    bits: code width on the wire, 2..8.
+    signed_codes: int8 codes q (bits must be 8); otherwise offset-binary
+      codes q + s packed into uint8 (bits divides 8) or uint32 words.
+    impl: "auto", "ffi" or "xla".
+
+  Returns:
+    int8[n] or the packed words, ``wire.num_words(n, bits)`` of them.
+  """
+  bits = wire.validate_bits(bits)
+  if signed_codes and bits != 8:
+    raise ValueError(f"signed_codes needs bits=8, got bits={bits}")
+  if not 1 <= levels <= wire.max_levels(bits, signed_codes):
+    raise ValueError(
+        f"levels must be in [1, {wire.max_levels(bits, signed_codes)}] for "
+        f"bits={bits}, got {levels}")
+  x = _float_input(x)
+  n = x.shape[0]
+  out = jax.ShapeDtypeStruct((wire.num_words(n, bits, signed_codes),),
+                             wire.word_dtype(bits, signed_codes))
+
+  def ffi_fn(x, scale, seed):
+    return jax.ffi.ffi_call("gqsgd_quantize", out, vmap_method="sequential")(
+        x, scale, seed, levels=np.int32(levels), bits=np.int32(bits),
+        signed_codes=np.bool_(signed_codes))
+
+  def xla_fn(x, scale, seed):
+    return reference.quantize(x, scale, seed, levels=levels, bits=bits,
+                              signed_codes=signed_codes)
+
+  return _select(impl, ffi_fn, xla_fn)(x, _scalar_f32(scale), _seed(seed))
+
+
+def dequantize(codes, scale, *, n: int, bits: int, offset: int,
+               signed_codes: bool = False, impl: str = "auto") -> jax.Array:
+  """Unpacks codes and returns ``(code - offset) * scale`` as float32[n]."""
+  bits = wire.validate_bits(bits)
+  codes = jnp.asarray(codes)
+  want = (wire.num_words(n, bits, signed_codes),)
+  if codes.shape != want or codes.dtype != wire.word_dtype(bits, signed_codes):
+    raise ValueError(
+        f"codes must be {wire.word_dtype(bits, signed_codes)}{list(want)} for "
+        f"n={n}, bits={bits}, got {codes.dtype}{list(codes.shape)}")
+  out = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+  def ffi_fn(codes, scale):
+    return jax.ffi.ffi_call("gqsgd_dequantize", out,
+                            vmap_method="sequential")(
+        codes, scale, bits=np.int32(bits),
+        signed_codes=np.bool_(signed_codes), offset=np.int32(offset))
+
+  def xla_fn(codes, scale):
+    return reference.dequantize(codes, scale, n=n, bits=bits, offset=offset,
+                                signed_codes=signed_codes)
+
+  return _select(impl, ffi_fn, xla_fn)(codes, _scalar_f32(scale))
+
+
+def average(a, b, n_a, n_b, seed, *, bits: int,
+            impl: str = "auto") -> jax.Array:
+  """Lane-wise SR((n_a*a + n_b*b) / (n_a + n_b)) of two packed buffers.
+
+  ``n_a``, ``n_b``: int32 scalars (worker counts behind each operand,
+  1 <= n, n_a + n_b <= 128); they may differ per device, so they are operands.
+  """
+  bits = wire.validate_bits(bits)
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.shape != b.shape or a.dtype != b.dtype or a.ndim != 1:
+    raise ValueError("a and b must be 1-D packed buffers of equal shape")
+  if a.dtype != wire.word_dtype(bits):
+    raise ValueError(f"packed words for bits={bits} are "
+                     f"{wire.word_dtype(bits)}, got {a.dtype}")
+  out = jax.ShapeDtypeStruct(a.shape, a.dtype)
+  n_a = jnp.asarray(n_a, jnp.int32).reshape(())
+  n_b = jnp.asarray(n_b, jnp.int32).reshape(())
+
+  def ffi_fn(a, b, n_a, n_b, seed):
+    return jax.ffi.ffi_call("gqsgd_average", out, vmap_method="sequential")(
+        a, b, n_a, n_b, seed, bits=np.int32(bits))
+
+  def xla_fn(a, b, n_a, n_b, seed):
+    return reference.average(a, b, n_a, n_b, seed, bits=bits)
+
+  return _select(impl, ffi_fn, xla_fn)(a, b, n_a, n_b, _seed(seed))
+
+
+def exp_encode(x, scale, seed, *, floor_code: int = 127,
+               impl: str = "auto") -> jax.Array:
+  """Exponential dithering of ``x * scale`` (|x * scale| <= 1/2) to bytes.
+
+  Byte = sign << 7 | e with value ±2^-e, e in [1, floor_code]; 0 is zero.
+  """
+  if not 1 <= floor_code <= 127:
+    raise ValueError(f"floor_code must be in [1, 127], got {floor_code}")
+  x = _float_input(x)
+  out = jax.ShapeDtypeStruct(x.shape, jnp.uint8)
+
+  def ffi_fn(x, scale, seed):
+    return jax.ffi.ffi_call("gqsgd_exp_encode", out,
+                            vmap_method="sequential")(
+        x, scale, seed, floor_code=np.int32(floor_code))
+
+  def xla_fn(x, scale, seed):
+    return reference.exp_encode(x, scale, seed, floor_code=floor_code)
+
+  return _select(impl, ffi_fn, xla_fn)(x, _scalar_f32(scale), _seed(seed))
+
+
+def exp_decode(codes, scale, *, impl: str = "auto") -> jax.Array:
+  """Decodes exponential bytes to ±2^-e * scale (float32)."""
+  codes = jnp.asarray(codes)
+  if codes.dtype != jnp.uint8 or codes.ndim != 1:
+    raise ValueError(f"codes must be uint8[n], got {codes.dtype}"
+                     f"{list(codes.shape)}")
+  out = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
+
+  def ffi_fn(codes, scale):
+    return jax.ffi.ffi_call("gqsgd_exp_decode", out,
+                            vmap_method="sequential")(codes, scale)
+
+  return _select(impl, ffi_fn, reference.exp_decode)(codes,
+                                                     _scalar_f32(scale))
+
+
+def exp_reduce(a, b, seed, *, impl: str = "auto") -> jax.Array:
+  """Pairwise stochastic reduce of two exponential byte buffers (§3.3)."""
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.shape != b.shape or a.dtype != jnp.uint8 or b.dtype != jnp.uint8 or (
+      a.ndim != 1):
+    raise ValueError("a and b must be uint8[n] of equal length")
+  out = jax.ShapeDtypeStruct(a.shape, jnp.uint8)
+
+  def ffi_fn(a, b, seed):
+    return jax.ffi.ffi_call("gqsgd_exp_reduce", out,
+                            vmap_method="sequential")(a, b, seed)
+
+  return _select(impl, ffi_fn, reference.exp_reduce)(a, b, _seed(seed))

@@ -1,0 +1,212 @@
+"""Pure-jnp twins of the FFI kernels: the fallback path and the test oracle.
+
+Each function mirrors one function of ``xla_ffi/include/gqsgd/math.h`` and
+``kernels.h`` operation by operation (uint32 arithmetic wraps as in C++), so
+for the same seed the two paths return the same bits. Keep them in lockstep:
+``tests/ops_test.py`` asserts bit equality over dtypes and sizes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqsgd_jax._src import wire
+
+_U32 = jnp.uint32
+
+
+def _u32(v) -> jax.Array:
+  return jnp.asarray(np.uint32(v), _U32)
+
+
+# --------------------------------------------------------------------------
+# Counter-based random bits (math.h: Mix32, MakeStreamKey, RandomBits).
+
+
+def mix32(x: jax.Array) -> jax.Array:
+  x = x ^ (x >> 16)
+  x = x * _u32(0x21F0AAAD)
+  x = x ^ (x >> 15)
+  x = x * _u32(0x735A2D97)
+  return x ^ (x >> 15)
+
+
+def stream_key(seed: jax.Array, stream: int) -> tuple[jax.Array, jax.Array]:
+  seed = jnp.asarray(seed, _U32)
+  mult = np.uint32((0x9E3779B9 * (stream + 1)) & 0xFFFFFFFF)
+  a = mix32(mix32(seed[0] + _u32(mult)) ^ seed[1])
+  b = mix32(a ^ _u32(0x7FEB352D))
+  return a, b
+
+
+def random_bits(seed: jax.Array, n: int, stream: int = 0) -> jax.Array:
+  """uint32 random bits of elements 0..n-1 (index high word 0: n < 2^32)."""
+  a, b = stream_key(seed, stream)
+  idx = jax.lax.iota(_U32, n)
+  return mix32(mix32(idx ^ a) + b)
+
+
+# --------------------------------------------------------------------------
+# Standard dithering.
+
+
+def stochastic_round(x: jax.Array, scale: jax.Array, levels: int,
+                     random: jax.Array) -> jax.Array:
+  """math.h StochasticRound: SR(clamp(x * scale)) as int32."""
+  lim = jnp.float32(levels)
+  y = x.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+  y = jnp.where(y > lim, lim, y)
+  y = jnp.where(y < -lim, -lim, y)
+  y = jnp.where(y == y, y, jnp.float32(0))
+  trunc = y.astype(jnp.int32)
+  fl = trunc - (y < trunc.astype(jnp.float32)).astype(jnp.int32)
+  frac = y - fl.astype(jnp.float32)
+  threshold = (frac * jnp.float32(16777216.0)).astype(jnp.int32).astype(_U32)
+  return fl + ((random >> 8) < threshold).astype(jnp.int32)
+
+
+def _pack(codes: jax.Array, bits: int) -> jax.Array:
+  """Packs uint32 codes (< 2^bits) into words, element 0 in the high lane."""
+  lanes = wire.lanes_per_word(bits)
+  n = codes.shape[0]
+  words = wire.num_words(n, bits)
+  codes = jnp.pad(codes, (0, words * lanes - n)).reshape(words, lanes)
+  shifts = _u32(bits) * jnp.arange(lanes - 1, -1, -1, dtype=_U32)
+  packed = jnp.bitwise_or.reduce(codes << shifts, axis=1) if lanes > 1 else (
+      codes[:, 0])
+  return packed.astype(wire.word_dtype(bits))
+
+
+def _unpack(words: jax.Array, bits: int) -> jax.Array:
+  """All lanes of packed words as uint32 codes (length words * lanes)."""
+  lanes = wire.lanes_per_word(bits)
+  shifts = _u32(bits) * jnp.arange(lanes - 1, -1, -1, dtype=_U32)
+  mask = _u32((1 << bits) - 1)
+  return ((words.astype(_U32)[:, None] >> shifts) & mask).reshape(-1)
+
+
+def quantize(x: jax.Array, scale: jax.Array, seed: jax.Array, *, levels: int,
+             bits: int, signed_codes: bool = False) -> jax.Array:
+  """kernels.h QuantizeKernel: int8 codes or packed offset-binary lanes."""
+  x = x.reshape(-1)
+  q = stochastic_round(x, scale, levels, random_bits(seed, x.shape[0]))
+  if signed_codes:
+    return q.astype(jnp.int8)
+  mask = _u32((1 << bits) - 1)
+  return _pack((q + levels).astype(_U32) & mask, bits)
+
+
+def dequantize(codes: jax.Array, scale: jax.Array, *, n: int, bits: int,
+               offset: int, signed_codes: bool = False) -> jax.Array:
+  """kernels.h DequantizeKernel: (code - offset) * scale as float32[n]."""
+  if signed_codes:
+    c = codes.astype(jnp.int32)
+  else:
+    c = _unpack(codes, bits)[:n].astype(jnp.int32)
+  return (c - offset).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+
+
+def rounded_average(a, b, n_a, n_b, random):
+  """math.h RoundedAverage on uint32 arrays."""
+  n_a = jnp.asarray(n_a).astype(_U32)
+  n_b = jnp.asarray(n_b).astype(_U32)
+  num = n_a * a + n_b * b
+  den = n_a + n_b
+  fl = num // den
+  rem = num - fl * den
+  return fl + (((random >> 8) * den) < (rem << 24)).astype(_U32)
+
+
+def average(a: jax.Array, b: jax.Array, n_a, n_b, seed: jax.Array, *,
+            bits: int) -> jax.Array:
+  """kernels.h AverageKernel: lane-wise SR((n_a a + n_b b) / (n_a + n_b))."""
+  ca, cb = _unpack(a, bits), _unpack(b, bits)
+  avg = rounded_average(ca, cb, n_a, n_b, random_bits(seed, ca.shape[0]))
+  return _pack(avg & _u32((1 << bits) - 1), bits)
+
+
+# --------------------------------------------------------------------------
+# Exponential dithering.
+
+
+def exp_encode(x: jax.Array, scale: jax.Array, seed: jax.Array, *,
+               floor_code: int = 127) -> jax.Array:
+  """math.h ExpEncode: sign + exponent bytes of x * scale."""
+  x = x.reshape(-1)
+  random = random_bits(seed, x.shape[0])
+  v = x.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+  u = jax.lax.bitcast_convert_type(v, _U32)
+  sign = (u >> 24) & _u32(0x80)
+  mag = u & _u32(0x7FFFFFFF)
+  is_nan = mag > _u32(0x7F800000)
+  mag = jnp.where(mag > _u32(0x3F000000), _u32(0x3F000000), mag)
+  ef = (mag >> 23).astype(jnp.int32)
+  m = mag & _u32(0x7FFFFF)
+  code_normal = 127 - ef - ((random >> 9) < m).astype(jnp.int32)
+  floor_small = min(floor_code, 126)
+  c = jnp.where(ef == 0, floor_small, floor_code)
+  small = (ef == 0) | ((126 - ef) >= floor_code)
+  mant = jnp.where(ef == 0, m, m | _u32(0x800000))
+  efe = jnp.where(ef == 0, 1, ef)
+  sh = 150 - c - efe
+  sh_right = sh - 32
+  left = mant << jnp.clip(32 - sh, 0, 31).astype(_U32)
+  right = mant >> jnp.clip(sh_right, 0, 31).astype(_U32)
+  p32 = jnp.where(sh <= 32, left, jnp.where(sh_right < 32, right, _u32(0)))
+  code_small = jnp.where(random < p32, c, 0)
+  code = jnp.where(is_nan, 0, jnp.where(small, code_small, code_normal))
+  byte = jnp.where(code == 0, _u32(0), code.astype(_U32) | sign)
+  return byte.astype(jnp.uint8)
+
+
+def exp_decode(codes: jax.Array, scale: jax.Array) -> jax.Array:
+  """math.h ExpDecode: ±2^-e * scale by exponent arithmetic, f32."""
+  us = jax.lax.bitcast_convert_type(jnp.asarray(scale, jnp.float32), _U32)
+  ef_s = ((us >> 23) & _u32(0xFF)).astype(jnp.int32)
+  c = codes.astype(_U32)
+  e = (c & _u32(0x7F)).astype(jnp.int32)
+  ef = ef_s - e
+  sign = (c & _u32(0x80)) << 24
+  value = sign | (jnp.maximum(ef, 0).astype(_U32) << 23) | (us & _u32(0x7FFFFF))
+  value = jnp.where((e == 0) | (ef < 1), _u32(0), value)
+  value = jnp.where(ef_s == 0xFF, _u32(0x7FC00000), value)
+  return jax.lax.bitcast_convert_type(value, jnp.float32)
+
+
+def geometric_tail(t, r0, r1):
+  """math.h GeometricTail: True with probability 2^-t (t: uint32)."""
+  ones = _u32(0xFFFFFFFF)
+  mask0 = jnp.where(t >= 32, ones, (_u32(1) << jnp.minimum(t, 31)) - 1)
+  t1 = jnp.where(t > 32, t - 32, _u32(0))
+  mask1 = jnp.where(t1 >= 32, ones, (_u32(1) << jnp.minimum(t1, 31)) - 1)
+  return (t <= 64) & ((r0 & mask0) == 0) & ((r1 & mask1) == 0)
+
+
+def exp_reduce_codes(a, b, r0, r1):
+  """math.h ExpReduce on uint32 arrays of bytes."""
+  ea, eb = a & _u32(0x7F), b & _u32(0x7F)
+  sa, sb = a & _u32(0x80), b & _u32(0x80)
+  a_dom = ea <= eb
+  e_big = jnp.where(a_dom, ea, eb)
+  e_small = jnp.where(a_dom, eb, ea)
+  s_big = jnp.where(a_dom, sa, sb)
+  same = sa == sb
+  t = e_small - e_big
+  tt = jnp.where(same, t, t - 1)
+  event = geometric_tail(tt, r0, r1)
+  doubled = jnp.where(e_big > 1, e_big - 1, _u32(1))
+  e_res = jnp.where(same, jnp.where(event, doubled, e_big),
+                    jnp.where(event, e_big + 1, e_big))
+  cancel = (~same) & (t == 0)
+  general = jnp.where(cancel, _u32(0), s_big | e_res)
+  return jnp.where(ea == 0, jnp.where(eb == 0, _u32(0), b),
+                   jnp.where(eb == 0, a, general))
+
+
+def exp_reduce(a: jax.Array, b: jax.Array, seed: jax.Array) -> jax.Array:
+  """kernels.h ExpReduceKernel: pairwise stochastic reduce of byte codes."""
+  n = a.shape[0]
+  r0 = random_bits(seed, n, stream=0)
+  r1 = random_bits(seed, n, stream=1)
+  out = exp_reduce_codes(a.astype(_U32), b.astype(_U32), r0, r1)
+  return out.astype(jnp.uint8)
