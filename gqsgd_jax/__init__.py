@@ -1,7 +1,14 @@
 """gqsgd_jax: Global-QSGD and gradient-compression baselines for JAX."""
 
+from gqsgd_jax._src.baselines import psum_mean
+from gqsgd_jax._src.baselines import PsumMeanState
+from gqsgd_jax._src.collectives import varying
 from gqsgd_jax._src.ffi import HAS_CPU
 from gqsgd_jax._src.ffi import HAS_CUDA
+from gqsgd_jax._src.global_quantize import global_quantize
+from gqsgd_jax._src.global_quantize import GlobalQuantizeState
+from gqsgd_jax._src.hlo import wire_report
+from gqsgd_jax._src.hlo import WireReport
 from gqsgd_jax._src.ops import average
 from gqsgd_jax._src.ops import dequantize
 from gqsgd_jax._src.ops import exp_decode
@@ -13,13 +20,20 @@ from gqsgd_jax._src.ops import seed_from_key
 __version__ = "0.1.0"
 
 __all__ = (
+    "GlobalQuantizeState",
     "HAS_CPU",
     "HAS_CUDA",
+    "PsumMeanState",
+    "WireReport",
     "average",
     "dequantize",
     "exp_decode",
     "exp_encode",
     "exp_reduce",
+    "global_quantize",
+    "psum_mean",
     "quantize",
     "seed_from_key",
+    "varying",
+    "wire_report",
 )

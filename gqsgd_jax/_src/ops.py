@@ -39,6 +39,7 @@ def validate_impl(impl: str) -> str:
 
 def _select(impl: str, ffi_fn: Callable, xla_fn: Callable) -> Callable:
   validate_impl(impl)
+  ffi_fn = _with_vma(ffi_fn)
   if impl == "xla":
     return xla_fn
   if impl == "ffi":
@@ -56,6 +57,29 @@ def _select(impl: str, ffi_fn: Callable, xla_fn: Callable) -> Callable:
     return jax.lax.platform_dependent(*args, default=xla_fn, **per_platform)
 
   return dispatch
+
+
+def _with_vma(ffi_fn: Callable) -> Callable:
+  """Gives the ffi_call result the varying-axes type of its operands.
+
+  Inside ``shard_map(check_vma=True)`` ffi_call results come back typed as
+  invariant (JAX 0.10 computes but drops the vma), which breaks
+  ``platform_dependent`` and psum typing; this re-types them (no data moves).
+  """
+  def wrapped(*args):
+    vma = set().union(*(_varying_axes(a) for a in args))
+    out = ffi_fn(*args)
+    missing = tuple(sorted(vma - _varying_axes(out)))
+    return jax.lax.pcast(out, missing, to="varying") if missing else out
+  return wrapped
+
+
+def _varying_axes(x) -> set:
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
+  if mat is not None:
+    return set(mat.varying)
+  return set(getattr(aval, "vma", ()))
 
 
 def _scalar_f32(x) -> jax.Array:

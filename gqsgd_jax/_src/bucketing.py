@@ -1,0 +1,107 @@
+"""Tensor fusion: a static plan that packs gradient leaves into flat buckets.
+
+Like PyTorch DDP, leaves are taken in reverse order (roughly the order in
+which backprop produces them) and packed into buckets of at most
+``bucket_bytes``; a bucket holds one dtype. The plan depends only on shapes
+and dtypes, so it is computed at trace time and costs nothing at run time.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GRANULARITIES = ("bucket", "leaf", "global")
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
+                    np.dtype(np.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """Leaves (by flat index) fused into one buffer, in buffer order."""
+  leaf_ids: tuple[int, ...]
+  sizes: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def size(self) -> int:
+    return sum(self.sizes)
+
+
+def validate_granularity(granularity: str) -> str:
+  if granularity not in GRANULARITIES:
+    raise ValueError(
+        f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+  return granularity
+
+
+def validate_bucket_bytes(bucket_bytes) -> int:
+  if isinstance(bucket_bytes, bool) or not isinstance(
+      bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+    raise ValueError(
+        f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
+  return int(bucket_bytes)
+
+
+def check_leaf_dtypes(leaves, paths) -> None:
+  for leaf, path in zip(leaves, paths):
+    if jnp.dtype(leaf.dtype) not in SUPPORTED_DTYPES:
+      raise TypeError(
+          f"gradient leaf {jax.tree_util.keystr(path)} has dtype "
+          f"{leaf.dtype}; supported: float32, bfloat16, float16")
+
+
+def plan_buckets(leaves, *, bucket_bytes: int,
+                 per_leaf: bool = False) -> list[Bucket]:
+  """Packs non-empty leaves into buckets (reverse leaf order, one dtype each).
+
+  A leaf larger than ``bucket_bytes`` gets a bucket of its own; with
+  ``per_leaf`` every leaf does.
+  """
+  buckets: list[Bucket] = []
+  ids: list[int] = []
+  sizes: list[int] = []
+  dtype = None
+  nbytes = 0
+
+  def close():
+    if ids:
+      buckets.append(Bucket(tuple(ids), tuple(sizes), dtype))
+
+  for i in reversed(range(len(leaves))):
+    leaf = leaves[i]
+    size = int(np.prod(leaf.shape, dtype=np.int64))
+    if size == 0:
+      continue
+    leaf_dtype = np.dtype(leaf.dtype)
+    leaf_bytes = size * leaf_dtype.itemsize
+    if ids and (per_leaf or leaf_dtype != dtype or
+                nbytes + leaf_bytes > bucket_bytes):
+      close()
+      ids, sizes, nbytes = [], [], 0
+    ids.append(i)
+    sizes.append(size)
+    dtype = leaf_dtype
+    nbytes += leaf_bytes
+  close()
+  return buckets
+
+
+def flatten_bucket(bucket: Bucket, leaves) -> jax.Array:
+  parts = [leaves[i].reshape(-1) for i in bucket.leaf_ids]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def unflatten_buckets(buckets, flats, leaves) -> list[jax.Array]:
+  """Splits bucket buffers back into leaves of the original shape and dtype.
+
+  Empty leaves (in no bucket) come back as empty arrays.
+  """
+  out = [jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves]
+  for bucket, flat in zip(buckets, flats):
+    offsets = np.cumsum((0,) + bucket.sizes)
+    for j, i in enumerate(bucket.leaf_ids):
+      piece = flat[offsets[j]:offsets[j + 1]]
+      out[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
+  return out
