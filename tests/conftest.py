@@ -1,4 +1,7 @@
-"""Shared test set-up: 8 simulated CPU devices, the requires_cuda marker."""
+"""Shared test set-up: 64 simulated CPU devices, the requires_cuda marker.
+
+Most tests use the first 8 devices; the large-W statistics use up to 64.
+"""
 
 import os
 
@@ -7,7 +10,7 @@ import pytest
 
 # Must run before any backend starts. On a GPU host (JAX_PLATFORMS=cuda) this
 # only affects the unused CPU client; multi-device tests use the real GPUs.
-jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_num_cpu_devices", 64)
 
 from gqsgd_jax._src import ffi as ffi_lib  # noqa: E402
 

@@ -2,8 +2,8 @@
 
 * ``axis_size``: the worker count, with a clear error when the axis is not
   bound (the transform was called outside shard_map/pmap).
-* ``butterfly_allreduce``: recursive-halving reduce-scatter and
-  recursive-doubling all-gather over ``lax.ppermute`` (spec §3.6) for a custom,
+* ``butterfly_allreduce``: recursive-halving reduce-scatter over
+  ``lax.ppermute`` and an all-gather (spec §3.6) for a custom,
   possibly stochastic and non-associative combine. Every element is reduced
   by a balanced tree computed once, on exactly one device per level, so the
   result is identical on all workers and each level may use the reducing
@@ -79,17 +79,22 @@ def _group_counts(counts: np.ndarray, level: int, num_workers: int):
   return mine, theirs
 
 
+def _bit_reverse(i: int, bits: int) -> int:
+  return int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
+
+
 def butterfly_allreduce(x: jax.Array, combine: Combine, *, axis_name,
                         num_workers: int) -> jax.Array:
   """All-reduces the 1-D buffer ``x`` with ``combine`` over ``axis_name``.
 
-  Sent per device: (P-1)/P of the buffer in each phase (P = 2^floor(log2 W)),
-  plus one full buffer each way for the extra workers when W is not a power
-  of two.
+  Sent per device: (P-1)/P of the buffer in the reduce-scatter (P =
+  2^floor(log2 W)) and the all-gather; when W is not a power of two, one
+  full buffer from each extra worker to its partner, and the all-gather
+  carries W blocks of N/P instead of P.
   """
   w = num_workers
-  if w == 1:
-    return x
+  if w == 1:  # nothing to reduce; the gather only retypes x as replicated
+    return jax.lax.all_gather(x, axis_name, to="invarying").reshape(-1)
   levels = int(math.floor(math.log2(w)))
   p = 1 << levels
   extra = w - p
@@ -116,15 +121,13 @@ def butterfly_allreduce(x: jax.Array, combine: Combine, *, axis_name,
     chunk = combine(keep, received, jnp.asarray(mine)[i],
                     jnp.asarray(theirs)[i], level + 1)
 
-  for level in reversed(range(levels)):
-    bit = (i >> level) & 1
-    received = jax.lax.ppermute(
-        chunk, axis_name, perm=[(j, j ^ (1 << level)) for j in range(p)])
-    chunk = jnp.where(bit == 1, jnp.concatenate([received, chunk]),
-                      jnp.concatenate([chunk, received]))
-
-  if extra:
-    received = jax.lax.ppermute(chunk, axis_name,
-                                perm=[(j, p + j) for j in range(extra)])
-    chunk = jnp.where(i >= p, received, chunk)
+  # All-gather phase. After the reduce-scatter, worker i < P owns block
+  # bitreverse(i) of the buffer. A native all_gather (to="invarying") is the
+  # recursive doubling XLA/NCCL implement best, and unlike a ppermute
+  # all-gather its result is typed as replicated, so under
+  # shard_map(check_vma=True) updates can leave with out_specs=P(). The
+  # extra workers receive the result too; their blocks are ignored.
+  gathered = jax.lax.all_gather(chunk, axis_name, to="invarying")
+  order = [_bit_reverse(j, levels) for j in range(p)]
+  chunk = gathered[np.asarray(order)].reshape(-1)
   return chunk[:n]

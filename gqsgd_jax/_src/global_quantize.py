@@ -241,8 +241,10 @@ def global_quantize(
     buckets = bucketing.plan_buckets(leaves, bucket_bytes=bucket_bytes,
                                      per_leaf=granularity == "leaf")
     next_key, step_key = jax.random.split(state.key)
-    if not buckets:
-      return updates, GlobalQuantizeState(key=next_key)
+    if not buckets:  # only empty leaves
+      empty = [jnp.zeros(x.shape, x.dtype) for x in leaves]
+      return (jax.tree_util.tree_unflatten(treedef, empty),
+              GlobalQuantizeState(key=next_key))
 
     flats = [bucketing.flatten_bucket(b, leaves) for b in buckets]
     # One pmax for all bucket maxima of the step.
