@@ -366,21 +366,33 @@ def test_exp_encode_bgq4_floor_rounds_stochastically(impl):
   assert np.all((theirs & 0x7F) >= 120)
 
 
-@pytest.mark.xfail(
-    reason="library bug (reported): XLA:CPU runs the FFI handler and the "
-    "XLA twin with FTZ/DAZ, so v = x * scale below 2^-126 is flushed to 0 "
-    "and math.h's subnormal floor path is unreachable", strict=False)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_exp_encode_bgq4_default_floor_subnormals(impl):
-  # B-GQ-4 at the default floor_code = 127: REF clamps |v| < 2^-127 up to
-  # code 127. Ours (math.h) rounds float32 subnormals between 0 and 2^-126
-  # with probability |v| 2^126 (floor min(127, 126)): unbiased, never 127.
+def test_exp_encode_bgq4_default_floor_below_normal_range(impl):
+  # B-GQ-4 at the default floor_code = 127, where v = x * scale falls below
+  # float32's normal range (XLA:CPU flushes such products to zero, so the
+  # kernel reads them from (x * 2^64) * scale): |v| in [2^-127, 2^-126)
+  # rounds between codes 127 and 126, |v| < 2^-127 between 0 and code 127
+  # with probability |v| 2^127. REF clamps everything below 2^-127 up to 127.
   rng = np.random.default_rng(7)
-  v = _subnormals(rng, 4096)
+  n = 4096
+  x = (np.exp2(rng.uniform(-64, -60, n)) * rng.choice([-1, 1], n)).astype(F32)
+  scale = 2.0**-66  # v = x * scale in [2^-130, 2^-126), exact in float64
+  v = x.astype(np.float64) * scale
   seed = _seed(7)
-  ours = _op(ops.exp_encode, v, 1.0, seed, impl=impl)
-  np.testing.assert_array_equal(ours, _floor_oracle(v, 126,
-                                                    _bits(seed, v.size)))
+  ours = _op(ops.exp_encode, x, scale, seed, impl=impl)
+  bits = _bits(seed, n).astype(np.uint64)
+  sign = np.where(x < 0, 0x80, 0)
+  mant = np.abs(v) * 2.0**127  # in [2^-3, 2)
+  upper = (bits >> 9).astype(np.float64) < np.floor((mant - 1) * 2.0**23)
+  above = np.where(upper, 126, 127) | sign
+  below = np.where(bits.astype(np.float64) < np.floor(mant * 2.0**32),
+                   127 | sign, 0)
+  np.testing.assert_array_equal(ours, np.where(mant >= 1, above, below))
+  assert np.any(ours[mant < 1] == 0) and np.any(ours[mant < 1] != 0)
+  # Unbiased on average: the decoded codes' mean matches v's mean.
+  decoded = np.where(ours & 0x7F, np.exp2(-(ours & 0x7F).astype(float)), 0)
+  decoded *= np.where(ours & 0x80, -1, 1)
+  assert abs(decoded.sum() - v.sum()) < 5 * np.sqrt(n) * 2.0**-127
 
 
 @pytest.mark.parametrize("impl", IMPLS)

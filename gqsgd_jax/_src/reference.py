@@ -140,21 +140,26 @@ def exp_encode(x: jax.Array, scale: jax.Array, seed: jax.Array, *,
   mag = u & _u32(0x7FFFFFFF)
   is_nan = mag > _u32(0x7F800000)
   mag = jnp.where(mag > _u32(0x3F000000), _u32(0x3F000000), mag)
-  ef = (mag >> 23).astype(jnp.int32)
-  m = mag & _u32(0x7FFFFF)
+  ef_v = (mag >> 23).astype(jnp.int32)
+  v64 = (x.astype(jnp.float32) * jnp.float32(2.0**64)) * jnp.asarray(
+      scale, jnp.float32)
+  u64 = jax.lax.bitcast_convert_type(v64, _U32) & _u32(0x7FFFFFFF)
+  ef64 = (u64 >> 23).astype(jnp.int32)
+  use64 = ef_v == 0
+  lost = use64 & ((ef64 == 0) | (ef64 == 0xFF))
+  ef = jnp.where(use64, ef64 - 64, ef_v)
+  m = jnp.where(use64, u64, mag) & _u32(0x7FFFFF)
   code_normal = 127 - ef - ((random >> 9) < m).astype(jnp.int32)
-  floor_small = min(floor_code, 126)
-  c = jnp.where(ef == 0, floor_small, floor_code)
-  small = (ef == 0) | ((126 - ef) >= floor_code)
-  mant = jnp.where(ef == 0, m, m | _u32(0x800000))
-  efe = jnp.where(ef == 0, 1, ef)
-  sh = 150 - c - efe
+  small = (126 - ef) >= floor_code
+  mant = m | _u32(0x800000)
+  sh = 150 - floor_code - ef
   sh_right = sh - 32
   left = mant << jnp.clip(32 - sh, 0, 31).astype(_U32)
   right = mant >> jnp.clip(sh_right, 0, 31).astype(_U32)
   p32 = jnp.where(sh <= 32, left, jnp.where(sh_right < 32, right, _u32(0)))
-  code_small = jnp.where(random < p32, c, 0)
-  code = jnp.where(is_nan, 0, jnp.where(small, code_small, code_normal))
+  code_small = jnp.where(random < p32, floor_code, 0)
+  code = jnp.where(is_nan | lost, 0,
+                   jnp.where(small, code_small, code_normal))
   byte = jnp.where(code == 0, _u32(0), code.astype(_U32) | sign)
   return byte.astype(jnp.uint8)
 

@@ -108,7 +108,7 @@ GQSGD_HD uint32_t RandomBits(StreamKey key, int64_t index) {
 // carry into the neighbouring lane. NaN maps to 0; the transforms detect
 // non-finite buckets from the global norm and decode them to NaN.
 // Rounding: floor(y) + [r24 < floor(frac * 2^24)], i.e. P(up) = frac rounded
-// down to a multiple of 2^-24 (bias below 2^-24 of a step, never upwards).
+// to a multiple of 2^-24 (|bias| below 2^-24 of a step).
 
 GQSGD_HD int32_t StochasticRound(float x, float scale, int32_t levels,
                                  uint32_t random) {
@@ -145,9 +145,12 @@ GQSGD_HD uint32_t RoundedAverage(uint32_t a, uint32_t b, uint32_t n_a,
 // magnitudes are clamped to 1/2 = code 1, never wrapped to zero).
 // Normal path: |v| = (1 + m/2^23) * 2^(ef-127) lies between 2^-(127-ef) and
 // 2^-(126-ef); the upper power is taken with probability m/2^23 (exact).
-// Below the floor level 2^-c (c = floor_code) and for f32 subnormals
-// (floor min(c, 126)), v rounds stochastically between 0 and 2^-c with
-// probability |v| * 2^c: unbiased, unlike the reference's clamp (B-GQ-4).
+// Floor path: below the floor level 2^-c (c = floor_code), v rounds
+// stochastically between 0 and 2^-c with probability |v| * 2^c: unbiased,
+// unlike the reference's clamp (B-GQ-4). XLA:CPU flushes subnormals to zero,
+// so when v itself is not a normal float its magnitude is read from
+// (x * 2^64) * scale, which is normal down to |v| = 2^-190 and has the same
+// rounding as x * scale; below that the probability (< 2^-63) is dropped.
 GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
                            uint32_t random) {
   const uint32_t u = FloatBits(x * scale);
@@ -155,17 +158,20 @@ GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
   uint32_t mag = u & 0x7fffffffu;
   const bool is_nan = mag > 0x7f800000u;
   mag = mag > 0x3f000000u ? 0x3f000000u : mag;  // clamp |v| <= 1/2
-  const int32_t ef = static_cast<int32_t>(mag >> 23);
-  const uint32_t m = mag & 0x7fffffu;
+  const int32_t ef_v = static_cast<int32_t>(mag >> 23);
+  const uint32_t u64 = FloatBits((x * 18446744073709551616.0f) * scale) & 0x7fffffffu;
+  const int32_t ef64 = static_cast<int32_t>(u64 >> 23);
+  // |v| = (1 + m / 2^23) * 2^(ef - 127), with ef <= 0 read from v * 2^64.
+  const bool use64 = ef_v == 0;
+  const bool lost = use64 && (ef64 == 0 || ef64 == 0xff);  // < 2^-190 or inf
+  const int32_t ef = use64 ? ef64 - 64 : ef_v;
+  const uint32_t m = use64 ? (u64 & 0x7fffffu) : (mag & 0x7fffffu);
   // Normal path.
   const int32_t code_normal = 127 - ef - ((random >> 9) < m ? 1 : 0);
-  // Floor path.
-  const int32_t floor_small = floor_code < 126 ? floor_code : 126;
-  const int32_t c = ef == 0 ? floor_small : floor_code;
-  const bool small = ef == 0 || (126 - ef) >= floor_code;
-  const uint32_t mant = ef == 0 ? m : (m | 0x800000u);
-  const int32_t efe = ef == 0 ? 1 : ef;
-  const int32_t sh = 150 - c - efe;  // |v| * 2^c = mant * 2^-sh, sh >= 23
+  // Floor path: |v| * 2^c = (m | 2^23) * 2^-sh with sh >= 24.
+  const bool small = (126 - ef) >= floor_code;
+  const uint32_t mant = m | 0x800000u;
+  const int32_t sh = 150 - floor_code - ef;
   // Shift counts are clamped to [0, 31] (C++ shifts by >= 32 are undefined);
   // the clamped values are only used where the select discards them.
   const int32_t sh_left = 32 - sh;
@@ -173,8 +179,8 @@ GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
   const uint32_t left = mant << (sh_left < 0 ? 0 : (sh_left > 31 ? 31 : sh_left));
   const uint32_t right = mant >> (sh_right < 0 ? 0 : (sh_right > 31 ? 31 : sh_right));
   const uint32_t p32 = sh <= 32 ? left : (sh_right < 32 ? right : 0u);
-  const int32_t code_small = random < p32 ? c : 0;
-  const int32_t code = is_nan ? 0 : (small ? code_small : code_normal);
+  const int32_t code_small = random < p32 ? floor_code : 0;
+  const int32_t code = (is_nan || lost) ? 0 : (small ? code_small : code_normal);
   return static_cast<uint8_t>(code == 0 ? 0u : (static_cast<uint32_t>(code) | sign));
 }
 
