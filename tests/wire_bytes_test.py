@@ -1,0 +1,120 @@
+"""Collective bytes of a real Flax/optax shard_map training step, from HLO."""
+
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import optax
+import pytest
+
+import gqsgd_jax
+from gqsgd_jax._src import hlo
+from gqsgd_jax._src import wire
+from _utils import data_mesh
+
+_WORKERS = 8
+
+
+class _Mlp(nnx.Module):
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(64, 256, rngs=rngs)
+    self.out = nnx.Linear(256, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
+def _compiled_step(compressor, *, use_varying=True):
+  """Compiles one data-parallel training step; returns (compiled, #grads)."""
+  graphdef, params = nnx.split(_Mlp(nnx.Rngs(0)), nnx.Param)
+  tx = optax.chain(compressor, optax.sgd(0.1))
+  opt_state = tx.init(params)
+  mesh = data_mesh(_WORKERS)
+
+  def loss_fn(params, x, y):
+    logits = nnx.merge(graphdef, params)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                 out_specs=(P(), P()))
+  def step(params, opt_state, x, y):
+    local = gqsgd_jax.varying(params, "data") if use_varying else params
+    grads = jax.grad(loss_fn)(local, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  x = jnp.zeros((_WORKERS * 4, 64))
+  y = jnp.zeros((_WORKERS * 4,), jnp.int32)
+  compiled = step.lower(params, opt_state, x, y).compile()
+  n = sum(leaf.size for leaf in jax.tree.leaves(params))
+  return compiled, n
+
+
+@pytest.mark.parametrize("bits", [8, 6, 5])
+def test_psum_payload_is_bits_per_gradient_element(bits):
+  compiled, n = _compiled_step(
+      gqsgd_jax.global_quantize(bits=bits, reduction="psum"))
+  report = gqsgd_jax.wire_report(compiled)
+  assert report.float_payload_bytes == 0  # no hidden f32 all-reduce
+  expected = wire.num_words(n, bits, bits == 8) * wire.word_dtype(
+      bits, bits == 8).itemsize
+  assert set(report.by_op) == {"all-reduce"}  # the pmax and the int psum
+  assert expected <= report.payload_bytes <= expected * 1.01
+  # uint32 words carry floor(32/bits) lanes: bits/8 per element plus the
+  # unused bits of each word (6-bit: 5 lanes = 30 of 32 bits).
+  assert report.payload_bytes <= n * wire.wire_bits_per_element(
+      bits, bits == 8) / 8 * 1.01 + 4
+  # The only float collective is the single pmax of the bucket maxima.
+  assert report.scalar_bytes <= 4 * 8
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_butterfly_payload_is_bits_per_element_each_way(bits):
+  compiled, n = _compiled_step(
+      gqsgd_jax.global_quantize(bits=bits, reduction="butterfly"))
+  report = gqsgd_jax.wire_report(compiled)
+  assert report.float_payload_bytes == 0
+  words = wire.num_words(n, bits) * wire.word_dtype(bits).itemsize
+  # Reduce-scatter: (W-1)/W of the buffer over ppermute; all-gather: the
+  # buffer (W blocks of 1/W, the device's own block included).
+  sent = report.by_op["collective-permute"]
+  gathered = report.by_op["all-gather"]
+  scatter = words * (_WORKERS - 1) / _WORKERS
+  assert scatter <= sent <= scatter * 1.01 + _WORKERS
+  assert words <= gathered <= words * 1.01 + _WORKERS
+
+
+def test_f32_baseline_and_hidden_psum_are_detected():
+  compiled, n = _compiled_step(gqsgd_jax.psum_mean())
+  report = gqsgd_jax.wire_report(compiled)
+  # All f32 (the 10-element bias is counted among the small collectives).
+  assert report.total_bytes == 4 * n and report.float_payload_bytes > 0
+  # Without varying(), jax.grad all-reduces the f32 gradients itself: the
+  # compressor then sits on top of an uncompressed all-reduce.
+  hidden, n = _compiled_step(gqsgd_jax.global_quantize(bits=8),
+                             use_varying=False)
+  report = gqsgd_jax.wire_report(hidden)
+  assert report.float_payload_bytes >= 4 * n
+
+
+def test_hlo_parser_counts_shapes_and_async_pairs():
+  text = "\n".join([
+      "  %a = s8[1000]{0} all-reduce(s8[1000]{0} %x), replica_groups={}",
+      "  %b = (f32[3]{0}, u32[10]{0}) all-reduce(%y, %z), to_apply=%sum",
+      "  %c = (u8[64]{0}, u8[64]{0}, u32[], u32[]) collective-permute-start(",
+      "  %d = u8[64]{0} collective-permute-done(%c)",
+      "  %e = u8[8,16]{1,0} all-gather(u8[1,16]{1,0} %w), dimensions={0}",
+  ])
+  found = hlo.collectives(text)
+  assert [(c.op, c.dtype, c.elements) for c in found] == [
+      ("all-reduce", "s8", 1000), ("all-reduce", "f32", 3),
+      ("all-reduce", "u32", 10), ("collective-permute", "u8", 64),
+      ("all-gather", "u8", 128)]
+  report = gqsgd_jax.wire_report(text, scalar_elements=16)
+  assert report.payload_bytes == 1000 + 64 + 128
+  assert report.scalar_bytes == 12 + 40
+  assert math.isclose(report.total_bytes, 1000 + 64 + 128 + 52)
