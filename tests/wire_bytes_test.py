@@ -98,7 +98,7 @@ def test_f32_baseline_and_hidden_psum_are_detected():
   hidden, n = _compiled_step(gqsgd_jax.global_quantize(bits=8),
                              use_varying=False)
   report = gqsgd_jax.wire_report(hidden)
-  assert report.float_payload_bytes >= 4 * n
+  assert report.float_payload_bytes >= 0.99 * 4 * n  # all but the bias
 
 
 def test_hlo_parser_counts_shapes_and_async_pairs():
