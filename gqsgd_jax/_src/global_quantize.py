@@ -33,6 +33,7 @@ import optax
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
 from gqsgd_jax._src import ops
+from gqsgd_jax._src import prng
 from gqsgd_jax._src import wire
 
 REDUCTIONS = ("auto", "psum", "butterfly")
@@ -48,19 +49,6 @@ _TINY = float(np.finfo(np.float32).tiny)
 class GlobalQuantizeState(NamedTuple):
   """State of ``global_quantize``: the PRNG key of the dither."""
   key: jax.Array  # uint32[2] raw PRNG key, split once per step
-
-
-def _canonical_key(key) -> jax.Array:
-  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-    return jax.random.PRNGKey(int(key))
-  key = jnp.asarray(key)
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  if key.dtype != jnp.uint32 or key.shape != (2,):
-    raise ValueError(
-        f"key must be an int seed or a PRNG key, got {key.dtype}"
-        f"{list(key.shape)}")
-  return key
 
 
 def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
@@ -85,9 +73,7 @@ def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
 
 
 def _seed(key, *data) -> jax.Array:
-  for d in data:
-    key = jax.random.fold_in(key, d)
-  return ops.seed_from_key(key)
+  return ops.seed_from_key(prng.fold(key, *data))
 
 
 def _local_max_abs(flat: jax.Array) -> jax.Array:
@@ -220,7 +206,7 @@ def global_quantize(
   bucketing.validate_granularity(granularity)
   bucket_bytes = bucketing.validate_bucket_bytes(bucket_bytes)
   ops.validate_impl(impl)
-  init_key = _canonical_key(key)
+  init_key = prng.canonical_key(key)
 
   def init_fn(params):
     del params
