@@ -12,9 +12,18 @@
 // Scalar operands (scales, seeds, counts) are device pointers on a GPU: they
 // change every step, so they are operands, never attributes. They are read
 // once per call of operator(), not once per element.
+//
+// On the host, a call with stride 1 (a CPU worker's chunk, or a one-thread
+// emulated grid) takes a contiguous path (Contiguous) written for the
+// auto-vectorizer: blocks of kHostBlock elements with a 32-bit element
+// counter, no per-element bounds checks, the random bits, codes and packing
+// in separate passes over small stack buffers. It computes the same math.h
+// functions on the same indices, so the bits are those of the strided loop
+// (Strided), which the GPU and every other grid run.
 #ifndef GQSGD_JAX_KERNELS_H_
 #define GQSGD_JAX_KERNELS_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -30,6 +39,28 @@
 
 namespace gqsgd {
 
+#if !defined(__CUDA_ARCH__)
+// Elements per block of the host loops: the stack buffers (a few uint32 per
+// element) stay in L1.
+inline constexpr int64_t kHostBlock = 1024;
+
+// The host loops hash a 32-bit element counter: for the elements
+// [first, first + count) of one block, sets *key_lo and *lo so that
+// RandomBits(key, first + j) == RandomBits(*key_lo, *lo + j). This folds the
+// high index word into the key exactly as RandomBits does (keep in sync with
+// math.h). Returns false if the block straddles a multiple of 2^32, which
+// the caller then runs through the generic loop.
+inline bool HostBlockKey(StreamKey key, int64_t first, int64_t count, StreamKey* key_lo,
+                         uint32_t* lo) {
+  const uint64_t i = static_cast<uint64_t>(first);
+  const uint32_t hi = static_cast<uint32_t>(i >> 32);
+  if (static_cast<uint32_t>((i + static_cast<uint64_t>(count) - 1) >> 32) != hi) return false;
+  *key_lo = StreamKey{key.a, key.b ^ (hi * 0x9e3779b9u)};
+  *lo = static_cast<uint32_t>(i);
+  return true;
+}
+#endif
+
 // Packed lane layout: a word holds kLanes codes of kBits bits; element k of a
 // word sits at bit (kLanes - 1 - k) * kBits, i.e. even index -> high nibble
 // for 4-bit codes (the reference's layout). Words are uint8 when kBits
@@ -42,6 +73,31 @@ struct Lanes {
   using Word = typename std::conditional<kByte, uint8_t, uint32_t>::type;
 };
 
+#if !defined(__CUDA_ARCH__)
+// Packs words * kCount codes (each < 2^kBits), element 0 in the high lane.
+template <int kBits>
+inline void PackLanes(const uint32_t* c, int64_t words, typename Lanes<kBits>::Word* out) {
+  using L = Lanes<kBits>;
+  for (int64_t w = 0; w < words; ++w) {
+    uint32_t word = 0;
+GQSGD_UNROLL
+    for (int k = 0; k < L::kCount; ++k) word |= c[w * L::kCount + k] << ((L::kCount - 1 - k) * kBits);
+    out[w] = static_cast<typename L::Word>(word);
+  }
+}
+
+// Inverse of PackLanes: all lanes of `words` words.
+template <int kBits>
+inline void UnpackLanes(const typename Lanes<kBits>::Word* in, int64_t words, uint32_t* c) {
+  using L = Lanes<kBits>;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint32_t word = in[w];
+GQSGD_UNROLL
+    for (int k = 0; k < L::kCount; ++k) c[w * L::kCount + k] = (word >> ((L::kCount - 1 - k) * kBits)) & L::kMask;
+  }
+}
+#endif
+
 // (a) Stochastic-rounding quantize of x * scale to [-levels, levels].
 // kSigned: int8 codes q. Otherwise offset-binary codes q + levels packed in
 // lanes of kBits (padding lanes of the last word are zero).
@@ -49,6 +105,7 @@ template <typename In, int kBits, bool kSigned>
 struct QuantizeKernel {
   using L = Lanes<kBits>;
   using Word = typename std::conditional<kSigned, int8_t, typename L::Word>::type;
+  static constexpr int kPerWord = kSigned ? 1 : L::kCount;
   const In* x;
   const float* scale;
   const uint32_t* seed;
@@ -57,23 +114,73 @@ struct QuantizeKernel {
   int32_t levels;
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
+#if !defined(__CUDA_ARCH__)
+    if (stride == 1) return Contiguous(first, end);
+#endif
+    Strided(first, stride, end);
+  }
+
+  GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
     const float s = *scale;
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t offset = kSigned ? 0 : levels;
     for (int64_t w = first; w < end; w += stride) {
       uint32_t word = 0;
 GQSGD_UNROLL
-      for (int k = 0; k < (kSigned ? 1 : L::kCount); ++k) {
-        const int64_t i = w * (kSigned ? 1 : L::kCount) + k;
+      for (int k = 0; k < kPerWord; ++k) {
+        const int64_t i = w * kPerWord + k;
         const bool valid = i < n;
         const float v = valid ? ToFloat(x[valid ? i : 0]) : 0.0f;
         const int32_t q = StochasticRound(v, s, levels, RandomBits(key, i));
         const uint32_t c = valid ? (static_cast<uint32_t>(q + offset) & L::kMask) : 0u;
-        word |= c << ((kSigned ? 0 : (L::kCount - 1 - k)) * kBits);
+        word |= c << ((kPerWord - 1 - k) * kBits);
       }
       codes[w] = static_cast<Word>(word);
     }
   }
+
+#if !defined(__CUDA_ARCH__)
+  // Words [first, end): full words in blocks (codes, then packing), the
+  // partial last word through Strided.
+  void Contiguous(int64_t first, int64_t end) const {
+    constexpr int64_t kBlockWords = kHostBlock / kPerWord;
+    // Locals, not members: stores through the byte-sized code pointers may
+    // alias anything, which would force a reload every iteration.
+    const float s = *scale;
+    const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
+    const int32_t lv = levels;
+    const uint32_t offset = kSigned ? 0u : static_cast<uint32_t>(lv);
+    const In* const xs = x;
+    Word* const out = codes;
+    const int64_t full = std::min(end, n / kPerWord);
+    for (int64_t w0 = first; w0 < full; w0 += kBlockWords) {
+      const int64_t words = std::min(full - w0, kBlockWords);
+      const uint32_t count = static_cast<uint32_t>(words * kPerWord);
+      StreamKey k;
+      uint32_t lo;
+      if (!HostBlockKey(key, w0 * kPerWord, count, &k, &lo)) {
+        Strided(w0, 1, w0 + words);
+        continue;
+      }
+      const In* xb = xs + w0 * kPerWord;
+      if constexpr (kPerWord == 1) {
+        Word* ob = out + w0;
+        for (uint32_t j = 0; j < count; ++j) {
+          const int32_t q = StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
+          ob[j] = static_cast<Word>((static_cast<uint32_t>(q) + offset) & L::kMask);
+        }
+      } else {
+        uint32_t c[kBlockWords * kPerWord];
+        for (uint32_t j = 0; j < count; ++j) {
+          const int32_t q = StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
+          c[j] = (static_cast<uint32_t>(q) + offset) & L::kMask;
+        }
+        PackLanes<kBits>(c, words, out + w0);
+      }
+    }
+    if (std::max(first, full) < end) Strided(std::max(first, full), 1, end);
+  }
+#endif
 };
 
 // (b) Unpack + dequantize: out = (code - offset) * scale. For a psum of W
@@ -90,20 +197,58 @@ struct DequantizeKernel {
   int64_t n;  // number of elements
   int32_t offset;
 
+  GQSGD_HD static int32_t Lane(uint32_t word, int k) {
+    return kSigned ? static_cast<int32_t>(static_cast<int8_t>(word & 0xffu))
+                   : static_cast<int32_t>((word >> ((kPerWord - 1 - k) * kBits)) & L::kMask);
+  }
+
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
+#if !defined(__CUDA_ARCH__)
+    if (stride == 1) return Contiguous(first, end);
+#endif
+    Strided(first, stride, end);
+  }
+
+  GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
     const float s = *scale;
     for (int64_t w = first; w < end; w += stride) {
       const uint32_t word = static_cast<uint32_t>(codes[w]);
 GQSGD_UNROLL
       for (int k = 0; k < kPerWord; ++k) {
         const int64_t i = w * kPerWord + k;
-        const int32_t c =
-            kSigned ? static_cast<int32_t>(static_cast<int8_t>(word & 0xffu))
-                    : static_cast<int32_t>((word >> ((kPerWord - 1 - k) * kBits)) & L::kMask);
-        if (i < n) out[i] = static_cast<float>(c - offset) * s;
+        if (i < n) out[i] = static_cast<float>(Lane(word, k) - offset) * s;
       }
     }
   }
+
+#if !defined(__CUDA_ARCH__)
+  // Full words without bounds checks (packed lanes unpacked block by block),
+  // the partial last word through Strided.
+  void Contiguous(int64_t first, int64_t end) const {
+    constexpr int64_t kBlockWords = kHostBlock / kPerWord;
+    const float s = *scale;
+    const int32_t off = offset;
+    const Word* const in = codes;
+    float* const o = out;
+    const int64_t full = std::min(end, n / kPerWord);
+    if constexpr (kPerWord == 1) {
+      for (int64_t w = first; w < full; ++w) {
+        o[w] = static_cast<float>(Lane(static_cast<uint32_t>(in[w]), 0) - off) * s;
+      }
+    } else {
+      uint32_t c[kBlockWords * kPerWord];
+      for (int64_t w0 = first; w0 < full; w0 += kBlockWords) {
+        const int64_t words = std::min(full - w0, kBlockWords);
+        UnpackLanes<kBits>(in + w0, words, c);
+        float* ob = o + w0 * kPerWord;
+        for (int64_t j = 0; j < words * kPerWord; ++j) {
+          ob[j] = static_cast<float>(static_cast<int32_t>(c[j]) - off) * s;
+        }
+      }
+    }
+    if (std::max(first, full) < end) Strided(std::max(first, full), 1, end);
+  }
+#endif
 };
 
 // (e) Requantizing weighted average of two packed-lane buffers:
@@ -120,6 +265,13 @@ struct AverageKernel {
   Word* out;
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
+#if !defined(__CUDA_ARCH__)
+    if (stride == 1) return Contiguous(first, end);
+#endif
+    Strided(first, stride, end);
+  }
+
+  GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
     const uint32_t na = static_cast<uint32_t>(*n_a);
     const uint32_t nb = static_cast<uint32_t>(*n_b);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
@@ -137,6 +289,38 @@ GQSGD_UNROLL
       out[w] = static_cast<Word>(word);
     }
   }
+
+#if !defined(__CUDA_ARCH__)
+  // Per block: unpack both operands and hash the indices (vectorized), then
+  // the averages (scalar: the division by n_a + n_b has no SIMD form), then
+  // pack.
+  void Contiguous(int64_t first, int64_t end) const {
+    constexpr int64_t kBlockWords = kHostBlock / L::kCount;
+    const uint32_t na = static_cast<uint32_t>(*n_a);
+    const uint32_t nb = static_cast<uint32_t>(*n_b);
+    const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
+    uint32_t ca[kBlockWords * L::kCount];
+    uint32_t cb[kBlockWords * L::kCount];
+    uint32_t r[kBlockWords * L::kCount];
+    for (int64_t w0 = first; w0 < end; w0 += kBlockWords) {
+      const int64_t words = std::min(end - w0, kBlockWords);
+      const uint32_t count = static_cast<uint32_t>(words * L::kCount);
+      StreamKey k;
+      uint32_t lo;
+      if (!HostBlockKey(key, w0 * L::kCount, count, &k, &lo)) {
+        Strided(w0, 1, w0 + words);
+        continue;
+      }
+      UnpackLanes<kBits>(a + w0, words, ca);
+      UnpackLanes<kBits>(b + w0, words, cb);
+      for (uint32_t j = 0; j < count; ++j) r[j] = RandomBits(k, lo + j);
+      for (uint32_t j = 0; j < count; ++j) {
+        ca[j] = RoundedAverage(ca[j], cb[j], na, nb, r[j]) & L::kMask;
+      }
+      PackLanes<kBits>(ca, words, out + w0);
+    }
+  }
+#endif
 };
 
 // (c) Exponential-dithering encode of x * scale to sign + exponent bytes.
@@ -149,12 +333,41 @@ struct ExpEncodeKernel {
   int32_t floor_code;
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
+#if !defined(__CUDA_ARCH__)
+    if (stride == 1) return Contiguous(first, end);
+#endif
+    Strided(first, stride, end);
+  }
+
+  GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
     const float s = *scale;
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     for (int64_t i = first; i < end; i += stride) {
       codes[i] = ExpEncode(ToFloat(x[i]), s, floor_code, RandomBits(key, i));
     }
   }
+
+#if !defined(__CUDA_ARCH__)
+  void Contiguous(int64_t first, int64_t end) const {
+    const float s = *scale;
+    const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
+    const int32_t fc = floor_code;
+    const In* const xs = x;
+    uint8_t* const out = codes;
+    uint32_t r[kHostBlock];
+    for (int64_t i0 = first; i0 < end; i0 += kHostBlock) {
+      const uint32_t count = static_cast<uint32_t>(std::min(end - i0, kHostBlock));
+      StreamKey k;
+      uint32_t lo;
+      if (!HostBlockKey(key, i0, count, &k, &lo)) {
+        Strided(i0, 1, i0 + count);
+        continue;
+      }
+      for (uint32_t j = 0; j < count; ++j) r[j] = RandomBits(k, lo + j);
+      for (uint32_t j = 0; j < count; ++j) out[i0 + j] = ExpEncode(ToFloat(xs[i0 + j]), s, fc, r[j]);
+    }
+  }
+#endif
 };
 
 // (c) Exponential-dithering decode: ±2^-e * scale.
@@ -177,12 +390,41 @@ struct ExpReduceKernel {
   uint8_t* out;
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
+#if !defined(__CUDA_ARCH__)
+    if (stride == 1) return Contiguous(first, end);
+#endif
+    Strided(first, stride, end);
+  }
+
+  GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
     const StreamKey k0 = MakeStreamKey(seed[0], seed[1], 0);
     const StreamKey k1 = MakeStreamKey(seed[0], seed[1], 1);
     for (int64_t i = first; i < end; i += stride) {
       out[i] = ExpReduce(a[i], b[i], RandomBits(k0, i), RandomBits(k1, i));
     }
   }
+
+#if !defined(__CUDA_ARCH__)
+  void Contiguous(int64_t first, int64_t end) const {
+    const StreamKey key0 = MakeStreamKey(seed[0], seed[1], 0);
+    const StreamKey key1 = MakeStreamKey(seed[0], seed[1], 1);
+    const uint8_t* const as = a;
+    const uint8_t* const bs = b;
+    uint8_t* const o = out;
+    for (int64_t i0 = first; i0 < end; i0 += kHostBlock) {
+      const uint32_t count = static_cast<uint32_t>(std::min(end - i0, kHostBlock));
+      StreamKey k0, k1;
+      uint32_t lo;
+      if (!HostBlockKey(key0, i0, count, &k0, &lo) || !HostBlockKey(key1, i0, count, &k1, &lo)) {
+        Strided(i0, 1, i0 + count);
+        continue;
+      }
+      for (uint32_t j = 0; j < count; ++j) {
+        o[i0 + j] = ExpReduce(as[i0 + j], bs[i0 + j], RandomBits(k0, lo + j), RandomBits(k1, lo + j));
+      }
+    }
+  }
+#endif
 };
 
 // Random bits of stream 0 at indices [start, start + n): lets the tests check
@@ -194,9 +436,33 @@ struct RandomBitsKernel {
   uint32_t* out;
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
+#if !defined(__CUDA_ARCH__)
+    if (stride == 1) return Contiguous(first, end);
+#endif
+    Strided(first, stride, end);
+  }
+
+  GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
     const StreamKey key = MakeStreamKey(seed[0], seed[1], stream);
     for (int64_t i = first; i < end; i += stride) out[i] = RandomBits(key, start + i);
   }
+
+#if !defined(__CUDA_ARCH__)
+  // Exercises HostBlockKey, including blocks that straddle 2^32.
+  void Contiguous(int64_t first, int64_t end) const {
+    const StreamKey key = MakeStreamKey(seed[0], seed[1], stream);
+    for (int64_t i0 = first; i0 < end; i0 += kHostBlock) {
+      const uint32_t count = static_cast<uint32_t>(std::min(end - i0, kHostBlock));
+      StreamKey k;
+      uint32_t lo;
+      if (!HostBlockKey(key, start + i0, count, &k, &lo)) {
+        Strided(i0, 1, i0 + count);
+        continue;
+      }
+      for (uint32_t j = 0; j < count; ++j) out[i0 + j] = RandomBits(k, lo + j);
+    }
+  }
+#endif
 };
 
 // Number of packed words for n elements.
