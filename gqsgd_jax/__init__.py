@@ -3,6 +3,8 @@
 from gqsgd_jax._src.baselines import psum_mean
 from gqsgd_jax._src.baselines import PsumMeanState
 from gqsgd_jax._src.collectives import varying
+from gqsgd_jax._src.distributed import initialize as initialize_distributed
+from gqsgd_jax._src.distributed import launch_local
 from gqsgd_jax._src.ffi import HAS_CPU
 from gqsgd_jax._src.ffi import HAS_CUDA
 from gqsgd_jax._src.global_quantize import global_quantize
@@ -31,6 +33,8 @@ __all__ = (
     "exp_encode",
     "exp_reduce",
     "global_quantize",
+    "initialize_distributed",
+    "launch_local",
     "psum_mean",
     "quantize",
     "seed_from_key",

@@ -1,0 +1,159 @@
+"""Multi-process runs through JAX's own multi-controller runtime.
+
+``initialize`` wraps ``jax.distributed.initialize``: gloo collectives on CPU
+(NCCL on GPUs is JAX's default), a short heartbeat so a dead peer is noticed
+within seconds, and three ways to find the cluster, in order:
+
+1. explicit arguments;
+2. the ``GQSGD_COORDINATOR`` / ``GQSGD_NUM_PROCESSES`` / ``GQSGD_PROCESS_ID``
+   variables that ``launch_local`` sets;
+3. JAX's own auto-detection (SLURM, Open MPI, Kubernetes, Cloud TPU, ...).
+
+``launch_local`` starts N copies of a command on this machine and supervises
+them: when one fails, the others get ``grace_seconds`` to notice (JAX aborts
+them once the heartbeat times out, gloo collectives fail at once), then are
+killed, and the launcher exits non-zero naming the first failure. A run can
+therefore never hang on a dead peer.
+"""
+
+from collections.abc import Sequence
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ENV_COORDINATOR = "GQSGD_COORDINATOR"
+ENV_NUM_PROCESSES = "GQSGD_NUM_PROCESSES"
+ENV_PROCESS_ID = "GQSGD_PROCESS_ID"
+ENV_LOCAL_DEVICES = "GQSGD_LOCAL_DEVICES"
+
+
+def initialize(coordinator_address: str | None = None,
+               num_processes: int | None = None,
+               process_id: int | None = None, *,
+               local_device_count: int | None = None,
+               heartbeat_timeout_seconds: int = 20,
+               initialization_timeout: int = 120) -> None:
+  """Joins this process to a multi-process JAX run (see module docstring).
+
+  Call before any other JAX work. ``local_device_count`` sets how many CPU
+  devices this process simulates (default: ``GQSGD_LOCAL_DEVICES`` or 1);
+  it has no effect on GPU hosts.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  env = os.environ
+  if coordinator_address is None and ENV_COORDINATOR in env:
+    coordinator_address = env[ENV_COORDINATOR]
+    num_processes = int(env[ENV_NUM_PROCESSES])
+    process_id = int(env[ENV_PROCESS_ID])
+  if local_device_count is None:
+    local_device_count = int(env.get(ENV_LOCAL_DEVICES, "1"))
+  if local_device_count < 1:
+    raise ValueError(
+        f"local_device_count must be >= 1, got {local_device_count}")
+  platforms = env.get("JAX_PLATFORMS", "")
+  if platforms in ("", "cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_num_cpu_devices", local_device_count)
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes,
+      process_id=process_id,
+      heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+      initialization_timeout=initialization_timeout)
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _pump(stream, prefix: str, sink) -> None:
+  for line in iter(stream.readline, ""):
+    sink.write(f"{prefix}{line}")
+    sink.flush()
+
+
+def launch_local(command: Sequence[str], num_processes: int, *,
+                 devices_per_process: int = 1, port: int | None = None,
+                 timeout_seconds: float | None = None,
+                 grace_seconds: float = 45.0, env: dict | None = None,
+                 stdout=None) -> int:
+  """Runs ``command`` as ``num_processes`` cooperating processes on localhost.
+
+  Each copy gets the ``GQSGD_*`` variables that ``initialize`` reads, and
+  its output prefixed with ``[rank]``. Returns 0 if all succeed, else the
+  first failing process's exit code (124 on timeout).
+  """
+  if num_processes < 1:
+    raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+  if devices_per_process < 1:
+    raise ValueError(
+        f"devices_per_process must be >= 1, got {devices_per_process}")
+  sink = stdout or sys.stdout
+  address = f"127.0.0.1:{port or free_port()}"
+  procs, pumps = [], []
+  for rank in range(num_processes):
+    child_env = dict(os.environ, **(env or {}))
+    child_env.update({
+        ENV_COORDINATOR: address,
+        ENV_NUM_PROCESSES: str(num_processes),
+        ENV_PROCESS_ID: str(rank),
+        ENV_LOCAL_DEVICES: str(devices_per_process),
+        "PYTHONUNBUFFERED": "1",
+    })
+    proc = subprocess.Popen(list(command), env=child_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    pump = threading.Thread(target=_pump,
+                            args=(proc.stdout, f"[{rank}] ", sink),
+                            daemon=True)
+    pump.start()
+    procs.append(proc)
+    pumps.append(pump)
+
+  start = time.monotonic()
+  failure = None  # (rank, exit code)
+  deadline = None
+  while True:
+    codes = [p.poll() for p in procs]
+    if failure is None:
+      for rank, code in enumerate(codes):
+        if code not in (None, 0):
+          failure = (rank, code)
+          deadline = time.monotonic() + grace_seconds
+          sink.write(f"[launch] process {rank} exited with code {code}; "
+                     f"stopping the others within {grace_seconds:.0f} s\n")
+          break
+    if all(c is not None for c in codes):
+      break
+    if deadline is not None and time.monotonic() > deadline:
+      break
+    if timeout_seconds is not None and (
+        time.monotonic() - start > timeout_seconds) and failure is None:
+      failure = (-1, 124)
+      sink.write(f"[launch] timed out after {timeout_seconds:.0f} s\n")
+      break
+    time.sleep(0.1)
+
+  killed = [rank for rank, proc in enumerate(procs) if proc.poll() is None]
+  for rank in killed:
+    os.killpg(procs[rank].pid, signal.SIGKILL)
+  for proc in procs:
+    proc.wait()
+  for pump in pumps:
+    pump.join(timeout=5)
+  if failure is None:
+    return 0
+  codes = [proc.returncode for proc in procs]
+  sink.write(f"[launch] exit codes {codes} after "
+             f"{time.monotonic() - start:.1f} s"
+             + (f"; killed {killed}" if killed else "") + "\n")
+  rank, code = failure
+  if rank >= 0:
+    sink.write(f"[launch] FAILED: process {rank} exited with code {code}\n")
+  return code if code > 0 else 1

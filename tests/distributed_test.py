@@ -1,0 +1,51 @@
+"""Multi-process runs (jax.distributed, gloo on CPU) through launch_local."""
+
+import io
+import os
+import re
+import sys
+import time
+
+import pytest
+
+import gqsgd_jax
+
+_WORKER = os.path.join(os.path.dirname(__file__), "mp_worker.py")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("JAX_PLATFORMS", "") not in ("", "cpu"),
+    reason="multi-process tests simulate hosts with CPU devices")
+
+
+def _launch(num_processes, devices_per_process, *args, timeout=120):
+  out = io.StringIO()
+  start = time.monotonic()
+  code = gqsgd_jax.launch_local(
+      [sys.executable, _WORKER, *args], num_processes,
+      devices_per_process=devices_per_process, timeout_seconds=timeout,
+      stdout=out, env={"JAX_PLATFORMS": "cpu"})
+  return code, out.getvalue(), time.monotonic() - start
+
+
+@pytest.mark.parametrize("num_processes,devices", [(2, 2), (4, 1)])
+def test_processes_end_with_identical_parameters(num_processes, devices):
+  code, log, _ = _launch(num_processes, devices, "--steps", "5")
+  assert code == 0, log[-3000:]
+  digests = re.findall(r"\[(\d+)\] DIGEST (\w+) devices (\d+)", log)
+  assert len(digests) == num_processes, log[-3000:]
+  assert len({d for _, d, _ in digests}) == 1, digests
+  assert all(int(n) == num_processes * devices for _, _, n in digests)
+
+
+def test_a_dead_process_stops_the_run_within_60_seconds():
+  # Rank 2 of 3 exits abruptly mid-training. The survivors' gloo collectives
+  # fail, JAX's heartbeat marks rank 2 dead, and the launcher reports it and
+  # stops everything: a non-zero exit and a clear message, never a hang.
+  code, log, elapsed = _launch(3, 1, "--steps", "10000", "--die-at", "20",
+                               "--die-rank", "2")
+  assert code == 17, log[-3000:]
+  assert "[launch] FAILED: process 2 exited with code 17" in log
+  # The survivors stopped by themselves (JAX aborts them), not by our kill.
+  codes = re.search(r"\[launch\] exit codes \[(.*?)\]", log).group(1)
+  assert "killed" not in log, log[-3000:]
+  assert all(int(c) != 0 for c in codes.split(",")), codes
+  assert elapsed < 60 + 20, elapsed  # 60 s budget after start-up (~10 s)
