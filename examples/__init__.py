@@ -1,0 +1,1 @@
+"""Examples of gqsgd_jax: data-parallel training with compressed gradients."""

@@ -1,0 +1,1 @@
+"""Image classification with a small ResNet, data-parallel over shard_map."""
