@@ -96,11 +96,6 @@ def test_auto_without_modules_lowers_to_twin_for_cuda(op, monkeypatch):
 
 
 @requires_cuda_module
-@pytest.mark.xfail(
-    reason="library bug: ops._select compares jax.default_backend(), which "
-    "jax reports as 'gpu' for CUDA, with REGISTERED_PLATFORMS, which holds "
-    "'cuda'; so impl='ffi' raises on every GPU host. Remove when fixed.",
-    raises=RuntimeError, strict=False)
 def test_ffi_impl_accepted_on_a_cuda_host(monkeypatch):
   # What a GPU host reports; the lowering itself is the real CUDA one.
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

@@ -114,7 +114,24 @@ def test_hlo_parser_counts_shapes_and_async_pairs():
       ("all-reduce", "s8", 1000), ("all-reduce", "f32", 3),
       ("all-reduce", "u32", 10), ("collective-permute", "u8", 64),
       ("all-gather", "u8", 128)]
-  report = gqsgd_jax.wire_report(text, scalar_elements=16)
+  report = gqsgd_jax.wire_report(text, scalar_elements=16, num_devices=8)
   assert report.payload_bytes == 1000 + 64 + 128
   assert report.scalar_bytes == 12 + 40
   assert math.isclose(report.total_bytes, 1000 + 64 + 128 + 52)
+  # Ring all-reduce 2(G-1)/G, permute all, all-gather (G-1)/G of the result.
+  assert math.isclose(report.sent_bytes,
+                      2 * 7 / 8 * (1000 + 52) + 64 + 7 / 8 * 128)
+  # Without a stated group size, sent bytes are unknown, not guessed.
+  assert math.isnan(gqsgd_jax.wire_report(text).sent_bytes)
+
+
+def test_sent_bytes_compare_methods_on_equal_terms():
+  # Per element sent: f32 ring all-reduce 2 * 7/8 * 4 = 7 bytes; 4-bit
+  # butterfly 7/8 * 0.5 (reduce-scatter) + 7/8 * 0.5 (all-gather).
+  f32, n = _compiled_step(gqsgd_jax.psum_mean())
+  gq4, _ = _compiled_step(gqsgd_jax.global_quantize(bits=4))
+  sent_f32 = gqsgd_jax.wire_report(f32).sent_bytes
+  sent_gq4 = gqsgd_jax.wire_report(gq4).sent_bytes
+  assert math.isclose(sent_f32, 7 * n, rel_tol=1e-6)
+  assert 0.875 * n <= sent_gq4 <= 0.875 * n * 1.01 + 64
+  assert sent_f32 / sent_gq4 > 7.9

@@ -43,7 +43,10 @@ DITHERINGS = ("standard", "exponential")
 AUTO_MIN_PSUM_LEVELS = 7
 # RoundedAverage's integer math needs n_a + n_b <= 128.
 MAX_BUTTERFLY_WORKERS = 128
-_TINY = float(np.finfo(np.float32).tiny)
+# Buckets whose global max-abs is below this decode to zeros: it keeps every
+# scale and decoded step a normal float32, where XLA:CPU (flush-to-zero) and
+# CUDA (subnormals) compute the same bits.
+_TINY = 2.0**-100
 
 
 class GlobalQuantizeState(NamedTuple):

@@ -37,13 +37,22 @@ def validate_impl(impl: str) -> str:
   return impl
 
 
+def _backend_platform() -> str:
+  """The default backend as platform_dependent names it ("gpu" -> "cuda")."""
+  backend = jax.default_backend()
+  if backend == "gpu":
+    version = jax.devices()[0].client.platform_version.lower()
+    return "rocm" if "rocm" in version else "cuda"
+  return backend
+
+
 def _select(impl: str, ffi_fn: Callable, xla_fn: Callable) -> Callable:
   validate_impl(impl)
   ffi_fn = _with_vma(ffi_fn)
   if impl == "xla":
     return xla_fn
   if impl == "ffi":
-    backend = jax.default_backend()
+    backend = _backend_platform()
     if backend not in ffi_lib.REGISTERED_PLATFORMS:
       raise RuntimeError(
           f"impl='ffi' was requested, but no gqsgd_jax FFI module is "

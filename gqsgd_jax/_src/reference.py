@@ -46,6 +46,13 @@ def random_bits(seed: jax.Array, n: int, stream: int = 0) -> jax.Array:
   return mix32(mix32(idx ^ a) + b)
 
 
+def flush_subnormal(x) -> jax.Array:
+  """math.h FlushSubnormal: subnormal f32 (after widening) reads as ±0."""
+  u = jax.lax.bitcast_convert_type(jnp.asarray(x).astype(jnp.float32), _U32)
+  u = jnp.where((u & _u32(0x7F800000)) == 0, u & _u32(0x80000000), u)
+  return jax.lax.bitcast_convert_type(u, jnp.float32)
+
+
 # --------------------------------------------------------------------------
 # Standard dithering.
 
@@ -54,7 +61,7 @@ def stochastic_round(x: jax.Array, scale: jax.Array, levels: int,
                      random: jax.Array) -> jax.Array:
   """math.h StochasticRound: SR(clamp(x * scale)) as int32."""
   lim = jnp.float32(levels)
-  y = x.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+  y = flush_subnormal(x) * flush_subnormal(scale)
   y = jnp.where(y > lim, lim, y)
   y = jnp.where(y < -lim, -lim, y)
   y = jnp.where(y == y, y, jnp.float32(0))
@@ -103,7 +110,7 @@ def dequantize(codes: jax.Array, scale: jax.Array, *, n: int, bits: int,
     c = codes.astype(jnp.int32)
   else:
     c = _unpack(codes, bits)[:n].astype(jnp.int32)
-  return (c - offset).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+  return (c - offset).astype(jnp.float32) * flush_subnormal(scale)
 
 
 def rounded_average(a, b, n_a, n_b, random):
@@ -134,15 +141,16 @@ def exp_encode(x: jax.Array, scale: jax.Array, seed: jax.Array, *,
   """math.h ExpEncode: sign + exponent bytes of x * scale."""
   x = x.reshape(-1)
   random = random_bits(seed, x.shape[0])
-  v = x.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+  x = flush_subnormal(x)
+  scale = flush_subnormal(scale)
+  v = x * scale
   u = jax.lax.bitcast_convert_type(v, _U32)
   sign = (u >> 24) & _u32(0x80)
   mag = u & _u32(0x7FFFFFFF)
   is_nan = mag > _u32(0x7F800000)
   mag = jnp.where(mag > _u32(0x3F000000), _u32(0x3F000000), mag)
   ef_v = (mag >> 23).astype(jnp.int32)
-  v64 = (x.astype(jnp.float32) * jnp.float32(2.0**64)) * jnp.asarray(
-      scale, jnp.float32)
+  v64 = (x * jnp.float32(2.0**64)) * scale
   u64 = jax.lax.bitcast_convert_type(v64, _U32) & _u32(0x7FFFFFFF)
   ef64 = (u64 >> 23).astype(jnp.int32)
   use64 = ef_v == 0
@@ -166,12 +174,12 @@ def exp_encode(x: jax.Array, scale: jax.Array, seed: jax.Array, *,
 
 def exp_decode(codes: jax.Array, scale: jax.Array) -> jax.Array:
   """math.h ExpDecode: ±2^-e * scale by exponent arithmetic, f32."""
-  us = jax.lax.bitcast_convert_type(jnp.asarray(scale, jnp.float32), _U32)
+  us = jax.lax.bitcast_convert_type(flush_subnormal(scale), _U32)
   ef_s = ((us >> 23) & _u32(0xFF)).astype(jnp.int32)
   c = codes.astype(_U32)
   e = (c & _u32(0x7F)).astype(jnp.int32)
   ef = ef_s - e
-  sign = (c & _u32(0x80)) << 24
+  sign = ((c & _u32(0x80)) << 24) ^ (us & _u32(0x80000000))
   value = sign | (jnp.maximum(ef, 0).astype(_U32) << 23) | (us & _u32(0x7FFFFF))
   value = jnp.where((e == 0) | (ef < 1), _u32(0), value)
   value = jnp.where(ef_s == 0xFF, _u32(0x7FC00000), value)

@@ -121,7 +121,7 @@ struct QuantizeKernel {
   }
 
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
-    const float s = *scale;
+    const float s = FlushSubnormal(*scale);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t offset = kSigned ? 0 : levels;
     for (int64_t w = first; w < end; w += stride) {
@@ -146,7 +146,7 @@ GQSGD_UNROLL
     constexpr int64_t kBlockWords = kHostBlock / kPerWord;
     // Locals, not members: stores through the byte-sized code pointers may
     // alias anything, which would force a reload every iteration.
-    const float s = *scale;
+    const float s = FlushSubnormal(*scale);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t lv = levels;
     const uint32_t offset = kSigned ? 0u : static_cast<uint32_t>(lv);
@@ -210,7 +210,7 @@ struct DequantizeKernel {
   }
 
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
-    const float s = *scale;
+    const float s = FlushSubnormal(*scale);
     for (int64_t w = first; w < end; w += stride) {
       const uint32_t word = static_cast<uint32_t>(codes[w]);
 GQSGD_UNROLL
@@ -226,7 +226,7 @@ GQSGD_UNROLL
   // the partial last word through Strided.
   void Contiguous(int64_t first, int64_t end) const {
     constexpr int64_t kBlockWords = kHostBlock / kPerWord;
-    const float s = *scale;
+    const float s = FlushSubnormal(*scale);
     const int32_t off = offset;
     const Word* const in = codes;
     float* const o = out;
@@ -340,7 +340,7 @@ struct ExpEncodeKernel {
   }
 
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
-    const float s = *scale;
+    const float s = FlushSubnormal(*scale);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     for (int64_t i = first; i < end; i += stride) {
       codes[i] = ExpEncode(ToFloat(x[i]), s, floor_code, RandomBits(key, i));
@@ -349,7 +349,7 @@ struct ExpEncodeKernel {
 
 #if !defined(__CUDA_ARCH__)
   void Contiguous(int64_t first, int64_t end) const {
-    const float s = *scale;
+    const float s = FlushSubnormal(*scale);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t fc = floor_code;
     const In* const xs = x;
@@ -377,7 +377,7 @@ struct ExpDecodeKernel {
   float* out;
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
-    const float s = *scale;
+    const float s = FlushSubnormal(*scale);
     for (int64_t i = first; i < end; i += stride) out[i] = ExpDecode(codes[i], s);
   }
 };

@@ -46,8 +46,17 @@ GQSGD_HD float BitsFloat(uint32_t u) {
 struct BF16 { uint16_t bits; };
 struct F16 { uint16_t bits; };
 
-GQSGD_HD float ToFloat(float x) { return x; }
-GQSGD_HD float ToFloat(BF16 x) { return BitsFloat(uint32_t{x.bits} << 16); }
+// Subnormal f32/bf16 values read as (signed) zero. XLA:CPU computes with
+// denormals-are-zero and flush-to-zero while CUDA keeps subnormals; flushing
+// every float operand explicitly makes the kernels return the same bits on
+// both platforms and in the pure-XLA twins.
+GQSGD_HD float FlushSubnormal(float x) {
+  const uint32_t u = FloatBits(x);
+  return BitsFloat((u & 0x7f800000u) == 0 ? (u & 0x80000000u) : u);
+}
+
+GQSGD_HD float ToFloat(float x) { return FlushSubnormal(x); }
+GQSGD_HD float ToFloat(BF16 x) { return FlushSubnormal(BitsFloat(uint32_t{x.bits} << 16)); }
 GQSGD_HD float ToFloat(F16 x) {
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
@@ -185,6 +194,7 @@ GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
 }
 
 // Decodes a byte to ±2^-e * scale by exponent arithmetic (no ldexpf).
+// (A subnormal scale has exponent field 0 and decodes to zero.)
 // Results below the f32 normal range flush to zero (documented); a
 // non-finite scale (non-finite bucket) decodes to NaN.
 GQSGD_HD float ExpDecode(uint8_t byte, float scale) {
@@ -192,7 +202,7 @@ GQSGD_HD float ExpDecode(uint8_t byte, float scale) {
   const int32_t ef_s = static_cast<int32_t>((us >> 23) & 0xffu);
   const int32_t e = byte & 0x7f;
   const int32_t ef = ef_s - e;
-  const uint32_t sign = (static_cast<uint32_t>(byte) & 0x80u) << 24;
+  const uint32_t sign = ((static_cast<uint32_t>(byte) & 0x80u) << 24) ^ (us & 0x80000000u);
   const uint32_t value = (e == 0 || ef < 1)
                              ? 0u
                              : (sign | (static_cast<uint32_t>(ef) << 23) |

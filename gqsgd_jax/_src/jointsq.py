@@ -1,0 +1,618 @@
+"""JointSQ: joint sparsification and mixed-precision quantization (spec §9).
+
+Per compressed tensor with n elements and bit budget B = ceil(32 ρ n), every
+element gets 0, 2, 4 or 8 bits. The choice is a multiple-choice knapsack
+solved greedily: element j offers three incremental items (0→2, 2→4, 4→8
+bits, weights 2, 2, 4) whose profit per bit under the error model
+err(b) = x² 4^-b is c_t (x_j / max|x|)². The items are **sorted by profit**
+and the longest prefix whose weights fit in B is taken (the reference cuts
+in index order and starves high indices, B-JSQ-3). Profits of one element
+decrease with the item type, so a prefix always takes an element's items in
+order and its bit width is the number of its items taken.
+
+Each class b ∈ {8, 4, 2} is quantized on its own grid: signed codes with
+s_b = 2^(b-1) - 1 levels (127, 7, 1) of the class's max-abs norm, stochastic
+rounding; an empty or all-zero class has norm 0 and decodes to 0 (B-JSQ-6).
+The residual stays in the error-feedback memory.
+
+Wire format of one tensor (bytes, per worker and step; ``JointSQLayout``):
+
+* header, 24 B: the class norms f32[3] and counts int32[3] (k8, k4, k2).
+* index, chosen at trace time as the cheapest for (n, B):
+  - ``"positions"``: C = min(n, floor(B/2)) slots of uint16 (n <= 2^16) or
+    int32, grouped by class (8, 4, 2) and ascending within a class, so the
+    counts give every slot's class: 2C or 4C bytes.
+  - ``"bitmap"``: 1 bit per element, then a 2-bit class per selected
+    element in index order: ceil(n/8) + ceil(C/4) bytes.
+  - ``"classmap"``: a 2-bit class per element (0 = not sent):
+    ceil(n/4) bytes.
+  Positions win for ρ below ~1/224, the bitmap up to ρ = 1/32, the class
+  map above (the default ρ = 0.032 sits just above).
+* codes: offset-binary codes from ``ops.quantize``, the 8-bit class bytes,
+  then the 4-bit class (two per byte, from byte k8), then the 2-bit class
+  (four per byte, from byte k8 + ceil(k4/2)); each class in index order.
+  8 k8 + 4 k4 + 2 k2 <= B, so min(floor((B + 10)/8), n) bytes always hold
+  the codes and the alignment padding.
+
+The payloads of all compressed tensors travel in one ``all_gather`` of
+uint8; every worker decodes all W payloads and averages them in worker
+order, so the result is bit-identical everywhere. Other tensors (biases,
+norms, small layers) are averaged exactly by one ``psum``.
+"""
+
+import dataclasses
+from fractions import Fraction
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gqsgd_jax._src import bucketing
+from gqsgd_jax._src import collectives
+from gqsgd_jax._src import ops
+from gqsgd_jax._src import prng
+from gqsgd_jax._src import reference
+
+SELECTIONS = ("exact", "sampled")
+INDEX_FORMATS = ("auto", "positions", "bitmap", "classmap")
+HEADER_BYTES = 24  # norms f32[3] + counts int32[3]
+# Class c (= items taken by an element) -> bits; classes go on the wire in
+# the order 8, 4, 2 so that the first two code regions are byte-aligned.
+CLASS_BITS = (0, 2, 4, 8)
+_WIRE_CLASSES = (3, 2, 1)
+# Incremental profit per bit of the 0->2, 2->4 and 4->8 bit items under
+# err(b) = x^2 4^-b (the reference's third constant has a typo, spec §9.2).
+PROFIT_DENSITY = ((1 - 4.0**-2) / 2, (4.0**-2 - 4.0**-4) / 2,
+                  (4.0**-4 - 4.0**-8) / 4)
+ITEM_WEIGHT = (2, 2, 4)
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def levels(bits: int) -> int:
+  """Signed levels s_b = 2^(b-1) - 1 of a b-bit class (ternary at b=2)."""
+  return 2**(bits - 1) - 1
+
+
+def budget_bits(numel: int, compression_ratio: float) -> int:
+  """B = ceil(32 ρ n), from the decimal value of ρ (0.032 n stays exact)."""
+  return math.ceil(32 * Fraction(repr(float(compression_ratio))) * numel)
+
+
+@dataclasses.dataclass(frozen=True)
+class JointSQLayout:
+  """Static wire layout of one compressed tensor (per worker and step)."""
+  numel: int
+  budget_bits: int
+  index_format: str  # "positions", "bitmap" or "classmap"
+
+  @property
+  def item_capacity(self) -> int:
+    """Items that can fit: each weighs at least 2 bits."""
+    return min(3 * self.numel, self.budget_bits // 2)
+
+  @property
+  def capacity(self) -> int:
+    """Elements that can be selected."""
+    return min(self.numel, self.budget_bits // 2)
+
+  @property
+  def position_bytes(self) -> int:
+    return 2 if self.numel <= 2**16 else 4
+
+  def region_capacity(self, bits: int) -> int:
+    """Elements a b-bit class can hold within the budget."""
+    return min(self.numel, self.budget_bits // bits)
+
+  @property
+  def stream_bytes(self) -> int:
+    return min((self.budget_bits + 10) // 8, self.numel)
+
+  @property
+  def index_bytes(self) -> int:
+    return _index_bytes(self.index_format, self.numel, self.capacity)
+
+  @property
+  def payload_bytes(self) -> int:
+    return HEADER_BYTES + self.index_bytes + self.stream_bytes
+
+  def bits(self, counts) -> dict:
+    """Bits of one payload given its counts (k8, k4, k2).
+
+    ``code_bits`` (<= budget_bits) excludes index and header;
+    ``with_index_bits`` adds the index a variable-length message would need
+    (used positions only) and the header; ``payload_bits`` is what the
+    fixed-capacity payload puts on the wire.
+    """
+    k8, k4, k2 = (int(c) for c in np.asarray(counts).reshape(3))
+    code = 8 * k8 + 4 * k4 + 2 * k2
+    if self.index_format == "positions":
+      index = 8 * self.position_bytes * (k8 + k4 + k2)
+    else:
+      index = 8 * self.index_bytes
+    return dict(budget_bits=self.budget_bits, code_bits=code,
+                with_index_bits=code + index + 8 * HEADER_BYTES,
+                payload_bits=8 * self.payload_bytes)
+
+
+def _index_bytes(index_format: str, numel: int, capacity: int) -> int:
+  if index_format == "positions":
+    return capacity * (2 if numel <= 2**16 else 4)
+  if index_format == "bitmap":
+    return -(-numel // 8) + -(-capacity // 4)
+  return -(-numel // 4)
+
+
+def make_layout(numel: int, compression_ratio: float,
+                index_format: str = "auto") -> JointSQLayout:
+  b = budget_bits(numel, compression_ratio)
+  if index_format == "auto":
+    cap = min(numel, b // 2)
+    index_format = min(("positions", "bitmap", "classmap"),
+                       key=lambda f: _index_bytes(f, numel, cap))
+  return JointSQLayout(numel, b, index_format)
+
+
+def compression_predicate(predicate, min_size: int):
+  """Which leaves a sparsifier compresses: a callable leaf -> bool.
+
+  None: ndim >= 2 and size >= min_size; "reference": conv kernels only
+  (ndim == 4), as the JointSQ/DGC reference hooks. Empty leaves never.
+  """
+  if predicate is None:
+    rule = lambda x: x.ndim >= 2 and x.size >= min_size
+  elif isinstance(predicate, str):
+    if predicate != "reference":
+      raise ValueError("predicate must be None, 'reference' or a callable "
+                       f"leaf -> bool, got {predicate!r}")
+    rule = lambda x: x.ndim == 4
+  elif callable(predicate):
+    rule = predicate
+  else:
+    raise TypeError("predicate must be None, 'reference' or a callable "
+                    f"leaf -> bool, got {predicate!r}")
+  return lambda x: np.size(x) > 0 and bool(rule(x))
+
+
+def validate_size(value, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value < 1):
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return int(value)
+
+
+def validate_fraction(value, name: str) -> float:
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.integer, np.floating)) or not 0 < value <= 1:
+    raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+  return float(value)
+
+
+# --------------------------------------------------------------------------
+# Selection: the MCKP greedy.
+
+
+def item_profits(v: jax.Array) -> jax.Array:
+  """f32[3n] profit densities, type-major (all 0->2 items, then 2->4, ...).
+
+  Normalised by max|v| so that tiny gradients do not underflow to 0; zero
+  or non-finite elements get profit 0 and are never selected.
+  """
+  v = jnp.where(jnp.isfinite(v), v.astype(jnp.float32), 0.0)
+  m = jnp.max(jnp.abs(v))
+  a = jnp.where(m > 0, v / jnp.where(m > 0, m, 1.0), 0.0)
+  dens = jnp.asarray(PROFIT_DENSITY, jnp.float32)
+  return (dens[:, None] * (a * a)[None, :]).reshape(-1)
+
+
+def sampled_top(scores: jax.Array, capacity: int, key: jax.Array, *,
+                sample_ratio: float, rounds: int = 10):
+  """Up to ``capacity`` largest positive scores by a sampled threshold (§9.3).
+
+  The threshold τ is the capacity-quantile of a random sample (with
+  replacement); while fewer than 0.8 capacity scores pass, τ ← 0.8 τ (at
+  most ``rounds`` times). If more than ``capacity`` pass, the exact top-k
+  is taken (the reference keeps the first ones by position instead). The
+  candidates are {score >= τ, score > 0}: a prefix of the exact order.
+
+  Returns:
+    (scores f32[capacity], indices int32[capacity]) sorted by score
+    descending, ties by index; unused slots have score -1, index 0.
+  """
+  total = scores.shape[0]
+  ns = max(1, math.ceil(total * sample_ratio))
+  ks = min(ns, max(1, math.ceil(ns * capacity / total)))
+  sample = scores[jax.random.randint(key, (ns,), 0, total)]
+  tau0 = jax.lax.top_k(sample, ks)[0][-1]
+
+  def count(tau):
+    return jnp.sum((scores >= tau) & (scores > 0), dtype=jnp.int32)
+
+  def adapt(c):
+    tau, r, _ = c
+    return 0.8 * tau, r + 1, count(0.8 * tau)
+
+  def too_few(c):
+    tau, r, n = c
+    return (r < rounds) & (n < 0.8 * capacity) & (tau > 0)
+
+  tau, _, passed = jax.lax.while_loop(too_few, adapt,
+                                      (tau0, jnp.int32(0), count(tau0)))
+
+  def compact():
+    mask = (scores >= tau) & (scores > 0)
+    slot = jnp.where(mask, jnp.cumsum(mask) - 1, capacity)
+    idx = jnp.zeros(capacity, jnp.int32).at[slot].set(
+        jnp.arange(total, dtype=jnp.int32), mode="drop")
+    val = jnp.full(capacity, -1.0, jnp.float32).at[slot].set(scores,
+                                                             mode="drop")
+    neg, idx = jax.lax.sort((-val, idx), num_keys=2)
+    return -neg, idx
+
+  return jax.lax.cond(passed > capacity,
+                      lambda: tuple(jax.lax.top_k(scores, capacity)), compact)
+
+
+def select(v: jax.Array, layout: JointSQLayout, key=None, *,
+           selection: str = "exact", sample_ratio: float = 0.01):
+  """Class per element (int32[n], 0..3 = items taken) by the MCKP greedy."""
+  n, m = layout.numel, layout.item_capacity
+  if m == 0:
+    return jnp.zeros(n, jnp.int32)
+  profits = item_profits(v)
+  if selection == "exact":
+    scores, items = jax.lax.top_k(profits, m)
+  else:
+    scores, items = sampled_top(profits, m, key, sample_ratio=sample_ratio)
+  weights = jnp.asarray(ITEM_WEIGHT, jnp.int32)[items // n]
+  # Items sorted by profit: the longest prefix within the budget.
+  take = (scores > 0) & (jnp.cumsum(weights) <= layout.budget_bits)
+  return jnp.zeros(n, jnp.int32).at[items % n].add(take.astype(jnp.int32))
+
+
+# --------------------------------------------------------------------------
+# Wire format.
+
+
+def _ranks(cls: jax.Array) -> jax.Array:
+  """Each element's rank among the elements of its class (index order)."""
+  rank = jnp.zeros_like(cls)
+  for c in (1, 2, 3):
+    rank = jnp.where(cls == c, jnp.cumsum(cls == c) - 1, rank)
+  return rank
+
+
+def _region_offsets(counts):
+  """Byte offsets of the 8-, 4- and 2-bit code regions in the stream."""
+  k8, k4 = counts[0], counts[1]
+  return (jnp.int32(0), k8, k8 + (k4 + 1) // 2)
+
+
+def _class_values(cls, rank, vals):
+  """Dense f32[n] from per-class values (vals[c] indexed by rank)."""
+  out = jnp.zeros(cls.shape, jnp.float32)
+  for c, v in vals.items():
+    out = jnp.where(cls == c, v[jnp.clip(rank, 0, v.shape[0] - 1)], out)
+  return out
+
+
+def _bytes(x: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(-1)
+
+
+def _from_bytes(b: jax.Array, dtype) -> jax.Array:
+  width = np.dtype(dtype).itemsize
+  return jax.lax.bitcast_convert_type(b.reshape(-1, width), dtype)
+
+
+def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
+           selection: str = "exact", sample_ratio: float = 0.01,
+           impl: str = "auto"):
+  """Compresses one flat tensor.
+
+  Args:
+    v: float[n], the (error-corrected) tensor.
+    layout: its ``JointSQLayout``.
+    key: PRNG key of the rounding dither (and of the sampled threshold).
+    selection: "exact" or "sampled" greedy.
+    sample_ratio: sample size of the sampled threshold, as a fraction.
+    impl: kernels, "auto", "ffi" or "xla".
+
+  Returns:
+    (payload uint8[layout.payload_bytes], x_hat float32[n], counts
+    int32[3]): the message, the values it decodes to, and (k8, k4, k2).
+    A tensor with a non-finite value sends NaN norms and decodes to NaN.
+  """
+  n = layout.numel
+  v = v.reshape(-1).astype(jnp.float32)
+  finite = jnp.isfinite(v)
+  v = jnp.where(finite, v, 0.0)
+  sel_key, dither_key = jax.random.split(key)
+  cls = select(v, layout, sel_key, selection=selection,
+               sample_ratio=sample_ratio)
+  rank = _ranks(cls)
+  counts = jnp.stack([jnp.sum(cls == c, dtype=jnp.int32)
+                      for c in _WIRE_CLASSES])
+  norms, regions, vals = [], [], {}
+  for c in _WIRE_CLASSES:
+    bits, cap = CLASS_BITS[c], layout.region_capacity(CLASS_BITS[c])
+    in_c = cls == c
+    norm = jnp.max(jnp.where(in_c, jnp.abs(v), 0.0))
+    norms.append(norm)
+    if cap == 0:  # the budget cannot afford this class
+      regions.append(jnp.zeros(0, jnp.uint8))
+      continue
+    buf = jnp.zeros(cap, jnp.float32).at[jnp.where(in_c, rank, cap)].set(
+        v, mode="drop")
+    s = levels(bits)
+    ok = norm >= _TINY  # empty or all-zero class: codes 0, no 0/0
+    codes = ops.quantize(buf, jnp.where(ok, s / jnp.where(ok, norm, 1.0), 0.),
+                         ops.seed_from_key(jax.random.fold_in(dither_key, c)),
+                         levels=s, bits=bits, impl=impl)
+    regions.append(codes)
+    vals[c] = ops.dequantize(codes, jnp.where(ok, norm / s, 0.0), n=cap,
+                             bits=bits, offset=s, impl=impl)
+  x_hat = _class_values(cls, rank, vals)
+  norms = jnp.stack(norms)
+  bad = ~jnp.all(finite)
+  norms = jnp.where(bad, jnp.nan, norms)
+  x_hat = jnp.where(bad, jnp.nan, x_hat)
+
+  # Code stream: the class regions back to back.
+  offsets = _region_offsets(counts)
+  used = offsets[2] + (counts[2] + 3) // 4
+  i = jnp.arange(layout.stream_bytes, dtype=jnp.int32)
+  stream = jnp.zeros(layout.stream_bytes, jnp.uint8)
+  for r, (region, start) in enumerate(zip(regions, offsets)):
+    if region.shape[0] == 0:
+      continue
+    end = offsets[r + 1] if r < 2 else used
+    part = jnp.take(region, i - start, mode="fill", fill_value=0)
+    stream = jnp.where((i >= start) & (i < end), part, stream)
+
+  index = _encode_index(cls, rank, counts, layout)
+  header = jnp.concatenate([_bytes(norms), _bytes(counts)])
+  return jnp.concatenate([header, index, stream]), x_hat, counts
+
+
+def _encode_index(cls, rank, counts, layout):
+  n, cap = layout.numel, layout.capacity
+  chosen = cls > 0
+  if layout.index_format == "classmap":
+    return reference._pack(cls.astype(jnp.uint32), 2)  # pylint: disable=protected-access
+  if layout.index_format == "bitmap":
+    bitmap = reference._pack(chosen.astype(jnp.uint32), 1)  # pylint: disable=protected-access
+    slot = jnp.where(chosen, jnp.cumsum(chosen) - 1, cap)
+    classes = jnp.zeros(cap, jnp.uint32).at[slot].set(
+        cls.astype(jnp.uint32), mode="drop")
+    return jnp.concatenate([bitmap, reference._pack(classes, 2)])  # pylint: disable=protected-access
+  # positions: grouped by class 8, 4, 2, ascending within a class.
+  start = jnp.stack([jnp.int32(0), counts[0] + counts[1], counts[0],
+                     jnp.int32(0)])  # by class id 0..3
+  slot = jnp.where(chosen, start[cls] + rank, cap)
+  dtype = jnp.uint16 if layout.position_bytes == 2 else jnp.int32
+  pos = jnp.zeros(cap, dtype).at[slot].set(jnp.arange(n, dtype=dtype),
+                                           mode="drop")
+  return _bytes(pos)
+
+
+def decode(payload: jax.Array, layout: JointSQLayout, *,
+           impl: str = "auto") -> jax.Array:
+  """float32[n] values of one payload (``encode``'s x_hat, bit for bit)."""
+  n, cap = layout.numel, layout.capacity
+  norms = _from_bytes(payload[:12], jnp.float32)
+  counts = _from_bytes(payload[12:HEADER_BYTES], jnp.int32)
+  index = payload[HEADER_BYTES:HEADER_BYTES + layout.index_bytes]
+  stream = payload[HEADER_BYTES + layout.index_bytes:]
+  offsets = _region_offsets(counts)
+  vals = {}
+  for r, c in enumerate(_WIRE_CLASSES):
+    bits, size = CLASS_BITS[c], layout.region_capacity(CLASS_BITS[c])
+    if size == 0:
+      continue
+    words = -(-size * bits // 8)
+    region = jnp.take(stream, offsets[r] + jnp.arange(words), mode="fill",
+                      fill_value=0)
+    s = levels(bits)
+    ok = norms[r] >= _TINY
+    vals[c] = ops.dequantize(region, jnp.where(ok, norms[r] / s, 0.0),
+                             n=size, bits=bits, offset=s, impl=impl)
+  if layout.index_format == "positions":
+    dtype = jnp.uint16 if layout.position_bytes == 2 else jnp.int32
+    pos = _from_bytes(index, dtype).astype(jnp.int32)
+    t = jnp.arange(cap, dtype=jnp.int32)
+    k8, k84 = counts[0], counts[0] + counts[1]
+    slot_cls = jnp.where(t < k8, 3, jnp.where(
+        t < k84, 2, jnp.where(t < k84 + counts[2], 1, 0)))
+    start = jnp.stack([jnp.int32(0), k84, k8, jnp.int32(0)])
+    val = _class_values(slot_cls, t - start[slot_cls], vals)
+    out = jnp.zeros(n, jnp.float32).at[jnp.where(slot_cls > 0, pos, n)].set(
+        val, mode="drop")
+  else:
+    if layout.index_format == "classmap":
+      cls = reference._unpack(index, 2)[:n].astype(jnp.int32)  # pylint: disable=protected-access
+    else:
+      nmap = -(-n // 8)
+      chosen = reference._unpack(index[:nmap], 1)[:n] > 0  # pylint: disable=protected-access
+      classes = reference._unpack(index[nmap:], 2)[:cap].astype(jnp.int32)  # pylint: disable=protected-access
+      slot = jnp.clip(jnp.cumsum(chosen) - 1, 0, max(cap - 1, 0))
+      cls = jnp.where(chosen, classes[slot] if cap else 0, 0)
+    out = _class_values(cls, _ranks(cls), vals)
+  return jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, out)
+
+
+# --------------------------------------------------------------------------
+# The transform.
+
+
+class JointSQState(NamedTuple):
+  """State of ``jointsq``: error feedback, dither key, last step's counts."""
+  error: Any  # f32 like each compressed leaf (per worker); f32[0] otherwise
+  key: jax.Array  # uint32[2] raw PRNG key, split once per step
+  counts: jax.Array  # int32[L, 3] (k8, k4, k2) per compressed leaf, last step
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  compression_ratio: float
+  index_format: str
+  compresses: Any  # leaf -> bool
+
+  def layout(self, leaf) -> JointSQLayout:
+    return make_layout(int(np.size(leaf)), self.compression_ratio,
+                       self.index_format)
+
+
+def _plan(compression_ratio, predicate, min_size, index_format) -> _Plan:
+  ratio = validate_fraction(compression_ratio, "compression_ratio")
+  min_size = validate_size(min_size, "min_size")
+  if index_format not in INDEX_FORMATS:
+    raise ValueError(f"index_format must be one of {INDEX_FORMATS}, got "
+                     f"{index_format!r}")
+  return _Plan(ratio, index_format,
+               compression_predicate(predicate, min_size))
+
+
+def jointsq_layouts(params, *, compression_ratio: float = 0.032,
+                    predicate=None, min_size: int = 1024,
+                    index_format: str = "auto"):
+  """The ``JointSQLayout`` of each leaf of ``params`` (None: sent dense).
+
+  Takes the same layout arguments as ``jointsq``; sum ``payload_bytes``
+  for the bytes each worker contributes to the step's all_gather.
+  """
+  plan = _plan(compression_ratio, predicate, min_size, index_format)
+  return jax.tree.map(lambda x: plan.layout(x) if plan.compresses(x)
+                      else None, params)
+
+
+def jointsq(
+    *,
+    axis_name="data",
+    compression_ratio: float = 0.032,
+    predicate=None,
+    min_size: int = 1024,
+    selection: str = "exact",
+    sample_ratio: float = 0.01,
+    index_format: str = "auto",
+    key=0,
+    impl: str = "auto",
+) -> optax.GradientTransformation:
+  """JointSQ with error feedback: the mean of compressed local gradients.
+
+  Use inside ``jax.shard_map`` or ``jax.pmap`` over ``axis_name`` on local
+  gradients. The error memory differs per worker: under ``shard_map`` keep
+  the state with a leading worker axis sharded over ``axis_name`` (or create
+  it inside the mapped function); under ``pmap`` map it with ``in_axes=0``.
+
+  Args:
+    axis_name: the data-parallel mesh axis.
+    compression_ratio: ρ; each compressed tensor's code budget is
+      B = ceil(32 ρ n) bits (index and norms come on top, see
+      ``JointSQLayout.bits``).
+    predicate: which leaves to compress: None (ndim >= 2 and size >=
+      ``min_size``), "reference" (ndim == 4, conv kernels only) or a
+      callable leaf -> bool. Other leaves are averaged exactly by ``psum``.
+    min_size: size threshold of the default predicate.
+    selection: "exact" (top-k of the item profits) or "sampled" (the
+      reference's sampled threshold, §9.3).
+    sample_ratio: fraction of the items the sampled threshold looks at.
+    index_format: "auto" (cheapest for each tensor), "positions", "bitmap"
+      or "classmap".
+    key: int seed or PRNG key of the rounding dither and the sampling.
+    impl: kernels: "auto", "ffi" or "xla".
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a ``JointSQState``.
+
+  Raises:
+    ValueError: a bad argument (named in the message); at update time, an
+      unbound ``axis_name`` or an error memory that does not match.
+
+  Examples:
+    >>> import optax, gqsgd_jax
+    >>> tx = optax.chain(gqsgd_jax.jointsq(compression_ratio=0.01),
+    ...                  optax.sgd(0.1))
+  """
+  plan = _plan(compression_ratio, predicate, min_size, index_format)
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection must be one of {SELECTIONS}, got "
+                     f"{selection!r}")
+  sample_ratio = validate_fraction(sample_ratio, "sample_ratio")
+  ops.validate_impl(impl)
+  init_key = prng.canonical_key(key)
+
+  def init_fn(params):
+    error = jax.tree.map(
+        lambda x: jnp.zeros(np.shape(x) if plan.compresses(x) else (0,),
+                            jnp.float32), params)
+    layers = sum(plan.compresses(x) for x in jax.tree.leaves(params))
+    return JointSQState(error=error, key=init_key,
+                        counts=jnp.zeros((layers, 3), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    num_workers = collectives.axis_size(axis_name)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths = [p for p, _ in paths_leaves]
+    leaves = [jnp.asarray(x) for _, x in paths_leaves]
+    bucketing.check_leaf_dtypes(leaves, paths)
+    errors = treedef.flatten_up_to(state.error)
+    comp = [i for i, x in enumerate(leaves) if plan.compresses(x)]
+    for i in comp:
+      if errors[i].shape != leaves[i].shape:
+        raise ValueError(
+            f"error memory of {jax.tree_util.keystr(paths[i])} has shape "
+            f"{errors[i].shape}, the gradient {leaves[i].shape}: initialise "
+            "the state with tx.init(params) of the same model")
+    next_key, step_key = jax.random.split(state.key)
+    worker = jax.lax.axis_index(axis_name)
+
+    out = list(leaves)
+    new_errors = list(errors)
+    payloads, layouts, counts = [], [], []
+    for layer, i in enumerate(comp):
+      layout = plan.layout(leaves[i])
+      v = errors[i].reshape(-1) + leaves[i].reshape(-1).astype(jnp.float32)
+      payload, x_hat, cnt = encode(
+          v, layout, prng.fold(step_key, layer, worker), selection=selection,
+          sample_ratio=sample_ratio, impl=impl)
+      # A non-finite step sends NaN; the memory keeps only finite values.
+      err = jnp.where(jnp.isnan(x_hat), v, v - x_hat)
+      new_errors[i] = jnp.where(jnp.isfinite(err), err, 0.0).reshape(
+          leaves[i].shape)
+      payloads.append(payload)
+      layouts.append(layout)
+      counts.append(cnt)
+    if comp:
+      # One collective for every compressed tensor; typed replicated.
+      gathered = jax.lax.all_gather(jnp.concatenate(payloads), axis_name,
+                                    to="invarying")
+      start = 0
+      for i, layout in zip(comp, layouts):
+        chunk = gathered[:, start:start + layout.payload_bytes]
+        start += layout.payload_bytes
+        out[i] = _mean(chunk, layout, num_workers, impl).reshape(
+            leaves[i].shape).astype(leaves[i].dtype)
+    dense = [i for i in range(len(leaves)) if i not in set(comp)]
+    if dense:
+      summed = jax.lax.psum([leaves[i] for i in dense], axis_name)
+      for i, s in zip(dense, summed):
+        out[i] = (s / num_workers).astype(leaves[i].dtype)
+    counts = jnp.stack(counts) if counts else state.counts
+    new_state = JointSQState(error=treedef.unflatten(new_errors),
+                             key=next_key, counts=counts)
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _mean(chunk, layout, num_workers, impl):
+  """Decodes every worker's payload and averages, always in worker order."""
+  def add(w, acc):
+    return acc + decode(chunk[w], layout, impl=impl)
+  total = jax.lax.fori_loop(0, num_workers, add,
+                            jnp.zeros(layout.numel, jnp.float32))
+  return total / num_workers

@@ -1,0 +1,394 @@
+"""PowerSGD (Vogels et al., 2019) as an optax transform (spec §6).
+
+Each gradient leaf is viewed as a matrix n x m (n = shape[0]). Leaves worth
+compressing, (n + m) r * min_compression_rate < n m, are replaced by a rank-r
+approximation P Q^T found by one step of subspace iteration per training
+step: P = sum_i X_i Q, orthonormalise P, Q = mean_i X_i^T P. The others are
+averaged exactly. Per step: one ``psum`` for all Ps, one for all Qs, one for
+the uncompressed leaves, each a single concatenated buffer per dtype.
+
+Like PyTorch's ``powerSGD_hook``:
+
+* the first ``start_iter`` steps are plain averaging (a traced step counter
+  and ``lax.cond``, so warm-up and compression are one compiled function);
+* error feedback adds each worker's residual x_i - output to its next
+  gradient (for uncompressed leaves the residual x_i - mean is zero-mean
+  and only keeps the arithmetic identical to the reference);
+* warm start reuses last step's averaged Q.
+
+Differences from the reference (spec §6.2, §13 B-PS-1): the default
+orthogonalisation epsilon is 1e-8, so a zero column cannot turn into NaN;
+an all-zero factor column (e.g. after a step with a zero gradient) is
+re-drawn from the shared key instead of staying zero forever; Q comes from a
+JAX key shared by all workers rather than a NumPy seed.
+"""
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gqsgd_jax._src import bucketing
+from gqsgd_jax._src import collectives
+from gqsgd_jax._src import orthogonalize as orth
+from gqsgd_jax._src import prng
+
+# Streams of the shared key (fold_in tags), so draws never collide.
+_INIT_Q, _FRESH_Q, _REDRAW_Q, _REDRAW_P = range(4)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class PowerSGDState(NamedTuple):
+  """State of ``powersgd``: EF memories, warm-start Qs, step, shared key."""
+  # Per worker (see worker_state_specs): one flat residual per leaf in the
+  # leaf's dtype, or with batched=True one per bucket, zero-padded to
+  # side^2; () without error feedback.
+  error: tuple
+  # f32[m, r] per compressed matrix in leaf order (batched: f32[side, r]
+  # per bucket); identical on all workers.
+  q: tuple
+  count: jax.Array  # int32 scalar: steps taken, warm-up included
+  key: jax.Array  # uint32[2] shared PRNG key of the Q draws
+  per_worker_fields = ("error",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Matrix:
+  """A leaf (or bucket) compressed as an n x m matrix of rank r."""
+  index: int  # leaf index, or bucket index when batched
+  n: int
+  m: int
+  r: int
+  dtype: np.dtype  # wire dtype of its factors (the leaf's dtype)
+
+
+def validate_positive_int(value, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  if value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return int(value)
+
+
+def validate_nonnegative_int(value, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+  if value < 0:
+    raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+  return int(value)
+
+
+def matrix_view(shape) -> tuple[int, int]:
+  """(n, m) of the reference's ``tensor.view(shape[0], -1)``."""
+  if not shape:
+    return 1, 1
+  return int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))
+
+
+def plan_matrices(leaves, *, rank: int, min_compression_rate: float,
+                  ) -> tuple[list[Matrix], list[int]]:
+  """Static split of the leaves into compressed matrices and the rest."""
+  mats, rest = [], []
+  for i, leaf in enumerate(leaves):
+    n, m = matrix_view(leaf.shape)
+    r = min(n, m, rank)
+    if leaf.ndim >= 2 and (n + m) * r * min_compression_rate < n * m:
+      mats.append(Matrix(i, n, m, r, np.dtype(leaf.dtype)))
+    else:
+      rest.append(i)
+  return mats, rest
+
+
+def group_matrices(mats: list[Matrix]) -> list[list[int]]:
+  """Indices into ``mats`` of same-shaped matrices, batched together."""
+  groups: dict[tuple, list[int]] = {}
+  for j, mat in enumerate(mats):
+    groups.setdefault((mat.n, mat.m, mat.r, mat.dtype), []).append(j)
+  return list(groups.values())
+
+
+def psum_packed(arrays, axis_name) -> list[jax.Array]:
+  """All-reduces ``arrays`` as one concatenated buffer per dtype."""
+  if not arrays:
+    return []
+  by_dtype: dict[np.dtype, list[int]] = {}
+  for i, a in enumerate(arrays):
+    by_dtype.setdefault(np.dtype(a.dtype), []).append(i)
+  buffers = [jnp.concatenate([arrays[i].reshape(-1) for i in ids])
+             for ids in by_dtype.values()]
+  sums = jax.lax.psum(buffers, axis_name)
+  out = [None] * len(arrays)
+  for ids, total in zip(by_dtype.values(), sums):
+    offset = 0
+    for i in ids:
+      size = arrays[i].size
+      out[i] = total[offset:offset + size].reshape(arrays[i].shape)
+      offset += size
+  return out
+
+
+def initial_qs(mats: list[Matrix], key: jax.Array) -> tuple:
+  """N(0, 1) starting Qs from the shared key (same on every worker)."""
+  return tuple(
+      jax.random.normal(prng.fold(key, _INIT_Q, j), (mat.m, mat.r),
+                        jnp.float32)
+      for j, mat in enumerate(mats))
+
+
+def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
+                count, warm_start=True, masks=None):
+  """One PowerSGD round on every compressed matrix.
+
+  Args:
+    xs: f32[n, m] per matrix: this worker's (error-compensated) gradient.
+    qs: f32[m, r] per matrix: last step's averaged Q (warm start).
+    mats: the static ``Matrix`` of each entry.
+    axis_name, num_workers: the data-parallel axis.
+    epsilon: Gram-Schmidt epsilon.
+    key, count: shared key and step, for fresh or re-drawn columns.
+    warm_start: use ``qs``; otherwise draw a fresh Q every step.
+    masks: optional f32[r] per matrix (1 = active column), for L-GreCo's
+      per-layer ranks below the static width r.
+
+  Returns:
+    (outs, new_qs): f32[n, m] approximations P Q^T of the workers' mean
+    and the averaged f32[m, r] Qs, both identical on every worker.
+  """
+  groups = group_matrices(mats)
+
+  def stack(values, ids):
+    return jnp.stack([values[j] for j in ids])
+
+  def masked(a, mask):
+    return a if mask is None else a * mask
+
+  xg, pg, mg = [], [], []
+  for g, ids in enumerate(groups):
+    mat = mats[ids[0]]
+    x = stack(xs, ids)
+    mask = None if masks is None else stack(masks, ids)[:, None, :]
+    if warm_start:
+      q = orth.refresh_zero_columns(stack(qs, ids),
+                                    prng.fold(key, _REDRAW_Q, count, g))
+    else:
+      q = jax.random.normal(prng.fold(key, _FRESH_Q, count, g),
+                            (len(ids), mat.m, mat.r), jnp.float32)
+    q = masked(orth.orthogonalize(masked(q, mask), epsilon), mask)
+    xg.append(x)
+    mg.append(mask)
+    pg.append(jnp.matmul(x, q, precision=_HIGHEST).astype(mat.dtype))
+
+  # P is orthonormalised next, so the sum needs no division by W.
+  pg = psum_packed(pg, axis_name)
+  qg = []
+  for g, ids in enumerate(groups):
+    p = orth.refresh_zero_columns(pg[g].astype(jnp.float32),
+                                  prng.fold(key, _REDRAW_P, count, g))
+    p = masked(orth.orthogonalize(masked(p, mg[g]), epsilon), mg[g])
+    pg[g] = p
+    q = jnp.matmul(jnp.swapaxes(xg[g], 1, 2), p, precision=_HIGHEST)
+    qg.append(q.astype(mats[ids[0]].dtype))
+  qg = psum_packed(qg, axis_name)
+
+  outs, new_qs = [None] * len(mats), [None] * len(mats)
+  for g, ids in enumerate(groups):
+    q = qg[g].astype(jnp.float32) / num_workers
+    out = jnp.matmul(pg[g], jnp.swapaxes(q, 1, 2), precision=_HIGHEST)
+    for k, j in enumerate(ids):
+      outs[j] = out[k]
+      new_qs[j] = q[k]
+  return outs, tuple(new_qs)
+
+
+def mean_leaves(leaves, axis_name, num_workers) -> list[jax.Array]:
+  """Exact mean of every leaf (warm-up, uncompressed leaves)."""
+  live = [i for i, x in enumerate(leaves) if x.size]
+  sums = psum_packed([leaves[i] for i in live], axis_name)
+  out = [jnp.zeros(x.shape, x.dtype) for x in leaves]
+  for i, s in zip(live, sums):
+    out[i] = (s / num_workers).astype(leaves[i].dtype)
+  return out
+
+
+def _batched_layout(leaves, *, rank: int, bucket_bytes: int):
+  buckets = bucketing.plan_buckets(leaves, bucket_bytes=bucket_bytes)
+  mats = []
+  for b, bucket in enumerate(buckets):
+    side = math.isqrt(bucket.size - 1) + 1  # ceil(sqrt(N))
+    mats.append(Matrix(b, side, side, min(rank, side), bucket.dtype))
+  return buckets, mats
+
+
+def powersgd(
+    *,
+    axis_name="data",
+    rank: int = 1,
+    start_iter: int = 1000,
+    min_compression_rate: float = 2,
+    error_feedback: bool = True,
+    warm_start: bool = True,
+    orthogonalization_epsilon: float = orth.DEFAULT_EPSILON,
+    key=0,
+    batched: bool = False,
+    bucket_bytes: int = 25 * 2**20,
+) -> optax.GradientTransformation:
+  """PowerSGD: rank-r approximation of the workers' mean gradient.
+
+  Use inside ``jax.shard_map`` or ``jax.pmap`` over ``axis_name`` on local
+  gradients (``jax.grad`` w.r.t. ``gqsgd_jax.varying(params)`` under
+  shard_map). The state holds per-worker error memories: under shard_map
+  create and pass it with ``gqsgd_jax.worker_state_specs``.
+
+  Args:
+    axis_name: the data-parallel mesh axis.
+    rank: approximation rank r (per matrix: min(n, m, r)).
+    start_iter: steps of plain averaging before compression starts (the
+      reference's ``start_powerSGD_iter``; JAX has no bucket rebuild, so 0
+      is allowed, and then the warm-up branch is not even compiled).
+    min_compression_rate: compress a leaf only if (n + m) r times this is
+      below n m; the others (all vectors) are averaged exactly.
+    error_feedback: add each worker's compression residual to its next
+      gradient.
+    warm_start: start each step from last step's Q (a power iteration);
+      otherwise draw a fresh Q every step.
+    orthogonalization_epsilon: added to column norms in Gram-Schmidt
+      (rank <= 2); 0 is the reference's default, with which a zero column
+      yields NaN (B-PS-1).
+    key: int seed or PRNG key, the same on every worker (shared Q draws).
+    batched: the reference's ``batched_powerSGD_hook``: each bucket of
+      ``bucket_bytes`` is flattened, zero-padded to a ceil(sqrt(N))^2 square
+      and compressed as one matrix.
+    bucket_bytes: bucket cap for ``batched`` (default 25 MiB, as DDP).
+
+  Returns:
+    An ``optax.GradientTransformation`` with a ``PowerSGDState``.
+
+  Raises:
+    ValueError: a bad argument (named in the message); at update time an
+      unbound ``axis_name`` or a state that does not match the updates.
+
+  Examples:
+    >>> import optax, gqsgd_jax
+    >>> tx = optax.chain(gqsgd_jax.powersgd(rank=4, start_iter=10),
+    ...                  optax.sgd(0.1))
+  """
+  rank = validate_positive_int(rank, "rank")
+  start_iter = validate_nonnegative_int(start_iter, "start_iter")
+  if (isinstance(min_compression_rate, bool) or
+      not isinstance(min_compression_rate, (int, float, np.number)) or
+      not 0 < min_compression_rate < float("inf")):
+    raise ValueError("min_compression_rate must be a positive number, got "
+                     f"{min_compression_rate!r}")
+  epsilon = orth.validate_epsilon(orthogonalization_epsilon)
+  bucket_bytes = bucketing.validate_bucket_bytes(bucket_bytes)
+  init_key = prng.canonical_key(key)
+
+  def layout(leaves):
+    if batched:
+      return _batched_layout(leaves, rank=rank, bucket_bytes=bucket_bytes)
+    mats, _ = plan_matrices(leaves, rank=rank,
+                            min_compression_rate=min_compression_rate)
+    return None, mats
+
+  def error_sizes(leaves, buckets, mats):
+    if batched:
+      return [(mat.n * mat.m, mat.dtype) for mat in mats]
+    return [(max(leaf.size, 1), leaf.dtype) for leaf in leaves]
+
+  def init_fn(params):
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(params)]
+    if batched:
+      bucketing.check_leaf_dtypes(
+          leaves, [p for p, _ in jax.tree_util.tree_flatten_with_path(
+              params)[0]])
+    buckets, mats = layout(leaves)
+    error = tuple(jnp.zeros((size,), dtype) for size, dtype in
+                  error_sizes(leaves, buckets, mats)) if error_feedback else ()
+    return PowerSGDState(error=error, q=initial_qs(mats, init_key),
+                         count=jnp.zeros((), jnp.int32), key=init_key)
+
+  def check_state(state, leaves, buckets, mats):
+    expected = [(m.m, m.r) for m in mats]
+    got = [tuple(q.shape) for q in state.q]
+    sizes = [s for s, _ in error_sizes(leaves, buckets, mats)]
+    errs = [e.shape[0] for e in state.error]
+    if got != expected or (error_feedback and errs != sizes):
+      raise ValueError(
+          "PowerSGDState does not match the updates (was init called with "
+          f"parameters of these shapes?): Qs {got} vs {expected}")
+
+  def compress(leaves, error, state, num_workers):
+    """Error feedback + one power round; returns (outs, error, qs)."""
+    buckets, mats = layout(leaves)
+    if batched:
+      flats = [bucketing.flatten_bucket(b, leaves) for b in buckets]
+      xs = [jnp.pad(f, (0, mat.n * mat.m - f.shape[0]))
+            for f, mat in zip(flats, mats)]
+    else:
+      xs = [x.reshape(-1) for x in leaves]
+    if error_feedback:
+      xs = [x + e.reshape(x.shape).astype(x.dtype) if x.size else x
+            for x, e in zip(xs, error)]
+    outs_flat = list(xs)
+    if batched:
+      comp, rest = list(range(len(mats))), []
+    else:
+      comp = [mat.index for mat in mats]
+      rest = [i for i in range(len(leaves)) if i not in set(comp)]
+    matrices = [xs[i].astype(jnp.float32).reshape(mat.n, mat.m)
+                for i, mat in zip(comp, mats)]
+    outs, qs = power_round(matrices, state.q, mats, axis_name=axis_name,
+                           num_workers=num_workers, epsilon=epsilon,
+                           key=state.key, count=state.count,
+                           warm_start=warm_start)
+    for i, out in zip(comp, outs):
+      outs_flat[i] = out.reshape(-1).astype(xs[i].dtype)
+    for i, mean in zip(rest, mean_leaves([xs[i] for i in rest], axis_name,
+                                         num_workers)):
+      outs_flat[i] = mean
+    if error_feedback:
+      error = tuple((x - o).reshape(-1) if x.size else e
+                    for x, o, e in zip(xs, outs_flat, error))
+    if batched:
+      outs_flat = [o[:b.size] for o, b in zip(outs_flat, buckets)]
+      new = bucketing.unflatten_buckets(buckets, outs_flat, leaves)
+    else:
+      new = [o.reshape(x.shape) for o, x in zip(outs_flat, leaves)]
+    return new, error, qs
+
+  def update_fn(updates, state, params=None):
+    del params
+    num_workers = collectives.axis_size(axis_name)
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(x) for x in leaves]
+    for leaf, (path, _) in zip(
+        leaves, jax.tree_util.tree_flatten_with_path(updates)[0]):
+      if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise TypeError(f"gradient leaf {jax.tree_util.keystr(path)} has "
+                        f"dtype {leaf.dtype}; PowerSGD needs floats")
+    buckets, mats = layout(leaves)
+    check_state(state, leaves, buckets, mats)
+
+    def compressed(operands):
+      leaves, error, qs = operands
+      return compress(leaves, error, state._replace(q=qs), num_workers)
+
+    def warmup(operands):
+      leaves, error, qs = operands
+      return mean_leaves(leaves, axis_name, num_workers), error, qs
+
+    operands = (leaves, state.error, state.q)
+    if start_iter == 0:
+      new, error, qs = compressed(operands)
+    else:
+      new, error, qs = jax.lax.cond(state.count >= start_iter, compressed,
+                                    warmup, operands)
+    state = PowerSGDState(error=error, q=qs, count=state.count + 1,
+                          key=state.key)
+    return jax.tree.unflatten(treedef, new), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

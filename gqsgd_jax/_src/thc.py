@@ -1,0 +1,367 @@
+"""THC (tensor homomorphic compression) as an optax transform, spec §4.2.
+
+Per chunk of the gradient, on every worker:
+
+1. error feedback: x = g + e (e: this worker's memory, zero-padded size);
+2. rotation: x~ = H D x, the randomized Hadamard transform with signs D
+   shared by all workers and fixed across steps (as the authors' code);
+3. global range: N = max over workers of ||x||_2 (one ``pmax`` for all
+   chunks of the step), clipping threshold t = z N / sqrt(d') with z the
+   standard-normal upper quantile of ``overflow_prob``;
+4. codes c = SR(clip((x~ + t) / delta, 0, q - 1)), delta = 2t / (q - 1),
+   with each worker's own dither;
+5. homomorphic aggregation: ``psum`` of the integer codes in the smallest
+   wire dtype whose sum cannot overflow (``wire_dtype``);
+6. decode: x^ = H^-1 D^-1 (-t + delta * sum(c) / W), the padding dropped;
+7. EF update: e = x - H^-1 D^-1 (-t + delta c), the local quantization and
+   clipping error.
+
+Layout. Leaves are flattened to float32 and, with ``granularity="fused"``
+(default), concatenated into one buffer; ``"leaf"`` treats each leaf on its
+own, as the authors do per tensor. A buffer is split into power-of-two
+chunks (the Hadamard size): chunks of ``chunk_size`` (default 2^23, the
+authors' 8 Mi cap), then the binary decomposition of the rest, padded with
+zeros only to a multiple of ``MIN_CHUNK`` (or to the next power of two for
+a buffer smaller than that). Padding is sent on the wire, so this keeps it
+below MIN_CHUNK elements per buffer where "pad every tensor to 2^ceil(log2
+d)" can double the traffic. Each chunk has its own norm N and grid.
+
+Deviation from the spec: the threshold is capped, t = N min(z / sqrt(d'),
+1). Since |x~_j| <= ||x|| <= N, a larger t can never clip anything and only
+coarsens the grid (this matters for chunks with d' < z^2). With
+``overflow_prob=0`` the cap is the threshold: clipping is impossible and the
+estimate is unbiased.
+
+The lookup-table (non-uniform) variant of THC is not implemented.
+"""
+
+import dataclasses
+import math
+from statistics import NormalDist
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gqsgd_jax._src import bucketing
+from gqsgd_jax._src import collectives
+from gqsgd_jax._src import hadamard
+from gqsgd_jax._src import prng
+from gqsgd_jax._src.qsgd import WireBytes
+
+GRANULARITIES = ("fused", "leaf")
+# Smallest chunk a large buffer is cut into (and the padding granule): small
+# enough that padding costs < 4 KiB per buffer, large enough that a rotated
+# chunk has many coordinates to spread its energy over.
+MIN_CHUNK = 1024
+MAX_LEVELS = 2**16
+# float16 represents every integer up to 2^11 exactly, and every partial sum
+# of non-negative integer codes is at most the total, so a float16 psum of
+# codes is exact in any summation order while the total stays <= 2048.
+_F16_EXACT = 2048
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+class ThcState(NamedTuple):
+  """State of ``thc``: error-feedback memories and PRNG keys."""
+  error: tuple  # f32[padded buffer size] per buffer: this worker's EF memory
+  key: jax.Array  # uint32[2] dither key, split once per step
+  rotation_key: jax.Array  # uint32[2] Hadamard signs' key, shared and fixed
+
+
+def wire_dtype(num_workers: int, levels: int = 16) -> np.dtype:
+  """The dtype of the homomorphic ``psum``: sums reach W (q - 1).
+
+  * uint8 while W (q - 1) <= 255 (W <= 17 workers at q = 16);
+  * float16 carrying exact integers while W (q - 1) <= 2048 (W <= 136 at
+    q = 16). Not uint16/int16: NCCL has no 16-bit integer reduction and
+    XLA:GPU widens such all-reduces to 32 bits, so they would not save a
+    byte; float16 sums are native and exact in this range;
+  * int32 beyond, up to 2^31 - 1.
+
+  Raises:
+    ValueError: W (q - 1) does not fit int32.
+  """
+  top = num_workers * (levels - 1)
+  if top <= 255:
+    return np.dtype(np.uint8)
+  if top <= _F16_EXACT:
+    return np.dtype(np.float16)
+  if top <= 2**31 - 1:
+    return np.dtype(np.int32)
+  raise ValueError(f"levels={levels} with {num_workers} workers: code sums "
+                   "would overflow int32")
+
+
+def clip_quantile(overflow_prob: float) -> float:
+  """z with P(N(0,1) > z) = overflow_prob (inf for 0: no clipping)."""
+  if overflow_prob == 0:
+    return math.inf
+  return -NormalDist().inv_cdf(overflow_prob)
+
+
+def plan_chunks(n: int, chunk_size: int = 2**23) -> tuple[int, ...]:
+  """Power-of-two chunk sizes covering n elements with little padding."""
+  if n <= 0:
+    return ()
+  if n <= MIN_CHUNK:
+    return (1 << (n - 1).bit_length(),)
+  padded = -(-n // MIN_CHUNK) * MIN_CHUNK
+  chunks = [chunk_size] * (padded // chunk_size)
+  rest = padded % chunk_size
+  size = chunk_size // 2
+  while rest:
+    if rest >= size:
+      chunks.append(size)
+      rest -= size
+    size //= 2
+  return tuple(chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buffer:
+  """Leaves (flat indices) concatenated into one buffer, and its chunks."""
+  leaf_ids: tuple[int, ...]
+  sizes: tuple[int, ...]
+  chunks: tuple[int, ...]
+
+  @property
+  def size(self) -> int:
+    return sum(self.sizes)
+
+  @property
+  def padded(self) -> int:
+    return sum(self.chunks)
+
+
+def _plan(sizes, granularity: str, chunk_size: int) -> list[_Buffer]:
+  ids = [i for i, n in enumerate(sizes) if n]
+  groups = [ids] if granularity == "fused" and ids else [[i] for i in ids]
+  return [
+      _Buffer(tuple(g), tuple(sizes[i] for i in g),
+              plan_chunks(sum(sizes[i] for i in g), chunk_size))
+      for g in groups
+  ]
+
+
+def _leaf_sizes(tree) -> list[int]:
+  return [int(np.prod(np.shape(x), dtype=np.int64))
+          for x in jax.tree.leaves(tree)]
+
+
+def wire_bytes(sizes, num_workers: int, *, levels: int = 16,
+               granularity: str = "fused",
+               chunk_size: int = 2**23) -> WireBytes:
+  """Analytic bytes per step and device of ``thc`` for leaves of ``sizes``.
+
+  One ``psum`` of the padded codes in ``wire_dtype`` and one f32 ``pmax`` of
+  the chunk norms. An all-reduce delivers the reduced buffer: each device
+  contributes it and receives it, so sent = received = result.
+  """
+  plan = _plan([int(n) for n in sizes], granularity, chunk_size)
+  itemsize = wire_dtype(num_workers, levels).itemsize
+  total = sum(b.padded for b in plan) * itemsize + 4 * sum(
+      len(b.chunks) for b in plan)
+  return WireBytes(sent=total, received=total, result=total)
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  """||x||_2 without overflow for huge finite x; +inf if x has NaN/Inf."""
+  m = jnp.max(jnp.abs(x))
+  safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+  n = m * jnp.sqrt(jnp.sum(jnp.square(x / safe)))
+  n = jnp.where(m == 0, 0.0, n)  # m is NaN if x has NaN: n stays NaN
+  return jnp.where(jnp.isfinite(n), n, jnp.inf)
+
+
+def _stochastic_round(y: jax.Array, key: jax.Array) -> jax.Array:
+  """SR of y >= 0 to int32: up iff 24 random bits < floor(frac * 2^24).
+
+  The up-probability is frac rounded down to 2^-24 (never above frac), the
+  same rule as the kernels' StochasticRound.
+  """
+  bits = jax.random.bits(key, y.shape, jnp.uint32)
+  fl = jnp.floor(y)
+  threshold = ((y - fl) * 2.0**24).astype(jnp.uint32)
+  return fl.astype(jnp.int32) + ((bits >> 8) < threshold).astype(jnp.int32)
+
+
+def _validate(levels, overflow_prob, block_log2, granularity, chunk_size):
+  if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)):
+    raise TypeError(f"levels must be an int, got {levels!r}")
+  if not 2 <= levels <= MAX_LEVELS:
+    raise ValueError(f"levels must be in [2, {MAX_LEVELS}], got {levels}")
+  if isinstance(overflow_prob, bool) or not isinstance(
+      overflow_prob, (int, float, np.floating)) or not (
+          0 <= overflow_prob < 0.5):
+    raise ValueError(
+        f"overflow_prob must be a float in [0, 0.5), got {overflow_prob!r}")
+  if isinstance(chunk_size, bool) or not isinstance(
+      chunk_size, (int, np.integer)) or chunk_size < MIN_CHUNK or (
+          chunk_size & (chunk_size - 1)):
+    raise ValueError(f"chunk_size must be a power of two >= {MIN_CHUNK}, "
+                     f"got {chunk_size!r}")
+  if block_log2 is not None and (
+      isinstance(block_log2, bool) or not isinstance(
+          block_log2, (int, np.integer)) or not 1 <= block_log2 <= 30):
+    raise ValueError(
+        f"block_log2 must be None or an int in [1, 30], got {block_log2!r}")
+  if granularity not in GRANULARITIES:
+    raise ValueError(
+        f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def thc(
+    *,
+    axis_name="data",
+    levels: int = 16,
+    overflow_prob: float = 1e-4,
+    error_feedback: bool = True,
+    block_log2: int | None = None,
+    granularity: str = "fused",
+    chunk_size: int = 2**23,
+    key=0,
+) -> optax.GradientTransformation:
+  """THC: rotate, clip, quantize on a shared grid, sum the integer codes.
+
+  Use inside ``jax.shard_map`` or ``jax.pmap`` over ``axis_name`` on local
+  gradients; every worker receives the same estimate of the mean.
+
+  The error memories in the state differ per worker. Initialise the state
+  per worker (call ``init`` inside the same ``shard_map``/``pmap``) and map
+  it over the axis: under ``shard_map`` use ``state_specs(state)`` as its
+  in/out specs (the memories are sharded over ``axis_name``, the keys
+  replicated); under ``pmap`` give the state ``in_axes=0``/``out_axes=0``.
+
+  Args:
+    axis_name: the data-parallel mesh axis.
+    levels: q, the number of quantization levels (default 16: 4-bit codes).
+    overflow_prob: per-coordinate clipping probability p for Gaussian
+      rotated coordinates; t = z_(1-p) N / sqrt(d'). 0 disables clipping
+      (t = N, unbiased).
+    error_feedback: keep the local quantization and clipping error and add
+      it to the next step's gradient (the authors' default).
+    block_log2: None for the full rotation of each chunk; T for the partial
+      rotation on blocks of 2^T elements.
+    granularity: "fused" (all leaves in one buffer) or "leaf".
+    chunk_size: largest Hadamard size, a power of two (default 2^23).
+    key: int seed or PRNG key. The same on every worker: the rotation is
+      drawn from it as is, the dither after folding in the worker index.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a ``ThcState``.
+
+  Raises:
+    ValueError/TypeError: a bad argument (named in the message); at update
+      time, an unbound ``axis_name``, a gradient tree that does not match
+      the state's memories, or a non-float leaf.
+  """
+  _validate(levels, overflow_prob, block_log2, granularity, chunk_size)
+  z = clip_quantile(float(overflow_prob))
+  init_key = prng.canonical_key(key)
+  dither_key, rotation_key = jax.random.split(init_key)
+
+  def init_fn(params):
+    if not error_feedback:
+      return ThcState(error=(), key=dither_key, rotation_key=rotation_key)
+    if params is None:
+      raise ValueError("thc(error_feedback=True).init needs params (the "
+                       "error memories take their shapes)")
+    plan = _plan(_leaf_sizes(params), granularity, chunk_size)
+    # Typed as varying when init runs inside shard_map (the memories differ
+    # per worker), so a lax.scan carry keeps one type across steps.
+    error = collectives.varying(
+        tuple(jnp.zeros(b.padded, jnp.float32) for b in plan), axis_name)
+    return ThcState(error=error, key=dither_key, rotation_key=rotation_key)
+
+  def update_fn(updates, state, params=None):
+    del params
+    num_workers = collectives.axis_size(axis_name)
+    dtype = wire_dtype(num_workers, levels)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    leaves = [jnp.asarray(x) for _, x in paths_leaves]
+    bucketing.check_leaf_dtypes(leaves, [p for p, _ in paths_leaves])
+    plan = _plan([x.size for x in leaves], granularity, chunk_size)
+    if error_feedback:
+      want = tuple(b.padded for b in plan)
+      got = tuple(e.shape[0] for e in state.error)
+      if want != got:
+        raise ValueError(
+            f"state.error holds buffers of sizes {got}, the updates need "
+            f"{want}: init the state with params of the updates' shapes")
+    next_key, step_key = jax.random.split(state.key)
+
+    xs = []
+    for b_id, buf in enumerate(plan):
+      flat = jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
+                              for i in buf.leaf_ids])
+      x = jnp.pad(flat, (0, buf.padded - buf.size))
+      xs.append(x + state.error[b_id] if error_feedback else x)
+    chunks = [(b, c, off, d) for b, buf in enumerate(plan)
+              for c, (off, d) in enumerate(zip(
+                  np.cumsum((0,) + buf.chunks[:-1]), buf.chunks))]
+    # One pmax for the norms of every chunk of the step.
+    norms = jax.lax.pmax(
+        jnp.stack([_norm(xs[b][off:off + d]) for b, _, off, d in chunks]),
+        axis_name) if chunks else jnp.zeros((0,))
+
+    outs = [[] for _ in plan]
+    errors = [[] for _ in plan]
+    for j, (b, c, off, d) in enumerate(chunks):
+      x = xs[b][off:off + d]
+      signs = hadamard.random_signs(prng.fold(state.rotation_key, b, c), d)
+      block = None if block_log2 is None or (1 << block_log2) >= d else (
+          block_log2)
+      norm = norms[j]
+      finite = jnp.isfinite(norm)
+      ok = finite & (norm >= _TINY)
+      t = norm * np.float32(min(z / math.sqrt(d), 1.0))
+      delta = t * np.float32(2 / (levels - 1))
+      inv_delta = jnp.where(ok, (levels - 1) / (2 * t), 0.0)
+      rotated = hadamard.randomized_hadamard(x, signs, block_log2=block)
+      y = jnp.clip((rotated + t) * inv_delta, 0.0, levels - 1)
+      y = jnp.where(ok, y, 0.0)  # NaN/Inf chunks: send anything finite
+      codes = _stochastic_round(
+          y, prng.worker_key(step_key, axis_name, b, c))
+      total = jax.lax.psum(codes.astype(dtype), axis_name)
+      mean = total.astype(jnp.float32) * (delta / num_workers) - t
+      out = hadamard.inverse_randomized_hadamard(mean, signs, block_log2=block)
+      # Zero or sub-tiny chunks decode to exact (+) zeros, NaN/Inf to NaN.
+      out = jnp.where(ok, out, jnp.where(finite, 0.0, jnp.nan))
+      outs[b].append(out)
+      if error_feedback:
+        local = codes.astype(jnp.float32) * delta - t
+        residual = hadamard.inverse_randomized_hadamard(
+            rotated - local, signs, block_log2=block)
+        # Sub-tiny chunks stay whole in memory; a non-finite step leaves the
+        # memory as it was, so one bad batch (e.g. skipped by
+        # optax.apply_if_finite) does not poison every later step.
+        old = state.error[b][off:off + d]
+        errors[b].append(jnp.where(ok, residual, jnp.where(finite, x, old)))
+
+    out_leaves = [jnp.zeros(x.shape, x.dtype) for x in leaves]
+    for buf, parts in zip(plan, outs):
+      flat = jnp.concatenate(parts)
+      offsets = np.cumsum((0,) + buf.sizes)
+      for k, i in enumerate(buf.leaf_ids):
+        piece = flat[offsets[k]:offsets[k + 1]]
+        out_leaves[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
+    new_error = tuple(jnp.concatenate(e) for e in errors) if (
+        error_feedback) else ()
+    return (jax.tree_util.tree_unflatten(treedef, out_leaves),
+            ThcState(error=new_error, key=next_key,
+                     rotation_key=state.rotation_key))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def state_specs(state: ThcState, axis_name="data") -> ThcState:
+  """``shard_map`` specs of a ``ThcState``: memories per worker, keys shared.
+
+  Each device's memory is its own block of the global (W * size) array.
+  """
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  return ThcState(error=tuple(P(axis_name) for _ in state.error), key=P(),
+                  rotation_key=P())
