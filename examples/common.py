@@ -152,6 +152,7 @@ def wire_summary(compiled) -> dict:
       "scalar_bytes": report.scalar_bytes,
       "float_payload_bytes": report.float_payload_bytes,
       "total_bytes": report.total_bytes,
+      "sent_bytes": report.sent_bytes,
       "by_op": report.by_op,
   }
 
