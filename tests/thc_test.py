@@ -1,5 +1,7 @@
 """Tests of the Hadamard transforms and of thc: statistics, EF, wire, input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -12,6 +14,7 @@ import gqsgd_jax
 from gqsgd_jax._src import hadamard
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import thc as thc_lib
+from gqsgd_jax._src.worker_state import worker_state_specs
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -27,20 +30,18 @@ def _init(tx, params, num_workers, mode="shard_map"):
     return jax.pmap(lambda _: tx.init(params), axis_name="data",
                     devices=jax.devices()[:num_workers])(
                         jnp.arange(num_workers))
-  specs = thc_lib.state_specs(tx.init(params))
+  specs = worker_state_specs(tx.init(params))
   init = jax.shard_map(lambda: tx.init(params), mesh=data_mesh(num_workers),
                        in_specs=(), out_specs=specs)
   return jax.jit(init)()
 
 
-def _update(tx, stacked, state, mode="shard_map"):
-  """tx.update per worker: (per-worker updates, new per-worker state)."""
-  num_workers = jax.tree.leaves(stacked)[0].shape[0]
+@functools.lru_cache(maxsize=None)
+def _stepper(tx, num_workers, mode, specs):
+  """A compiled per-worker tx.update, cached so repeated steps reuse it."""
   if mode == "pmap":
-    step = jax.pmap(tx.update, axis_name="data", in_axes=(0, 0),
+    return jax.pmap(tx.update, axis_name="data", in_axes=(0, 0),
                     out_axes=(0, 0), devices=jax.devices()[:num_workers])
-    return jax.block_until_ready(step(stacked, state))
-  specs = thc_lib.state_specs(state)
 
   @jax.jit
   @jax.shard_map(mesh=data_mesh(num_workers), in_specs=(P("data"), specs),
@@ -50,8 +51,14 @@ def _update(tx, stacked, state, mode="shard_map"):
     # out_specs P() checks the updates are typed replicated.
     return u, jax.tree.map(lambda x: x[None], u), s
 
-  _, per_worker, new_state = step(stacked, state)
-  return jax.block_until_ready((per_worker, new_state))
+  return lambda g, s: step(g, s)[1:]
+
+
+def _update(tx, stacked, state, mode="shard_map"):
+  """tx.update per worker: (per-worker updates, new per-worker state)."""
+  num_workers = jax.tree.leaves(stacked)[0].shape[0]
+  step = _stepper(tx, num_workers, mode, worker_state_specs(state))
+  return jax.block_until_ready(step(stacked, state))
 
 
 def _errors(state, num_workers):
@@ -63,20 +70,25 @@ def _errors(state, num_workers):
 # Hadamard transforms.
 
 
-@pytest.mark.parametrize("d", [1, 2, 8, 64, 512], ids=lambda d: f"d{d}")
+_fwht = jax.jit(hadamard.hadamard_transform)
+
+
+@pytest.mark.parametrize("d", [1, 2, 8, 512], ids=lambda d: f"d{d}")
 def test_hadamard_matches_matrix_orthonormal_and_self_inverse(d):
   x = jax.random.normal(jax.random.PRNGKey(d), (3, d))
   h = scipy.linalg.hadamard(d) / np.sqrt(d)
-  y = hadamard.hadamard_transform(x)
+  y = _fwht(x)
   assert y.dtype == x.dtype and y.shape == x.shape
   np.testing.assert_allclose(y, np.asarray(x, np.float64) @ h, rtol=0,
                              atol=1e-5)
-  np.testing.assert_allclose(hadamard.hadamard_transform(y), x, atol=1e-5)
+  np.testing.assert_allclose(_fwht(y), x, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(y, axis=-1),
                              np.linalg.norm(x, axis=-1), rtol=1e-5)
-  # The columns of the transform are orthonormal: H H^T = I.
-  hh = hadamard.hadamard_transform(jnp.eye(d))
+  # The rows of the transform are orthonormal: H H^T = I.
+  hh = np.asarray(_fwht(jnp.eye(d)), np.float64)
   np.testing.assert_allclose(hh @ hh.T, np.eye(d), atol=1e-5)
+  # bf16 keeps its dtype (the transform runs in the input's dtype).
+  assert _fwht(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("block_log2", [None, 0, 2, 6])
@@ -85,8 +97,11 @@ def test_randomized_hadamard_inverse_and_blocks(block_log2):
   x = jax.random.normal(jax.random.PRNGKey(0), (d,))
   signs = hadamard.random_signs(jax.random.PRNGKey(1), d)
   assert set(np.unique(signs).tolist()) == {-1.0, 1.0}
-  y = hadamard.randomized_hadamard(x, signs, block_log2=block_log2)
-  back = hadamard.inverse_randomized_hadamard(y, signs, block_log2=block_log2)
+  fwd = jax.jit(hadamard.randomized_hadamard, static_argnames="block_log2")
+  inv = jax.jit(hadamard.inverse_randomized_hadamard,
+                static_argnames="block_log2")
+  y = fwd(x, signs, block_log2=block_log2)
+  back = inv(y, signs, block_log2=block_log2)
   np.testing.assert_allclose(back, x, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(y), np.linalg.norm(x), rtol=1e-5)
   block = d if block_log2 is None else 2**block_log2
@@ -292,10 +307,9 @@ def _grads(num_workers, seed=0):
 
 
 @pytest.mark.parametrize("num_workers,kwargs", [
-    (2, dict()),
     (3, dict(granularity="leaf", block_log2=4)),
     (8, dict(levels=4, chunk_size=1024)),
-], ids=["W2", "W3-leaf-partial", "W8-q4-chunks"])
+], ids=["W3-leaf-partial", "W8-q4-chunks"])
 def test_replicas_identical_under_shard_map_and_pmap(num_workers, kwargs):
   grads = _grads(num_workers)
   tx = thc_lib.thc(**kwargs)
@@ -352,7 +366,7 @@ def test_integer_sum_at_the_wire_dtype_limit(num_workers, levels, dtype):
 
 def _compiled_thc_step(tx, num_workers, params):
   mesh = data_mesh(num_workers)
-  specs = thc_lib.state_specs(tx.init(params))
+  specs = worker_state_specs(tx.init(params))
   state = jax.jit(jax.shard_map(lambda: tx.init(params), mesh=mesh,
                                 in_specs=(), out_specs=specs))()
 
@@ -367,8 +381,8 @@ def _compiled_thc_step(tx, num_workers, params):
 
 
 @pytest.mark.parametrize("num_workers,levels,granularity", [
-    (8, 16, "fused"), (8, 16, "leaf"), (8, 256, "fused"), (4, 1000, "fused"),
-], ids=["u8", "u8-leaf", "f16", "i32"])
+    (8, 16, "fused"), (4, 16, "leaf"), (8, 256, "fused"),
+], ids=["u8", "u8-leaf", "f16"])
 def test_hlo_wire_bytes_match_the_formula(num_workers, levels, granularity):
   params = {"w1": jnp.zeros((64, 256)), "b1": jnp.zeros(256),
             "w2": jnp.zeros((256, 10)), "b2": jnp.zeros(10)}

@@ -66,9 +66,12 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 class ThcState(NamedTuple):
   """State of ``thc``: error-feedback memories and PRNG keys."""
-  error: tuple  # f32[padded buffer size] per buffer: this worker's EF memory
-  key: jax.Array  # uint32[2] dither key, split once per step
-  rotation_key: jax.Array  # uint32[2] Hadamard signs' key, shared and fixed
+  # Per worker (see worker_state_specs): f32[padded size] per buffer, this
+  # worker's EF memory; () without error feedback.
+  error: tuple
+  key: jax.Array  # uint32[2] dither key, split once per step; shared
+  rotation_key: jax.Array  # uint32[2] Hadamard signs' key; shared, fixed
+  per_worker_fields = ("error",)
 
 
 def wire_dtype(num_workers: int, levels: int = 16) -> np.dtype:
@@ -229,11 +232,10 @@ def thc(
   Use inside ``jax.shard_map`` or ``jax.pmap`` over ``axis_name`` on local
   gradients; every worker receives the same estimate of the mean.
 
-  The error memories in the state differ per worker. Initialise the state
-  per worker (call ``init`` inside the same ``shard_map``/``pmap``) and map
-  it over the axis: under ``shard_map`` use ``state_specs(state)`` as its
-  in/out specs (the memories are sharded over ``axis_name``, the keys
-  replicated); under ``pmap`` give the state ``in_axes=0``/``out_axes=0``.
+  The error memories in the state differ per worker: create the state inside
+  the map and pass it with ``gqsgd_jax.worker_state_specs`` under
+  ``shard_map`` (memories sharded over ``axis_name``, keys replicated), or
+  mapped over the devices under ``pmap``.
 
   Args:
     axis_name: the data-parallel mesh axis.
@@ -356,12 +358,3 @@ def thc(
 
   return optax.GradientTransformation(init_fn, update_fn)
 
-
-def state_specs(state: ThcState, axis_name="data") -> ThcState:
-  """``shard_map`` specs of a ``ThcState``: memories per worker, keys shared.
-
-  Each device's memory is its own block of the global (W * size) array.
-  """
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  return ThcState(error=tuple(P(axis_name) for _ in state.error), key=P(),
-                  rotation_key=P())
