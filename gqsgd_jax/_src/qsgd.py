@@ -35,36 +35,42 @@ class QsgdState(NamedTuple):
 
 
 class WireBytes(NamedTuple):
-  """Analytic collective bytes of one step on one device."""
-  sent: int  # bytes this device contributes
-  received: int  # bytes it gets from the other devices
-  result: int  # bytes of the collectives' results (what hlo.wire_report counts)
+  """Analytic collective bytes of one step on one device.
+
+  The two views of ``hlo.wire_report``: ``result`` is the size of what the
+  collectives produce (its ``total_bytes``); ``sent``/``received`` are what
+  each device transmits/receives when every collective runs a
+  bandwidth-optimal algorithm (its ``sent_bytes``).
+  """
+  sent: float  # bytes each device transmits
+  received: float  # bytes each device receives
+  result: int  # bytes of the collectives' results
 
 
 def wire_bytes(sizes, num_workers: int, *, granularity: str = "bucket",
                bucket_bytes: int = 25 * 2**20, dtypes=None) -> WireBytes:
   """Analytic bytes per step and device of ``qsgd`` for leaves of ``sizes``.
 
-  Each device sends its n int8 codes and B f32 norms (B buckets) and
-  receives the other W - 1 workers' copies: received = (W - 1) (n + 4B)
-  grows linearly with W. An all-gather's result holds all W blocks, the
-  device's own included: result = sent + received.
+  Each worker's message is its n int8 codes and B f32 norms (B buckets),
+  m = n + 4B bytes. All-gathering them delivers W m bytes to every device
+  (result), of which (W - 1) m come from the others (received); and every
+  message must reach W - 1 devices, so each device also transmits (W - 1) m
+  (directly or forwarded along a ring). Both grow linearly with W, where an
+  all-reduce of the same codes would stay at about 2 m.
 
   Args:
     sizes: element counts of the gradient leaves.
     num_workers: W.
     granularity, bucket_bytes: as for ``qsgd`` (they set B).
-    dtypes: the leaves' dtypes (bucketing keeps one dtype per bucket);
-      float32 if None.
+    dtypes: the leaves' dtypes (a bucket holds one dtype); float32 if None.
   """
   dtypes = dtypes or [np.float32] * len(sizes)
   leaves = [jax.ShapeDtypeStruct((int(n),), d) for n, d in zip(sizes, dtypes)]
   buckets = bucketing.plan_buckets(leaves, bucket_bytes=bucket_bytes,
                                    per_leaf=granularity == "leaf")
-  n = sum(b.size for b in buckets)
-  sent = n + 4 * len(buckets) if buckets else 0
-  received = (num_workers - 1) * sent
-  return WireBytes(sent=sent, received=received, result=sent + received)
+  message = sum(b.size for b in buckets) + 4 * len(buckets)
+  others = float((num_workers - 1) * message)
+  return WireBytes(sent=others, received=others, result=num_workers * message)
 
 
 def _local_norm(flat: jax.Array, norm: str) -> jax.Array:
