@@ -75,8 +75,8 @@ def orthogonalize(matrices: jax.Array, epsilon: float = DEFAULT_EPSILON
   return out.reshape(batch + (n, r))
 
 
-def refresh_zero_columns(matrices: jax.Array, key: jax.Array) -> jax.Array:
-  """Replaces all-zero columns by N(0, 1) draws from the (shared) ``key``.
+def refresh_zero_columns(matrices: jax.Array, fresh: jax.Array) -> jax.Array:
+  """Replaces all-zero columns by those of ``fresh`` (shared N(0, 1) draws).
 
   A warm-started factor becomes zero after a step whose gradient was zero
   (a frozen or unused layer). Orthonormalising zero gives zero, so the
@@ -85,6 +85,5 @@ def refresh_zero_columns(matrices: jax.Array, key: jax.Array) -> jax.Array:
   step, restarts it (spec §6.2: "or re-draw zero columns"). Columns with any
   non-zero entry pass through untouched, so a live factor is bit-identical.
   """
-  fresh = jax.random.normal(key, matrices.shape, matrices.dtype)
   dead = jnp.all(matrices == 0, axis=-2, keepdims=True)
   return jnp.where(dead, fresh, matrices)

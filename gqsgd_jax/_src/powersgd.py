@@ -38,7 +38,7 @@ from gqsgd_jax._src import orthogonalize as orth
 from gqsgd_jax._src import prng
 
 # Streams of the shared key (fold_in tags), so draws never collide.
-_INIT_Q, _FRESH_Q, _REDRAW_Q, _REDRAW_P = range(4)
+_INIT_Q, _DRAWS = range(2)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -131,12 +131,33 @@ def psum_packed(arrays, axis_name) -> list[jax.Array]:
   return out
 
 
+def split_draw(flat: jax.Array, shapes) -> list[jax.Array]:
+  """Slices one flat draw into arrays of the given shapes."""
+  sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+  offsets = np.cumsum([0] + sizes)
+  return [flat[offsets[i]:offsets[i + 1]].reshape(s)
+          for i, s in enumerate(shapes)]
+
+
+def draw_uniform(key: jax.Array, shapes) -> list[jax.Array]:
+  """f32 U[-1, 1) arrays of the given shapes, for per-step draws.
+
+  One generator call per step keeps the program small. Uniform rather than
+  normal: a start column only has to be generic (almost surely not
+  orthogonal to the subspace sought), and XLA copies the normal sampler's
+  inverse-erf polynomial into every consumer, which multiplies compile time.
+  """
+  total = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
+  flat = jax.random.uniform(key, (total,), jnp.float32, -1.0, 1.0)
+  return split_draw(flat, shapes)
+
+
 def initial_qs(mats: list[Matrix], key: jax.Array) -> tuple:
   """N(0, 1) starting Qs from the shared key (same on every worker)."""
-  return tuple(
-      jax.random.normal(prng.fold(key, _INIT_Q, j), (mat.m, mat.r),
-                        jnp.float32)
-      for j, mat in enumerate(mats))
+  shapes = [(mat.m, mat.r) for mat in mats]
+  total = sum(mat.m * mat.r for mat in mats)
+  flat = jax.random.normal(prng.fold(key, _INIT_Q), (total,), jnp.float32)
+  return tuple(split_draw(flat, shapes))
 
 
 def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
@@ -166,17 +187,22 @@ def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
   def masked(a, mask):
     return a if mask is None else a * mask
 
+  # Fresh Qs (no warm start) or replacements for dead columns of Q and P.
+  shapes = []
+  for ids in groups:
+    mat = mats[ids[0]]
+    shapes += [(len(ids), mat.m, mat.r), (len(ids), mat.n, mat.r)]
+  noise = draw_uniform(prng.fold(key, _DRAWS, count), shapes)
+
   xg, pg, mg = [], [], []
   for g, ids in enumerate(groups):
     mat = mats[ids[0]]
     x = stack(xs, ids)
     mask = None if masks is None else stack(masks, ids)[:, None, :]
     if warm_start:
-      q = orth.refresh_zero_columns(stack(qs, ids),
-                                    prng.fold(key, _REDRAW_Q, count, g))
+      q = orth.refresh_zero_columns(stack(qs, ids), noise[2 * g])
     else:
-      q = jax.random.normal(prng.fold(key, _FRESH_Q, count, g),
-                            (len(ids), mat.m, mat.r), jnp.float32)
+      q = noise[2 * g]
     q = masked(orth.orthogonalize(masked(q, mask), epsilon), mask)
     xg.append(x)
     mg.append(mask)
@@ -186,8 +212,7 @@ def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
   pg = psum_packed(pg, axis_name)
   qg = []
   for g, ids in enumerate(groups):
-    p = orth.refresh_zero_columns(pg[g].astype(jnp.float32),
-                                  prng.fold(key, _REDRAW_P, count, g))
+    p = orth.refresh_zero_columns(pg[g].astype(jnp.float32), noise[2 * g + 1])
     p = masked(orth.orthogonalize(masked(p, mg[g]), epsilon), mg[g])
     pg[g] = p
     q = jnp.matmul(jnp.swapaxes(xg[g], 1, 2), p, precision=_HIGHEST)
