@@ -278,10 +278,9 @@ def select(v: jax.Array, layout: JointSQLayout, key=None, *,
 
 def _ranks(cls: jax.Array) -> jax.Array:
   """Each element's rank among the elements of its class (index order)."""
-  rank = jnp.zeros_like(cls)
-  for c in (1, 2, 3):
-    rank = jnp.where(cls == c, jnp.cumsum(cls == c) - 1, rank)
-  return rank
+  onehot = cls[:, None] == jnp.arange(4, dtype=cls.dtype)[None, :]
+  running = jnp.cumsum(onehot, axis=0, dtype=jnp.int32)  # one scan
+  return jnp.take_along_axis(running, cls[:, None], axis=1)[:, 0] - 1
 
 
 def _region_offsets(counts):
@@ -329,7 +328,9 @@ def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
   v = v.reshape(-1).astype(jnp.float32)
   finite = jnp.isfinite(v)
   v = jnp.where(finite, v, 0.0)
-  sel_key, dither_key = jax.random.split(key)
+  # One draw for all seeds: the sampling key and one dither seed per class.
+  seeds = jax.random.bits(key, (4, 2), jnp.uint32)
+  sel_key = seeds[3]
   cls = select(v, layout, sel_key, selection=selection,
                sample_ratio=sample_ratio)
   rank = _ranks(cls)
@@ -349,7 +350,7 @@ def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
     s = levels(bits)
     ok = norm >= _TINY  # empty or all-zero class: codes 0, no 0/0
     codes = ops.quantize(buf, jnp.where(ok, s / jnp.where(ok, norm, 1.0), 0.),
-                         ops.seed_from_key(jax.random.fold_in(dither_key, c)),
+                         seeds[c - 1],
                          levels=s, bits=bits, impl=impl)
     regions.append(codes)
     vals[c] = ops.dequantize(codes, jnp.where(ok, norm / s, 0.0), n=cap,
