@@ -262,10 +262,13 @@ def test_torch_parity_of_the_whole_reduction(num_workers):
   torch = pytest.importorskip("torch")
   import torch_parity_test as tp  # pylint: disable=g-import-not-at-top
   import torch_reference as ref  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  grid, bits = tp._grid_gradient, tp._bits
+  exp_uniforms, reduce_uniforms = tp._exp_uniforms, tp._reduce_uniforms
+  # pylint: enable=protected-access
   n, norm = 1001, 2.0**-3
   rng = np.random.default_rng(num_workers)
-  g = np.stack([tp._grid_gradient(rng, n, norm)  # pylint: disable=protected-access
-                for _ in range(num_workers)])
+  g = np.stack([grid(rng, n, norm) for _ in range(num_workers)])
   tx = _tx(impl="xla")
   state = tx.init(None)
   per_worker, _ = sharded_update(tx, jnp.asarray(g), state)
@@ -276,7 +279,7 @@ def test_torch_parity_of_the_whole_reduction(num_workers):
   for i in range(num_workers):
     seed = ops.seed_from_key(prng.fold(step_key, 0, 0, i))
     v = torch.from_numpy(g[i]) / (2 * num_workers * norm)
-    codes = ref.exp_compress(v, tp._exp_uniforms(seed, n))  # pylint: disable=protected-access
+    codes = ref.exp_compress(v, exp_uniforms(seed, n))
     chunks.append(torch.cat([codes, torch.zeros((-n) % num_workers,
                                                 dtype=torch.uint8)]))
   levels = num_workers.bit_length() - 1
@@ -288,8 +291,8 @@ def test_torch_parity_of_the_whole_reduction(num_workers):
       keep = chunks[i][bit * half:(bit + 1) * half]
       theirs = chunks[i ^ (1 << level)][bit * half:(bit + 1) * half]
       seed = ops.seed_from_key(prng.fold(node_key, level + 1, i))
-      r0 = tp._bits(seed, half, 0)  # pylint: disable=protected-access
-      new.append(ref.exp_reduce(keep, theirs, tp._reduce_uniforms(r0)))  # pylint: disable=protected-access
+      new.append(ref.exp_reduce(keep, theirs,
+                                reduce_uniforms(bits(seed, half, 0))))
     chunks = new
   # Worker i ends with block bitreverse(i) of the buffer.
   root = torch.cat([chunks[_bit_reverse(j, levels)]

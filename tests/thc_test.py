@@ -410,7 +410,8 @@ def test_hlo_wire_bytes_match_the_formula(num_workers, levels, granularity):
 # Bad input.
 
 
-def test_zeros_nonfinite_empty_scalar_and_dtypes():
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_zeros_nonfinite_empty_scalar_and_dtypes(mode):
   w = 4
   grads = {
       "zeros": jnp.zeros((w, 9)),
@@ -424,8 +425,9 @@ def test_zeros_nonfinite_empty_scalar_and_dtypes():
   }
   # One buffer per leaf, so a non-finite leaf only poisons its own buffer.
   tx = thc_lib.thc(granularity="leaf")
-  state = _init(tx, _local(grads), w)
-  out, new_state = _update(tx, grads, state)
+  state = _init(tx, _local(grads), w, mode)
+  out, new_state = _update(tx, grads, state, mode)
+  assert_replicas_equal(out)
   out = jax.tree.map(lambda x: np.asarray(x[0]), out)
   assert np.array_equal(out["zeros"], np.zeros(9)) and not np.signbit(
       out["zeros"]).any()
@@ -445,7 +447,7 @@ def test_zeros_nonfinite_empty_scalar_and_dtypes():
   for name in ("nan", "inf", "zeros"):
     assert np.array_equal(errors[name], np.zeros_like(errors[name])), name
   grads["nan"] = jnp.ones((w, 5))
-  again, _ = _update(tx, grads, new_state)
+  again, _ = _update(tx, grads, new_state, mode)
   assert np.all(np.isfinite(np.asarray(again["nan"])))
 
 
