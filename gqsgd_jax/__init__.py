@@ -10,6 +10,8 @@ from gqsgd_jax._src.ffi import HAS_CUDA
 from gqsgd_jax._src.global_quantize import global_quantize
 from gqsgd_jax._src.global_quantize import GlobalQuantizeState
 from gqsgd_jax._src.hlo import wire_report
+from gqsgd_jax._src.nonfinite import apply_if_finite
+from gqsgd_jax._src.nonfinite import ApplyIfFiniteState
 from gqsgd_jax._src.hlo import WireReport
 from gqsgd_jax._src.ops import average
 from gqsgd_jax._src.ops import dequantize
@@ -22,11 +24,13 @@ from gqsgd_jax._src.ops import seed_from_key
 __version__ = "0.1.0"
 
 __all__ = (
+    "ApplyIfFiniteState",
     "GlobalQuantizeState",
     "HAS_CPU",
     "HAS_CUDA",
     "PsumMeanState",
     "WireReport",
+    "apply_if_finite",
     "average",
     "dequantize",
     "exp_decode",

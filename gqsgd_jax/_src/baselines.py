@@ -13,6 +13,18 @@ class PsumMeanState(NamedTuple):
   """``psum_mean`` is stateless."""
 
 
+def _cast_saturating(x, dtype):
+  """Casts to dtype; finite values beyond its range (rounding in a wider
+  wire format, e.g. f16 65504 -> bf16 65536) saturate instead of becoming
+  inf. Infinities and NaNs pass through."""
+  if jnp.dtype(x.dtype) == jnp.dtype(dtype):
+    return x
+  big = float(jnp.finfo(dtype).max)
+  clipped = jnp.clip(x.astype(jnp.float32), -big, big)
+  return jnp.where(jnp.isfinite(x), clipped, x.astype(jnp.float32)).astype(
+      dtype)
+
+
 def psum_mean(*, axis_name="data", wire_dtype=None
               ) -> optax.GradientTransformation:
   """The workers' mean gradient by ``lax.psum`` (the f32/bf16 baseline).
@@ -34,9 +46,11 @@ def psum_mean(*, axis_name="data", wire_dtype=None
     del params
     num_workers = collectives.axis_size(axis_name)
     leaves, treedef = jax.tree.flatten(updates)
-    sent = [x if wire is None else x.astype(wire) for x in leaves]
+    # Divide before summing (as DDP does): the sum of W finite values near
+    # the dtype's max would overflow, their mean cannot.
+    sent = [(x / num_workers).astype(wire or x.dtype) for x in leaves]
     summed = jax.lax.psum(sent, axis_name)  # one all-reduce for all leaves
-    means = [(s / num_workers).astype(x.dtype) for s, x in zip(summed, leaves)]
+    means = [_cast_saturating(s, x.dtype) for s, x in zip(summed, leaves)]
     return jax.tree.unflatten(treedef, means), state
 
   return optax.GradientTransformation(init_fn, update_fn)

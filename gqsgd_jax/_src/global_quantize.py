@@ -47,6 +47,11 @@ MAX_BUTTERFLY_WORKERS = 128
 # scale and decoded step a normal float32, where XLA:CPU (flush-to-zero) and
 # CUDA (subnormals) compute the same bits.
 _TINY = 2.0**-100
+# Exponential dithering scales by 2^(D+1) M with a single multiply: above
+# this max-abs, 1 / (2^(D+1) M) leaves the normal float32 range. Such a
+# bucket decodes to NaN (an overflow signal that apply_if_finite can skip),
+# never to silently wrong numbers.
+_EXP_HUGE = 2.0**100
 
 
 class GlobalQuantizeState(NamedTuple):
@@ -128,7 +133,8 @@ def _exponential_mean(flat, global_max, seed, node_key, *, floor_code,
   # two with a tree, B-GQ-3).
   depth = collectives.tree_depth(num_workers)
   headroom = float(2**(depth + 1))
-  ok = jnp.isfinite(global_max) & (global_max >= _TINY)
+  in_range = jnp.isfinite(global_max) & (global_max <= _EXP_HUGE)
+  ok = in_range & (global_max >= _TINY)
   scale = jnp.where(ok, 1.0 / (headroom * global_max), 0.0)
   codes = ops.exp_encode(flat, scale, seed, floor_code=floor_code, impl=impl)
   worker = jax.lax.axis_index(axis_name)
@@ -141,7 +147,7 @@ def _exponential_mean(flat, global_max, seed, node_key, *, floor_code,
   root = collectives.butterfly_allreduce(codes, combine, axis_name=axis_name,
                                          num_workers=num_workers)
   dec = jnp.where(ok, headroom * global_max / num_workers, 0.0)
-  dec = jnp.where(jnp.isfinite(global_max), dec, jnp.nan)
+  dec = jnp.where(in_range, dec, jnp.nan)
   return ops.exp_decode(root, dec, impl=impl)
 
 

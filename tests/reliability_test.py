@@ -1,0 +1,251 @@
+"""Reliability across every transform: checkpoint/restore, determinism,
+apply_if_finite, and property-based bad input (hypothesis)."""
+
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import gqsgd_jax
+from _methods import METHODS
+from _methods import STOCHASTIC
+from _utils import assert_trees_bitwise_equal
+from _utils import data_mesh
+
+
+def _problem(num_workers):
+  """Per-worker least-squares data and initial params (mixed dtypes)."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(42))
+  a = jax.random.normal(k1, (num_workers, 16, 12))
+  b = jax.random.normal(k2, (num_workers, 16))
+  params = {"w": jnp.zeros((12,)), "scale": jnp.ones((), jnp.bfloat16),
+            "m": jnp.zeros((12, 3), jnp.float16)}
+  return params, a, b
+
+
+def _loss(params, a, b):
+  w = params["w"] + params["m"].astype(jnp.float32).sum(1)
+  return 0.5 * jnp.mean((a @ w * params["scale"].astype(jnp.float32) - b)**2)
+
+
+@functools.cache
+def _train_fn(method, num_workers, steps):
+  """A jitted shard_map that runs ``steps`` SGD steps with the method."""
+  tx = optax.chain(METHODS[method](), optax.sgd(0.05))
+  mesh = data_mesh(num_workers)
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                 out_specs=(P(), P()))
+  def run(params, state, a, b):
+    def body(carry, _):
+      params, state = carry
+      grads = jax.grad(_loss)(gqsgd_jax.varying(params, "data"), a[0], b[0])
+      updates, state = tx.update(grads, state, params)
+      return (optax.apply_updates(params, updates), state), None
+    (params, state), _ = jax.lax.scan(body, (params, state), None,
+                                      length=steps)
+    return params, state
+
+  return tx, run
+
+
+@pytest.mark.parametrize("num_workers", [1, 4], ids=["1dev", "4dev"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, method,
+                                                 num_workers):
+  params, a, b = _problem(num_workers)
+  tx, run3 = _train_fn(method, num_workers, 3)
+  state = tx.init(params)
+  # Uninterrupted: 3 + 3 steps.
+  p1, s1 = run3(params, state, a, b)
+  p_ref, s_ref = run3(p1, s1, a, b)
+  # Interrupted: save after 3 steps, restore into a fresh process state.
+  ckpt = ocp.StandardCheckpointer()
+  path = tmp_path / "ckpt"
+  ckpt.save(path, {"params": p1, "state": s1})
+  ckpt.wait_until_finished()
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                        {"params": p1, "state": s1})
+  restored = ckpt.restore(path, target)
+  assert jax.tree.structure(restored["state"]) == jax.tree.structure(s1)
+  p2, s2 = run3(restored["params"], restored["state"], a, b)
+  jax.block_until_ready((p2, s2))
+  assert_trees_bitwise_equal((p2, s2), (p_ref, s_ref))
+
+
+@pytest.mark.parametrize("method", sorted(STOCHASTIC))
+def test_same_key_same_run_different_key_different_run(method):
+  params, a, b = _problem(4)
+  tx, run = _train_fn(method, 4, 2)
+  first = run(params, tx.init(params), a, b)
+  again = run(params, tx.init(params), a, b)
+  assert_trees_bitwise_equal(first, again)
+  # A different key of the dither (state field "key" of the compressor).
+  state = tx.init(params)
+  other_key = jax.tree.map(
+      lambda x: x + 1 if x.dtype == jnp.uint32 and x.shape == (2,) else x,
+      state)
+  other = run(params, other_key, a, b)
+  assert not np.array_equal(np.asarray(other[0]["w"]),
+                            np.asarray(first[0]["w"]))
+
+
+def _guarded_step(tx, num_workers):
+  mesh = data_mesh(num_workers)
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P("data")),
+                 out_specs=(P(), P()))
+  def step(params, state, g):
+    updates, state = tx.update(jax.tree.map(lambda x: x[0], g), state,
+                               params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+_GOOD = {"w": jnp.tile(jnp.linspace(-1, 1, 10), (4, 1))}
+_BAD = {"w": _GOOD["w"].at[1, 3].set(jnp.nan)}  # one worker, one value
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_apply_if_finite_skips_bad_steps_without_corrupting_state(method):
+  tx = gqsgd_jax.apply_if_finite(
+      optax.chain(METHODS[method](), optax.sgd(0.1)), max_consecutive_errors=3)
+  step = _guarded_step(tx, 4)
+  params = {"w": jnp.ones(10)}
+  state = tx.init(params)
+  p_good, s_good = step(params, state, _GOOD)
+  p_bad, s_bad = step(params, state, _BAD)
+  # All workers skip the bad step: nothing changes but the counters...
+  assert_trees_bitwise_equal(p_bad, params)
+  assert_trees_bitwise_equal(s_bad.inner_state, state.inner_state)
+  assert int(s_bad.notfinite_count) == 1 and not bool(s_bad.last_finite)
+  # ... so a good step after it is exactly the good step from the start.
+  p_after, s_after = step(p_bad, s_bad, _GOOD)
+  assert_trees_bitwise_equal(p_after, p_good)
+  assert_trees_bitwise_equal(s_after.inner_state, s_good.inner_state)
+  assert int(s_after.notfinite_count) == 0
+  assert int(s_after.total_notfinite) == 1
+
+
+def test_optax_apply_if_finite_after_the_compressor_is_safe():
+  # On the mean gradient (identical everywhere) optax's own wrapper works:
+  # the compressor turns one worker's NaN into NaN on every worker.
+  tx = optax.chain(gqsgd_jax.global_quantize(bits=4),
+                   optax.apply_if_finite(optax.sgd(0.1), 3))
+  step = _guarded_step(tx, 4)
+  params = {"w": jnp.ones(10)}
+  p_bad, s_bad = step(params, tx.init(params), _BAD)
+  assert_trees_bitwise_equal(p_bad, params)
+  assert int(s_bad[1].notfinite_count) == 1
+
+
+def test_apply_if_finite_gives_up_after_max_consecutive_errors():
+  tx = gqsgd_jax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=1)
+  step = _guarded_step(optax.chain(gqsgd_jax.psum_mean(), tx), 4)
+  params = {"w": jnp.ones(10)}
+  state = optax.chain(gqsgd_jax.psum_mean(), tx).init(params)
+  p1, state = step(params, state, _BAD)
+  assert_trees_bitwise_equal(p1, params)
+  p2, state = step(p1, state, _BAD)  # second in a row: applied anyway
+  assert np.isnan(np.asarray(p2["w"])).any()
+  with pytest.raises(ValueError, match="max_consecutive_errors"):
+    gqsgd_jax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=-1)
+
+
+# ---------------------------------------------------------------------------
+# Property-based bad input: fixed shapes (one compile per method and dtype),
+# values drawn from NaN, ±Inf, subnormals, huge, zeros and mixtures.
+
+_FUZZ_WORKERS = 2
+_SHAPES = {"a": (9,), "b": (2, 3), "c": ()}
+_SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -1e-45, 3e38, -3e38,
+            1e-30, 65504.0, 1.0, -2.5]
+
+
+@functools.cache
+def _fuzz_step(method, dtype):
+  tx = METHODS[method]()
+  mesh = data_mesh(_FUZZ_WORKERS)
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
+  def step(g, state):
+    updates, _ = tx.update(jax.tree.map(lambda x: x[0], g), state)
+    return jax.tree.map(lambda x: x[None], updates)
+
+  params = {k: jnp.zeros(s, dtype) for k, s in _SHAPES.items()}
+  return step, tx.init(params)
+
+
+def _values(dtype):
+  finfo = np.finfo(dtype)
+  with np.errstate(over="ignore"):
+    special = [v for v in _SPECIAL if not np.isfinite(v) or abs(v) <= finfo.max]
+  special = [v for v in special if v == 0 or not np.isfinite(v)
+             or abs(v) >= finfo.smallest_subnormal]
+  return st.one_of(st.sampled_from(special),
+                   st.floats(-float(finfo.max), float(finfo.max),
+                             width=32 if dtype == np.float32 else 16,
+                             allow_subnormal=True))
+
+
+@st.composite
+def _gradients(draw, dtype):
+  out = {}
+  for name, shape in _SHAPES.items():
+    full = (_FUZZ_WORKERS,) + shape
+    kind = draw(st.sampled_from(["any", "zeros", "finite"]))
+    if kind == "zeros":
+      out[name] = np.zeros(full, dtype)
+    elif kind == "finite":
+      out[name] = draw(hnp.arrays(dtype, full, elements=st.floats(
+          -1e4, 1e4, width=16 if dtype == np.float16 else 32)))
+    else:
+      out[name] = draw(hnp.arrays(dtype, full, elements=_values(dtype)))
+  return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16],
+                         ids=["f32", "f16"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
+                     suppress_health_check=[
+                         hypothesis.HealthCheck.too_slow,
+                         hypothesis.HealthCheck.data_too_large])
+@hypothesis.given(data=st.data())
+def test_fuzzed_gradients(method, dtype, data):
+  step, state = _fuzz_step(method, dtype)
+  grads = data.draw(_gradients(dtype))
+  out = jax.tree.map(np.asarray, step(grads, state))
+  flat = np.concatenate([np.ravel(x).astype(np.float64)
+                         for x in grads.values()])
+  all_finite = np.all(np.isfinite(flat))
+  # All leaves share one bucket (one dtype, far below bucket_bytes).
+  overflow = (method == "gq_exponential" and all_finite
+              and np.abs(flat).max() > 2.0**100)
+  for name, g in grads.items():
+    o = out[name]
+    assert o.dtype == g.dtype and o.shape == g.shape
+    # Every worker holds the same bits.
+    assert np.array_equal(o[0].reshape(-1).view(np.uint8),
+                          o[-1].reshape(-1).view(np.uint8))
+    if not np.all(np.isfinite(g)):
+      # Non-finite in -> non-finite out, never laundered into numbers.
+      assert not np.all(np.isfinite(o[0])), (name, g, o)
+    elif overflow:
+      assert np.all(np.isnan(o[0]))  # documented overflow signal
+    elif all_finite:
+      assert np.all(np.isfinite(o[0])), (name, g, o)
+      if not np.any(g) and not np.any(flat):
+        assert not np.any(o[0]), (name, o)  # zeros in -> exact zeros out
