@@ -7,10 +7,16 @@ per device under pmap), and every step also returns each worker's copy of
 the updates and of the state, for bitwise replica checks.
 """
 
+import math
+
+from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
+
+import gqsgd_jax
 
 from gqsgd_jax._src.worker_state import worker_state_specs
 from _utils import data_mesh
@@ -85,6 +91,75 @@ def stacked(rng, shapes: dict, num_workers: int, scale=1.0) -> dict:
 
 def zeros_like_params(shapes: dict) -> dict:
   return {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+
+
+def low_rank_steps(shapes, compressed, seed, num_workers, rank):
+  """Per-worker gradients, full rank each, whose mean has rank <= ``rank``.
+
+  Each layer's mean stays in fixed rank-r column and row spaces with new
+  coefficients every step (as warm start assumes), with singular values 1..2
+  times the noise's entry scale: well-conditioned, so "exact" means fp32.
+  """
+  rng = np.random.default_rng(seed)
+  bases = {}
+  for name in compressed:
+    shape = shapes[name]
+    n, m = shape[0], int(np.prod(shape[1:]))
+    bases[name] = (np.linalg.qr(rng.standard_normal((n, rank)))[0],
+                   np.linalg.qr(rng.standard_normal((m, rank)))[0])
+  while True:
+    out = {}
+    for name, shape in shapes.items():
+      g = rng.standard_normal((num_workers,) + shape).astype(np.float32)
+      if name in compressed:
+        u, v = bases[name]
+        rot = [np.linalg.qr(rng.standard_normal((rank, rank)))[0]
+               for _ in range(2)]
+        sv = np.linspace(2, 1, rank) * math.sqrt(g[0].size / rank)
+        low = (u @ rot[0] * sv) @ (v @ rot[1]).T
+        g = g - g.mean(axis=0, keepdims=True)  # zero-mean noise
+        g = g + low.reshape(shape).astype(np.float32)
+      out[name] = g
+    yield out
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(64, 256, rngs=rngs)
+    self.out = nnx.Linear(256, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
+def compiled_flax_step(compressor, workers=8):
+  """A compiled Flax/optax data-parallel step under shard_map.
+
+  The MLP has kernels 64 x 256 and 256 x 10 and biases of 256 and 10.
+  """
+  graphdef, params = nnx.split(Mlp(nnx.Rngs(0)), nnx.Param)
+  tx = optax.chain(compressor, optax.sgd(0.1))
+  mesh = data_mesh(workers)
+  specs = worker_state_specs(jax.eval_shape(tx.init, params))
+  opt_state = jax.eval_shape(jax.jit(jax.shard_map(
+      tx.init, mesh=mesh, in_specs=P(), out_specs=specs)), params)
+
+  def loss_fn(params, x, y):
+    logits = nnx.merge(graphdef, params)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
+                 out_specs=(P(), specs))
+  def step(params, opt_state, x, y):
+    grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  x = jax.ShapeDtypeStruct((workers * 4, 64), jnp.float32)
+  y = jax.ShapeDtypeStruct((workers * 4,), jnp.int32)
+  return step.lower(params, opt_state, x, y).compile()
 
 
 # -----------------------------------------------------------------------------

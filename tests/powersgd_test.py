@@ -2,7 +2,6 @@
 
 import math
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -16,6 +15,8 @@ from gqsgd_jax._src import hlo
 from gqsgd_jax._src import orthogonalize as orth
 from gqsgd_jax._src import powersgd as psgd
 from gqsgd_jax._src.worker_state import worker_state_specs
+from _lowrank_utils import compiled_flax_step
+from _lowrank_utils import low_rank_steps
 from _lowrank_utils import np_orthogonalize
 from _lowrank_utils import np_power_round
 from _lowrank_utils import Runner
@@ -29,36 +30,6 @@ from _utils import data_mesh
 SHAPES = {"conv": (8, 4, 3, 3), "w1": (24, 16), "w2": (24, 16), "b": (16,),
           "s": (), "small": (2, 2)}
 COMPRESSED = ("conv", "w1", "w2")
-
-
-def _low_rank_steps(seed, num_workers, rank, scale=1.0):
-  """Per-worker gradients, full rank each, whose mean has rank <= ``rank``.
-
-  Each layer's mean stays in fixed rank-r column and row spaces with new
-  coefficients every step (as warm start assumes), with singular values 1..2
-  times the noise's entry scale: well-conditioned, so "exact" means fp32.
-  """
-  rng = np.random.default_rng(seed)
-  bases = {}
-  for name in COMPRESSED:
-    shape = SHAPES[name]
-    n, m = shape[0], int(np.prod(shape[1:]))
-    bases[name] = (np.linalg.qr(rng.standard_normal((n, rank)))[0],
-                   np.linalg.qr(rng.standard_normal((m, rank)))[0])
-  while True:
-    out = {}
-    for name, shape in SHAPES.items():
-      g = rng.standard_normal((num_workers,) + shape).astype(np.float32)
-      if name in COMPRESSED:
-        u, v = bases[name]
-        rot = [np.linalg.qr(rng.standard_normal((rank, rank)))[0]
-               for _ in range(2)]
-        sv = np.linspace(2, 1, rank) * math.sqrt(g[0].size / rank)
-        low = (u @ rot[0] * sv) @ (v @ rot[1]).T
-        g = g - g.mean(axis=0, keepdims=True)  # zero-mean noise
-        g = g + low.reshape(shape).astype(np.float32)
-      out[name] = scale * g
-    yield out
 
 
 def _mean(g):
@@ -79,7 +50,7 @@ def test_exact_recovery_when_the_mean_has_rank_at_most_r(rank, warm_start):
   tx = psgd.powersgd(rank=rank, start_iter=0, warm_start=warm_start,
                      min_compression_rate=1)
   runner = Runner(tx, zeros_like_params(SHAPES), 4)
-  steps = _low_rank_steps(rank, 4, rank)
+  steps = low_rank_steps(SHAPES, COMPRESSED, rank, 4, rank)
   for _ in range(3):
     g = next(steps)
     out, _ = runner.step(g)
@@ -120,7 +91,7 @@ def test_zero_layers_give_no_nan_and_recover(rank, epsilon):
   tx = psgd.powersgd(rank=rank, start_iter=0, min_compression_rate=1,
                      orthogonalization_epsilon=epsilon)
   runner = Runner(tx, zeros_like_params(SHAPES), 2)
-  steps = _low_rank_steps(1, 2, rank)
+  steps = low_rank_steps(SHAPES, COMPRESSED, 1, 2, rank)
   for step in range(6):
     g = next(steps)
     if step < 3:  # w1 frozen, then live again
@@ -255,42 +226,6 @@ def test_converges_on_a_quadratic_with_error_feedback():
   np.testing.assert_allclose(params["w"], targets.mean(0), atol=1e-4)
 
 
-class _Mlp(nnx.Module):
-
-  def __init__(self, rngs):
-    self.hidden = nnx.Linear(64, 256, rngs=rngs)
-    self.out = nnx.Linear(256, 10, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(nnx.relu(self.hidden(x)))
-
-
-def _compiled_flax_step(compressor, workers=8):
-  """A Flax/optax data-parallel step under shard_map, compiled."""
-  graphdef, params = nnx.split(_Mlp(nnx.Rngs(0)), nnx.Param)
-  tx = optax.chain(compressor, optax.sgd(0.1))
-  mesh = data_mesh(workers)
-  specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  opt_state = jax.eval_shape(jax.jit(jax.shard_map(
-      tx.init, mesh=mesh, in_specs=P(), out_specs=specs)), params)
-
-  def loss_fn(params, x, y):
-    logits = nnx.merge(graphdef, params)(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
-                 out_specs=(P(), specs))
-  def step(params, opt_state, x, y):
-    grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  x = jax.ShapeDtypeStruct((workers * 4, 64), jnp.float32)
-  y = jax.ShapeDtypeStruct((workers * 4,), jnp.int32)
-  return step.lower(params, opt_state, x, y).compile()
-
-
 def _all_reduce_sizes(compiled):
   return sorted(c.elements for c in hlo.collectives(compiled.as_text())
                 if c.op == "all-reduce")
@@ -298,7 +233,7 @@ def _all_reduce_sizes(compiled):
 
 @pytest.mark.parametrize("rank", [1, 4])
 def test_wire_bytes_match_the_formula(rank):
-  compiled = _compiled_flax_step(psgd.powersgd(rank=rank, start_iter=0))
+  compiled = compiled_flax_step(psgd.powersgd(rank=rank, start_iter=0))
   # Kernels 64x256 and 256x10 are compressed, biases (256, 10) are not.
   mats = [(64, 256), (256, 10)]
   p = sum(n * rank for n, _ in mats)
@@ -315,12 +250,12 @@ def test_wire_bytes_with_warm_up_and_batched():
   n = 64 * 256 + 256 + 256 * 10 + 10
   # Both branches of the warm-up cond are in the program: the plain f32
   # mean (4 N bytes) and the compressed step.
-  compiled = _compiled_flax_step(psgd.powersgd(rank=1, start_iter=5))
+  compiled = compiled_flax_step(psgd.powersgd(rank=1, start_iter=5))
   assert gqsgd_jax.wire_report(compiled).total_bytes == 4 * (
       n + 64 + 256 + 256 + 10 + 266)
   # Batched: one bucket, a side x side square, P and Q of side x r.
   side = math.isqrt(n - 1) + 1
-  compiled = _compiled_flax_step(psgd.powersgd(rank=2, start_iter=0,
+  compiled = compiled_flax_step(psgd.powersgd(rank=2, start_iter=0,
                                                batched=True))
   assert _all_reduce_sizes(compiled) == [2 * side, 2 * side]
   assert gqsgd_jax.wire_report(compiled).total_bytes == 4 * 2 * side * 2
