@@ -70,6 +70,14 @@ GQSGD_HD float ToFloat(F16 x) {
   return BitsFloat(exp == 0 ? sub_bits : (exp == 0x1fu ? inf_nan : normal));
 }
 
+// c ? a : b as bit masks. The selects of the kernels use it where GCC would
+// otherwise not vectorize (it fails on selects between booleans of different
+// widths, then emits branches that mispredict on random bits).
+GQSGD_HD uint32_t Select(bool c, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  return (a & mask) | (b & ~mask);
+}
+
 // ---------------------------------------------------------------------------
 // Counter-based random bits.
 //
@@ -137,11 +145,17 @@ GQSGD_HD int32_t StochasticRound(float x, float scale, int32_t levels,
 // of two non-negative integer codes, with integers only. Exact probability
 // up to 2^-24: P(up) = ceil(rem * 2^24 / den) / 2^24. Needs den <= 128 so
 // that the products fit 32 bits (checked by the handlers).
+// The floor num / den is computed in float, which vectorizes (integer
+// division does not): with num <= 128 * 255 < 2^15 and den <= 128 a
+// non-integer quotient lies >= 1/128 from the next integer, more than the
+// quotient's rounding error (<= 2^-10), so truncation gives the exact floor
+// (checked exhaustively).
 GQSGD_HD uint32_t RoundedAverage(uint32_t a, uint32_t b, uint32_t n_a,
                                  uint32_t n_b, uint32_t random) {
   const uint32_t num = n_a * a + n_b * b;
   const uint32_t den = n_a + n_b;
-  const uint32_t fl = num / den;
+  const uint32_t fl = static_cast<uint32_t>(static_cast<int32_t>(
+      static_cast<float>(static_cast<int32_t>(num)) / static_cast<float>(static_cast<int32_t>(den))));
   const uint32_t rem = num - fl * den;
   return fl + (((random >> 8) * den) < (rem << 24) ? 1u : 0u);
 }
@@ -167,14 +181,14 @@ GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
   uint32_t mag = u & 0x7fffffffu;
   const bool is_nan = mag > 0x7f800000u;
   mag = mag > 0x3f000000u ? 0x3f000000u : mag;  // clamp |v| <= 1/2
-  const int32_t ef_v = static_cast<int32_t>(mag >> 23);
+  const uint32_t ef_v = mag >> 23;
   const uint32_t u64 = FloatBits((x * 18446744073709551616.0f) * scale) & 0x7fffffffu;
-  const int32_t ef64 = static_cast<int32_t>(u64 >> 23);
+  const uint32_t ef64 = u64 >> 23;
   // |v| = (1 + m / 2^23) * 2^(ef - 127), with ef <= 0 read from v * 2^64.
   const bool use64 = ef_v == 0;
-  const bool lost = use64 && (ef64 == 0 || ef64 == 0xff);  // < 2^-190 or inf
-  const int32_t ef = use64 ? ef64 - 64 : ef_v;
-  const uint32_t m = use64 ? (u64 & 0x7fffffu) : (mag & 0x7fffffu);
+  const bool lost = use64 & ((ef64 == 0) | (ef64 == 0xff));  // < 2^-190 or inf
+  const int32_t ef = static_cast<int32_t>(Select(use64, ef64 - 64u, ef_v));
+  const uint32_t m = Select(use64, u64, mag) & 0x7fffffu;
   // Normal path.
   const int32_t code_normal = 127 - ef - ((random >> 9) < m ? 1 : 0);
   // Floor path: |v| * 2^c = (m | 2^23) * 2^-sh with sh >= 24.
@@ -187,10 +201,11 @@ GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
   const int32_t sh_right = sh - 32;
   const uint32_t left = mant << (sh_left < 0 ? 0 : (sh_left > 31 ? 31 : sh_left));
   const uint32_t right = mant >> (sh_right < 0 ? 0 : (sh_right > 31 ? 31 : sh_right));
-  const uint32_t p32 = sh <= 32 ? left : (sh_right < 32 ? right : 0u);
-  const int32_t code_small = random < p32 ? floor_code : 0;
-  const int32_t code = (is_nan || lost) ? 0 : (small ? code_small : code_normal);
-  return static_cast<uint8_t>(code == 0 ? 0u : (static_cast<uint32_t>(code) | sign));
+  const uint32_t p32 = Select(sh <= 32, left, Select(sh_right < 32, right, 0u));
+  const uint32_t code_small = Select(random < p32, static_cast<uint32_t>(floor_code), 0u);
+  const uint32_t code =
+      Select(is_nan | lost, 0u, Select(small, code_small, static_cast<uint32_t>(code_normal)));
+  return static_cast<uint8_t>(Select(code == 0, 0u, code | sign));
 }
 
 // Decodes a byte to ±2^-e * scale by exponent arithmetic (no ldexpf).
