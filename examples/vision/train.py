@@ -156,13 +156,8 @@ def eval_sums(graphdef, params, batch):
 
 def evaluate(eval_step, params, x, y, mesh) -> dict:
   """Test loss and accuracy, the test set padded to a multiple of W."""
-  w = mesh.devices.size
-  pad = (-len(x)) % w
-  weight = np.concatenate([np.ones(len(x), np.float32),
-                           np.zeros(pad, np.float32)])
-  x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-  y = np.concatenate([y, np.zeros(pad, y.dtype)])
-  sums = jax.device_get(eval_step(params, common.shard((x, y, weight), mesh)))
+  (x, y), weight = common.pad_rows((x, y), mesh.devices.size)
+  sums = common.to_host(eval_step(params, common.shard((x, y, weight), mesh)))
   sums = {k: float(np.sum(v)) for k, v in sums.items()}
   return {"test_loss": sums["loss"] / sums["count"],
           "test_accuracy": sums["correct"] / sums["count"]}
@@ -170,22 +165,21 @@ def evaluate(eval_step, params, x, y, mesh) -> dict:
 
 def make_optimizer(config: default.Config) -> optax.GradientTransformation:
   """The compressor first (local -> mean gradient), then SGD with momentum."""
-  compressor = common.make_compressor(config.compressor, config.bits,
-                                      seed=config.seed,
-                                      reduction=config.reduction)
   schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
-  return optax.chain(compressor, optax.sgd(schedule, momentum=config.momentum))
+  return common.make_optimizer(config.compressor, config.bits, "sgd",
+                               schedule, momentum=config.momentum,
+                               seed=config.seed, reduction=config.reduction)
 
 
 def train_and_evaluate(config: default.Config) -> dict:
   """Trains the ResNet and returns its final metrics and wire bytes.
 
   Writes the JSON log (config, wire bytes, history, final metrics) to
-  ``config.log`` if set.
+  ``config.log`` if set (process 0 of a multi-process run).
   """
   start = time.perf_counter()
-  workers = config.workers or len(jax.devices())
-  mesh = common.make_mesh(workers)
+  mesh = common.make_mesh(config.workers)
+  workers = mesh.devices.size
   if config.batch_size % workers:
     raise ValueError(f"batch_size {config.batch_size} is not a multiple of "
                      f"{workers} workers")
@@ -202,48 +196,22 @@ def train_and_evaluate(config: default.Config) -> dict:
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(config)
   params = common.replicate(params, mesh)
-  opt_state = common.replicate(tx.init(params), mesh)
+  opt_state, state_mask = common.init_opt_state(tx, params, mesh)
 
   train_step = common.make_train_step(
-      lambda p, b: loss_fn(graphdef, p, b), tx, mesh)
+      lambda p, b: loss_fn(graphdef, p, b), tx, mesh, state_mask)
   eval_step = common.make_eval_step(
       lambda p, b: eval_sums(graphdef, p, b), mesh)
 
   rng = np.random.default_rng(config.seed)
-  stream = batches(data.x_train, data.y_train, config.batch_size, rng)
-  first = common.shard(next(stream), mesh)
-  # Compile once, read the wire bytes off that executable, and run it.
-  compiled = train_step.lower(params, opt_state, first).compile()
-  wire = common.wire_summary(compiled)
-  num_params = common.num_elements(params)
-
   name = common.method_name(config.compressor, config.bits)
-  history = []
-  bar = common.progress(range(1, config.steps + 1), total=config.steps,
-                        desc=name, enabled=config.progress)
-  batch = first
-  for step in bar:
-    params, opt_state, metrics = compiled(params, opt_state, batch)
-    # Blocking every step keeps simulated CPU devices in lockstep: an
-    # unbounded queue of collectives can time out in XLA's rendezvous.
-    jax.block_until_ready((params, opt_state, metrics))
-    metrics = jax.device_get(metrics)
-    record = {"step": step, "train_loss": float(np.mean(metrics["loss"])),
-              "train_accuracy": float(np.mean(metrics["accuracy"]))}
-    if step % config.eval_every == 0 or step == config.steps:
-      record.update(evaluate(eval_step, params, data.x_test, data.y_test,
-                             mesh))
-    history.append(record)
-    bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-    if step < config.steps:
-      batch = common.shard(next(stream), mesh)
-
-  final = dict(history[-1])
-  final.update(workers=workers, num_params=num_params,
-               wall_time_s=time.perf_counter() - start, **wire)
-  if config.log:
-    common.write_log(config.log, {
-        "example": "vision", "name": name, "config": dataclasses.asdict(config),
-        "backend": jax.default_backend(), "wire": wire, "history": history,
-        "final": final})
-  return final
+  params, _, history, wire = common.train_loop(
+      train_step, params, opt_state,
+      batches(data.x_train, data.y_train, config.batch_size, rng), mesh,
+      steps=config.steps, eval_every=config.eval_every,
+      evaluate=lambda p: evaluate(eval_step, p, data.x_test, data.y_test,
+                                  mesh),
+      desc=name, show_progress=config.progress)
+  return common.finish("vision", name, config, params, history, wire, start,
+                       workers=workers,
+                       num_params=common.num_elements(params))

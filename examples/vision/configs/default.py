@@ -6,8 +6,8 @@ import dataclasses
 @dataclasses.dataclass
 class Config:
   """Hyperparameters and run options of the vision example."""
-  compressor: str = "gqsgd"  # f32 | bf16 | gqsgd | gqsgd_exp
-  bits: int = 4  # bits per coordinate for gqsgd
+  compressor: str = "gqsgd"  # one of common.COMPRESSORS
+  bits: int = 4  # bits per coordinate for gqsgd, thc, qsgd
   reduction: str = "auto"  # gqsgd's integer reduction: auto | psum | butterfly
   workers: int | None = None  # data-parallel devices; None: all of them
   steps: int = 500

@@ -1,0 +1,1 @@
+"""Causal byte-level Transformer LM, data-parallel over shard_map."""
