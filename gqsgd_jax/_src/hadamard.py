@@ -68,18 +68,18 @@ def random_signs(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
 
 
 def _blocks(x: jax.Array, block_log2) -> jax.Array:
-  """``x`` reshaped to rows of the transform size (the whole of x if None)."""
+  """``x`` as rows of the transform size (one row of all of x if None)."""
   d = x.shape[0]
-  k = _log2_exact(d, "the length of x") if block_log2 is None else None
-  if block_log2 is not None:
-    if block_log2 < 0:
-      raise ValueError(f"block_log2 must be >= 0, got {block_log2}")
-    block = 1 << block_log2
-    if d % block:
-      raise ValueError(f"the length of x ({d}) must be a multiple of "
-                       f"2^block_log2 = {block}")
-    k = block_log2
-  return x.reshape(-1, 1 << k)
+  if block_log2 is None:
+    _log2_exact(d, "the length of x")
+    return x.reshape(1, d)
+  if block_log2 < 0:
+    raise ValueError(f"block_log2 must be >= 0, got {block_log2}")
+  block = 1 << block_log2
+  if d % block:
+    raise ValueError(f"the length of x ({d}) must be a multiple of "
+                     f"2^block_log2 = {block}")
+  return x.reshape(-1, block)
 
 
 def randomized_hadamard(x: jax.Array, signs: jax.Array, *,

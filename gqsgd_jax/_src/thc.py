@@ -193,6 +193,59 @@ def _stochastic_round(y: jax.Array, key: jax.Array) -> jax.Array:
   return fl.astype(jnp.int32) + ((bits >> 8) < threshold).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Step:
+  """Static settings of one step's chunk reductions."""
+  levels: int
+  z: float
+  block_log2: int | None
+  wire: np.dtype
+  axis_name: object
+  num_workers: int
+
+
+def _chunk_mean(x, norm, signs, key, cfg: _Step):
+  """Steps 2-6 for one chunk: (the decoded mean, this worker's residual).
+
+  ``norm`` is the chunk's N (already the max over workers); the residual
+  x - RHT^-1(dequant(codes)) is computed in the rotated domain, where it is
+  small, and rotated back once.
+  """
+  d = x.shape[0]
+  block = cfg.block_log2
+  if block is not None and (1 << block) >= d:
+    block = None
+  ok = jnp.isfinite(norm) & (norm >= _TINY)
+  t = norm * np.float32(min(cfg.z / math.sqrt(d), 1.0))
+  delta = t * np.float32(2 / (cfg.levels - 1))
+  inv_delta = jnp.where(ok, (cfg.levels - 1) / (2 * t), 0.0)
+  rotated = hadamard.randomized_hadamard(x, signs, block_log2=block)
+  y = jnp.clip((rotated + t) * inv_delta, 0.0, cfg.levels - 1)
+  y = jnp.where(ok, y, 0.0)  # NaN/Inf chunks: send anything finite
+  codes = _stochastic_round(y, key)
+  total = jax.lax.psum(codes.astype(cfg.wire), cfg.axis_name)
+  mean = total.astype(jnp.float32) * (delta / cfg.num_workers) - t
+  out = hadamard.inverse_randomized_hadamard(mean, signs, block_log2=block)
+  # Zero or sub-tiny chunks decode to exact (+) zeros, NaN/Inf to NaN.
+  out = jnp.where(ok, out, jnp.where(jnp.isfinite(norm), 0.0, jnp.nan))
+  local = codes.astype(jnp.float32) * delta - t
+  residual = hadamard.inverse_randomized_hadamard(rotated - local, signs,
+                                                  block_log2=block)
+  return out, residual
+
+
+def _new_error(residual, x, old, norm):
+  """The EF memory after a step (step 7), guarded for degenerate chunks.
+
+  Sub-tiny chunks stay whole in memory. A non-finite step leaves the memory
+  as it was, so one bad batch (e.g. skipped by ``apply_if_finite``) does not
+  poison every later step.
+  """
+  finite = jnp.isfinite(norm)
+  ok = finite & (norm >= _TINY)
+  return jnp.where(ok, residual, jnp.where(finite, x, old))
+
+
 def _validate(levels, overflow_prob, block_log2, granularity, chunk_size):
   if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)):
     raise TypeError(f"levels must be an int, got {levels!r}")
@@ -298,11 +351,11 @@ def thc(
     next_key, step_key = jax.random.split(state.key)
 
     xs = []
-    for b_id, buf in enumerate(plan):
+    for b, buf in enumerate(plan):
       flat = jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
                               for i in buf.leaf_ids])
       x = jnp.pad(flat, (0, buf.padded - buf.size))
-      xs.append(x + state.error[b_id] if error_feedback else x)
+      xs.append(x + state.error[b] if error_feedback else x)
     chunks = [(b, c, off, d) for b, buf in enumerate(plan)
               for c, (off, d) in enumerate(zip(
                   np.cumsum((0,) + buf.chunks[:-1]), buf.chunks))]
@@ -311,39 +364,19 @@ def thc(
         jnp.stack([_norm(xs[b][off:off + d]) for b, _, off, d in chunks]),
         axis_name) if chunks else jnp.zeros((0,))
 
+    cfg = _Step(levels=levels, z=z, block_log2=block_log2, wire=dtype,
+                axis_name=axis_name, num_workers=num_workers)
     outs = [[] for _ in plan]
     errors = [[] for _ in plan]
     for j, (b, c, off, d) in enumerate(chunks):
-      x = xs[b][off:off + d]
-      signs = hadamard.random_signs(prng.fold(state.rotation_key, b, c), d)
-      block = None if block_log2 is None or (1 << block_log2) >= d else (
-          block_log2)
-      norm = norms[j]
-      finite = jnp.isfinite(norm)
-      ok = finite & (norm >= _TINY)
-      t = norm * np.float32(min(z / math.sqrt(d), 1.0))
-      delta = t * np.float32(2 / (levels - 1))
-      inv_delta = jnp.where(ok, (levels - 1) / (2 * t), 0.0)
-      rotated = hadamard.randomized_hadamard(x, signs, block_log2=block)
-      y = jnp.clip((rotated + t) * inv_delta, 0.0, levels - 1)
-      y = jnp.where(ok, y, 0.0)  # NaN/Inf chunks: send anything finite
-      codes = _stochastic_round(
-          y, prng.worker_key(step_key, axis_name, b, c))
-      total = jax.lax.psum(codes.astype(dtype), axis_name)
-      mean = total.astype(jnp.float32) * (delta / num_workers) - t
-      out = hadamard.inverse_randomized_hadamard(mean, signs, block_log2=block)
-      # Zero or sub-tiny chunks decode to exact (+) zeros, NaN/Inf to NaN.
-      out = jnp.where(ok, out, jnp.where(finite, 0.0, jnp.nan))
+      out, residual = _chunk_mean(
+          xs[b][off:off + d], norms[j],
+          hadamard.random_signs(prng.fold(state.rotation_key, b, c), d),
+          prng.worker_key(step_key, axis_name, b, c), cfg)
       outs[b].append(out)
       if error_feedback:
-        local = codes.astype(jnp.float32) * delta - t
-        residual = hadamard.inverse_randomized_hadamard(
-            rotated - local, signs, block_log2=block)
-        # Sub-tiny chunks stay whole in memory; a non-finite step leaves the
-        # memory as it was, so one bad batch (e.g. skipped by
-        # optax.apply_if_finite) does not poison every later step.
-        old = state.error[b][off:off + d]
-        errors[b].append(jnp.where(ok, residual, jnp.where(finite, x, old)))
+        errors[b].append(_new_error(residual, xs[b][off:off + d],
+                                    state.error[b][off:off + d], norms[j]))
 
     out_leaves = [jnp.zeros(x.shape, x.dtype) for x in leaves]
     for buf, parts in zip(plan, outs):
