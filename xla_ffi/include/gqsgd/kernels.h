@@ -291,9 +291,8 @@ GQSGD_UNROLL
   }
 
 #if !defined(__CUDA_ARCH__)
-  // Per block: unpack both operands and hash the indices (vectorized), then
-  // the averages (scalar: the division by n_a + n_b has no SIMD form), then
-  // pack.
+  // Per block, one simple loop each (they all vectorize): unpack both
+  // operands, hash the indices, average, pack.
   void Contiguous(int64_t first, int64_t end) const {
     constexpr int64_t kBlockWords = kHostBlock / L::kCount;
     const uint32_t na = static_cast<uint32_t>(*n_a);
@@ -348,6 +347,8 @@ struct ExpEncodeKernel {
   }
 
 #if !defined(__CUDA_ARCH__)
+  // Per block: the random bits, then the codes (measured slightly faster
+  // than one fused loop).
   void Contiguous(int64_t first, int64_t end) const {
     const float s = FlushSubnormal(*scale);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
