@@ -61,8 +61,9 @@ class Runner:
         _, per_worker, self.state, states = step(g, self.state)
         return per_worker, states
     elif mode == "pmap":
-      self.state = jax.pmap(lambda _: tx.init(params), devices=devices)(
-          jnp.arange(num_workers))
+      init = jax.pmap(lambda _: tx.init(params), axis_name="data",
+                      devices=devices)
+      self.state = init(jnp.arange(num_workers))
       step = jax.pmap(update, axis_name="data", devices=devices)
 
       def run(g):

@@ -239,6 +239,47 @@ def mean_leaves(leaves, axis_name, num_workers) -> list[jax.Array]:
   return out
 
 
+def ef_power_step(leaves, error, qs, mats, *, error_feedback: bool,
+                  masks=None, **round_kwargs):
+  """Error feedback around one ``power_round``, leaf by leaf.
+
+  Args:
+    leaves: this worker's gradient leaves (``mats`` index into them).
+    error: flat residual per leaf (ignored without error feedback).
+    qs: warm-start Q per matrix.
+    mats: the compressed leaves; the others are averaged exactly.
+    error_feedback: add the residuals and return the new ones.
+    masks: optional active-column masks (see ``power_round``).
+    **round_kwargs: axis_name, num_workers, epsilon, key, count, warm_start.
+
+  Returns:
+    (outs, error, qs, matrices): leaf-shaped mean estimates, new residuals
+    x_i - output (as the reference: for uncompressed leaves x_i - mean,
+    zero-mean over workers), the new Qs, and the error-compensated f32
+    matrices that were compressed.
+  """
+  xs = [x.reshape(-1) for x in leaves]
+  if error_feedback:
+    xs = [x + e.astype(x.dtype) if x.size else x for x, e in zip(xs, error)]
+  comp = {mat.index for mat in mats}
+  rest = [i for i in range(len(leaves)) if i not in comp]
+  matrices = [xs[mat.index].astype(jnp.float32).reshape(mat.n, mat.m)
+              for mat in mats]
+  outs, qs = power_round(matrices, qs, mats, masks=masks, **round_kwargs)
+  flat = list(xs)
+  for mat, out in zip(mats, outs):
+    flat[mat.index] = out.reshape(-1).astype(xs[mat.index].dtype)
+  means = mean_leaves([xs[i] for i in rest], round_kwargs["axis_name"],
+                      round_kwargs["num_workers"])
+  for i, mean in zip(rest, means):
+    flat[i] = mean
+  if error_feedback:
+    error = tuple((x - o) if x.size else e
+                  for x, o, e in zip(xs, flat, error))
+  new = [o.reshape(x.shape) for o, x in zip(flat, leaves)]
+  return new, error, qs, matrices
+
+
 def _batched_layout(leaves, *, rank: int, bucket_bytes: int):
   buckets = bucketing.plan_buckets(leaves, bucket_bytes=bucket_bytes)
   mats = []
@@ -349,41 +390,27 @@ def powersgd(
   def compress(leaves, error, state, num_workers):
     """Error feedback + one power round; returns (outs, error, qs)."""
     buckets, mats = layout(leaves)
-    if batched:
-      flats = [bucketing.flatten_bucket(b, leaves) for b in buckets]
-      xs = [jnp.pad(f, (0, mat.n * mat.m - f.shape[0]))
-            for f, mat in zip(flats, mats)]
-    else:
-      xs = [x.reshape(-1) for x in leaves]
-    if error_feedback:
-      xs = [x + e.reshape(x.shape).astype(x.dtype) if x.size else x
-            for x, e in zip(xs, error)]
-    outs_flat = list(xs)
-    if batched:
-      comp, rest = list(range(len(mats))), []
-    else:
-      comp = [mat.index for mat in mats]
-      rest = [i for i in range(len(leaves)) if i not in set(comp)]
-    matrices = [xs[i].astype(jnp.float32).reshape(mat.n, mat.m)
-                for i, mat in zip(comp, mats)]
-    outs, qs = power_round(matrices, state.q, mats, axis_name=axis_name,
-                           num_workers=num_workers, epsilon=epsilon,
-                           key=state.key, count=state.count,
-                           warm_start=warm_start)
-    for i, out in zip(comp, outs):
-      outs_flat[i] = out.reshape(-1).astype(xs[i].dtype)
-    for i, mean in zip(rest, mean_leaves([xs[i] for i in rest], axis_name,
-                                         num_workers)):
-      outs_flat[i] = mean
-    if error_feedback:
-      error = tuple((x - o).reshape(-1) if x.size else e
-                    for x, o, e in zip(xs, outs_flat, error))
-    if batched:
-      outs_flat = [o[:b.size] for o, b in zip(outs_flat, buckets)]
-      new = bucketing.unflatten_buckets(buckets, outs_flat, leaves)
-    else:
-      new = [o.reshape(x.shape) for o, x in zip(outs_flat, leaves)]
-    return new, error, qs
+    if not batched:
+      new, error, qs, _ = ef_power_step(
+          leaves, error, state.q, mats, error_feedback=error_feedback,
+          **round_args(state, num_workers))
+      return new, error, qs
+    # Each bucket as one zero-padded square "leaf", all compressed.
+    squares = []
+    for b, mat in zip(buckets, mats):
+      flat = bucketing.flatten_bucket(b, leaves)
+      squares.append(jnp.pad(flat, (0, mat.n * mat.m - flat.shape[0]))
+                     .reshape(mat.n, mat.m))
+    outs, error, qs, _ = ef_power_step(
+        squares, error, state.q, mats, error_feedback=error_feedback,
+        **round_args(state, num_workers))
+    outs = [o.reshape(-1)[:b.size] for o, b in zip(outs, buckets)]
+    return bucketing.unflatten_buckets(buckets, outs, leaves), error, qs
+
+  def round_args(state, num_workers):
+    return dict(axis_name=axis_name, num_workers=num_workers,
+                epsilon=epsilon, key=state.key, count=state.count,
+                warm_start=warm_start)
 
   def update_fn(updates, state, params=None):
     del params
