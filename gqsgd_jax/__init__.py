@@ -10,6 +10,7 @@ from gqsgd_jax._src.ffi import HAS_CUDA
 from gqsgd_jax._src.global_quantize import global_quantize
 from gqsgd_jax._src.global_quantize import GlobalQuantizeState
 from gqsgd_jax._src.hlo import wire_report
+from gqsgd_jax._src.worker_state import worker_state_specs
 from gqsgd_jax._src.nonfinite import apply_if_finite
 from gqsgd_jax._src.nonfinite import ApplyIfFiniteState
 from gqsgd_jax._src.hlo import WireReport
@@ -44,4 +45,5 @@ __all__ = (
     "seed_from_key",
     "varying",
     "wire_report",
+    "worker_state_specs",
 )

@@ -36,15 +36,40 @@ def _loss(params, a, b):
   return 0.5 * jnp.mean((a @ w * params["scale"].astype(jnp.float32) - b)**2)
 
 
+def _state_specs(tx, params):
+  """Specs of tx's state: per-worker memories (EF) on "data", rest P()."""
+  return gqsgd_jax.worker_state_specs(jax.eval_shape(tx.init, params))
+
+
+def _init_fn(tx, params, mesh):
+  """tx.init inside the map, so per-worker memories get one copy each."""
+  return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
+                               out_specs=_state_specs(tx, params)))
+
+
+class _Tx:
+  """A transform with its state specs and a sharded init."""
+
+  def __init__(self, tx, params, mesh):
+    self.tx = tx
+    self.specs = _state_specs(tx, params)
+    self._init = _init_fn(tx, params, mesh)
+
+  def init(self, params):
+    return self._init(params)
+
+
 @functools.cache
 def _train_fn(method, num_workers, steps):
   """A jitted shard_map that runs ``steps`` SGD steps with the method."""
   tx = optax.chain(METHODS[method](), optax.sgd(0.05))
   mesh = data_mesh(num_workers)
+  wrapped = _Tx(tx, _problem(num_workers)[0], mesh)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
-                 out_specs=(P(), P()))
+  @jax.shard_map(mesh=mesh,
+                 in_specs=(P(), wrapped.specs, P("data"), P("data")),
+                 out_specs=(P(), wrapped.specs))
   def run(params, state, a, b):
     def body(carry, _):
       params, state = carry
@@ -55,7 +80,7 @@ def _train_fn(method, num_workers, steps):
                                       length=steps)
     return params, state
 
-  return tx, run
+  return wrapped, run
 
 
 @pytest.mark.parametrize("num_workers", [1, 4], ids=["1dev", "4dev"])
@@ -99,18 +124,19 @@ def test_same_key_same_run_different_key_different_run(method):
                             np.asarray(first[0]["w"]))
 
 
-def _guarded_step(tx, num_workers):
+def _guarded_step(tx, num_workers, params):
   mesh = data_mesh(num_workers)
+  wrapped = _Tx(tx, params, mesh)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P("data")),
-                 out_specs=(P(), P()))
+  @jax.shard_map(mesh=mesh, in_specs=(P(), wrapped.specs, P("data")),
+                 out_specs=(P(), wrapped.specs))
   def step(params, state, g):
     updates, state = tx.update(jax.tree.map(lambda x: x[0], g), state,
                                params)
     return optax.apply_updates(params, updates), state
 
-  return step
+  return wrapped, step
 
 
 _GOOD = {"w": jnp.tile(jnp.linspace(-1, 1, 10), (4, 1))}
@@ -121,9 +147,9 @@ _BAD = {"w": _GOOD["w"].at[1, 3].set(jnp.nan)}  # one worker, one value
 def test_apply_if_finite_skips_bad_steps_without_corrupting_state(method):
   tx = gqsgd_jax.apply_if_finite(
       optax.chain(METHODS[method](), optax.sgd(0.1)), max_consecutive_errors=3)
-  step = _guarded_step(tx, 4)
   params = {"w": jnp.ones(10)}
-  state = tx.init(params)
+  wrapped, step = _guarded_step(tx, 4, params)
+  state = wrapped.init(params)
   p_good, s_good = step(params, state, _GOOD)
   p_bad, s_bad = step(params, state, _BAD)
   # All workers skip the bad step: nothing changes but the counters...
@@ -143,18 +169,19 @@ def test_optax_apply_if_finite_after_the_compressor_is_safe():
   # the compressor turns one worker's NaN into NaN on every worker.
   tx = optax.chain(gqsgd_jax.global_quantize(bits=4),
                    optax.apply_if_finite(optax.sgd(0.1), 3))
-  step = _guarded_step(tx, 4)
   params = {"w": jnp.ones(10)}
-  p_bad, s_bad = step(params, tx.init(params), _BAD)
+  wrapped, step = _guarded_step(tx, 4, params)
+  p_bad, s_bad = step(params, wrapped.init(params), _BAD)
   assert_trees_bitwise_equal(p_bad, params)
   assert int(s_bad[1].notfinite_count) == 1
 
 
 def test_apply_if_finite_gives_up_after_max_consecutive_errors():
-  tx = gqsgd_jax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=1)
-  step = _guarded_step(optax.chain(gqsgd_jax.psum_mean(), tx), 4)
+  tx = optax.chain(gqsgd_jax.psum_mean(), gqsgd_jax.apply_if_finite(
+      optax.sgd(1.0), max_consecutive_errors=1))
   params = {"w": jnp.ones(10)}
-  state = optax.chain(gqsgd_jax.psum_mean(), tx).init(params)
+  wrapped, step = _guarded_step(tx, 4, params)
+  state = wrapped.init(params)
   p1, state = step(params, state, _BAD)
   assert_trees_bitwise_equal(p1, params)
   p2, state = step(p1, state, _BAD)  # second in a row: applied anyway
@@ -177,15 +204,17 @@ _SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -1e-45, 3e38, -3e38,
 def _fuzz_step(method, dtype):
   tx = METHODS[method]()
   mesh = data_mesh(_FUZZ_WORKERS)
+  params = {k: jnp.zeros(s, dtype) for k, s in _SHAPES.items()}
+  wrapped = _Tx(tx, params, mesh)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
-  def step(g, state):
-    updates, _ = tx.update(jax.tree.map(lambda x: x[0], g), state)
+  @jax.shard_map(mesh=mesh, in_specs=(P("data"), wrapped.specs, P()),
+                 out_specs=P("data"))
+  def step(g, state, params):
+    updates, _ = tx.update(jax.tree.map(lambda x: x[0], g), state, params)
     return jax.tree.map(lambda x: x[None], updates)
 
-  params = {k: jnp.zeros(s, dtype) for k, s in _SHAPES.items()}
-  return step, tx.init(params)
+  return (lambda g, state: step(g, state, params)), wrapped.init(params)
 
 
 def _values(dtype):
