@@ -23,7 +23,7 @@ and local gradient clipping (the reference has neither).
 
 from fractions import Fraction
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +42,12 @@ VALUE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
 
 class DGCState(NamedTuple):
   """State of ``dgc``: per-worker momentum and velocity, sampling key."""
-  momentum: Any  # u: f32 like each leaf (per worker)
-  velocity: Any  # v: f32 like each compressed leaf; f32[0] for dense leaves
+  # Per worker (see worker_state_specs): flat f32[n] momentum u per leaf.
+  momentum: tuple
+  # Per worker: flat f32[n] velocity v per compressed leaf, f32[0] otherwise.
+  velocity: tuple
   key: jax.Array  # uint32[2] raw PRNG key (sampled threshold), split per step
+  per_worker_fields = ("momentum", "velocity")
 
 
 def num_selected(numel: int, density: float) -> int:
@@ -127,9 +130,9 @@ def dgc(
 
   Use inside ``jax.shard_map`` or ``jax.pmap`` over ``axis_name`` on local
   gradients, followed by **plain SGD** (the momentum is applied here).
-  The momentum and velocity differ per worker: under ``shard_map`` keep the
-  state with a leading worker axis sharded over ``axis_name`` (or create
-  it inside the mapped function); under ``pmap`` map it with ``in_axes=0``.
+  The momentum and velocity differ per worker: under ``shard_map`` pass the
+  state with ``gqsgd_jax.worker_state_specs`` (and create it inside the
+  map); under ``pmap`` keep one state per device.
 
   Args:
     axis_name: the data-parallel mesh axis.
@@ -169,11 +172,11 @@ def dgc(
   init_key = prng.canonical_key(key)
 
   def init_fn(params):
-    zeros = lambda x: jnp.zeros(np.shape(x), jnp.float32)
+    leaves = jax.tree.leaves(params)
     return DGCState(
-        momentum=jax.tree.map(zeros, params),
-        velocity=jax.tree.map(
-            lambda x: zeros(x) if compresses(x) else jnp.zeros(0), params),
+        momentum=tuple(jnp.zeros(np.size(x), jnp.float32) for x in leaves),
+        velocity=tuple(jnp.zeros(np.size(x) if compresses(x) else 0,
+                                 jnp.float32) for x in leaves),
         key=init_key)
 
   def update_fn(updates, state, params=None):
@@ -183,20 +186,26 @@ def dgc(
     paths = [p for p, _ in paths_leaves]
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
     bucketing.check_leaf_dtypes(leaves, paths)
-    us = treedef.flatten_up_to(state.momentum)
-    vs = treedef.flatten_up_to(state.velocity)
+    us, vs = list(state.momentum), list(state.velocity)
+    comp = [i for i, x in enumerate(leaves) if compresses(x)]
+    want_v = [(x.size if i in comp else 0,) for i, x in enumerate(leaves)]
+    if ([u.shape for u in us] != [(x.size,) for x in leaves] or
+        [v.shape for v in vs] != want_v):
+      raise ValueError(
+          "DGCState does not match the updates (was init called with "
+          "parameters of these shapes?): momentum "
+          f"{[u.shape for u in us]}, velocity {[v.shape for v in vs]} for "
+          f"leaves {[jax.tree_util.keystr(p) for p in paths]}")
     next_key, step_key = jax.random.split(state.key)
     worker = jax.lax.axis_index(axis_name)
 
     out, new_u, new_v = list(leaves), list(us), list(vs)
-    comp = [i for i, x in enumerate(leaves) if compresses(x)]
     indices, values, sizes = [], [], []
     for layer, i in enumerate(comp):
       n = leaves[i].size
       k = num_selected(n, density)
-      u = momentum * us[i].reshape(-1) + leaves[i].reshape(-1).astype(
-          jnp.float32)
-      v = vs[i].reshape(-1) + u
+      u = momentum * us[i] + leaves[i].reshape(-1).astype(jnp.float32)
+      v = vs[i] + u
       idx, valid = _select(v, k, prng.fold(step_key, layer, worker),
                            selection, sample_ratio)
       sent = _to_wire(jnp.where(valid, v[idx], 0.0), wire_dtype)
@@ -206,8 +215,8 @@ def dgc(
       v = v.at[target].set(v[idx] - sent.astype(jnp.float32), mode="drop")
       u = u.at[target].set(0.0, mode="drop")
       # Non-finite values went out (they rank first); keep them out of state.
-      new_u[i] = jnp.where(jnp.isfinite(u), u, 0.0).reshape(leaves[i].shape)
-      new_v[i] = jnp.where(jnp.isfinite(v), v, 0.0).reshape(leaves[i].shape)
+      new_u[i] = jnp.where(jnp.isfinite(u), u, 0.0)
+      new_v[i] = jnp.where(jnp.isfinite(v), v, 0.0)
       indices.append(target.astype(jnp.int32))
       values.append(sent)
       sizes.append(k)
@@ -225,13 +234,15 @@ def dgc(
         start += k
     dense = [i for i in range(len(leaves)) if i not in set(comp)]
     if dense:
-      moms = [momentum * us[i] + leaves[i].astype(jnp.float32) for i in dense]
+      moms = [momentum * us[i] + leaves[i].reshape(-1).astype(jnp.float32)
+              for i in dense]
       summed = jax.lax.psum(moms, axis_name)
       for i, u, s in zip(dense, moms, summed):
-        out[i] = (s / num_workers).astype(leaves[i].dtype)
+        out[i] = (s / num_workers).reshape(leaves[i].shape).astype(
+            leaves[i].dtype)
         new_u[i] = jnp.where(jnp.isfinite(u), u, 0.0)
-    new_state = DGCState(momentum=treedef.unflatten(new_u),
-                         velocity=treedef.unflatten(new_v), key=next_key)
+    new_state = DGCState(momentum=tuple(new_u), velocity=tuple(new_v),
+                         key=next_key)
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

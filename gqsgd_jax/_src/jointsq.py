@@ -283,18 +283,28 @@ def _ranks(cls: jax.Array) -> jax.Array:
   return jnp.take_along_axis(running, cls[:, None], axis=1)[:, 0] - 1
 
 
-def _region_offsets(counts):
-  """Byte offsets of the 8-, 4- and 2-bit code regions in the stream."""
-  k8, k4 = counts[0], counts[1]
-  return (jnp.int32(0), k8, k8 + (k4 + 1) // 2)
+def _value_bases(layout: JointSQLayout) -> tuple[np.ndarray, int]:
+  """Start of each class (by id 0..3) in the concatenated per-class value
+  buffers (8-, 4-, 2-bit classes back to back), and their total size."""
+  caps = [layout.region_capacity(CLASS_BITS[c]) for c in _WIRE_CLASSES]
+  starts = np.cumsum([0] + caps)
+  base = np.zeros(4, np.int32)
+  base[list(_WIRE_CLASSES)] = starts[:3]
+  return base, int(starts[3])
 
 
-def _class_values(cls, rank, vals):
-  """Dense f32[n] from per-class values (vals[c] indexed by rank)."""
-  out = jnp.zeros(cls.shape, jnp.float32)
-  for c, v in vals.items():
-    out = jnp.where(cls == c, v[jnp.clip(rank, 0, v.shape[0] - 1)], out)
-  return out
+def _region_bytes(layout: JointSQLayout) -> list[int]:
+  """Bytes of each class's packed codes at full capacity (8, 4, 2 order)."""
+  return [-(-layout.region_capacity(CLASS_BITS[c]) * CLASS_BITS[c] // 8)
+          for c in _WIRE_CLASSES]
+
+
+def _stream_offsets(counts):
+  """Byte offsets of the 8-, 4- and 2-bit code regions in the stream, and
+  the end of the used bytes."""
+  k8, k4, k2 = counts[0], counts[1], counts[2]
+  o2 = k8 + (k4 + 1) // 2
+  return jnp.stack([jnp.int32(0), k8, o2, o2 + (k2 + 3) // 4])
 
 
 def _bytes(x: jax.Array) -> jax.Array:
@@ -304,6 +314,28 @@ def _bytes(x: jax.Array) -> jax.Array:
 def _from_bytes(b: jax.Array, dtype) -> jax.Array:
   width = np.dtype(dtype).itemsize
   return jax.lax.bitcast_convert_type(b.reshape(-1, width), dtype)
+
+
+def _dequantize_all(codes, norms, layout, impl):
+  """Values of the concatenated packed codes of the three classes."""
+  vals, start = [], 0
+  for r, c in enumerate(_WIRE_CLASSES):
+    bits, cap = CLASS_BITS[c], layout.region_capacity(CLASS_BITS[c])
+    size = _region_bytes(layout)[r]
+    if cap:
+      s = levels(bits)
+      ok = norms[r] >= _TINY  # empty or all-zero class: 0, not 0/0
+      vals.append(ops.dequantize(codes[start:start + size],
+                                 jnp.where(ok, norms[r] / s, 0.0), n=cap,
+                                 bits=bits, offset=s, impl=impl))
+    start += size
+  return jnp.concatenate(vals) if vals else jnp.zeros(1, jnp.float32)
+
+
+def _gather_values(vals, cls, rank, base):
+  """Each element's (or slot's) value: vals[base[class] + rank], 0 if none."""
+  idx = jnp.clip(jnp.asarray(base)[cls] + rank, 0, vals.shape[0] - 1)
+  return jnp.where(cls > 0, vals[idx], 0.0)
 
 
 def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
@@ -324,58 +356,65 @@ def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
     int32[3]): the message, the values it decodes to, and (k8, k4, k2).
     A tensor with a non-finite value sends NaN norms and decodes to NaN.
   """
-  n = layout.numel
   v = v.reshape(-1).astype(jnp.float32)
   finite = jnp.isfinite(v)
   v = jnp.where(finite, v, 0.0)
-  # One draw for all seeds: the sampling key and one dither seed per class.
+  # One draw for all seeds: a dither seed per class and the sampling key.
   seeds = jax.random.bits(key, (4, 2), jnp.uint32)
-  sel_key = seeds[3]
-  cls = select(v, layout, sel_key, selection=selection,
+  cls = select(v, layout, seeds[3], selection=selection,
                sample_ratio=sample_ratio)
   rank = _ranks(cls)
-  counts = jnp.stack([jnp.sum(cls == c, dtype=jnp.int32)
-                      for c in _WIRE_CLASSES])
-  norms, regions, vals = [], [], {}
-  for c in _WIRE_CLASSES:
+  wire = np.asarray(_WIRE_CLASSES)
+  counts = jnp.zeros(4, jnp.int32).at[cls].add(1)[wire]
+  norms = jnp.zeros(4, jnp.float32).at[cls].max(jnp.abs(v))[wire]
+
+  # Each class's values, compacted in index order, back to back.
+  base, total = _value_bases(layout)
+  slot = jnp.where(cls > 0, jnp.asarray(base)[cls] + rank, total)
+  buf = jnp.zeros(total, jnp.float32).at[slot].set(v, mode="drop")
+  codes, start = [], 0
+  for r, c in enumerate(_WIRE_CLASSES):
     bits, cap = CLASS_BITS[c], layout.region_capacity(CLASS_BITS[c])
-    in_c = cls == c
-    norm = jnp.max(jnp.where(in_c, jnp.abs(v), 0.0))
-    norms.append(norm)
-    if cap == 0:  # the budget cannot afford this class
-      regions.append(jnp.zeros(0, jnp.uint8))
-      continue
-    buf = jnp.zeros(cap, jnp.float32).at[jnp.where(in_c, rank, cap)].set(
-        v, mode="drop")
-    s = levels(bits)
-    ok = norm >= _TINY  # empty or all-zero class: codes 0, no 0/0
-    codes = ops.quantize(buf, jnp.where(ok, s / jnp.where(ok, norm, 1.0), 0.),
-                         seeds[c - 1],
-                         levels=s, bits=bits, impl=impl)
-    regions.append(codes)
-    vals[c] = ops.dequantize(codes, jnp.where(ok, norm / s, 0.0), n=cap,
-                             bits=bits, offset=s, impl=impl)
-  x_hat = _class_values(cls, rank, vals)
-  norms = jnp.stack(norms)
+    if cap:  # else the budget cannot afford this class
+      s = levels(bits)
+      ok = norms[r] >= _TINY
+      scale = jnp.where(ok, s / jnp.where(ok, norms[r], 1.0), 0.0)
+      codes.append(ops.quantize(buf[start:start + cap], scale, seeds[c - 1],
+                                levels=s, bits=bits, impl=impl))
+    start += cap
+  codes = jnp.concatenate(codes) if codes else jnp.zeros(0, jnp.uint8)
+  x_hat = _gather_values(_dequantize_all(codes, norms, layout, impl), cls,
+                         rank, base)
   bad = ~jnp.all(finite)
   norms = jnp.where(bad, jnp.nan, norms)
   x_hat = jnp.where(bad, jnp.nan, x_hat)
 
-  # Code stream: the class regions back to back.
-  offsets = _region_offsets(counts)
-  used = offsets[2] + (counts[2] + 3) // 4
+  # Code stream: the used part of each class's codes, back to back.
+  offsets = _stream_offsets(counts)
+  region_start = np.cumsum([0] + _region_bytes(layout))
   i = jnp.arange(layout.stream_bytes, dtype=jnp.int32)
-  stream = jnp.zeros(layout.stream_bytes, jnp.uint8)
-  for r, (region, start) in enumerate(zip(regions, offsets)):
-    if region.shape[0] == 0:
-      continue
-    end = offsets[r + 1] if r < 2 else used
-    part = jnp.take(region, i - start, mode="fill", fill_value=0)
-    stream = jnp.where((i >= start) & (i < end), part, stream)
+  r = (i >= offsets[1]).astype(jnp.int32) + (i >= offsets[2])
+  src = jnp.asarray(region_start[:3], jnp.int32)[r] + i - offsets[r]
+  if codes.shape[0]:
+    stream = jnp.where(i < offsets[3], jnp.take(codes, src, mode="fill",
+                                                fill_value=0), 0)
+    stream = stream.astype(jnp.uint8)
+  else:  # a budget below one item: nothing to send
+    stream = jnp.zeros(layout.stream_bytes, jnp.uint8)
 
   index = _encode_index(cls, rank, counts, layout)
   header = jnp.concatenate([_bytes(norms), _bytes(counts)])
   return jnp.concatenate([header, index, stream]), x_hat, counts
+
+
+def _slot_classes(counts, cap):
+  """Class and rank of each position slot (grouped 8, 4, 2)."""
+  t = jnp.arange(cap, dtype=jnp.int32)
+  k8, k84 = counts[0], counts[0] + counts[1]
+  cls = jnp.where(t < k8, 3, jnp.where(
+      t < k84, 2, jnp.where(t < k84 + counts[2], 1, 0)))
+  start = jnp.stack([jnp.int32(0), k84, k8, jnp.int32(0)])  # by class id
+  return cls, t - start[cls]
 
 
 def _encode_index(cls, rank, counts, layout):
@@ -407,30 +446,21 @@ def decode(payload: jax.Array, layout: JointSQLayout, *,
   counts = _from_bytes(payload[12:HEADER_BYTES], jnp.int32)
   index = payload[HEADER_BYTES:HEADER_BYTES + layout.index_bytes]
   stream = payload[HEADER_BYTES + layout.index_bytes:]
-  offsets = _region_offsets(counts)
-  vals = {}
-  for r, c in enumerate(_WIRE_CLASSES):
-    bits, size = CLASS_BITS[c], layout.region_capacity(CLASS_BITS[c])
-    if size == 0:
-      continue
-    words = -(-size * bits // 8)
-    region = jnp.take(stream, offsets[r] + jnp.arange(words), mode="fill",
-                      fill_value=0)
-    s = levels(bits)
-    ok = norms[r] >= _TINY
-    vals[c] = ops.dequantize(region, jnp.where(ok, norms[r] / s, 0.0),
-                             n=size, bits=bits, offset=s, impl=impl)
+  # The class regions of the stream back at full capacity, back to back.
+  offsets = _stream_offsets(counts)
+  sizes = _region_bytes(layout)
+  region = np.repeat(np.arange(3, dtype=np.int32), sizes)
+  j = np.arange(sum(sizes), dtype=np.int32)
+  src = offsets[region] + (j - np.repeat(np.cumsum([0] + sizes)[:3], sizes))
+  codes = jnp.take(stream, src, mode="fill", fill_value=0)
+  vals = _dequantize_all(codes, norms, layout, impl)
+  base, _ = _value_bases(layout)
   if layout.index_format == "positions":
     dtype = jnp.uint16 if layout.position_bytes == 2 else jnp.int32
     pos = _from_bytes(index, dtype).astype(jnp.int32)
-    t = jnp.arange(cap, dtype=jnp.int32)
-    k8, k84 = counts[0], counts[0] + counts[1]
-    slot_cls = jnp.where(t < k8, 3, jnp.where(
-        t < k84, 2, jnp.where(t < k84 + counts[2], 1, 0)))
-    start = jnp.stack([jnp.int32(0), k84, k8, jnp.int32(0)])
-    val = _class_values(slot_cls, t - start[slot_cls], vals)
-    out = jnp.zeros(n, jnp.float32).at[jnp.where(slot_cls > 0, pos, n)].set(
-        val, mode="drop")
+    cls, rank = _slot_classes(counts, cap)
+    out = jnp.zeros(n, jnp.float32).at[jnp.where(cls > 0, pos, n)].set(
+        _gather_values(vals, cls, rank, base), mode="drop")
   else:
     if layout.index_format == "classmap":
       cls = reference._unpack(index, 2)[:n].astype(jnp.int32)  # pylint: disable=protected-access
@@ -440,7 +470,7 @@ def decode(payload: jax.Array, layout: JointSQLayout, *,
       classes = reference._unpack(index[nmap:], 2)[:cap].astype(jnp.int32)  # pylint: disable=protected-access
       slot = jnp.clip(jnp.cumsum(chosen) - 1, 0, max(cap - 1, 0))
       cls = jnp.where(chosen, classes[slot] if cap else 0, 0)
-    out = _class_values(cls, _ranks(cls), vals)
+    out = _gather_values(vals, cls, _ranks(cls), base)
   return jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, out)
 
 
@@ -450,9 +480,13 @@ def decode(payload: jax.Array, layout: JointSQLayout, *,
 
 class JointSQState(NamedTuple):
   """State of ``jointsq``: error feedback, dither key, last step's counts."""
-  error: Any  # f32 like each compressed leaf (per worker); f32[0] otherwise
-  key: jax.Array  # uint32[2] raw PRNG key, split once per step
-  counts: jax.Array  # int32[L, 3] (k8, k4, k2) per compressed leaf, last step
+  # Per worker (see worker_state_specs): one flat f32[n] residual per leaf
+  # in leaf order for compressed leaves, f32[0] for the others.
+  error: tuple
+  key: jax.Array  # uint32[2] raw PRNG key, split once per step; shared
+  # Per worker: int32[3 L], (k8, k4, k2) of each compressed leaf, last step.
+  counts: jax.Array
+  per_worker_fields = ("error", "counts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,9 +538,9 @@ def jointsq(
   """JointSQ with error feedback: the mean of compressed local gradients.
 
   Use inside ``jax.shard_map`` or ``jax.pmap`` over ``axis_name`` on local
-  gradients. The error memory differs per worker: under ``shard_map`` keep
-  the state with a leading worker axis sharded over ``axis_name`` (or create
-  it inside the mapped function); under ``pmap`` map it with ``in_axes=0``.
+  gradients. The error memory differs per worker: under ``shard_map`` pass
+  the state with ``gqsgd_jax.worker_state_specs`` (and create it inside the
+  map); under ``pmap`` keep one state per device.
 
   Args:
     axis_name: the data-parallel mesh axis.
@@ -546,12 +580,12 @@ def jointsq(
   init_key = prng.canonical_key(key)
 
   def init_fn(params):
-    error = jax.tree.map(
-        lambda x: jnp.zeros(np.shape(x) if plan.compresses(x) else (0,),
-                            jnp.float32), params)
-    layers = sum(plan.compresses(x) for x in jax.tree.leaves(params))
+    leaves = jax.tree.leaves(params)
+    error = tuple(jnp.zeros(np.size(x) if plan.compresses(x) else 0,
+                            jnp.float32) for x in leaves)
+    layers = sum(plan.compresses(x) for x in leaves)
     return JointSQState(error=error, key=init_key,
-                        counts=jnp.zeros((layers, 3), jnp.int32))
+                        counts=jnp.zeros(3 * layers, jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -560,14 +594,15 @@ def jointsq(
     paths = [p for p, _ in paths_leaves]
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
     bucketing.check_leaf_dtypes(leaves, paths)
-    errors = treedef.flatten_up_to(state.error)
+    errors = list(state.error)
     comp = [i for i, x in enumerate(leaves) if plan.compresses(x)]
-    for i in comp:
-      if errors[i].shape != leaves[i].shape:
-        raise ValueError(
-            f"error memory of {jax.tree_util.keystr(paths[i])} has shape "
-            f"{errors[i].shape}, the gradient {leaves[i].shape}: initialise "
-            "the state with tx.init(params) of the same model")
+    sizes = [x.size if i in comp else 0 for i, x in enumerate(leaves)]
+    if [e.shape for e in errors] != [(size,) for size in sizes]:
+      raise ValueError(
+          "JointSQState does not match the updates (was init called with "
+          f"parameters of these shapes?): error memories "
+          f"{[e.shape for e in errors]}, expected {[(z,) for z in sizes]} "
+          f"for leaves {[jax.tree_util.keystr(p) for p in paths]}")
     next_key, step_key = jax.random.split(state.key)
     worker = jax.lax.axis_index(axis_name)
 
@@ -576,14 +611,13 @@ def jointsq(
     payloads, layouts, counts = [], [], []
     for layer, i in enumerate(comp):
       layout = plan.layout(leaves[i])
-      v = errors[i].reshape(-1) + leaves[i].reshape(-1).astype(jnp.float32)
+      v = errors[i] + leaves[i].reshape(-1).astype(jnp.float32)
       payload, x_hat, cnt = encode(
           v, layout, prng.fold(step_key, layer, worker), selection=selection,
           sample_ratio=sample_ratio, impl=impl)
       # A non-finite step sends NaN; the memory keeps only finite values.
       err = jnp.where(jnp.isnan(x_hat), v, v - x_hat)
-      new_errors[i] = jnp.where(jnp.isfinite(err), err, 0.0).reshape(
-          leaves[i].shape)
+      new_errors[i] = jnp.where(jnp.isfinite(err), err, 0.0)
       payloads.append(payload)
       layouts.append(layout)
       counts.append(cnt)
@@ -602,9 +636,9 @@ def jointsq(
       summed = jax.lax.psum([leaves[i] for i in dense], axis_name)
       for i, s in zip(dense, summed):
         out[i] = (s / num_workers).astype(leaves[i].dtype)
-    counts = jnp.stack(counts) if counts else state.counts
-    new_state = JointSQState(error=treedef.unflatten(new_errors),
-                             key=next_key, counts=counts)
+    counts = jnp.concatenate(counts) if counts else state.counts
+    new_state = JointSQState(error=tuple(new_errors), key=next_key,
+                             counts=counts)
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
