@@ -427,7 +427,11 @@ def lgreco(
       means = psgd.mean_leaves(leaves, axis_name, num_workers)
       return means, error, acc, qs, ranks
 
-    operands = (leaves, state.error, state.acc, state.q, state.ranks)
+    # Per-worker fields typed as such, so both branches of the conds match
+    # even for a state passed replicated.
+    operands = (leaves, collectives.varying(state.error, axis_name),
+                collectives.varying(state.acc, axis_name), state.q,
+                state.ranks)
     if start_iter == 0:
       new, error, acc, qs, ranks = compressed(operands)
     else:

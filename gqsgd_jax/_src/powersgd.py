@@ -433,7 +433,9 @@ def powersgd(
       leaves, error, qs = operands
       return mean_leaves(leaves, axis_name, num_workers), error, qs
 
-    operands = (leaves, state.error, state.q)
+    # Residuals are per worker; typing them so lets the warm-up branch (which
+    # keeps them) match the compressed one even for a state passed with P().
+    operands = (leaves, collectives.varying(state.error, axis_name), state.q)
     if start_iter == 0:
       new, error, qs = compressed(operands)
     else:
