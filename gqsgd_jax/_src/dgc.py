@@ -223,8 +223,12 @@ def dgc(
     if comp:
       all_idx = jax.lax.all_gather(jnp.concatenate(indices), axis_name,
                                    to="invarying")
-      all_val = jax.lax.all_gather(jnp.concatenate(values), axis_name,
-                                   to="invarying")
+      # The values travel as their bit patterns: XLA:CPU would otherwise
+      # widen a bf16/f16 all-gather to f32 (twice the bytes).
+      bits = jnp.uint16 if wire_dtype.itemsize == 2 else jnp.uint32
+      all_val = jax.lax.bitcast_convert_type(jax.lax.all_gather(
+          jax.lax.bitcast_convert_type(jnp.concatenate(values), bits),
+          axis_name, to="invarying"), wire_dtype)
       start = 0
       for i, k in zip(comp, sizes):
         mean = _scatter_mean(all_idx[:, start:start + k],
