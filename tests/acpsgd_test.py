@@ -197,14 +197,14 @@ def test_dtypes_and_empty_leaves():
   out, _ = runner.step(g)
   assert out["w"].dtype == jnp.bfloat16 and out["v"].dtype == np.float16
   assert out["e"].shape == (2, 0, 4)
-  np.testing.assert_allclose(out["v"][0], np.asarray(g["v"], np.float32).mean(0),
-                             rtol=1e-3)
+  want = np.asarray(g["v"], np.float32).mean(0)
+  np.testing.assert_allclose(out["v"][0], want, rtol=1e-3)
 
 
 @pytest.mark.parametrize("kwargs,name", [
     (dict(rank=0), "rank"), (dict(rank=2.0), "rank"),
     (dict(orthogonalization_epsilon=-1.0), "orthogonalization_epsilon"),
-    (dict(key=jnp.zeros(3)), "key"),
+    (dict(key=jnp.zeros(3)), "key"), (dict(error_feedback=0), "error_feedback"),
 ])
 def test_bad_arguments_are_named(kwargs, name):
   with pytest.raises(ValueError, match=name):

@@ -185,6 +185,7 @@ def test_wire_bytes_are_those_of_the_padded_width():
     (dict(num_buckets=0), "num_buckets"), (dict(start_iter=-2), "start_iter"),
     (dict(min_compression_rate=-1), "min_compression_rate"),
     (dict(orthogonalization_epsilon=-1), "orthogonalization_epsilon"),
+    (dict(warm_start="no"), "warm_start"),
 ])
 def test_bad_arguments_are_named(kwargs, name):
   with pytest.raises(ValueError, match=name):

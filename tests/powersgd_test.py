@@ -269,6 +269,8 @@ def test_wire_bytes_with_warm_up_and_batched():
     (dict(orthogonalization_epsilon=float("nan")),
      "orthogonalization_epsilon"),
     (dict(bucket_bytes=0), "bucket_bytes"),
+    (dict(error_feedback="yes"), "error_feedback"),
+    (dict(warm_start=None), "warm_start"), (dict(batched=1), "batched"),
     (dict(key=jnp.zeros(3)), "key"),
 ])
 def test_bad_arguments_are_named(kwargs, name):

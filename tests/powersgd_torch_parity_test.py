@@ -205,11 +205,13 @@ def _compare(ours, state, theirs, torch_q, f64, mats, names, step) -> dict:
 def parity(tmp_path_factory):
   """Runs torch and our transform; returns per-config per-step diffs."""
   # Imported here: as a script (the torch worker) this file needs no JAX.
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from gqsgd_jax._src import powersgd as psgd  # pylint: disable=g-import-not-at-top
-  import _lowrank_utils as lr  # pylint: disable=g-import-not-at-top
-  import _utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from gqsgd_jax._src import powersgd as psgd
+  import _lowrank_utils as lr
+  import _utils
+  # pylint: enable=g-import-not-at-top
 
   outdir = tmp_path_factory.mktemp("powersgd_torch")
   shapes = _param_shapes()

@@ -90,6 +90,7 @@ def acpsgd(
       unbound ``axis_name`` or a state that does not match the updates.
   """
   rank = psgd.validate_positive_int(rank, "rank")
+  error_feedback = psgd.validate_bool(error_feedback, "error_feedback")
   epsilon = orth.validate_epsilon(orthogonalization_epsilon)
   init_key = prng.canonical_key(key)
 

@@ -314,6 +314,8 @@ def lgreco(
       not 0 < min_compression_rate < float("inf")):
     raise ValueError("min_compression_rate must be a positive number, got "
                      f"{min_compression_rate!r}")
+  error_feedback = psgd.validate_bool(error_feedback, "error_feedback")
+  warm_start = psgd.validate_bool(warm_start, "warm_start")
   epsilon = orth.validate_epsilon(orthogonalization_epsilon)
   adjust_every = psgd.validate_positive_int(adjust_every, "adjust_every")
   gamma = _validate_fraction(gamma, "gamma", 0.0, 1.0)

@@ -82,6 +82,12 @@ def validate_nonnegative_int(value, name: str) -> int:
   return int(value)
 
 
+def validate_bool(value, name: str) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a bool, got {value!r}")
+  return bool(value)
+
+
 def matrix_view(shape) -> tuple[int, int]:
   """(n, m) of the reference's ``tensor.view(shape[0], -1)``."""
   if not shape:
@@ -349,6 +355,9 @@ def powersgd(
       not 0 < min_compression_rate < float("inf")):
     raise ValueError("min_compression_rate must be a positive number, got "
                      f"{min_compression_rate!r}")
+  error_feedback = validate_bool(error_feedback, "error_feedback")
+  warm_start = validate_bool(warm_start, "warm_start")
+  batched = validate_bool(batched, "batched")
   epsilon = orth.validate_epsilon(orthogonalization_epsilon)
   bucket_bytes = bucketing.validate_bucket_bytes(bucket_bytes)
   init_key = prng.canonical_key(key)
