@@ -16,7 +16,7 @@ Usage:
   python benchmarks/check_bit_identity.py --quick      # sizes 0, 1, 7, 65539
   python benchmarks/check_bit_identity.py --all-isas   # each ISA level
 
-Exits non-zero on the first mismatch class and prints every mismatch found.
+Prints every mismatch and exits non-zero if there was any.
 """
 
 import argparse
@@ -75,8 +75,10 @@ class Checker:
         flat_got = got.reshape(-1).view(f"u{got.itemsize}")
         flat_want = want.reshape(-1).view(f"u{want.itemsize}")
         bad = np.flatnonzero(flat_got != flat_want)
-        detail = (f"{bad.size} of {got.size} differ, first at {bad[0]}: "
-                  f"ffi={got.reshape(-1)[bad[0]]!r} xla={want.reshape(-1)[bad[0]]!r}")
+        first = bad[0]
+        detail = (f"{bad.size} of {got.size} differ, first at {first}: "
+                  f"ffi={got.reshape(-1)[first]!r} "
+                  f"xla={want.reshape(-1)[first]!r}")
       self.failures.append(f"{name}: {detail}")
       print(f"MISMATCH {name}: {detail}", flush=True)
 

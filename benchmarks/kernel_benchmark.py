@@ -311,10 +311,10 @@ def main(argv=None) -> int:
       continue
     row = time_case(case, args.repeats, args.loop_trips)
     rows.append(row)
-    print(f"{row.name:30s} loop: ffi {gbps(row.bytes_moved, row.loop['ffi']):6.2f}"
-          f" xla {gbps(row.bytes_moved, row.loop['xla']):6.2f} GB/s; call: "
-          f"ffi {gbps(row.bytes_moved, row.call['ffi']):6.2f} xla "
-          f"{gbps(row.bytes_moved, row.call['xla']):6.2f} GB/s",
+    rate = {f"{kind} {impl}": gbps(row.bytes_moved, getattr(row, kind)[impl])
+            for kind in ("loop", "call") for impl in IMPLS}
+    print(f"{row.name:30s} GB/s " +
+          ", ".join(f"{k} {v:.2f}" for k, v in rate.items()),
           file=sys.stderr, flush=True)
   report = render(args.size, args.repeats, args.loop_trips,
                   (load_start, _common.load_average()), stream, rows)
