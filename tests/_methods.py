@@ -18,8 +18,10 @@ METHODS = {
         bits=3, reduction="butterfly", granularity="leaf"),
     "gq_exponential": lambda: gqsgd_jax.global_quantize(
         bits=8, dithering="exponential"),
+    "thc": lambda: gqsgd_jax.thc(granularity="leaf"),
+    "qsgd": lambda: gqsgd_jax.qsgd(),
 }
 
 # Methods whose output is a random function of the key (determinism tests).
 STOCHASTIC = {"gq8_psum", "gq4_butterfly", "gq3_butterfly_leaf",
-              "gq_exponential"}
+              "gq_exponential", "thc", "qsgd"}
