@@ -186,8 +186,7 @@ def test_nonfinite_zeros_and_dtypes():
 def test_sampled_threshold_sends_a_prefix_of_the_top_k():
   v = jax.random.normal(jax.random.PRNGKey(1), (30000,))
   k = 300
-  select = jax.jit(lambda v, key: dgc_lib._select(  # pylint: disable=protected-access
-      v, k, key, "sampled", 0.01))
+  select = jax.jit(lambda v, key: dgc_lib.select(v, k, key, "sampled", 0.01))
   order = np.argsort(-np.abs(np.asarray(v)), kind="stable")
   for seed in range(3):
     idx, valid = select(v, jax.random.PRNGKey(seed))

@@ -179,7 +179,7 @@ def test_decode_reproduces_the_dequantized_selection(fmt, n, ratio, dtype):
                                atol=1e-4)
 
 
-def test_auto_index_format_is_the_cheapest():
+def test_layout_accounting_and_auto_index_format():
   for n, ratio, want in [(100000, 0.001, "positions"),
                          (100000, 0.01, "bitmap"),
                          (100000, 0.032, "classmap"),
@@ -190,6 +190,17 @@ def test_auto_index_format_is_the_cheapest():
             for f in ("positions", "bitmap", "classmap")}
     assert layout.payload_bytes == min(cost.values())
   assert jsq.budget_bits(1000, 0.032) == 1024  # decimal ρ, no float ceil
+  # The code stream's capacity holds every (k8, k4, k2) the budget allows,
+  # alignment padding included.
+  for n in (1, 2, 3, 5, 8, 13):
+    for budget in range(1, 8 * n + 12):
+      layout = jsq.JointSQLayout(n, budget, "classmap")
+      for k8 in range(n + 1):
+        for k4 in range(n + 1 - k8):
+          for k2 in range(n + 1 - k8 - k4):
+            if 8 * k8 + 4 * k4 + 2 * k2 <= budget:
+              used = k8 + -(-k4 // 2) + -(-k2 // 4)
+              assert used <= layout.stream_bytes, (n, budget, k8, k4, k2)
 
 
 def test_empty_zero_and_single_class_payloads():
@@ -219,9 +230,11 @@ def test_empty_zero_and_single_class_payloads():
 
 
 def _grads(num_workers, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
   return {
       "conv": jax.random.normal(ks[0], (num_workers, 3, 3, 8, 16)),
+      # Same layout as conv: the two are encoded together (vmap).
+      "conv2": jax.random.normal(ks[5], (num_workers, 3, 3, 8, 16)) * 0.1,
       "dense": jax.random.normal(ks[1], (num_workers, 20, 21)),  # < min_size
       "half": jax.random.normal(ks[2], (num_workers, 64, 32)).astype(
           jnp.float16),
@@ -240,9 +253,9 @@ def _init(tx, grads):
 # One transform for the W = 4 transform tests, so they share compilations.
 _W = 4
 _TX = jsq.jointsq(compression_ratio=0.05, min_size=512, key=9)
-# Compressed leaves -> index in the flattened dict (bias, conv, dense,
-# empty, half, scalar), i.e. in the state's per-leaf tuples.
-_LEAF = {"conv": 1, "half": 4}
+# Compressed leaves -> index in the flattened dict (bias, conv, conv2,
+# dense, empty, half, scalar), i.e. in the state's per-leaf tuples.
+_LEAF = {"conv": 1, "conv2": 2, "half": 5}
 
 
 def test_replicas_identical_under_shard_map_and_pmap_and_state_stable():
@@ -270,11 +283,25 @@ def test_replicas_identical_under_shard_map_and_pmap_and_state_stable():
   # State: same tree and dtypes, fresh key, counts per compressed leaf.
   assert isinstance(state1, jsq.JointSQState)
   assert jax.tree.structure(state1) == jax.tree.structure(state)
-  assert state1.counts.shape == (_W, 6)  # 2 compressed leaves
+  assert state1.counts.shape == (_W, 9)  # 3 compressed leaves
   assert state1.counts.dtype == jnp.int32
   assert not np.array_equal(state1.key, state.key)
-  assert [e.shape[1] for e in state1.error] == [0, 1152, 0, 0, 2048, 0]
+  assert [e.shape[1] for e in state1.error] == [0, 1152, 1152, 0, 0, 2048,
+                                                0]
   assert not np.array_equal(out2["conv"], results["pmap"][0]["conv"])
+  # Bits of each worker's step, with and without the index.
+  params = jax.tree.map(lambda x: x[0], grads)
+  for i in range(_W):
+    bits = jsq.jointsq_bits(params, state1.counts[i], compression_ratio=0.05,
+                            min_size=512)
+    assert 0 < bits["code_bits"] <= bits["budget_bits"]
+    assert bits["code_bits"] < bits["with_index_bits"]
+    assert bits["with_index_bits"] <= bits["payload_bits"]
+    if i == 0:
+      n = sum(lay.numel for lay in jax.tree.leaves(
+          jsq.jointsq_layouts(params, compression_ratio=0.05, min_size=512),
+          is_leaf=lambda x: isinstance(x, jsq.JointSQLayout)))
+      print({k: round(v / n, 3) for k, v in bits.items()}, "bits/element")
 
 
 def test_error_feedback_identity_and_mean_of_decoded_payloads():

@@ -16,9 +16,15 @@ SGD: ``optax.chain(dgc(momentum=0.9), optax.sgd(lr))``. Chaining it with
 does, B-DGC-2).
 
 Wire per worker and step: k × (4 + value bytes) per compressed tensor
-(bfloat16 values by default: (4 + 2)·k bytes, spec §12), plus the dense
-leaves. Not implemented from the DGC paper: the sparsity warm-up schedule
-and local gradient clipping (the reference has neither).
+(bfloat16 values by default: (4 + 2)·k bytes, spec §12; the values travel
+as their uint16 bit patterns), plus the f32 momentum of the dense leaves.
+The reference sends float16 values; bfloat16 has the same size but float32's
+range, so small gradients are not flushed to zero and large ones do not
+overflow (with float16 the clipped excess stays in v). Non-finite values
+rank first, reach the output and are dropped from u and v.
+
+Not implemented from the DGC paper: the sparsity warm-up schedule and local
+gradient clipping (the reference has neither).
 """
 
 from fractions import Fraction
@@ -103,7 +109,7 @@ def _to_wire(x: jax.Array, dtype: np.dtype) -> jax.Array:
   return jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x).astype(dtype)
 
 
-def _select(v, k, key, selection, sample_ratio):
+def select(v, k, key, selection, sample_ratio):
   """(indices int32[k], valid bool[k]) of the largest |v|; NaN/inf first."""
   scores = jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
   if selection == "exact":
@@ -206,7 +212,7 @@ def dgc(
       k = num_selected(n, density)
       u = momentum * us[i] + leaves[i].reshape(-1).astype(jnp.float32)
       v = vs[i] + u
-      idx, valid = _select(v, k, prng.fold(step_key, layer, worker),
+      idx, valid = select(v, k, prng.fold(step_key, layer, worker),
                            selection, sample_ratio)
       sent = _to_wire(jnp.where(valid, v[idx], 0.0), wire_dtype)
       # Momentum-factor masking: clear u and v where a value left; v keeps

@@ -42,6 +42,7 @@ norms, small layers) are averaged exactly by one ``psum``.
 
 import dataclasses
 from fractions import Fraction
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -69,6 +70,10 @@ PROFIT_DENSITY = ((1 - 4.0**-2) / 2, (4.0**-2 - 4.0**-4) / 2,
                   (4.0**-4 - 4.0**-8) / 4)
 ITEM_WEIGHT = (2, 2, 4)
 _TINY = float(np.finfo(np.float32).tiny)
+# Bit packing of the maps (element 0 in the high lane), shared with the
+# kernels' reference; any width that divides 8 works, 1 and 2 here.
+_pack = reference._pack  # pylint: disable=protected-access
+_unpack = reference._unpack  # pylint: disable=protected-access
 
 
 def levels(bits: int) -> int:
@@ -421,13 +426,13 @@ def _encode_index(cls, rank, counts, layout):
   n, cap = layout.numel, layout.capacity
   chosen = cls > 0
   if layout.index_format == "classmap":
-    return reference._pack(cls.astype(jnp.uint32), 2)  # pylint: disable=protected-access
+    return _pack(cls.astype(jnp.uint32), 2)
   if layout.index_format == "bitmap":
-    bitmap = reference._pack(chosen.astype(jnp.uint32), 1)  # pylint: disable=protected-access
+    bitmap = _pack(chosen.astype(jnp.uint32), 1)
     slot = jnp.where(chosen, jnp.cumsum(chosen) - 1, cap)
     classes = jnp.zeros(cap, jnp.uint32).at[slot].set(
         cls.astype(jnp.uint32), mode="drop")
-    return jnp.concatenate([bitmap, reference._pack(classes, 2)])  # pylint: disable=protected-access
+    return jnp.concatenate([bitmap, _pack(classes, 2)])
   # positions: grouped by class 8, 4, 2, ascending within a class.
   start = jnp.stack([jnp.int32(0), counts[0] + counts[1], counts[0],
                      jnp.int32(0)])  # by class id 0..3
@@ -463,11 +468,11 @@ def decode(payload: jax.Array, layout: JointSQLayout, *,
         _gather_values(vals, cls, rank, base), mode="drop")
   else:
     if layout.index_format == "classmap":
-      cls = reference._unpack(index, 2)[:n].astype(jnp.int32)  # pylint: disable=protected-access
+      cls = _unpack(index, 2)[:n].astype(jnp.int32)
     else:
       nmap = -(-n // 8)
-      chosen = reference._unpack(index[:nmap], 1)[:n] > 0  # pylint: disable=protected-access
-      classes = reference._unpack(index[nmap:], 2)[:cap].astype(jnp.int32)  # pylint: disable=protected-access
+      chosen = _unpack(index[:nmap], 1)[:n] > 0
+      classes = _unpack(index[nmap:], 2)[:cap].astype(jnp.int32)
       slot = jnp.clip(jnp.cumsum(chosen) - 1, 0, max(cap - 1, 0))
       cls = jnp.where(chosen, classes[slot] if cap else 0, 0)
     out = _gather_values(vals, cls, _ranks(cls), base)
@@ -521,6 +526,32 @@ def jointsq_layouts(params, *, compression_ratio: float = 0.032,
   plan = _plan(compression_ratio, predicate, min_size, index_format)
   return jax.tree.map(lambda x: plan.layout(x) if plan.compresses(x)
                       else None, params)
+
+
+def jointsq_bits(params, counts, **layout_args) -> dict:
+  """One worker's bits for a step, summed over the compressed leaves.
+
+  Args:
+    params: the model (or gradient) tree the transform was built for.
+    counts: that worker's ``JointSQState.counts`` after the step.
+    **layout_args: the layout arguments given to ``jointsq``
+      (compression_ratio, predicate, min_size, index_format).
+
+  Returns:
+    dict of ``budget_bits``, ``code_bits`` (values only, never above the
+    budget), ``with_index_bits`` (plus positions/maps and norms) and
+    ``payload_bits`` (the fixed-capacity payload actually gathered).
+  """
+  layouts = [x for x in jax.tree.leaves(
+      jointsq_layouts(params, **layout_args),
+      is_leaf=lambda x: isinstance(x, JointSQLayout)) if x is not None]
+  counts = np.asarray(counts).reshape(len(layouts), 3)
+  total = dict(budget_bits=0, code_bits=0, with_index_bits=0,
+               payload_bits=0)
+  for layout, cnt in zip(layouts, counts):
+    for k, v in layout.bits(cnt).items():
+      total[k] += v
+  return total
 
 
 def jointsq(
@@ -608,29 +639,41 @@ def jointsq(
 
     out = list(leaves)
     new_errors = list(errors)
-    payloads, layouts, counts = [], [], []
+    counts = [None] * len(comp)
+    # Tensors of one layout are encoded and decoded together (vmap), so a
+    # model compiles one codec per distinct layout, not per tensor.
+    groups = {}
     for layer, i in enumerate(comp):
-      layout = plan.layout(leaves[i])
-      v = errors[i] + leaves[i].reshape(-1).astype(jnp.float32)
-      payload, x_hat, cnt = encode(
-          v, layout, prng.fold(step_key, layer, worker), selection=selection,
-          sample_ratio=sample_ratio, impl=impl)
-      # A non-finite step sends NaN; the memory keeps only finite values.
-      err = jnp.where(jnp.isnan(x_hat), v, v - x_hat)
-      new_errors[i] = jnp.where(jnp.isfinite(err), err, 0.0)
-      payloads.append(payload)
-      layouts.append(layout)
-      counts.append(cnt)
+      groups.setdefault(plan.layout(leaves[i]), []).append((layer, i))
+    payloads = []
+    for layout, members in groups.items():
+      vs = jnp.stack([errors[i] + leaves[i].reshape(-1).astype(jnp.float32)
+                      for _, i in members])
+      keys = jnp.stack([prng.fold(step_key, layer, worker)
+                        for layer, _ in members])
+      payload, x_hat, cnt = jax.vmap(functools.partial(
+          encode, layout=layout, selection=selection,
+          sample_ratio=sample_ratio, impl=impl))(vs, key=keys)
+      # A non-finite tensor sends NaN; the memory keeps its finite values.
+      err = jnp.where(jnp.isnan(x_hat), vs, vs - x_hat)
+      err = jnp.where(jnp.isfinite(err), err, 0.0)
+      for g, (layer, i) in enumerate(members):
+        new_errors[i] = err[g]
+        counts[layer] = cnt[g]
+      payloads.append(payload.reshape(-1))
     if comp:
       # One collective for every compressed tensor; typed replicated.
       gathered = jax.lax.all_gather(jnp.concatenate(payloads), axis_name,
                                     to="invarying")
       start = 0
-      for i, layout in zip(comp, layouts):
-        chunk = gathered[:, start:start + layout.payload_bytes]
-        start += layout.payload_bytes
-        out[i] = _mean(chunk, layout, num_workers, impl).reshape(
-            leaves[i].shape).astype(leaves[i].dtype)
+      for layout, members in groups.items():
+        size = len(members) * layout.payload_bytes
+        chunk = gathered[:, start:start + size].reshape(
+            num_workers, len(members), layout.payload_bytes)
+        start += size
+        means = _mean(chunk, layout, num_workers, impl)
+        for g, (_, i) in enumerate(members):
+          out[i] = means[g].reshape(leaves[i].shape).astype(leaves[i].dtype)
     dense = [i for i in range(len(leaves)) if i not in set(comp)]
     if dense:
       summed = jax.lax.psum([leaves[i] for i in dense], axis_name)
@@ -645,9 +688,13 @@ def jointsq(
 
 
 def _mean(chunk, layout, num_workers, impl):
-  """Decodes every worker's payload and averages, always in worker order."""
+  """Decodes every worker's payloads (uint8[W, G, P]) and averages them,
+  always in worker order: f32[G, n]."""
+  dec = jax.vmap(functools.partial(decode, layout=layout, impl=impl))
+
   def add(w, acc):
-    return acc + decode(chunk[w], layout, impl=impl)
-  total = jax.lax.fori_loop(0, num_workers, add,
-                            jnp.zeros(layout.numel, jnp.float32))
+    return acc + dec(chunk[w])
+  total = jax.lax.fori_loop(
+      0, num_workers, add,
+      jnp.zeros((chunk.shape[1], layout.numel), jnp.float32))
   return total / num_workers
