@@ -286,8 +286,9 @@ def test_replicas_identical_under_shard_map_and_pmap_and_state_stable():
   assert state1.counts.shape == (_W, 9)  # 3 compressed leaves
   assert state1.counts.dtype == jnp.int32
   assert not np.array_equal(state1.key, state.key)
-  assert [e.shape[1] for e in state1.error] == [0, 1152, 1152, 0, 0, 2048,
-                                                0]
+  # Uncompressed leaves: an unused f32[1] (orbax saves no zero-size array).
+  assert [e.shape[1] for e in state1.error] == [1, 1152, 1152, 1, 1, 2048,
+                                                1]
   assert not np.array_equal(out2["conv"], results["pmap"][0]["conv"])
   # Bits of each worker's step, with and without the index.
   params = jax.tree.map(lambda x: x[0], grads)

@@ -48,9 +48,11 @@ VALUE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
 
 class DGCState(NamedTuple):
   """State of ``dgc``: per-worker momentum and velocity, sampling key."""
-  # Per worker (see worker_state_specs): flat f32[n] momentum u per leaf.
+  # Per worker (see worker_state_specs): flat f32[n] momentum u per leaf
+  # (an unused f32[1] for an empty leaf: orbax cannot save zero-size arrays).
   momentum: tuple
-  # Per worker: flat f32[n] velocity v per compressed leaf, f32[0] otherwise.
+  # Per worker: flat f32[n] velocity v per compressed leaf, else an unused
+  # f32[1] (orbax cannot checkpoint zero-size arrays).
   velocity: tuple
   key: jax.Array  # uint32[2] raw PRNG key (sampled threshold), split per step
   per_worker_fields = ("momentum", "velocity")
@@ -180,8 +182,9 @@ def dgc(
   def init_fn(params):
     leaves = jax.tree.leaves(params)
     return DGCState(
-        momentum=tuple(jnp.zeros(np.size(x), jnp.float32) for x in leaves),
-        velocity=tuple(jnp.zeros(np.size(x) if compresses(x) else 0,
+        momentum=tuple(jnp.zeros(max(np.size(x), 1), jnp.float32)
+                       for x in leaves),
+        velocity=tuple(jnp.zeros(np.size(x) if compresses(x) else 1,
                                  jnp.float32) for x in leaves),
         key=init_key)
 
@@ -194,8 +197,8 @@ def dgc(
     bucketing.check_leaf_dtypes(leaves, paths)
     us, vs = list(state.momentum), list(state.velocity)
     comp = [i for i, x in enumerate(leaves) if compresses(x)]
-    want_v = [(x.size if i in comp else 0,) for i, x in enumerate(leaves)]
-    if ([u.shape for u in us] != [(x.size,) for x in leaves] or
+    want_v = [(x.size if i in comp else 1,) for i, x in enumerate(leaves)]
+    if ([u.shape for u in us] != [(max(x.size, 1),) for x in leaves] or
         [v.shape for v in vs] != want_v):
       raise ValueError(
           "DGCState does not match the updates (was init called with "
@@ -205,7 +208,10 @@ def dgc(
     next_key, step_key = jax.random.split(state.key)
     worker = jax.lax.axis_index(axis_name)
 
-    out, new_u, new_v = list(leaves), list(us), list(vs)
+    # Empty leaves stay empty (a fresh, replicated array) and keep their
+    # placeholder memory.
+    out = [jnp.zeros(x.shape, x.dtype) for x in leaves]
+    new_u, new_v = list(us), list(vs)
     indices, values, sizes = [], [], []
     for layer, i in enumerate(comp):
       n = leaves[i].size
@@ -242,7 +248,8 @@ def dgc(
                              num_workers)
         out[i] = mean.reshape(leaves[i].shape).astype(leaves[i].dtype)
         start += k
-    dense = [i for i in range(len(leaves)) if i not in set(comp)]
+    dense = [i for i in range(len(leaves))
+             if i not in set(comp) and leaves[i].size]
     if dense:
       moms = [momentum * us[i] + leaves[i].reshape(-1).astype(jnp.float32)
               for i in dense]

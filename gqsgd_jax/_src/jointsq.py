@@ -486,10 +486,12 @@ def decode(payload: jax.Array, layout: JointSQLayout, *,
 class JointSQState(NamedTuple):
   """State of ``jointsq``: error feedback, dither key, last step's counts."""
   # Per worker (see worker_state_specs): one flat f32[n] residual per leaf
-  # in leaf order for compressed leaves, f32[0] for the others.
+  # in leaf order for compressed leaves, an unused f32[1] for the others
+  # (orbax cannot checkpoint zero-size arrays).
   error: tuple
   key: jax.Array  # uint32[2] raw PRNG key, split once per step; shared
-  # Per worker: int32[3 L], (k8, k4, k2) of each compressed leaf, last step.
+  # Per worker: int32[3 L], (k8, k4, k2) of each compressed leaf, last step
+  # (int32[1] when nothing is compressed).
   counts: jax.Array
   per_worker_fields = ("error", "counts")
 
@@ -545,7 +547,7 @@ def jointsq_bits(params, counts, **layout_args) -> dict:
   layouts = [x for x in jax.tree.leaves(
       jointsq_layouts(params, **layout_args),
       is_leaf=lambda x: isinstance(x, JointSQLayout)) if x is not None]
-  counts = np.asarray(counts).reshape(len(layouts), 3)
+  counts = np.asarray(counts)[:3 * len(layouts)].reshape(len(layouts), 3)
   total = dict(budget_bits=0, code_bits=0, with_index_bits=0,
                payload_bits=0)
   for layout, cnt in zip(layouts, counts):
@@ -612,11 +614,13 @@ def jointsq(
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
-    error = tuple(jnp.zeros(np.size(x) if plan.compresses(x) else 0,
+    # Uncompressed leaves get an unused f32[1]: orbax cannot checkpoint
+    # zero-size arrays.
+    error = tuple(jnp.zeros(np.size(x) if plan.compresses(x) else 1,
                             jnp.float32) for x in leaves)
     layers = sum(plan.compresses(x) for x in leaves)
     return JointSQState(error=error, key=init_key,
-                        counts=jnp.zeros(3 * layers, jnp.int32))
+                        counts=jnp.zeros(max(3 * layers, 1), jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -627,7 +631,7 @@ def jointsq(
     bucketing.check_leaf_dtypes(leaves, paths)
     errors = list(state.error)
     comp = [i for i, x in enumerate(leaves) if plan.compresses(x)]
-    sizes = [x.size if i in comp else 0 for i, x in enumerate(leaves)]
+    sizes = [x.size if i in comp else 1 for i, x in enumerate(leaves)]
     if [e.shape for e in errors] != [(size,) for size in sizes]:
       raise ValueError(
           "JointSQState does not match the updates (was init called with "
