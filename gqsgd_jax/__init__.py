@@ -1,8 +1,12 @@
 """gqsgd_jax: Global-QSGD and gradient-compression baselines for JAX."""
 
+from gqsgd_jax._src.acpsgd import acpsgd
+from gqsgd_jax._src.acpsgd import AcpSgdState
 from gqsgd_jax._src.baselines import psum_mean
 from gqsgd_jax._src.baselines import PsumMeanState
 from gqsgd_jax._src.collectives import varying
+from gqsgd_jax._src.dgc import dgc
+from gqsgd_jax._src.dgc import DGCState
 from gqsgd_jax._src.distributed import initialize as initialize_distributed
 from gqsgd_jax._src.distributed import launch_local
 from gqsgd_jax._src.ffi import HAS_CPU
@@ -14,6 +18,10 @@ from gqsgd_jax._src.hadamard import inverse_randomized_hadamard
 from gqsgd_jax._src.hadamard import random_signs
 from gqsgd_jax._src.hadamard import randomized_hadamard
 from gqsgd_jax._src.hlo import wire_report
+from gqsgd_jax._src.jointsq import jointsq
+from gqsgd_jax._src.jointsq import JointSQState
+from gqsgd_jax._src.lgreco import lgreco
+from gqsgd_jax._src.lgreco import LGrecoState
 from gqsgd_jax._src.worker_state import worker_state_specs
 from gqsgd_jax._src.nonfinite import apply_if_finite
 from gqsgd_jax._src.nonfinite import ApplyIfFiniteState
@@ -25,6 +33,8 @@ from gqsgd_jax._src.ops import exp_encode
 from gqsgd_jax._src.ops import exp_reduce
 from gqsgd_jax._src.ops import quantize
 from gqsgd_jax._src.ops import seed_from_key
+from gqsgd_jax._src.powersgd import powersgd
+from gqsgd_jax._src.powersgd import PowerSGDState
 from gqsgd_jax._src.qsgd import qsgd
 from gqsgd_jax._src.qsgd import QsgdState
 from gqsgd_jax._src.qsgd import wire_bytes as qsgd_wire_bytes
@@ -36,33 +46,43 @@ from gqsgd_jax._src.thc import wire_bytes as thc_wire_bytes
 __version__ = "0.1.0"
 
 __all__ = (
+    "AcpSgdState",
     "ApplyIfFiniteState",
+    "DGCState",
     "GlobalQuantizeState",
     "HAS_CPU",
     "HAS_CUDA",
+    "JointSQState",
+    "LGrecoState",
+    "PowerSGDState",
     "PsumMeanState",
     "QsgdState",
     "ThcState",
     "WireBytes",
     "WireReport",
+    "acpsgd",
     "apply_if_finite",
     "average",
     "dequantize",
+    "dgc",
     "exp_decode",
     "exp_encode",
     "exp_reduce",
     "global_quantize",
-    "initialize_distributed",
-    "launch_local",
-    "psum_mean",
-    "quantize",
-    "seed_from_key",
     "hadamard_transform",
+    "initialize_distributed",
     "inverse_randomized_hadamard",
+    "jointsq",
+    "launch_local",
+    "lgreco",
+    "powersgd",
+    "psum_mean",
     "qsgd",
     "qsgd_wire_bytes",
+    "quantize",
     "random_signs",
     "randomized_hadamard",
+    "seed_from_key",
     "thc",
     "thc_wire_bytes",
     "varying",

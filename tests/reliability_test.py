@@ -60,9 +60,10 @@ class _Tx:
 
 
 @functools.cache
-def _train_fn(method, num_workers, steps):
+def _train_fn(method, num_workers, steps, key=None):
   """A jitted shard_map that runs ``steps`` SGD steps with the method."""
-  tx = optax.chain(METHODS[method](), optax.sgd(0.05))
+  kwargs = {} if key is None else {"key": key}
+  tx = optax.chain(METHODS[method](**kwargs), optax.sgd(0.05))
   mesh = data_mesh(num_workers)
   wrapped = _Tx(tx, _problem(num_workers)[0], mesh)
 
@@ -110,16 +111,12 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, method,
 @pytest.mark.parametrize("method", sorted(STOCHASTIC))
 def test_same_key_same_run_different_key_different_run(method):
   params, a, b = _problem(4)
-  tx, run = _train_fn(method, 4, 2)
+  tx, run = _train_fn(method, 4, 2, key=0)
   first = run(params, tx.init(params), a, b)
   again = run(params, tx.init(params), a, b)
   assert_trees_bitwise_equal(first, again)
-  # A different key of the dither (state field "key" of the compressor).
-  state = tx.init(params)
-  other_key = jax.tree.map(
-      lambda x: x + 1 if x.dtype == jnp.uint32 and x.shape == (2,) else x,
-      state)
-  other = run(params, other_key, a, b)
+  tx1, run1 = _train_fn(method, 4, 2, key=1)
+  other = run1(params, tx1.init(params), a, b)
   assert not np.array_equal(np.asarray(other[0]["w"]),
                             np.asarray(first[0]["w"]))
 
@@ -195,6 +192,7 @@ def test_apply_if_finite_gives_up_after_max_consecutive_errors():
 # values drawn from NaN, ±Inf, subnormals, huge, zeros and mixtures.
 
 _FUZZ_WORKERS = 2
+_MAY_EXCEED_INPUT = {"powersgd", "acpsgd", "lgreco", "jointsq", "dgc"}
 _SHAPES = {"a": (9,), "b": (2, 3), "c": ()}
 _SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -1e-45, 3e38, -3e38,
             1e-30, 65504.0, 1.0, -2.5]
@@ -274,7 +272,11 @@ def test_fuzzed_gradients(method, dtype, data):
       assert not np.all(np.isfinite(o[0])), (name, g, o)
     elif overflow:
       assert np.all(np.isnan(o[0]))  # documented overflow signal
-    elif all_finite:
+    elif all_finite and (method not in _MAY_EXCEED_INPUT or np.abs(
+        flat).max() < np.finfo(dtype).max / 4):
+      # Finite in -> finite out. Low-rank projections and re-quantized
+      # sparse selections can legitimately exceed the inputs' magnitude, so
+      # for them inputs within 4x of the dtype's max may round to inf.
       assert np.all(np.isfinite(o[0])), (name, g, o)
       if not np.any(g) and not np.any(flat):
         assert not np.any(o[0]), (name, o)  # zeros in -> exact zeros out
