@@ -121,6 +121,11 @@ def test_hlo_parser_counts_shapes_and_async_pairs():
   # Ring all-reduce 2(G-1)/G, permute all, all-gather (G-1)/G of the result.
   assert math.isclose(report.sent_bytes,
                       2 * 7 / 8 * (1000 + 52) + 64 + 7 / 8 * 128)
+  # Newer XLA states groups as mesh axes.
+  mesh_line = ("  %p = f32[100]{0} all-reduce(%x), channel_id=1, "
+               "replica_groups=mesh['data'=4, 'model'=2] {'data'}, "
+               "to_apply=%sum")
+  assert hlo.collectives(mesh_line)[0].group_size == 4
   # Without a stated group size, sent bytes are unknown, not guessed.
   assert math.isnan(gqsgd_jax.wire_report(text).sent_bytes)
 

@@ -41,6 +41,9 @@ _INSTR = re.compile(
 
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+# Newer XLA: replica_groups=mesh['data'=8, 'model'=2] {'data'}
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_MESH_AXIS = re.compile(r"'([^']+)'\s*=\s*(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,11 @@ def _arrays(shape: str):
 
 
 def _group_size(line: str) -> int | None:
+  m = _GROUPS_MESH.search(line)
+  if m:
+    sizes = {a: int(n) for a, n in _MESH_AXIS.findall(m.group(1))}
+    axes = re.findall(r"'([^']+)'", m.group(2))
+    return int(np.prod([sizes[a] for a in axes])) if axes else 1
   m = _GROUPS_IOTA.search(line)
   if m:
     return int(m.group(2))
