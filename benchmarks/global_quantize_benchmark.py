@@ -65,8 +65,9 @@ def _methods(impl="auto"):
 
 def wire_table(size, num_workers=8):
   g = jnp.zeros((num_workers, size))
-  rows = ["| method | payload B/step | scalar B/step | vs f32 psum | "
-          "B/element |", "|---|---:|---:|---:|---:|"]
+  rows = ["| method | sent B/step | vs f32 psum (sent) | payload B/step | "
+          "scalar B/step | payload B/element |",
+          "|---|---:|---:|---:|---:|---:|"]
   f32 = None
   methods = _methods()
   methods["gq 6-bit psum"] = gqsgd_jax.global_quantize(bits=6,
@@ -74,10 +75,10 @@ def wire_table(size, num_workers=8):
   for name, tx in methods.items():
     compiled = _update_fn(tx, num_workers).lower(g, tx.init(None)).compile()
     report = gqsgd_jax.wire_report(compiled)
-    f32 = f32 or report.total_bytes
-    rows.append(f"| {name} | {report.payload_bytes:,} | "
-                f"{report.scalar_bytes} | {f32 / report.total_bytes:.2f}x | "
-                f"{report.payload_bytes / size:.3f} |")
+    f32 = f32 or report.sent_bytes
+    rows.append(f"| {name} | {report.sent_bytes:,.0f} | "
+                f"{f32 / report.sent_bytes:.2f}x | {report.payload_bytes:,} | "
+                f"{report.scalar_bytes} | {report.payload_bytes / size:.3f} |")
   return rows
 
 
@@ -165,10 +166,14 @@ def main():
   lines += ["## Wire bytes per step and device (W = 8, "
             f"{args.size:,} gradient elements, compiled HLO)", ""]
   lines += wire_table(args.size) + [""]
-  lines += ["Payload = collective result bytes (psum: the all-reduced "
-            "buffer; butterfly: ppermute reduce-scatter + all-gather, i.e. "
-            "bits/8 per element each way). 3/5/6/7-bit codes travel in "
-            "uint32 words of ⌊32/bits⌋ lanes.", ""]
+  lines += ["Sent = bytes each device transmits with bandwidth-optimal "
+            "collectives (ring all-reduce 2(W-1)/W of the buffer, all-gather "
+            "(W-1)/W of the result, ppermute the buffer); the ratio to f32 "
+            "is what a bandwidth-bound link turns into time. Payload = "
+            "collective result bytes (psum: the all-reduced buffer; "
+            "butterfly: ppermute reduce-scatter + all-gather, bits/8 per "
+            "element each way). 3/5/6/7-bit codes travel in uint32 words of "
+            "⌊32/bits⌋ lanes. XLA:CPU widens the bf16 all-reduce to f32.", ""]
   lines += [f"## Estimator variance, psum vs butterfly ({args.mc_keys} keys,"
             f" {args.mc_dim} coordinates, Gaussian gradients)", ""]
   lines += variance_table(args.mc_dim, args.mc_keys) + [""]
