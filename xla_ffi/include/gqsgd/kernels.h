@@ -291,32 +291,40 @@ GQSGD_UNROLL
   }
 
 #if !defined(__CUDA_ARCH__)
-  // Per block, one simple loop each (they all vectorize): unpack both
-  // operands, hash the indices, average, pack.
+  // Lane-major: for each lane, one loop over the words of the block (element
+  // index w * kCount + lane) that ORs its codes into the packed result.
+  // Every loop is contiguous in w, so it vectorizes for any lane count
+  // (interleaved unpacking does not for the 10-lane words of 3 bits).
   void Contiguous(int64_t first, int64_t end) const {
     constexpr int64_t kBlockWords = kHostBlock / L::kCount;
     const uint32_t na = static_cast<uint32_t>(*n_a);
     const uint32_t nb = static_cast<uint32_t>(*n_b);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
-    uint32_t ca[kBlockWords * L::kCount];
-    uint32_t cb[kBlockWords * L::kCount];
-    uint32_t r[kBlockWords * L::kCount];
+    const Word* const as = a;
+    const Word* const bs = b;
+    Word* const o = out;
+    uint32_t acc[kBlockWords];
     for (int64_t w0 = first; w0 < end; w0 += kBlockWords) {
       const int64_t words = std::min(end - w0, kBlockWords);
-      const uint32_t count = static_cast<uint32_t>(words * L::kCount);
       StreamKey k;
       uint32_t lo;
-      if (!HostBlockKey(key, w0 * L::kCount, count, &k, &lo)) {
+      if (!HostBlockKey(key, w0 * L::kCount, words * L::kCount, &k, &lo)) {
         Strided(w0, 1, w0 + words);
         continue;
       }
-      UnpackLanes<kBits>(a + w0, words, ca);
-      UnpackLanes<kBits>(b + w0, words, cb);
-      for (uint32_t j = 0; j < count; ++j) r[j] = RandomBits(k, lo + j);
-      for (uint32_t j = 0; j < count; ++j) {
-        ca[j] = RoundedAverage(ca[j], cb[j], na, nb, r[j]) & L::kMask;
+      const uint32_t nw = static_cast<uint32_t>(words);
+      for (uint32_t w = 0; w < nw; ++w) acc[w] = 0;
+GQSGD_UNROLL
+      for (int lane = 0; lane < L::kCount; ++lane) {
+        const int shift = (L::kCount - 1 - lane) * kBits;
+        for (uint32_t w = 0; w < nw; ++w) {
+          const uint32_t i = lo + w * L::kCount + static_cast<uint32_t>(lane);
+          const uint32_t ca = (static_cast<uint32_t>(as[w0 + w]) >> shift) & L::kMask;
+          const uint32_t cb = (static_cast<uint32_t>(bs[w0 + w]) >> shift) & L::kMask;
+          acc[w] |= (RoundedAverage(ca, cb, na, nb, RandomBits(k, i)) & L::kMask) << shift;
+        }
       }
-      PackLanes<kBits>(ca, words, out + w0);
+      for (uint32_t w = 0; w < nw; ++w) o[w0 + w] = static_cast<Word>(acc[w]);
     }
   }
 #endif
