@@ -28,16 +28,30 @@ def median_times(thunks: dict[str, Callable[[], object]], repeats: int,
   call of each per round, so that a change in the load of the machine
   during the run affects all of them alike rather than whichever ran then.
   """
+  return median_wall_and_cpu(thunks, repeats, warmup)[0]
+
+
+def median_wall_and_cpu(
+    thunks: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> tuple[dict[str, float], dict[str, float]]:
+  """Like median_times, plus the median process CPU seconds (all threads).
+
+  On an idle machine wall ~= CPU / busy cores; a wall time well above that
+  means other processes held the cores.
+  """
   for _ in range(warmup):
     for thunk in thunks.values():
       jax.block_until_ready(thunk())
-  times = {name: [] for name in thunks}
+  wall = {name: [] for name in thunks}
+  cpu = {name: [] for name in thunks}
   for _ in range(repeats):
     for name, thunk in thunks.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(thunk())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  median = lambda d: {name: statistics.median(ts) for name, ts in d.items()}
+  return median(wall), median(cpu)
 
 
 def _cpuinfo_field(name: str) -> str | None:

@@ -71,6 +71,7 @@ class Timing:
   bytes_moved: int
   call: dict[str, float]  # impl -> seconds per call
   loop: dict[str, float]  # impl -> marginal seconds per op in a loop
+  loop_cpu: dict[str, float]  # impl -> marginal process CPU seconds, ditto
 
 
 def _nbytes(*arrays) -> int:
@@ -177,11 +178,12 @@ def _time(name: str, bytes_moved: int, call: dict, loop: dict,
   for impl, fn in loop.items():
     thunks[f"{impl} loop 1"] = functools.partial(fn, one)
     thunks[f"{impl} loop K"] = functools.partial(fn, more)
-  t = _common.median_times(thunks, repeats)
-  return Timing(
-      name, bytes_moved, {impl: t[impl] for impl in call},
-      {impl: (t[f"{impl} loop K"] - t[f"{impl} loop 1"]) / loop_trips
-       for impl in loop})
+  wall, cpu = _common.median_wall_and_cpu(thunks, repeats)
+  marginal = lambda t: {
+      impl: (t[f"{impl} loop K"] - t[f"{impl} loop 1"]) / loop_trips
+      for impl in loop}
+  return Timing(name, bytes_moved, {impl: wall[impl] for impl in call},
+                marginal(wall), marginal(cpu))
 
 
 def time_case(case: Case, repeats: int, loop_trips: int) -> Timing:
@@ -229,16 +231,23 @@ def gbps(bytes_moved: int, seconds: float) -> float:
 
 
 def _kernel_table(rows: list[Timing], kind: str, bound: float) -> list[str]:
-  out = ["| kernel | MB moved | FFI ms | FFI GB/s | XLA ms | XLA GB/s "
-         "| FFI/XLA | FFI/stream |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  """Per call: ms and GB/s per impl. In a loop: also the CPU ms."""
+  cpu = kind == "loop"
+  impl_cols = "ms | CPU ms | GB/s" if cpu else "ms | GB/s"
+  out = [f"| kernel | MB moved | FFI {impl_cols.replace(' | ', ' | FFI ')} | "
+         f"XLA {impl_cols.replace(' | ', ' | XLA ')} | FFI/XLA | FFI/stream |",
+         "|---|" + "---:|" * (7 + 2 * cpu)]
   for r in rows:
     t = getattr(r, kind)
+    cells = [r.name, f"{r.bytes_moved / 1e6:.1f}"]
+    for impl in IMPLS:
+      cells.append(f"{t[impl] * 1e3:.2f}")
+      if cpu:
+        cells.append(f"{r.loop_cpu[impl] * 1e3:.2f}")
+      cells.append(f"{gbps(r.bytes_moved, t[impl]):.1f}")
     ffi, xla = gbps(r.bytes_moved, t["ffi"]), gbps(r.bytes_moved, t["xla"])
-    out.append(
-        f"| {r.name} | {r.bytes_moved / 1e6:.1f} | {t['ffi'] * 1e3:.2f} | "
-        f"{ffi:.1f} | {t['xla'] * 1e3:.2f} | {xla:.1f} | {ffi / xla:.2f} | "
-        f"{ffi / bound:.2f} |")
+    cells += [f"{ffi / xla:.2f}", f"{ffi / bound:.2f}"]
+    out.append("| " + " | ".join(cells) + " |")
   return out
 
 
@@ -257,17 +266,21 @@ def render(n: int, repeats: int, loop_trips: int, load: tuple[str, str],
          "arrays, including XLA's allocation of the output. In a loop: "
          f"marginal time of one op in a jitted `fori_loop` ((T(1 + "
          f"{loop_trips}) - T(1)) / {loop_trips} iterations), buffers "
-         "reused. `FFI/XLA` and `FFI/stream` are throughput ratios; "
-         "stream is the faster streaming reference measured the same way "
-         f"({bound['call']:.1f} GB/s per call, {bound['loop']:.1f} GB/s in "
-         "a loop). See the docstring of benchmarks/kernel_benchmark.py.",
+         "reused; CPU ms is the process CPU time per op (all threads): on "
+         "an idle machine ms ~= CPU ms / cores used, a larger ms means "
+         "other processes held the cores. `FFI/XLA` and `FFI/stream` are "
+         "throughput ratios; stream is the faster streaming reference "
+         f"measured the same way ({bound['call']:.1f} GB/s per call, "
+         f"{bound['loop']:.1f} GB/s in a loop). See the docstring of "
+         "benchmarks/kernel_benchmark.py.",
          "", "## Streaming references (plain XLA)", "",
-         "| op | MB moved | per call ms | GB/s | in loop ms | GB/s |",
-         "|---|---:|---:|---:|---:|---:|"]
+         "| op | MB moved | per call ms | GB/s | in loop ms | CPU ms | GB/s |",
+         "|---|---:|---:|---:|---:|---:|---:|"]
   for r in stream:
     c, l = r.call["xla"], r.loop["xla"]
     out.append(f"| {r.name} | {r.bytes_moved / 1e6:.1f} | {c * 1e3:.2f} | "
                f"{gbps(r.bytes_moved, c):.1f} | {l * 1e3:.2f} | "
+               f"{r.loop_cpu['xla'] * 1e3:.2f} | "
                f"{gbps(r.bytes_moved, l):.1f} |")
   out += ["", "## Kernels in a loop (buffers reused)", "",
           *_kernel_table(rows, "loop", bound["loop"]),
