@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -30,32 +31,28 @@ import tqdm
 import gqsgd_jax
 
 AXIS = "data"
-# The library's compressors beyond Global-QSGD: module and factory, listed
-# only when the module imports (colleagues are still adding some).
-_BASELINES = {
-    "thc": "thc",
-    "qsgd": "qsgd",
-    "powersgd": "powersgd",
-    "acpsgd": "acpsgd",
-    "jointsq": "jointsq",
-    "dgc": "dgc",
-}
+# The library's compressors beyond Global-QSGD, by factory name (also the
+# module's), listed when the build has them.
+_BASELINES = ("thc", "qsgd", "powersgd", "acpsgd", "jointsq", "dgc")
+
+
+def _has_baseline(name: str) -> bool:
+  # find_spec does not run the module: nothing may touch JAX's backend
+  # before setup_devices.
+  return hasattr(gqsgd_jax, name) or (
+      importlib.util.find_spec(f"gqsgd_jax._src.{name}") is not None)
 
 
 def _baseline_factory(name: str):
-  """The library's factory of a baseline, or None if it is not there."""
+  """The library's factory of a baseline (exported, or from its module)."""
   factory = getattr(gqsgd_jax, name, None)
   if factory is None:
-    try:
-      module = importlib.import_module(f"gqsgd_jax._src.{_BASELINES[name]}")
-    except ImportError:
-      return None
-    factory = getattr(module, name, None)
+    factory = getattr(importlib.import_module(f"gqsgd_jax._src.{name}"), name)
   return factory
 
 
 COMPRESSORS = ("f32", "bf16", "gqsgd", "gqsgd_exp") + tuple(
-    name for name in _BASELINES if _baseline_factory(name) is not None)
+    name for name in _BASELINES if _has_baseline(name))
 # Defaults of the baselines' own knobs (bits maps to their levels).
 POWERSGD_RANK = 4
 POWERSGD_START = 0  # steps of exact averaging first (the reference: 1000)
@@ -120,7 +117,8 @@ def make_mesh(num_workers: int | None = None) -> jax.sharding.Mesh:
 
 def make_compressor(name: str, bits: int = 4, *, axis_name=AXIS,
                     seed: int = 0, reduction: str = "auto",
-                    momentum: float = 0.0) -> optax.GradientTransformation:
+                    granularity: str = "bucket", momentum: float = 0.0
+                    ) -> optax.GradientTransformation:
   """The gradient all-reduce of a method, as the first link of a chain.
 
   Args:
@@ -136,6 +134,9 @@ def make_compressor(name: str, bits: int = 4, *, axis_name=AXIS,
     seed: seed of the quantizer's dither (and shared random draws).
     reduction: "auto", "psum" or "butterfly" for "gqsgd" (see
       ``gqsgd_jax.global_quantize``); ignored by the others.
+    granularity: Global-QSGD's scale: one max-abs per "bucket" of 25 MiB
+      (the default; the whole model of each example), per "leaf" (tensor)
+      or "global"; ignored by the others.
     momentum: DGC's momentum correction (the outer optimizer must then be
       momentum-free, see ``make_optimizer``); ignored by the others.
 
@@ -148,13 +149,15 @@ def make_compressor(name: str, bits: int = 4, *, axis_name=AXIS,
     return gqsgd_jax.psum_mean(axis_name=axis_name, wire_dtype=jnp.bfloat16)
   if name == "gqsgd":
     return gqsgd_jax.global_quantize(bits=bits, axis_name=axis_name,
-                                     reduction=reduction, key=seed)
+                                     reduction=reduction,
+                                     granularity=granularity, key=seed)
   if name == "gqsgd_exp":
     return gqsgd_jax.global_quantize(bits=8, axis_name=axis_name,
-                                     dithering="exponential", key=seed)
-  factory = _baseline_factory(name) if name in _BASELINES else None
-  if factory is None:
+                                     dithering="exponential",
+                                     granularity=granularity, key=seed)
+  if name not in COMPRESSORS:
     raise ValueError(f"compressor must be one of {COMPRESSORS}, got {name!r}")
+  factory = _baseline_factory(name)
   options = {
       "thc": dict(levels=2**bits),
       "qsgd": dict(levels=2**(bits - 1) - 1),
@@ -169,12 +172,14 @@ def make_compressor(name: str, bits: int = 4, *, axis_name=AXIS,
 def make_optimizer(compressor: str, bits: int, base: str,
                    schedule: optax.Schedule, *, momentum: float = 0.9,
                    seed: int = 0, reduction: str = "auto",
+                   granularity: str = "bucket",
                    clip_norm: float | None = None
                    ) -> optax.GradientTransformation:
   """The compressor first (local -> mean gradient), then the optimizer.
 
   Args:
-    compressor, bits, seed, reduction: as for ``make_compressor``.
+    compressor, bits, seed, reduction, granularity: as for
+      ``make_compressor``.
     base: "sgd" (SGD with ``momentum``) or "adam".
     schedule: the learning rate schedule.
     momentum: SGD's momentum.
@@ -187,7 +192,7 @@ def make_optimizer(compressor: str, bits: int, base: str,
   """
   dgc_momentum = momentum if base == "sgd" else 0.0
   links = [make_compressor(compressor, bits, seed=seed, reduction=reduction,
-                           momentum=dgc_momentum)]
+                           granularity=granularity, momentum=dgc_momentum)]
   if clip_norm:
     links.append(optax.clip_by_global_norm(clip_norm))
   if base == "sgd":
@@ -200,8 +205,10 @@ def make_optimizer(compressor: str, bits: int, base: str,
   return optax.chain(*links)
 
 
-def method_name(name: str, bits: int) -> str:
+def method_name(name: str, bits: int, granularity: str = "bucket") -> str:
   """A readable label for logs, tables and plots."""
+  if name.startswith("gqsgd") and granularity != "bucket":
+    return f"{method_name(name, bits)}-{granularity}"
   return {"gqsgd": f"gqsgd-{bits}bit", "gqsgd_exp": "gqsgd-exp-8bit",
           "thc": f"thc-{bits}bit", "qsgd": f"qsgd-{bits}bit",
           "powersgd": f"powersgd-r{POWERSGD_RANK}",
@@ -489,23 +496,30 @@ def train_loop(train_step, params, opt_state, batches: Iterator, mesh, *,
   returns test metrics, run every ``eval_every`` steps and at the end.
 
   Returns:
-    (params, opt_state, history, wire): history holds one record per step
-    (``train_<metric>`` averaged over devices, plus test metrics when
-    evaluated); wire is ``wire_summary`` of the compiled step.
+    (params, opt_state, history, wire, timing): history holds one record
+    per step (``train_<metric>`` averaged over devices, plus test metrics
+    when evaluated); wire is ``wire_summary`` of the compiled step; timing
+    holds the compile time and the mean wall time of a step (evaluations
+    excluded), in seconds.
   """
   batch = shard(next(batches), mesh)
   # Compile once, read the wire bytes off that executable, and run it.
+  start = time.perf_counter()
   compiled = train_step.lower(params, opt_state, batch).compile()
+  timing = {"compile_s": time.perf_counter() - start}
   wire = wire_summary(compiled)
   history = []
+  step_time = 0.0
   bar = progress(range(1, steps + 1), total=steps, desc=desc,
                  enabled=show_progress and is_main_process())
   for step in bar:
+    start = time.perf_counter()
     params, opt_state, metrics = compiled(params, opt_state, batch)
     # Blocking every step keeps simulated CPU devices in lockstep: an
     # unbounded queue of collectives can time out in XLA's rendezvous.
     jax.block_until_ready((params, opt_state, metrics))
     metrics = to_host(metrics)
+    step_time += time.perf_counter() - start
     record = {"step": step}
     record.update({f"train_{k}": float(np.mean(v))
                    for k, v in metrics.items()})
@@ -514,23 +528,26 @@ def train_loop(train_step, params, opt_state, batches: Iterator, mesh, *,
     history.append(record)
     bar.set_postfix(loss=f"{record['train_loss']:.3f}")
     if step < steps:
+      start = time.perf_counter()
       batch = shard(next(batches), mesh)
-  return params, opt_state, history, wire
+      step_time += time.perf_counter() - start
+  timing["step_s"] = step_time / steps
+  return params, opt_state, history, wire, timing
 
 
 def finish(example: str, name: str, config, params, history: list[dict],
-           wire: dict, start: float, **extra) -> dict:
+           wire: dict, timing: dict, start: float, **extra) -> dict:
   """The final record of a run; process 0 writes the JSON log.
 
   The record holds the last step's metrics, ``extra``, the wire bytes, the
-  wall time, the process count and the params' digest (every process
+  timings, the process count and the params' digest (every process
   computes its own).
   """
   final = dict(history[-1])
   final.update(extra)
   final.update(processes=jax.process_count(),
                params_digest=params_digest(params),
-               wall_time_s=time.perf_counter() - start, **wire)
+               wall_time_s=time.perf_counter() - start, **timing, **wire)
   if config.log and is_main_process():
     write_log(config.log, {
         "example": example, "name": name,
@@ -586,6 +603,11 @@ def add_run_args(parser) -> None:
   parser.add_argument("--compressor", choices=COMPRESSORS)
   parser.add_argument("--bits", type=int,
                       help="bits per coordinate (gqsgd, thc, qsgd)")
+  parser.add_argument("--reduction", choices=("auto", "psum", "butterfly"),
+                      help="Global-QSGD's integer reduction (default auto)")
+  parser.add_argument("--granularity", choices=("bucket", "leaf", "global"),
+                      help="Global-QSGD's scale: per 25 MiB bucket "
+                      "(default), per tensor, or one for the model")
   parser.add_argument("--workers", type=int,
                       help="data-parallel devices (default: 8 simulated CPU "
                       "devices, every GPU, or every device of a "

@@ -75,27 +75,36 @@ def plot_runs(logs: list[dict], out: str | os.PathLike,
     raise ValueError("the logs hold no metrics")
   fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4),
                            squeeze=False)
+  # Distinct colours for up to 20 runs (the default cycle repeats after 10).
+  colors = plt.get_cmap("tab10" if len(logs) <= 10 else "tab20").colors
   for ax, metric in zip(axes[0], metrics):
-    for log in logs:
+    for i, log in enumerate(logs):
       steps, values = series(log, metric)
       if not len(steps):
         continue
       w = window if window is not None else max(1, len(values) // 50)
       ax.plot(steps, smooth(values, w), label=log.get("name", "run"),
+              color=colors[i % len(colors)],
+              linestyle="-" if i < len(colors) else "--",
               marker="o" if len(steps) <= 20 else None, markersize=3)
     ax.set_title(metric.replace("_", " "))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     if "loss" in metric:
       ax.set_yscale("log")
-  axes[0][0].legend()
   title = {log.get("example") for log in logs} - {None}
   if len(title) == 1:
     fig.suptitle(f"{title.pop()} example")
   fig.tight_layout()
+  if len(logs) <= 4:
+    axes[0][0].legend()
+  else:  # beside the panels, where it hides no curve
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1, 0.5),
+               fontsize="small")
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=120)
+  fig.savefig(out, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return out
 

@@ -191,6 +191,7 @@ def make_optimizer(config: default.Config) -> optax.GradientTransformation:
   return common.make_optimizer(config.compressor, config.bits, "adam",
                                schedule, seed=config.seed,
                                reduction=config.reduction,
+                               granularity=config.granularity,
                                clip_norm=config.clip_norm)
 
 
@@ -219,16 +220,17 @@ def train_and_evaluate(config: default.Config) -> dict:
       lambda p, b: eval_sums(graphdef, p, b), mesh)
 
   rng = np.random.default_rng(config.seed)
-  name = common.method_name(config.compressor, config.bits)
-  params, _, history, wire = common.train_loop(
+  name = common.method_name(config.compressor, config.bits,
+                            config.granularity)
+  params, _, history, wire, timing = common.train_loop(
       train_step, params, opt_state,
       batches(corpus.train, config.batch_size, config.seq_len, rng), mesh,
       steps=config.steps, eval_every=config.eval_every,
       evaluate=lambda p: evaluate(eval_step, p, held_out, mesh),
       desc=name, show_progress=config.progress)
   return common.finish(
-      "language", name, config, params, history, wire, start,
-      workers=workers, num_params=common.num_elements(params),
+      "language", name, config, params, history, wire, timing,
+      start, workers=workers, num_params=common.num_elements(params),
       corpus=corpus.source, train_bytes=len(corpus.train),
-      test_bytes=len(corpus.test), eval_bytes=held_out.shape[0]
+      held_out_bytes=len(corpus.test), eval_bytes=held_out.shape[0]
       * config.seq_len)

@@ -20,8 +20,8 @@ def _tiny_config(**kwargs) -> default.Config:
   return dataclasses.replace(config, **kwargs)
 
 
-# (compressor, bits, workers)
-RUNS = [("f32", 32, 2), ("gqsgd", 4, 4)]
+# (compressor, bits, workers); the vision tests cover the other reductions.
+RUNS = [("gqsgd", 4, 4)]
 
 
 @pytest.mark.parametrize("compressor,bits,workers", RUNS,

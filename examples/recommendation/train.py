@@ -114,7 +114,7 @@ def _zipf(rng, cardinality: int, size: int, exponent: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)  # the convergence script trains many times
 def synthetic(cardinalities=default.CRITEO_CARDINALITIES,
-              num_train: int = 200_000, num_test: int = 50_000,
+              num_train: int = 500_000, num_test: int = 50_000,
               seed: int = 1234, hidden_dim: int = 4,
               click_rate: float = 0.25) -> Dataset:
   """Criteo-shaped clicks drawn from a fixed hidden FwFM-style model.
@@ -144,8 +144,10 @@ def synthetic(cardinalities=default.CRITEO_CARDINALITIES,
   first = sum(w[f][cat[:, f]] for f in range(fields))
   zdense = (dense - dense.mean(0)) / (dense.std(0) + 1e-6)
   dense_part = zdense @ rng.normal(0, 1, NUM_DENSE)
-  emb = np.stack([u[f][cat[:, f]] for f in range(fields)], axis=1)
-  inter = np.sum(emb * (pairs @ emb), axis=(1, 2))
+  inter = np.zeros(n, np.float32)
+  for i in range(0, n, 2**16):  # [rows, fields, hidden_dim] a chunk at a time
+    emb = np.stack([u[f][cat[i:i + 2**16, f]] for f in range(fields)], 1)
+    inter[i:i + 2**16] = np.sum(emb * (pairs @ emb), axis=(1, 2))
   std = lambda x: x / (x.std() + 1e-12)
   logit = 0.8 * std(first) + 0.5 * std(dense_part) + std(inter)
   # The bias that gives the target click rate (bisection on the mean).
@@ -250,7 +252,8 @@ def make_optimizer(config: default.Config) -> optax.GradientTransformation:
       config.steps)
   return common.make_optimizer(config.compressor, config.bits, "adam",
                                schedule, seed=config.seed,
-                               reduction=config.reduction)
+                               reduction=config.reduction,
+                               granularity=config.granularity)
 
 
 def load_data(config: default.Config) -> Dataset:
@@ -287,8 +290,9 @@ def train_and_evaluate(config: default.Config) -> dict:
       lambda p, b: predict(graphdef, p, b), mesh)
 
   rng = np.random.default_rng(config.seed)
-  name = common.method_name(config.compressor, config.bits)
-  params, _, history, wire = common.train_loop(
+  name = common.method_name(config.compressor, config.bits,
+                            config.granularity)
+  params, _, history, wire, timing = common.train_loop(
       train_step, params, opt_state,
       batches(data, config.batch_size, rng), mesh,
       steps=config.steps, eval_every=config.eval_every,
@@ -300,8 +304,8 @@ def train_and_evaluate(config: default.Config) -> dict:
              for k, v in scores(data.y_test, data.p_test).items()}
   num_params = common.num_elements(params)
   return common.finish(
-      "recommendation", name, config, params, history, wire, start,
-      workers=workers, num_params=num_params,
+      "recommendation", name, config, params, history, wire, timing,
+      start, workers=workers, num_params=num_params,
       embedding_fraction=embedding_params / num_params,
       click_rate=float(np.mean(data.y_train)), data_source=data.source,
       **extra)

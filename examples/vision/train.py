@@ -168,7 +168,8 @@ def make_optimizer(config: default.Config) -> optax.GradientTransformation:
   schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
   return common.make_optimizer(config.compressor, config.bits, "sgd",
                                schedule, momentum=config.momentum,
-                               seed=config.seed, reduction=config.reduction)
+                               seed=config.seed, reduction=config.reduction,
+                               granularity=config.granularity)
 
 
 def train_and_evaluate(config: default.Config) -> dict:
@@ -204,14 +205,15 @@ def train_and_evaluate(config: default.Config) -> dict:
       lambda p, b: eval_sums(graphdef, p, b), mesh)
 
   rng = np.random.default_rng(config.seed)
-  name = common.method_name(config.compressor, config.bits)
-  params, _, history, wire = common.train_loop(
+  name = common.method_name(config.compressor, config.bits,
+                            config.granularity)
+  params, _, history, wire, timing = common.train_loop(
       train_step, params, opt_state,
       batches(data.x_train, data.y_train, config.batch_size, rng), mesh,
       steps=config.steps, eval_every=config.eval_every,
       evaluate=lambda p: evaluate(eval_step, p, data.x_test, data.y_test,
                                   mesh),
       desc=name, show_progress=config.progress)
-  return common.finish("vision", name, config, params, history, wire, start,
-                       workers=workers,
+  return common.finish("vision", name, config, params, history, wire,
+                       timing, start, workers=workers,
                        num_params=common.num_elements(params))

@@ -16,6 +16,7 @@ class Config:
   compressor: str = "gqsgd"  # one of common.COMPRESSORS
   bits: int = 4  # bits per coordinate for gqsgd, thc, qsgd
   reduction: str = "auto"  # gqsgd's integer reduction: auto | psum | butterfly
+  granularity: str = "bucket"  # gqsgd's max-abs scale: bucket | leaf | global
   workers: int | None = None  # data-parallel devices; None: all of them
   steps: int = 400
   batch_size: int = 1024  # global examples per step, split over the workers
@@ -27,7 +28,7 @@ class Config:
   eval_every: int = 100  # steps between test-set evaluations
   # Synthetic data (ignored with --data).
   cardinalities: tuple[int, ...] = CRITEO_CARDINALITIES
-  num_train: int = 200_000
+  num_train: int = 500_000  # more than one pass of the default run
   num_test: int = 50_000
   data_seed: int = 1234  # the hidden model and the samples
   # A Criteo-format TSV (label, 13 integers, 26 hex categories per line);

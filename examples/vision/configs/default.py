@@ -9,6 +9,7 @@ class Config:
   compressor: str = "gqsgd"  # one of common.COMPRESSORS
   bits: int = 4  # bits per coordinate for gqsgd, thc, qsgd
   reduction: str = "auto"  # gqsgd's integer reduction: auto | psum | butterfly
+  granularity: str = "bucket"  # gqsgd's max-abs scale: bucket | leaf | global
   workers: int | None = None  # data-parallel devices; None: all of them
   steps: int = 500
   batch_size: int = 128  # global, split evenly over the workers
