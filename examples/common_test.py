@@ -59,9 +59,9 @@ def test_every_method_trains_with_replicated_params(compressor, bits):
   # Per-worker leaves are [W, ...] blocks sharded over the mesh axis.
   for leaf, per_worker in zip(jax.tree.leaves(opt_state),
                               jax.tree.leaves(mask)):
-    spec = P(common.AXIS) if per_worker else P()
-    assert leaf.size == 0 or leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec),
-                                          leaf.ndim), (compressor, leaf.shape)
+    want = NamedSharding(mesh, P(common.AXIS) if per_worker else P())
+    assert leaf.size == 0 or leaf.sharding.is_equivalent_to(
+        want, leaf.ndim), (compressor, leaf.shape)
 
 
 def test_per_worker_mask_finds_error_memories():

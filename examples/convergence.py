@@ -189,7 +189,8 @@ def write_report(path: pathlib.Path, *, results: dict, sizes: dict,
   lines = [
       "# Convergence of every method vs the f32 all-reduce"
       + (" (quick smoke run)" if quick else ""), "",
-      f"- Date: {started:%Y-%m-%d %H:%M} UTC; total {elapsed / 60:.1f} min",
+      f"- Date: {started:%Y-%m-%d %H:%M} UTC; total {elapsed / 60:.1f} min "
+      f"wall, {cpu_minutes(results):.1f} min of CPU time in training runs",
       f"- Machine: {machine_info}",
       f"- Command: `{command}`",
       f"- W = {workers} data-parallel devices; "
@@ -219,6 +220,11 @@ def write_report(path: pathlib.Path, *, results: dict, sizes: dict,
     lines += ["## Notes", "", notes.strip(), ""]
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("\n".join(lines))
+
+
+def cpu_minutes(results: dict) -> float:
+  return sum(r.get("cpu_time_s", 0) * r.get("seeds", 1)
+             for rows in results.values() for r in rows) / 60
 
 
 def _describe(example: str, r: dict) -> str:

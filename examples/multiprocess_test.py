@@ -5,6 +5,7 @@ Runs ``examples/<name>/main.py`` for a few steps under
 parameters (the PARAMS_DIGEST line each prints).
 """
 
+import dataclasses
 import io
 import os
 import pathlib
@@ -14,6 +15,10 @@ import sys
 import pytest
 
 import gqsgd_jax
+
+from examples.language import train
+from examples.language.configs import default
+from examples.vision.train_test import _require_devices
 
 _EXAMPLES = pathlib.Path(__file__).resolve().parent
 pytestmark = pytest.mark.skipif(
@@ -27,13 +32,16 @@ def _digests(log: str) -> list[tuple[int, str, int, int]]:
       r"\[(\d+)\] PARAMS_DIGEST (\w+) process (\d+)/\d+ devices (\d+)", log)]
 
 
+_RUN = dict(compressor="gqsgd", bits=4, steps=4, seq_len=16, batch_size=8)
+
+
 def test_language_processes_end_with_identical_parameters(tmp_path):
   num_processes, devices = 2, 2
   log_path = tmp_path / "run.json"
   command = [sys.executable, str(_EXAMPLES / "language" / "main.py"),
-             "--compressor", "gqsgd", "--bits", "4", "--steps", "4",
-             "--seq-len", "16", "--batch-size", "8", "--no-progress",
-             "--log", str(log_path)]
+             "--no-progress", "--log", str(log_path)]
+  for k, v in _RUN.items():
+    command += [f"--{k.replace('_', '-')}", str(v)]
   out = io.StringIO()
   code = gqsgd_jax.launch_local(
       command, num_processes, devices_per_process=devices,
@@ -49,6 +57,13 @@ def test_language_processes_end_with_identical_parameters(tmp_path):
   # Process 0 alone writes the log, with the whole run's metrics.
   assert log_path.exists()
   assert '"processes": 2' in log_path.read_text()
+
+  # The same run on 4 devices of this one process: the same global batches,
+  # and Global-QSGD sums integers, so the params match bit for bit.
+  _require_devices(num_processes * devices)
+  config = dataclasses.replace(default.get_config(), workers=4,
+                               progress=False, **_RUN)
+  assert train.train_and_evaluate(config)["params_digest"] == digests[0][1]
 
 
 def test_digest_line_format():
