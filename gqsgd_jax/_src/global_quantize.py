@@ -32,6 +32,7 @@ import optax
 
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
+from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import wire
@@ -82,12 +83,6 @@ def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
 
 def _seed(key, *data) -> jax.Array:
   return ops.seed_from_key(prng.fold(key, *data))
-
-
-def _local_max_abs(flat: jax.Array) -> jax.Array:
-  """max |x| in f32; +inf if the bucket holds NaN (which max propagates)."""
-  m = jnp.max(jnp.abs(flat.astype(jnp.float32)))
-  return jnp.where(jnp.isnan(m), jnp.inf, m)
 
 
 def _psum_mean(flat, global_max, seed, *, bits, axis_name, num_workers, impl):
@@ -243,8 +238,8 @@ def global_quantize(
 
     flats = [bucketing.flatten_bucket(b, leaves) for b in buckets]
     # One pmax for all bucket maxima of the step.
-    global_max = jax.lax.pmax(jnp.stack([_local_max_abs(f) for f in flats]),
-                              axis_name)
+    local_max = jnp.stack([nonfinite.max_abs(f) for f in flats])
+    global_max = jax.lax.pmax(local_max, axis_name)
     if granularity == "global":
       global_max = jnp.broadcast_to(jnp.max(global_max), global_max.shape)
 
