@@ -84,10 +84,11 @@ def _train_fn(method, num_workers, steps, key=None):
   return wrapped, run
 
 
-@pytest.mark.parametrize("num_workers", [1, 4], ids=["1dev", "4dev"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_resume_from_checkpoint_is_bit_identical(tmp_path, method,
-                                                 num_workers):
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, method):
+  # Four workers: per-worker memories differ, so a restore that mixed them
+  # up would show (one worker could not tell).
+  num_workers = 4
   params, a, b = _problem(num_workers)
   tx, run3 = _train_fn(method, num_workers, 3)
   state = tx.init(params)
@@ -246,7 +247,7 @@ def _gradients(draw, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16],
                          ids=["f32", "f16"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-@hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True,
                      suppress_health_check=[
                          hypothesis.HealthCheck.too_slow,
                          hypothesis.HealthCheck.data_too_large])
