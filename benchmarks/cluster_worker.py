@@ -286,7 +286,7 @@ def run(config: dict):
     report = gqsgd_jax.wire_report(compiled, num_devices=jax.device_count())
     wire[key] = {"sent_bytes": report.sent_bytes,
                  "payload_bytes": report.payload_bytes,
-                 "scalar_bytes": report.scalar_bytes,
+                 "scale_bytes": report.scale_bytes,
                  "float_payload_bytes": report.float_payload_bytes,
                  "by_op": report.by_op}
     compile_s[key] = time.perf_counter() - start

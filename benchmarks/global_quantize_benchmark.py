@@ -66,7 +66,7 @@ def _methods(impl="auto"):
 def wire_table(size, num_workers=8):
   g = jnp.zeros((num_workers, size))
   rows = ["| method | sent B/step | vs f32 psum (sent) | payload B/step | "
-          "scalar B/step | payload B/element |",
+          "scale B/step | payload B/element |",
           "|---|---:|---:|---:|---:|---:|"]
   f32 = None
   methods = _methods()
@@ -78,7 +78,7 @@ def wire_table(size, num_workers=8):
     f32 = f32 or report.sent_bytes
     rows.append(f"| {name} | {report.sent_bytes:,.0f} | "
                 f"{f32 / report.sent_bytes:.2f}x | {report.payload_bytes:,} | "
-                f"{report.scalar_bytes} | {report.payload_bytes / size:.3f} |")
+                f"{report.scale_bytes} | {report.payload_bytes / size:.3f} |")
   return rows
 
 

@@ -473,7 +473,7 @@ def wire_summary(compiled) -> dict:
   report = gqsgd_jax.wire_report(compiled)
   return {
       "payload_bytes": report.payload_bytes,
-      "scalar_bytes": report.scalar_bytes,
+      "scale_bytes": report.scale_bytes,
       "float_payload_bytes": report.float_payload_bytes,
       "total_bytes": report.total_bytes,
       "sent_bytes": report.sent_bytes,

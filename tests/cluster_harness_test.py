@@ -213,15 +213,15 @@ def _record():
   f32_sent = 6.0 * 2**20  # an f32 all-reduce of 1 Mi elements, W = 4 (x1.5)
   wire = {
       "f32": {"sent_bytes": f32_sent, "payload_bytes": 4 * 2**20,
-              "scalar_bytes": 0, "float_payload_bytes": 4 * 2**20,
+              "scale_bytes": 0, "float_payload_bytes": 4 * 2**20,
               "by_op": {"all-reduce": 4 * 2**20}},
       "bf16": {"sent_bytes": f32_sent, "payload_bytes": 4 * 2**20,
-               "scalar_bytes": 0, "float_payload_bytes": 4 * 2**20,
+               "scale_bytes": 0, "float_payload_bytes": 4 * 2**20,
                "by_op": {"all-reduce": 4 * 2**20}},
       "gq8_psum": {"sent_bytes": f32_sent / 4, "payload_bytes": 2**20,
-                   "scalar_bytes": 4, "float_payload_bytes": 0,
+                   "scale_bytes": 4, "float_payload_bytes": 0,
                    "by_op": {"all-reduce": 2**20 + 4}},
-      "local": {"sent_bytes": 0.0, "payload_bytes": 0, "scalar_bytes": 0,
+      "local": {"sent_bytes": 0.0, "payload_bytes": 0, "scale_bytes": 0,
                 "float_payload_bytes": 0, "by_op": {}},
   }
   per_rank = {

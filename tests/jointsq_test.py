@@ -408,7 +408,7 @@ def test_hlo_wire_bytes_equal_the_format_accounting(ratio, fmt):
   # all_gather result: W payloads; all-reduce: the f32 biases (256 + 10).
   assert report.by_op == {"all-gather": w * payload,
                           "all-reduce": 4 * (256 + 10)}
-  assert report.float_payload_bytes == 4 * 256
+  assert report.float_payload_bytes == 4 * (256 + 10)  # every bias
   dense_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
   print(f"ratio={ratio} {fmt}: "
         f"payload {payload} B/worker vs {dense_bytes} B f32")

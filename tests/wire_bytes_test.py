@@ -69,7 +69,8 @@ def test_psum_payload_is_bits_per_gradient_element(bits):
   assert report.payload_bytes <= n * wire.wire_bits_per_element(
       bits, bits == 8) / 8 * 1.01 + 4
   # The only float collective is the single pmax of the bucket maxima.
-  assert report.scalar_bytes <= 4 * 8
+  assert report.scale_bytes == 4
+  assert [c.kind for c in report.collectives].count("scale") == 1
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -91,20 +92,28 @@ def test_butterfly_payload_is_bits_per_element_each_way(bits):
 def test_f32_baseline_and_hidden_psum_are_detected():
   compiled, n = _compiled_step(gqsgd_jax.psum_mean())
   report = gqsgd_jax.wire_report(compiled)
-  # All f32 (the 10-element bias is counted among the small collectives).
-  assert report.total_bytes == 4 * n and report.float_payload_bytes > 0
+  # All f32 payload, the 10-element bias included: no size threshold.
+  assert report.float_payload_bytes == report.total_bytes == 4 * n
+  assert report.scale_bytes == 0
   # Without varying(), jax.grad all-reduces the f32 gradients itself: the
   # compressor then sits on top of an uncompressed all-reduce.
   hidden, n = _compiled_step(gqsgd_jax.global_quantize(bits=8),
                              use_varying=False)
   report = gqsgd_jax.wire_report(hidden)
-  assert report.float_payload_bytes >= 0.99 * 4 * n  # all but the bias
+  assert report.float_payload_bytes >= 4 * n
 
 
 def test_hlo_parser_counts_shapes_and_async_pairs():
   text = "\n".join([
-      "  %a = s8[1000]{0} all-reduce(s8[1000]{0} %x), replica_groups={}",
-      "  %b = (f32[3]{0}, u32[10]{0}) all-reduce(%y, %z), to_apply=%sum",
+      "%sum.1 (p.0: s32[], p.1: s32[]) -> s32[] {",
+      "  ROOT %add.2 = s32[] add(s32[] %p.0, s32[] %p.1)",
+      "}",
+      "%max.3 (p.0: f32[], p.1: f32[]) -> f32[] {",
+      "  ROOT %maximum.4 = f32[] maximum(f32[] %p.0, f32[] %p.1)",
+      "}",
+      "  %a = s8[1000]{0} all-reduce(s8[1000]{0} %x), replica_groups={},"
+      " to_apply=%sum.1",
+      "  %b = (f32[3]{0}, u32[10]{0}) all-reduce(%y, %z), to_apply=%max.3",
       "  %c = (u8[64]{0}, u8[64]{0}, u32[], u32[]) collective-permute-start(",
       "  %d = u8[64]{0} collective-permute-done(%c)",
       "  %e = u8[8,16]{1,0} all-gather(u8[1,16]{1,0} %w), dimensions={0}",
@@ -114,9 +123,12 @@ def test_hlo_parser_counts_shapes_and_async_pairs():
       ("all-reduce", "s8", 1000), ("all-reduce", "f32", 3),
       ("all-reduce", "u32", 10), ("collective-permute", "u8", 64),
       ("all-gather", "u8", 128)]
-  report = gqsgd_jax.wire_report(text, scalar_elements=16, num_devices=8)
+  assert [c.reducer for c in found] == ["sum", "max", "max", None, None]
+  report = gqsgd_jax.wire_report(text, num_devices=8)
+  # Split by role, not size: the max all-reduce is scales, the rest payload.
   assert report.payload_bytes == 1000 + 64 + 128
-  assert report.scalar_bytes == 12 + 40
+  assert report.scale_bytes == 12 + 40
+  assert len(report.collectives) == 5
   assert math.isclose(report.total_bytes, 1000 + 64 + 128 + 52)
   # Ring all-reduce 2(G-1)/G, permute all, all-gather (G-1)/G of the result.
   assert math.isclose(report.sent_bytes,
