@@ -104,6 +104,97 @@ def test_emulated_quantize(code, n, grid):
 
 
 # ---------------------------------------------------------------------------
+# Dequantize and average (the butterfly's combine) on packed words.
+
+
+def _random_words(words: int, bits: int, rng) -> np.ndarray:
+  """Packed words whose lanes hold uniform codes (every value occurs)."""
+  lanes = wire.lanes_per_word(bits)
+  codes = rng.integers(0, 1 << bits, (words, lanes)).astype(np.uint64)
+  shifts = np.uint64(bits) * np.arange(lanes - 1, -1, -1, dtype=np.uint64)
+  return (codes << shifts).sum(1).astype(wire.word_dtype(bits))
+
+
+# Sizes in words: 0 launches no work; the rest are not multiples of the grid
+# strides (so threads get different item counts) and the largest spans
+# several host blocks of the contiguous path.
+WORD_SIZES = (0, 1, 97, 2**12 + 5)
+
+
+@functools.cache
+def _dequantize_expected(code, words):
+  bits, signed = code
+  rng = np.random.default_rng(words + 3)
+  if signed:
+    codes = rng.integers(-127, 128, words).astype(np.int8)
+    n, offset = words, 0
+  else:
+    codes = _random_words(words, bits, rng)
+    # A partial last word (bits < 8): its padding lanes are not written.
+    lanes = wire.lanes_per_word(bits)
+    n = max(0, words * lanes - (lanes > 1))
+    offset = wire.max_levels(bits)
+  scale = np.float32(0.37)
+  fn = functools.partial(ops.dequantize, n=n, bits=bits, offset=offset,
+                         signed_codes=signed)
+  return codes, scale, n, offset, _ffi_and_twin(fn, codes, scale)
+
+
+@pytest.mark.parametrize("grid", _grid_params())
+@pytest.mark.parametrize("code", CODES, ids=_code_id)
+def test_emulated_dequantize(code, grid):
+  bits, signed = code
+  for words in WORD_SIZES:
+    codes, scale, n, offset, expected = _dequantize_expected(code, words)
+    out = np.full(n, np.nan, np.float32)
+    emulation.emulate_dequantize(codes, float(scale), out, bits, signed,
+                                 offset, *grid)
+    _assert_all_equal(out, expected)
+
+
+# (n_a, n_b): a plain pair, the fold of an extra worker into a pair, unequal
+# halves, and the largest counts the wire allows (n_a + n_b = 128).
+COUNTS = [(1, 1), (2, 1), (3, 5), (64, 64)]
+
+
+@functools.cache
+def _average_expected(bits, words, counts):
+  rng = np.random.default_rng(words + bits)
+  a = _random_words(words, bits, rng)
+  b = _random_words(words, bits, rng)
+  fn = functools.partial(ops.average, bits=bits)
+  return a, b, _ffi_and_twin(fn, a, b, *np.int32(counts), SEED)
+
+
+@pytest.mark.parametrize("grid", _grid_params())
+@pytest.mark.parametrize("bits", range(2, 9), ids=lambda b: f"bits{b}")
+def test_emulated_average(bits, grid):
+  # Any grid but (1, 1) runs AverageKernel::Strided, the CUDA kernel's body;
+  # (1, 1) runs the host's contiguous path.
+  for words in WORD_SIZES:
+    for counts in COUNTS:
+      a, b, expected = _average_expected(bits, words, counts)
+      out = np.full_like(a, 0xA5)
+      emulation.emulate_average(a, b, *counts, SEED, out, bits, *grid)
+      _assert_all_equal(out, expected)
+
+
+def test_emulated_average_rejects_bad_arguments():
+  a = np.zeros(4, np.uint8)
+  with pytest.raises(ValueError, match="n_a and n_b"):
+    emulation.emulate_average(a, a, 64, 65, SEED, a.copy(), 4, 1, 1)
+  with pytest.raises(ValueError, match="n_a and n_b"):
+    emulation.emulate_average(a, a, 0, 1, SEED, a.copy(), 4, 1, 1)
+  with pytest.raises(ValueError, match="same length"):
+    emulation.emulate_average(a, a, 1, 1, SEED, np.zeros(3, np.uint8), 4, 1,
+                              1)
+  with pytest.raises(ValueError, match="same length"):
+    emulation.emulate_average(a, a, 1, 1, SEED, a.copy(), 3, 1, 1)
+  with pytest.raises(ValueError, match="bits"):
+    emulation.emulate_average(a, a, 1, 1, SEED, a.copy(), 9, 1, 1)
+
+
+# ---------------------------------------------------------------------------
 # Exponential dithering.
 
 

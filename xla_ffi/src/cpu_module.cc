@@ -85,6 +85,81 @@ void EmulateQuantize(Vec<const float> x, float scale, Vec<const uint32_t> seed,
   }
 }
 
+template <int kBits, bool kSigned>
+void EmulateDequantizeBits(nb::ndarray<nb::c_contig, nb::device::cpu> codes, float scale,
+                           Vec<float> out, int32_t offset, Grid grid) {
+  using K = DequantizeKernel<kBits, kSigned>;
+  const int64_t n = static_cast<int64_t>(out.shape(0));
+  const int64_t words = NumWords(n, K::kPerWord);
+  if (static_cast<int64_t>(codes.size()) != words ||
+      codes.itemsize() != sizeof(typename K::Word)) {
+    throw nb::value_error("codes has the wrong size or dtype");
+  }
+  K k{static_cast<const typename K::Word*>(codes.data()), &scale, out.data(), n, offset};
+  Launch(k, words, grid);
+}
+
+void EmulateDequantize(nb::ndarray<nb::c_contig, nb::device::cpu> codes, float scale,
+                       Vec<float> out, int32_t bits, bool signed_codes, int32_t offset,
+                       int64_t blocks, int64_t threads) {
+  const Grid grid = MakeGrid(blocks, threads);
+  if (signed_codes) {
+    if (bits != 8) throw nb::value_error("signed_codes needs bits == 8");
+    return EmulateDequantizeBits<8, true>(codes, scale, out, offset, grid);
+  }
+  switch (bits) {
+    case 2: return EmulateDequantizeBits<2, false>(codes, scale, out, offset, grid);
+    case 3: return EmulateDequantizeBits<3, false>(codes, scale, out, offset, grid);
+    case 4: return EmulateDequantizeBits<4, false>(codes, scale, out, offset, grid);
+    case 5: return EmulateDequantizeBits<5, false>(codes, scale, out, offset, grid);
+    case 6: return EmulateDequantizeBits<6, false>(codes, scale, out, offset, grid);
+    case 7: return EmulateDequantizeBits<7, false>(codes, scale, out, offset, grid);
+    case 8: return EmulateDequantizeBits<8, false>(codes, scale, out, offset, grid);
+    default: throw nb::value_error("bits must be in [2, 8]");
+  }
+}
+
+// The butterfly's combine (AverageKernel) on packed words; with more than
+// one thread in the grid this is the strided body the CUDA kernel runs.
+template <int kBits>
+void EmulateAverageBits(nb::ndarray<nb::c_contig, nb::device::cpu> a,
+                        nb::ndarray<nb::c_contig, nb::device::cpu> b, int32_t n_a, int32_t n_b,
+                        Vec<const uint32_t> seed, nb::ndarray<nb::c_contig, nb::device::cpu> out,
+                        Grid grid) {
+  using K = AverageKernel<kBits>;
+  using W = typename K::Word;
+  const int64_t words = static_cast<int64_t>(a.size());
+  for (const auto* arr : {&a, &b, &out}) {
+    if (static_cast<int64_t>(arr->size()) != words || arr->itemsize() != sizeof(W)) {
+      throw nb::value_error("a, b and out must have the same length and the word dtype");
+    }
+  }
+  K k{static_cast<const W*>(a.data()), static_cast<const W*>(b.data()), &n_a, &n_b,
+      seed.data(), static_cast<W*>(out.data())};
+  Launch(k, words, grid);
+}
+
+void EmulateAverage(nb::ndarray<nb::c_contig, nb::device::cpu> a,
+                    nb::ndarray<nb::c_contig, nb::device::cpu> b, int32_t n_a, int32_t n_b,
+                    Vec<const uint32_t> seed, nb::ndarray<nb::c_contig, nb::device::cpu> out,
+                    int32_t bits, int64_t blocks, int64_t threads) {
+  // The handlers' contract (RoundedAverage's 24-bit comparison).
+  if (n_a < 1 || n_b < 1 || n_a + n_b > 128) {
+    throw nb::value_error("n_a and n_b must be >= 1 with n_a + n_b <= 128");
+  }
+  const Grid grid = MakeGrid(blocks, threads);
+  switch (bits) {
+    case 2: return EmulateAverageBits<2>(a, b, n_a, n_b, seed, out, grid);
+    case 3: return EmulateAverageBits<3>(a, b, n_a, n_b, seed, out, grid);
+    case 4: return EmulateAverageBits<4>(a, b, n_a, n_b, seed, out, grid);
+    case 5: return EmulateAverageBits<5>(a, b, n_a, n_b, seed, out, grid);
+    case 6: return EmulateAverageBits<6>(a, b, n_a, n_b, seed, out, grid);
+    case 7: return EmulateAverageBits<7>(a, b, n_a, n_b, seed, out, grid);
+    case 8: return EmulateAverageBits<8>(a, b, n_a, n_b, seed, out, grid);
+    default: throw nb::value_error("bits must be in [2, 8]");
+  }
+}
+
 void EmulateExpEncode(Vec<const float> x, float scale, Vec<const uint32_t> seed,
                       Vec<uint8_t> codes, int32_t floor_code, int64_t blocks, int64_t threads) {
   if (codes.shape(0) != x.shape(0)) throw nb::value_error("codes must match x");
@@ -126,6 +201,12 @@ NB_MODULE(_gqsgd_cpu, m) {
   m.def("emulate_quantize", &gqsgd::EmulateQuantize, nb::arg("x"), nb::arg("scale"),
         nb::arg("seed"), nb::arg("codes"), nb::arg("levels"), nb::arg("bits"),
         nb::arg("signed_codes"), nb::arg("blocks"), nb::arg("threads"));
+  m.def("emulate_dequantize", &gqsgd::EmulateDequantize, nb::arg("codes"), nb::arg("scale"),
+        nb::arg("out"), nb::arg("bits"), nb::arg("signed_codes"), nb::arg("offset"),
+        nb::arg("blocks"), nb::arg("threads"));
+  m.def("emulate_average", &gqsgd::EmulateAverage, nb::arg("a"), nb::arg("b"), nb::arg("n_a"),
+        nb::arg("n_b"), nb::arg("seed"), nb::arg("out"), nb::arg("bits"), nb::arg("blocks"),
+        nb::arg("threads"));
   m.def("emulate_exp_encode", &gqsgd::EmulateExpEncode, nb::arg("x"), nb::arg("scale"),
         nb::arg("seed"), nb::arg("codes"), nb::arg("floor_code"), nb::arg("blocks"),
         nb::arg("threads"));
