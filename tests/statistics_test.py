@@ -361,6 +361,24 @@ def _half_chance_inputs():
   }
 
 
+def _lagged_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """corr(x[i + k], y[i]) for every lag |k| < n / 2 (one FFT, any n).
+
+  For independent streams each value has standard error about
+  1 / sqrt(n - |k|) <= sqrt(2 / n), so for n >= 4096 the largest of the n
+  lags stays well below 0.1; a shifted copy gives 1 at its lag.
+  """
+  x = x.astype(np.float64) - x.mean()
+  y = y.astype(np.float64) - y.mean()
+  n = x.size
+  size = 2 * n  # zero padding: a linear, not circular, correlation
+  full = np.fft.irfft(np.fft.rfft(x, size) * np.conj(np.fft.rfft(y, size)),
+                      size)
+  lags = np.arange(-(n // 2) + 1, n // 2)
+  overlap = n - np.abs(lags)
+  return full[lags] / (overlap * x.std() * y.std())
+
+
 @pytest.mark.parametrize("impl", ["xla", "ffi"])
 @pytest.mark.parametrize("kernel", ["quantize", "average", "exp_encode",
                                     "exp_reduce"])
@@ -371,12 +389,17 @@ def test_same_seed_same_output_other_seed_independent(kernel, impl):
   np.testing.assert_array_equal(out1, np.asarray(fn(s1)))
   out2 = np.asarray(fn(s2))
   # Independent streams: each lane (4-bit words hold two) differs with
-  # probability 2 * 1/2 * 1/2 = 1/2; a shared or shifted stream would not.
+  # probability 2 * 1/2 * 1/2 = 1/2; a shared stream would not.
   if kernel in ("quantize", "average"):
     out1 = np.stack([out1 >> 4, out1 & 0xF], 1).reshape(-1)
     out2 = np.stack([out2 >> 4, out2 & 0xF], 1).reshape(-1)
   differ = np.mean(out1 != out2)
   assert abs(differ - 0.5) <= Z * np.sqrt(0.25 / out1.size)
+  # Nor is the second stream the first one shifted: a stream offset by k
+  # elements correlates perfectly with the first at lag k, which the test
+  # above cannot see (out1[i] and out1[i + k] differ with probability 1/2).
+  corr = _lagged_correlations(out1 == out1.max(), out2 == out2.max())
+  assert np.max(np.abs(corr)) < 0.25, np.argmax(np.abs(corr))
   # Within one seed, the elements are independent draws too: the rounding
   # indicators of neighbours are uncorrelated (lag-1 correlation within Z
   # standard errors of zero).
