@@ -14,6 +14,8 @@ from gqsgd_jax._src.ffi import HAS_CUDA
 from gqsgd_jax._src.global_quantize import global_quantize
 from gqsgd_jax._src.global_quantize import GlobalQuantizeState
 from gqsgd_jax._src.hadamard import hadamard_transform
+from gqsgd_jax._src.hierarchical import hierarchical
+from gqsgd_jax._src.hierarchical import HierarchicalState
 from gqsgd_jax._src.hadamard import inverse_randomized_hadamard
 from gqsgd_jax._src.hadamard import random_signs
 from gqsgd_jax._src.hadamard import randomized_hadamard
@@ -50,6 +52,7 @@ __all__ = (
     "ApplyIfFiniteState",
     "DGCState",
     "GlobalQuantizeState",
+    "HierarchicalState",
     "HAS_CPU",
     "HAS_CUDA",
     "JointSQState",
@@ -70,6 +73,7 @@ __all__ = (
     "exp_reduce",
     "global_quantize",
     "hadamard_transform",
+    "hierarchical",
     "initialize_distributed",
     "inverse_randomized_hadamard",
     "jointsq",
