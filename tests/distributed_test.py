@@ -36,6 +36,29 @@ def test_processes_end_with_identical_parameters(num_processes, devices):
   assert all(int(n) == num_processes * devices for _, _, n in digests)
 
 
+def test_hierarchical_across_processes_matches_one_process():
+  # 2 processes ("hosts") x 2 devices: the float reduce-scatter/all-gather
+  # run inside a process, the integer psum over gloo between processes.
+  # The same ("host", "local") mesh in this one process ends bit-identical.
+  code, log, _ = _launch(2, 2, "--hierarchical", "--steps", "3")
+  assert code == 0, log[-3000:]
+  digests = re.findall(r"\[(\d+)\] DIGEST (\w+) devices (\d+)", log)
+  assert len(digests) == 2 and all(n == "4" for *_, n in digests), log[-3000:]
+  assert len({d for _, d, _ in digests}) == 1, digests
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import _hierarchical_step as hs  # pylint: disable=g-import-not-at-top
+  from conftest import require_devices  # pylint: disable=g-import-not-at-top
+  mesh = hs.host_mesh(require_devices(4), 2)
+  data = [hs.device_data(i) for i in range(4)]
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      hs.AXES))
+  a, b = (jax.device_put(np.stack([d[i] for d in data]), sharding)
+          for i in (0, 1))
+  assert hs.train(mesh, a, b, 3) == digests[0][1]
+
+
 def test_a_dead_process_stops_the_run_within_60_seconds():
   # Rank 2 of 3 exits abruptly mid-training. The survivors' gloo collectives
   # fail, JAX's heartbeat marks rank 2 dead, and the launcher reports it and

@@ -14,9 +14,27 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--die-at", type=int, default=-1)
 parser.add_argument("--die-rank", type=int, default=-1)
+parser.add_argument("--hierarchical", action="store_true",
+                    help="hierarchical 4-bit on a (process, device) mesh")
 args = parser.parse_args()
 
 gqsgd_jax.initialize_distributed()
+
+if args.hierarchical:  # one "host" per process (tests/_hierarchical_step.py)
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import _hierarchical_step as hs  # pylint: disable=g-import-not-at-top
+  mesh = hs.host_mesh(jax.devices(), jax.process_count())
+  n = jax.local_device_count()
+  first = jax.process_index() * n
+  data = [hs.device_data(first + k) for k in range(n)]
+  sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(hs.AXES))
+  a, b = (jax.make_array_from_process_local_data(
+      sharding, np.stack([d[i] for d in data])) for i in (0, 1))
+  print("DIGEST", hs.train(mesh, a, b, args.steps), "devices",
+        jax.device_count(), flush=True)
+  raise SystemExit(0)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
