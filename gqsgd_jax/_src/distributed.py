@@ -16,8 +16,10 @@ killed, and the launcher exits non-zero naming the first failure. A run can
 therefore never hang on a dead peer.
 """
 
+import collections
 from collections.abc import Sequence
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -72,22 +74,67 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _pump(stream, prefix: str, sink) -> None:
-  for line in iter(stream.readline, ""):
-    sink.write(f"{prefix}{line}")
-    sink.flush()
+class _RankOutput:
+  """One process's output: shown, kept for its summary, logged to a file."""
+
+  def __init__(self, rank: int, sink, *, live: bool, log_path=None,
+               keep: int = 20):
+    self.prefix = f"[{rank}] "
+    self.sink = sink
+    self.live = live
+    # Closed by pump() when the process's output ends.
+    self.log = open(log_path, "w") if log_path else None  # pylint: disable=R1732
+    self.tail = collections.deque(maxlen=keep)
+    self.lock = threading.Lock()
+
+  def pump(self, stream) -> None:
+    for line in iter(stream.readline, ""):
+      if self.log:
+        self.log.write(line)
+        self.log.flush()
+      if line.strip():
+        self.tail.append(line.rstrip("\n"))
+      if self.live:
+        with self.lock:
+          self.sink.write(f"{self.prefix}{line}")
+          self.sink.flush()
+    if self.log:
+      self.log.close()
+
+  def last_line(self) -> str:
+    return self.tail[-1] if self.tail else "(no output)"
 
 
 def launch_local(command: Sequence[str], num_processes: int, *,
                  devices_per_process: int = 1, port: int | None = None,
                  timeout_seconds: float | None = None,
                  grace_seconds: float = 45.0, env: dict | None = None,
-                 stdout=None) -> int:
+                 stdout=None, verbose: bool = True,
+                 log_dir: str | os.PathLike | None = None) -> int:
   """Runs ``command`` as ``num_processes`` cooperating processes on localhost.
 
-  Each copy gets the ``GQSGD_*`` variables that ``initialize`` reads, and
-  its output prefixed with ``[rank]``. Returns 0 if all succeed, else the
-  first failing process's exit code (124 on timeout).
+  Each copy gets the ``GQSGD_*`` variables that ``initialize`` reads.
+
+  Args:
+    command: the program and its arguments, run once per process.
+    num_processes: how many processes to start (ranks 0..N-1).
+    devices_per_process: simulated CPU devices per process.
+    port: coordinator port on 127.0.0.1 (default: a free one).
+    timeout_seconds: kill everything after this long (exit code 124).
+    grace_seconds: how long the others get to stop by themselves after one
+      process fails, before they are killed.
+    env: extra environment variables for every process.
+    stdout: where the output goes (default ``sys.stdout``).
+    verbose: True: every line of every process, prefixed with ``[rank]``.
+      False: rank 0's lines as they come, then one summary line per rank
+      when it exits (its exit code, run time and last line of output), and
+      the last lines of any process that failed.
+    log_dir: if set, each process's full output also goes to
+      ``log_dir/rank<N>.log``.
+
+  Returns:
+    0 if all processes succeed, else the first failing process's exit code
+    (124 on timeout).
   """
   if num_processes < 1:
     raise ValueError(f"num_processes must be >= 1, got {num_processes}")
@@ -96,7 +143,9 @@ def launch_local(command: Sequence[str], num_processes: int, *,
         f"devices_per_process must be >= 1, got {devices_per_process}")
   sink = stdout or sys.stdout
   address = f"127.0.0.1:{port or free_port()}"
-  procs, pumps = [], []
+  if log_dir is not None:
+    pathlib.Path(log_dir).mkdir(parents=True, exist_ok=True)
+  procs, pumps, outputs = [], [], []
   for rank in range(num_processes):
     child_env = dict(os.environ, **(env or {}))
     child_env.update({
@@ -109,18 +158,35 @@ def launch_local(command: Sequence[str], num_processes: int, *,
     proc = subprocess.Popen(list(command), env=child_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    pump = threading.Thread(target=_pump,
-                            args=(proc.stdout, f"[{rank}] ", sink),
+    output = _RankOutput(
+        rank, sink, live=verbose or rank == 0,
+        log_path=None if log_dir is None else (
+            pathlib.Path(log_dir) / f"rank{rank}.log"))
+    pump = threading.Thread(target=output.pump, args=(proc.stdout,),
                             daemon=True)
     pump.start()
     procs.append(proc)
     pumps.append(pump)
+    outputs.append(output)
+  if not verbose:
+    sink.write(f"[launch] {num_processes} processes x {devices_per_process} "
+               f"device(s); showing rank 0's output, then one line per rank"
+               + (f"; full logs in {log_dir}" if log_dir is not None else "")
+               + "\n")
+    sink.flush()
 
   start = time.monotonic()
   failure = None  # (rank, exit code)
   deadline = None
+  summarized = set()
   while True:
     codes = [p.poll() for p in procs]
+    if not verbose:
+      for rank, code in enumerate(codes):
+        if code is not None and rank not in summarized:
+          summarized.add(rank)
+          pumps[rank].join(timeout=5)
+          _summarize(outputs[rank], code, time.monotonic() - start, sink)
     if failure is None:
       for rank, code in enumerate(codes):
         if code not in (None, 0):
@@ -147,6 +213,11 @@ def launch_local(command: Sequence[str], num_processes: int, *,
     proc.wait()
   for pump in pumps:
     pump.join(timeout=5)
+  if not verbose:
+    for rank, proc in enumerate(procs):
+      if rank not in summarized:
+        _summarize(outputs[rank], proc.returncode, time.monotonic() - start,
+                   sink)
   if failure is None:
     return 0
   codes = [proc.returncode for proc in procs]
@@ -157,3 +228,14 @@ def launch_local(command: Sequence[str], num_processes: int, *,
   if rank >= 0:
     sink.write(f"[launch] FAILED: process {rank} exited with code {code}\n")
   return code if code > 0 else 1
+
+
+def _summarize(output: _RankOutput, code: int, seconds: float, sink) -> None:
+  """The one line of a finished process (and its last lines if it failed)."""
+  with output.lock:
+    if code != 0 and not output.live:
+      for line in output.tail:
+        sink.write(f"{output.prefix}{line}\n")
+    sink.write(f"{output.prefix}exit {code} after {seconds:.1f} s: "
+               f"{output.last_line()}\n")
+    sink.flush()
