@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -558,21 +559,61 @@ def finish(example: str, name: str, config, params, history: list[dict],
 
 
 def report(final: dict) -> str:
-  """What main.py prints: the final record, then a digest line that every
-  process prints (multi-process runs compare them)."""
-  return (json.dumps(final, indent=1) +
+  """What main.py prints: one line of results, then a digest line that every
+  process prints (multi-process runs compare them). ``--log`` writes the
+  whole record (history, wire bytes per collective, config) as JSON."""
+  metrics = " ".join(
+      f"{k} {v:.4g}" for k, v in final.items()
+      if k.startswith(("test_", "train_")) and isinstance(v, (int, float)))
+  summary = (
+      f"RESULT step {final['step']} {metrics} | sent "
+      f"{final['sent_bytes']:,.0f} B/step/device (payload "
+      f"{final['payload_bytes']:,} B, float {final['float_payload_bytes']:,}"
+      f" B) | step {1e3 * final['step_s']:.1f} ms, compile "
+      f"{final['compile_s']:.1f} s, wall {final['wall_time_s']:.1f} s")
+  return (summary +
           f"\nPARAMS_DIGEST {final['params_digest']} process "
           f"{jax.process_index()}/{jax.process_count()} devices "
           f"{jax.device_count()}")
 
 
 def progress(iterable: Iterable, *, total: int, desc: str,
-                 enabled: bool = True):
-  """A tqdm bar; off when disabled and when stderr is not a terminal."""
-  # disable=None: tqdm turns itself off on a non-TTY (CI logs, pipes).
-  return tqdm.tqdm(iterable, total=total, desc=desc,
-                   disable=None if enabled else True, dynamic_ncols=True,
-                   leave=False)
+             enabled: bool = True, every: int | None = None, stream=None):
+  """Progress of a loop: a tqdm bar on a terminal, else a line every N steps.
+
+  Output to a file or a pipe (CI logs, ``gqsgd_jax.launch``) gets a plain
+  line every ``every`` steps (default: a tenth of ``total``) and at the
+  end, so a long run shows that it is moving.
+  """
+  stream = stream or sys.stderr
+  if not enabled:
+    return _LineProgress(iterable, total, desc, every=0, stream=stream)
+  if stream.isatty():
+    return tqdm.tqdm(iterable, total=total, desc=desc, dynamic_ncols=True,
+                     leave=False, file=stream)
+  return _LineProgress(iterable, total, desc,
+                       every=every or max(1, total // 10), stream=stream)
+
+
+class _LineProgress:
+  """tqdm's loop interface, printing one line every ``every`` steps."""
+
+  def __init__(self, iterable, total, desc, *, every, stream):
+    self.iterable, self.total, self.desc = iterable, total, desc
+    self.every, self.stream = every, stream
+    self.postfix = ""
+
+  def set_postfix(self, **values):
+    self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
+
+  def __iter__(self):
+    start = time.perf_counter()
+    for count, item in enumerate(self.iterable, 1):
+      yield item
+      if self.every and (count % self.every == 0 or count == self.total):
+        print(f"{self.desc}: step {count}/{self.total} {self.postfix} "
+              f"({time.perf_counter() - start:.1f} s)", file=self.stream,
+              flush=True)
 
 
 def write_log(path: str | os.PathLike, record: dict) -> None:

@@ -1,5 +1,7 @@
 """Tests of the examples' shared step builder on a small regression."""
 
+import io
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -103,3 +105,18 @@ def test_make_optimizer_moves_momentum_into_dgc():
   state = jax.eval_shape(tx.init, {"w": jnp.zeros((64, 32))})
   # DGC's velocity, and no momentum trace in the outer SGD.
   assert "TraceState" not in repr(state)
+
+
+def test_progress_prints_lines_when_output_is_not_a_terminal():
+  out = io.StringIO()  # not a TTY, like a log file or the launcher's pipe
+  bar = common.progress(range(20), total=20, desc="run", stream=out)
+  for step in bar:
+    bar.set_postfix(loss=f"{1 / (step + 1):.3f}")
+  lines = out.getvalue().splitlines()
+  assert len(lines) == 10  # every total // 10 steps, the last one included
+  assert lines[0].startswith("run: step 2/20 loss 0.500 (")
+  assert lines[-1].startswith("run: step 20/20 loss 0.050 (")
+  out = io.StringIO()
+  list(common.progress(range(20), total=20, desc="run", stream=out,
+                       enabled=False))
+  assert not out.getvalue()
