@@ -167,7 +167,10 @@ class WireReport:
   """Collective bytes per step and device of a compiled program.
 
   Every collective is counted, in exactly one of ``payload_bytes`` and
-  ``scale_bytes`` (split by role, not by size; see the module docstring).
+  ``scale_bytes``, split by role, not by size: an all-reduce whose
+  reduction is max, min, and or or is a scale collective (the workers agree
+  on a scale, a bound or a flag); every other collective carries payload,
+  however small.
 
   Attributes:
     payload_bytes: result bytes of the data-carrying collectives (sums,
@@ -177,8 +180,11 @@ class WireReport:
     float_payload_bytes: the part of ``payload_bytes`` in floating-point
       dtypes (0 for a compressor whose payload is all integer codes).
     by_op: result bytes per collective kind, e.g. ``{"all-reduce": 40}``.
-    sent_bytes: bytes each device transmits with bandwidth-optimal
-      algorithms (see the module docstring); NaN if a group size is unknown.
+    sent_bytes: bytes each device transmits when every collective runs a
+      bandwidth-optimal algorithm over its group of G devices: all-reduce
+      2(G-1)/G of the buffer, all-gather (G-1)/G of the result,
+      reduce-scatter and all-to-all (G-1)/G of the input, permute all of
+      it. The figure to compare methods by; NaN if a group size is unknown.
     collectives: every collective buffer, in program order.
   """
 
