@@ -330,8 +330,9 @@ def test_dequantize_matches_twin(code, n):
                                 raw - offset)
 
 
-# (n_a, n_b) operand pairs up to the n_a + n_b <= 128 limit.
-COUNTS = [(1, 1), (1, 3), (5, 2), (64, 64), (1, 127), (127, 1)]
+# (n_a, n_b) operand pairs up to the n_a + n_b <= 2^16 limit.
+COUNTS = [(1, 1), (1, 3), (5, 2), (64, 64), (1, 127), (127, 1), (150, 150),
+          (2**15, 2**15), (1, 2**16 - 1), (40503, 25033)]
 
 
 def _average_params():
@@ -371,14 +372,14 @@ def test_average_of_equal_codes_is_exact():
 
 
 @requires_ffi
-@pytest.mark.parametrize(("n_a", "n_b"), [(100, 29), (0, 1), (1, 0)],
-                         ids=["sum129", "n_a0", "n_b0"])
+@pytest.mark.parametrize(("n_a", "n_b"), [(2**15, 2**15 + 1), (0, 1), (1, 0)],
+                         ids=["sum65537", "n_a0", "n_b0"])
 def test_average_ffi_rejects_bad_counts(n_a, n_b):
-  # The counts are operands, so only the handler can check them.
+  # Traced counts reach the handler, which checks them at run time.
   a = np.zeros(4, np.uint8)
+  run = jax.jit(functools.partial(ops.average, bits=4, impl="ffi"))
   with pytest.raises(Exception, match="n_a and n_b must be >= 1"):
-    jax.block_until_ready(ops.average(a, a, n_a, n_b, SEED, bits=4,
-                                      impl="ffi"))
+    jax.block_until_ready(run(a, a, n_a, n_b, SEED))
 
 
 # ---------------------------------------------------------------------------

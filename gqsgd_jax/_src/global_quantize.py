@@ -42,8 +42,9 @@ DITHERINGS = ("standard", "exponential")
 # "auto" keeps the native integer psum while each worker still has at least
 # this many levels (15 codes, the resolution of a 4-bit butterfly).
 AUTO_MIN_PSUM_LEVELS = 7
-# RoundedAverage's integer math needs n_a + n_b <= 128.
-MAX_BUTTERFLY_WORKERS = 128
+# The butterfly's weighted averages (math.h RoundedAverage) are exact for
+# counts n_a + n_b up to 2^16, so it serves up to 2^16 workers.
+MAX_BUTTERFLY_WORKERS = ops.MAX_AVERAGE_COUNT
 # Buckets whose global max-abs is below this decode to zeros: it keeps every
 # scale and decoded step a normal float32, where XLA:CPU (flush-to-zero) and
 # CUDA (subnormals) compute the same bits.
@@ -61,24 +62,38 @@ class GlobalQuantizeState(NamedTuple):
 
 
 def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
-  """Resolves "auto" and checks that W fits the chosen wire format."""
+  """Resolves "auto" and checks that W fits the chosen wire format.
+
+  Raises:
+    ValueError: naming the reduction, ``bits`` and W, when the integer psum
+      would overflow (W * levels beyond the code) or W exceeds the
+      butterfly's ``MAX_BUTTERFLY_WORKERS``; for "auto", when neither can
+      serve W.
+  """
+  if num_workers < 1:
+    raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+  signed = bits == 8
+  psum_levels = wire.psum_levels(bits, num_workers, signed)
+  psum_limit = wire.max_levels(8, True) if signed else wire.max_levels(bits)
+  chosen = reduction
   if reduction == "auto":
-    signed = bits == 8
-    levels = wire.psum_levels(bits, num_workers, signed)
-    return "psum" if levels >= AUTO_MIN_PSUM_LEVELS else "butterfly"
-  if reduction == "psum":
-    signed = bits == 8
-    if wire.psum_levels(bits, num_workers, signed) < 1:
-      limit = 127 if signed else (2**bits - 1) // 2
+    chosen = "psum" if psum_levels >= AUTO_MIN_PSUM_LEVELS else "butterfly"
+    if num_workers > MAX_BUTTERFLY_WORKERS:  # psum_levels < 1 here too
       raise ValueError(
-          f"reduction='psum' with bits={bits} cannot serve {num_workers} "
-          f"workers (at most {limit}: the integer sum would overflow); use "
-          "reduction='butterfly' or more bits")
-  if reduction == "butterfly" and num_workers > MAX_BUTTERFLY_WORKERS:
+          f"reduction='auto' with bits={bits} cannot serve {num_workers} "
+          f"workers: the butterfly supports at most {MAX_BUTTERFLY_WORKERS} "
+          f"and the integer psum at most {psum_limit}")
+  if chosen == "psum" and psum_levels < 1:
     raise ValueError(
-        f"reduction='butterfly' supports at most {MAX_BUTTERFLY_WORKERS} "
-        f"workers, got {num_workers}")
-  return reduction
+        f"reduction='psum' with bits={bits} cannot serve {num_workers} "
+        f"workers (at most {psum_limit}: the integer sum would overflow); "
+        "use reduction='butterfly' or more bits")
+  if chosen == "butterfly" and num_workers > MAX_BUTTERFLY_WORKERS:
+    raise ValueError(
+        f"reduction='butterfly' with bits={bits} supports at most "
+        f"{MAX_BUTTERFLY_WORKERS} workers (the weighted averages' integer "
+        f"math), got {num_workers}")
+  return chosen
 
 
 def _seed(key, *data) -> jax.Array:

@@ -187,14 +187,43 @@ def dequantize(codes, scale, *, n: int, bits: int, offset: int,
   return _select(impl, ffi_fn, xla_fn)(codes, _scalar_f32(scale))
 
 
+# Largest n_a + n_b that ``average`` serves (math.h kMaxAverageCount): the
+# butterfly's worker limit.
+MAX_AVERAGE_COUNT = 2**16
+
+
+def _check_counts(n_a, n_b) -> None:
+  """Checks the counts of ``average`` where they are known at trace time."""
+  values = []
+  for name, n in (("n_a", n_a), ("n_b", n_b)):
+    if isinstance(n, jax.core.Tracer):
+      return  # traced: the caller guarantees the range (see average)
+    n = np.asarray(n)
+    if n.size != 1 or not np.issubdtype(n.dtype, np.integer):
+      raise ValueError(f"{name} must be an integer scalar, got {n.dtype}"
+                       f"{list(n.shape)}")
+    values.append(int(n.reshape(())))
+  n_a, n_b = values
+  if n_a < 1 or n_b < 1 or n_a + n_b > MAX_AVERAGE_COUNT:
+    raise ValueError(
+        f"n_a and n_b must be >= 1 with n_a + n_b <= {MAX_AVERAGE_COUNT}, "
+        f"got n_a={n_a}, n_b={n_b}")
+
+
 def average(a, b, n_a, n_b, seed, *, bits: int,
             impl: str = "auto") -> jax.Array:
   """Lane-wise SR((n_a*a + n_b*b) / (n_a + n_b)) of two packed buffers.
 
-  ``n_a``, ``n_b``: int32 scalars (worker counts behind each operand,
-  1 <= n, n_a + n_b <= 128); they may differ per device, so they are operands.
+  ``n_a``, ``n_b``: int32 scalars, the worker counts behind each operand,
+  with n_a, n_b >= 1 and n_a + n_b <= ``MAX_AVERAGE_COUNT`` (2^16). They may
+  differ per device, so they are operands. Counts known at trace time are
+  checked here (ValueError); traced counts cannot be, and the CPU handler
+  rejects them at run time, while the CUDA kernel and the XLA twin return
+  unspecified codes for them: callers with traced counts must bound them
+  (``global_quantize`` limits the worker count).
   """
   bits = wire.validate_bits(bits)
+  _check_counts(n_a, n_b)
   a, b = jnp.asarray(a), jnp.asarray(b)
   if a.shape != b.shape or a.dtype != b.dtype or a.ndim != 1:
     raise ValueError("a and b must be 1-D packed buffers of equal shape")

@@ -114,14 +114,22 @@ def dequantize(codes: jax.Array, scale: jax.Array, *, n: int, bits: int,
 
 
 def rounded_average(a, b, n_a, n_b, random):
-  """math.h RoundedAverage on uint32 arrays."""
+  """math.h RoundedAverage on uint32 arrays (n_a + n_b <= 2^16).
+
+  Rounds up iff floor((random >> 8) * den / 2^24) < rem, the 40-bit product
+  floored in two exact 32-bit steps as in C++. The floor of num / den is an
+  integer division here and a float one in C++: both are exact (math.h).
+  """
   n_a = jnp.asarray(n_a).astype(_U32)
   n_b = jnp.asarray(n_b).astype(_U32)
   num = n_a * a + n_b * b
   den = n_a + n_b
   fl = num // den
   rem = num - fl * den
-  return fl + (((random >> 8) * den) < (rem << 24)).astype(_U32)
+  r_hi = random >> 24
+  r_lo = (random >> 8) & _u32(0xFFFF)
+  scaled = (r_hi * den + ((r_lo * den) >> 16)) >> 8
+  return fl + (scaled < rem).astype(_U32)
 
 
 def average(a: jax.Array, b: jax.Array, n_a, n_b, seed: jax.Array, *,

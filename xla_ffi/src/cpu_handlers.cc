@@ -23,11 +23,11 @@ ffi::Error DequantizeHandler(ffi::ThreadPool pool, ffi::AnyBuffer codes, ffi::Bu
 ffi::Error AverageHandler(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                    ffi::Buffer<ffi::S32> n_a, ffi::Buffer<ffi::S32> n_b,
                    ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> out, int32_t bits) {
-  // On the host the counts are readable; RoundedAverage needs n_a + n_b <= 128.
-  const int64_t den = int64_t{*n_a.typed_data()} + *n_b.typed_data();
-  if (*n_a.typed_data() < 1 || *n_b.typed_data() < 1 || den > 128) {
-    return ffi::Error::InvalidArgument("n_a and n_b must be >= 1 with n_a + n_b <= 128");
-  }
+  // On the host the counts are readable, so out-of-range counts are an error
+  // rather than a silently biased average.
+  GQSGD_RETURN_IF_ERROR(CheckCount(n_a.element_count(), 1, "n_a"));
+  GQSGD_RETURN_IF_ERROR(CheckCount(n_b.element_count(), 1, "n_b"));
+  GQSGD_RETURN_IF_ERROR(CheckAverageCounts(*n_a.typed_data(), *n_b.typed_data()));
   return AverageImpl(Exec(pool), a, b, n_a, n_b, seed, out, bits);
 }
 

@@ -60,8 +60,10 @@ ffi::Error AverageHandler(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer 
                           ffi::Buffer<ffi::S32> n_a, ffi::Buffer<ffi::S32> n_b,
                           ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> out,
                           int32_t bits) {
-  // The counts live on the device; the Python wrapper guarantees
-  // 1 <= n_a, n_b and n_a + n_b <= 128 (worker counts up to 128).
+  // The counts live on the device and reading them would synchronize the
+  // stream, so CheckAverageCounts cannot run here: ops.average checks static
+  // counts, and global_quantize bounds them by the worker count, which
+  // choose_reduction limits to kMaxAverageCount.
   return AverageImpl(CudaExecutor{stream}, a, b, n_a, n_b, seed, out, bits);
 }
 

@@ -137,12 +137,25 @@ ffi::Error DequantizeImpl(Exec exec, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32>
   });
 }
 
+// The worker counts RoundedAverage serves: n_a, n_b >= 1 and
+// n_a + n_b <= kMaxAverageCount. Only the CPU handler can call it (on a GPU
+// the counts live on the device; ops.average checks static counts).
+inline ffi::Error CheckAverageCounts(int32_t n_a, int32_t n_b) {
+  const int64_t den = int64_t{n_a} + n_b;
+  if (n_a >= 1 && n_b >= 1 && den <= int64_t{kMaxAverageCount}) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(
+      "n_a and n_b must be >= 1 with n_a + n_b <= " + std::to_string(kMaxAverageCount) +
+      " (worker counts), got n_a=" + std::to_string(n_a) + ", n_b=" + std::to_string(n_b));
+}
+
 // (e) a, b packed words, n_a, n_b s32[], seed u32[2] -> averaged words.
 template <typename Exec>
 ffi::Error AverageImpl(Exec exec, ffi::AnyBuffer a, ffi::AnyBuffer b,
                        ffi::Buffer<ffi::S32> n_a, ffi::Buffer<ffi::S32> n_b,
                        ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> out, int32_t bits) {
   GQSGD_RETURN_IF_ERROR(CheckCount(seed.element_count(), 2, "seed"));
+  GQSGD_RETURN_IF_ERROR(CheckCount(n_a.element_count(), 1, "n_a"));
+  GQSGD_RETURN_IF_ERROR(CheckCount(n_b.element_count(), 1, "n_b"));
   const int64_t words = static_cast<int64_t>(a.element_count());
   GQSGD_RETURN_IF_ERROR(CheckCount(b.element_count(), words, "b"));
   GQSGD_RETURN_IF_ERROR(CheckCount(out->element_count(), words, "out"));

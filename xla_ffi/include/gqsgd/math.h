@@ -141,23 +141,39 @@ GQSGD_HD int32_t StochasticRound(float x, float scale, int32_t levels,
   return fl + ((random >> 8) < threshold ? 1 : 0);
 }
 
+// Largest n_a + n_b that RoundedAverage serves: worker counts up to 2^16.
+// Keep in sync with ops.MAX_AVERAGE_COUNT.
+constexpr uint32_t kMaxAverageCount = 65536;
+
 // Stochastic rounding of the weighted average (n_a*a + n_b*b) / (n_a + n_b)
-// of two non-negative integer codes, with integers only. Exact probability
-// up to 2^-24: P(up) = ceil(rem * 2^24 / den) / 2^24. Needs den <= 128 so
-// that the products fit 32 bits (checked by the handlers).
-// The floor num / den is computed in float, which vectorizes (integer
-// division does not): with num <= 128 * 255 < 2^15 and den <= 128 a
-// non-integer quotient lies >= 1/128 from the next integer, more than the
-// quotient's rounding error (<= 2^-10), so truncation gives the exact floor
-// (checked exhaustively).
+// of two codes a, b < 256, with 32-bit integers only (the XLA twin has no
+// 64-bit types). Needs n_a, n_b >= 1 and den = n_a + n_b <= 2^16 (checked
+// by the callers); then num = n_a*a + n_b*b <= 255 * 2^16 < 2^24.
+// Exact probability up to 2^-24: P(up) = ceil(rem * 2^24 / den) / 2^24.
+//
+// Floor: num / den in float, which vectorizes (integer division does not).
+// num and den are exact floats (< 2^24) and the division is correctly
+// rounded. A non-integer quotient k + rem/den (< 256) lies at least
+// 1/den >= 2^-16 below k + 1, more than half a float spacing there
+// (<= 2^-17), so it cannot round up to k + 1: truncation is the exact floor.
+//
+// Round up iff r * den < rem * 2^24 (r = random >> 8, 24 bits), i.e. iff
+// floor(r * den / 2^24) < rem. r * den reaches 2^40, so r is split as
+// r_hi * 2^16 + r_lo and the floor taken in two exact steps (nested floors):
+// floor((r_hi * den + floor(r_lo * den / 2^16)) / 2^8), where
+// r_lo * den <= (2^16 - 1) * 2^16 and r_hi * den < 2^24 fit 32 bits.
 GQSGD_HD uint32_t RoundedAverage(uint32_t a, uint32_t b, uint32_t n_a,
                                  uint32_t n_b, uint32_t random) {
   const uint32_t num = n_a * a + n_b * b;
   const uint32_t den = n_a + n_b;
   const uint32_t fl = static_cast<uint32_t>(static_cast<int32_t>(
-      static_cast<float>(static_cast<int32_t>(num)) / static_cast<float>(static_cast<int32_t>(den))));
+      static_cast<float>(static_cast<int32_t>(num)) /
+      static_cast<float>(static_cast<int32_t>(den))));
   const uint32_t rem = num - fl * den;
-  return fl + (((random >> 8) * den) < (rem << 24) ? 1u : 0u);
+  const uint32_t r_hi = random >> 24;
+  const uint32_t r_lo = (random >> 8) & 0xffffu;
+  const uint32_t scaled = (r_hi * den + ((r_lo * den) >> 16)) >> 8;
+  return fl + (scaled < rem ? 1u : 0u);
 }
 
 // ---------------------------------------------------------------------------
