@@ -153,8 +153,9 @@ def test_emulated_dequantize(code, grid):
 
 
 # (n_a, n_b): a plain pair, the fold of an extra worker into a pair, unequal
-# halves, and the largest counts the wire allows (n_a + n_b = 128).
-COUNTS = [(1, 1), (2, 1), (3, 5), (64, 64)]
+# halves, and large counts up to the limit n_a + n_b = 2^16.
+COUNTS = [(1, 1), (2, 1), (3, 5), (64, 64), (150, 150), (1, 2**16 - 1),
+          (2**15, 2**15)]
 
 
 @functools.cache
@@ -182,7 +183,8 @@ def test_emulated_average(bits, grid):
 def test_emulated_average_rejects_bad_arguments():
   a = np.zeros(4, np.uint8)
   with pytest.raises(ValueError, match="n_a and n_b"):
-    emulation.emulate_average(a, a, 64, 65, SEED, a.copy(), 4, 1, 1)
+    emulation.emulate_average(a, a, 2**15, 2**15 + 1, SEED, a.copy(), 4, 1,
+                              1)
   with pytest.raises(ValueError, match="n_a and n_b"):
     emulation.emulate_average(a, a, 0, 1, SEED, a.copy(), 4, 1, 1)
   with pytest.raises(ValueError, match="same length"):

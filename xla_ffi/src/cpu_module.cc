@@ -5,6 +5,7 @@
 // would (thread t processes items t, t + blocks*threads, ...), so the index
 // math, tail handling and packing of the GPU path run in the CPU test suite.
 #include <cstdint>
+#include <string>
 
 #include "gqsgd/kernels.h"
 #include "nanobind/nanobind.h"
@@ -143,9 +144,11 @@ void EmulateAverage(nb::ndarray<nb::c_contig, nb::device::cpu> a,
                     nb::ndarray<nb::c_contig, nb::device::cpu> b, int32_t n_a, int32_t n_b,
                     Vec<const uint32_t> seed, nb::ndarray<nb::c_contig, nb::device::cpu> out,
                     int32_t bits, int64_t blocks, int64_t threads) {
-  // The handlers' contract (RoundedAverage's 24-bit comparison).
-  if (n_a < 1 || n_b < 1 || n_a + n_b > 128) {
-    throw nb::value_error("n_a and n_b must be >= 1 with n_a + n_b <= 128");
+  // The handlers' contract (RoundedAverage's exact range).
+  if (n_a < 1 || n_b < 1 || int64_t{n_a} + n_b > int64_t{kMaxAverageCount}) {
+    const std::string msg =
+        "n_a and n_b must be >= 1 with n_a + n_b <= " + std::to_string(kMaxAverageCount);
+    throw nb::value_error(msg.c_str());
   }
   const Grid grid = MakeGrid(blocks, threads);
   switch (bits) {
