@@ -318,3 +318,42 @@ def test_trains_with_optax_chain():
 
   x = train(gqsgd_jax.global_quantize(bits=4, axis_name="host"))
   np.testing.assert_allclose(x, np.ones(d), atol=0.05)
+
+
+# ---------------------------------------------------------------------------
+# The emulated-cluster benchmark's link classification (no root needed).
+
+
+def test_benchmark_classifies_collectives_by_link():
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                  "benchmarks"))
+  import cluster_hierarchical as ch  # pylint: disable=g-import-not-at-top
+  groups = ch.replica_groups("x replica_groups={{0,1},{2,3}}, y", 4)
+  assert groups == [[0, 1], [2, 3]]
+  assert ch.link_class(groups, 2) == "intra"
+  assert ch.replica_groups("replica_groups=[2,2]<=[4], z", 4) == [[0, 1],
+                                                                  [2, 3]]
+  assert ch.replica_groups("replica_groups=[2,2]<=[2,2]T(1,0), z", 4) == [
+      [0, 2], [1, 3]]
+  assert ch.link_class([[0, 2], [1, 3]], 2) == "inter"
+  assert ch.replica_groups("source_target_pairs={{0,2},{2,0}}", 4) == [
+      [0, 2], [2, 0]]
+  assert ch.replica_groups("replica_groups={}", 4) == [[0, 1, 2, 3]]
+  # A compiled hierarchical step on 2 x 2 devices: floats intra-host only.
+  mesh = _mesh(2, 2)
+  tx = _tx(gqsgd_jax.global_quantize(bits=8, axis_name="host",
+                                     reduction="psum"))
+  grads = {"w": jnp.ones((4, 1000))}
+  text = jax.jit(jax.shard_map(
+      lambda g, s: tx.update(jax.tree.map(lambda x: x[0], g), s)[0],
+      mesh=mesh, in_specs=(P(AXES), P()), out_specs=P())).lower(
+          grads, tx.init(None)).compile().as_text()
+  by_link = ch.hlo_bytes_by_link(text, 4, 2)
+  # Ring sends: reduce-scatter of 4000 B and all-gather of 4000 B over
+  # groups of 2, (1/2) x 4000 each; the int8 psum of 500 codes over 2
+  # hosts, 2 x (1/2) x 500, plus the max-abs scales.
+  assert by_link["intra"] == 4000.0
+  assert 500.0 <= by_link["inter"] <= 540.0
+  assert by_link["unknown"] == 0.0
