@@ -108,10 +108,65 @@ def test_psum_unbiased_with_exact_variance(num_workers):
   assert measured <= big_m**2 / (4 * s**2 * num_workers) * 1.05
 
 
+def _butterfly_root_moments(y: np.ndarray, levels: int):
+  """Exact mean and variance of the butterfly's root code, per coordinate.
+
+  y: (W, d) scaled values in [-s, s]. Each worker's offset-binary code is
+  floor(y) + s or one more with probability frac(y), independently across
+  workers (spec §0.3: every worker its own dither); each tree node is
+  RoundedAverage of two independent subtrees, i.e. (n_a a + n_b b) / n
+  rounded up with probability rem / n. The tree is the butterfly's: the
+  W - P extra workers folded into workers 0.. first (P = 2^floor(log2 W)),
+  then adjacent blocks merged level by level. Returns (mean - s, variance)
+  in levels, from the exact distribution over the 2s + 1 codes.
+  """
+  num_workers, d = y.shape
+  width = 2 * levels + 1
+
+  def leaf(row):
+    low = np.floor(row)
+    up = row - low
+    idx = np.clip(low.astype(np.int64) + levels, 0, width - 1)
+    dist = np.zeros((d, width))
+    dist[np.arange(d), idx] += 1 - up
+    dist[np.arange(d), np.minimum(idx + 1, width - 1)] += up
+    return dist
+
+  def combine(pa, n_a, pb, n_b):
+    den = n_a + n_b
+    out = np.zeros_like(pa)
+    for a in range(width):
+      for b in range(width):
+        low, rem = divmod(n_a * a + n_b * b, den)
+        p = pa[:, a] * pb[:, b]
+        out[:, low] += p * (1 - rem / den)
+        if rem:
+          out[:, low + 1] += p * (rem / den)
+    return out
+
+  p = 1 << (num_workers.bit_length() - 1)
+  nodes = []
+  for j in range(p):
+    if j < num_workers - p:
+      nodes.append((combine(leaf(y[j]), 1, leaf(y[p + j]), 1), 2))
+    else:
+      nodes.append((leaf(y[j]), 1))
+  while len(nodes) > 1:
+    nodes = [(combine(a, n_a, b, n_b), n_a + n_b)
+             for (a, n_a), (b, n_b) in zip(nodes[::2], nodes[1::2])]
+  dist = nodes[0][0]
+  codes = np.arange(width)
+  mean = dist @ codes
+  return mean - levels, dist @ codes**2 - mean**2
+
+
 @pytest.mark.parametrize("num_workers", [1, 2, 3, 4, 8, 16, 64])
-def test_butterfly_unbiased_and_within_bound(num_workers):
+def test_butterfly_unbiased_with_exact_variance(num_workers):
   # Spec §2.3: per coordinate, leaves contribute <= step^2 / (4W) and the
-  # re-rounding along the tree < step^2 / 2 in total, step = M / s.
+  # re-rounding along the tree < step^2 / 2 in total, step = M / s. That
+  # bound has so much slack that dither shared by the workers (which
+  # multiplies the leaves' share up to W-fold) fits in it, so the measured
+  # variance must also match the exact variance of independent dither.
   d, count = 48, 2000
   g = jax.random.normal(jax.random.PRNGKey(100 + num_workers),
                         (num_workers, d))
@@ -119,21 +174,60 @@ def test_butterfly_unbiased_and_within_bound(num_workers):
   tx = gqsgd_jax.global_quantize(bits=bits, reduction="butterfly")
   est = _monte_carlo(tx, g, _keys(count))
   g64 = np.asarray(g, np.float64)
-  step = np.abs(g64).max() / wire.max_levels(bits)
+  big_m = np.abs(g64).max()
+  s = wire.max_levels(bits)
+  step = big_m / s
   bound = step**2 * (1 / (4 * num_workers) + 0.5)
+  y = np.asarray(g * np.float32(s / np.float32(big_m)), np.float64)
+  mean, var = _butterfly_root_moments(y, s)
+  exact = var * step**2
+  np.testing.assert_allclose(mean * step, g64.mean(0), rtol=1e-5, atol=1e-6)
+  assert np.all(exact <= bound)
   bias = est.mean(0) - g64.mean(0)
-  assert np.all(np.abs(bias) <= 5 * np.sqrt(bound / count))
-  measured = est.var(0, ddof=1)
-  assert measured.mean() <= bound * (1 + 6 * np.sqrt(2 / (count * d)))
-  assert measured.mean() > 0
+  assert np.all(np.abs(bias) <= 5 * np.sqrt(exact / count) + 1e-6)
+  # As for the psum: the average over coordinates of the sample variances
+  # matches the exact value within 6 relative standard errors.
+  measured = est.var(0, ddof=1).mean()
+  tol = 6 * np.sqrt(2 / (count * d)) * exact.mean()
+  assert abs(measured - exact.mean()) <= tol, (measured, exact.mean())
+  assert measured <= bound * (1 + 6 * np.sqrt(2 / (count * d)))
 
 
-def test_psum_levels_never_overflow_the_wire():
+def _wire_sum_is_exact(code: int, num_workers: int, bits: int,
+                       signed: bool) -> bool:
+  """Whether W words full of ``code`` add up lane by lane on the wire.
+
+  The sum is taken as the psum does, in the word dtype with wrap-around,
+  and unpacked again: a carry out of a lane (or of the int8) shows.
+  """
+  lanes = wire.lanes_per_word(bits, signed)
+  dtype = wire.word_dtype(bits, signed)
+  if not (abs(code) <= 127 if signed else 0 <= code < 1 << bits):
+    return False  # not even one code fits
+  if signed:
+    total = np.sum(np.full(num_workers, code, np.int8), dtype=np.int8)
+    return int(total) == num_workers * code
+  word = sum(code << (bits * k) for k in range(lanes))
+  total = np.sum(np.full(num_workers, word, np.uint64)) % (1 << 8 *
+                                                             dtype.itemsize)
+  mask = (1 << bits) - 1
+  return all((int(total) >> (bits * k)) & mask == num_workers * code
+             for k in range(lanes))
+
+
+def test_psum_levels_are_the_most_that_never_overflow_the_wire():
   # spec §1.3/B-GQ-1: with s = ceil(127/W) a sum of W codes reaches 128.
+  # Codes are in [-s, s] (int8) or [0, 2s] (offset-binary lanes); s must
+  # keep the W-fold sum of the top code inside its lane, and s + 1 must not
+  # (fewer levels would throw resolution away).
   for w in range(1, 130):
-    assert w * wire.psum_levels(8, w, signed_codes=True) <= 127
-    for bits in range(2, 9):
-      assert w * 2 * wire.psum_levels(bits, w) <= 2**bits - 1
+    for bits, signed in [(8, True)] + [(b, False) for b in range(2, 9)]:
+      s = wire.psum_levels(bits, w, signed_codes=signed)
+      top = (lambda s: s) if signed else (lambda s: 2 * s)
+      assert _wire_sum_is_exact(top(s), w, bits, signed), (w, bits, s)
+      if signed:
+        assert _wire_sum_is_exact(-s, w, bits, signed), (w, bits, s)
+      assert not _wire_sum_is_exact(top(s + 1), w, bits, signed), (w, bits, s)
 
 
 _ADVERSARIAL = [
@@ -227,6 +321,26 @@ def test_state_and_dtypes_are_stable():
   assert not np.array_equal(again["dense"], per_worker["dense"])
 
 
+def _scalar_tolerance(kwargs, num_workers, big_m):
+  """Worst-case |estimate - mean| of one run (any dither), for the tests.
+
+  psum: each worker's rounding moves its code by < 1 level, M / s. The
+  butterfly (D levels, s = max levels): the leaves' errors average to < 1
+  level, and the re-rounding at level l adds < 1 level scaled by the
+  2^(l - D) share of its node in the root, < 1 + 2 (1 - 2^-D) levels.
+  Exponential dithering is exact for the workers' values 1, 1, 2, 0: each
+  value and each pairwise sum along the tree (1 + 1, 2 + 0, 2 + 2) is a
+  power of two times M.
+  """
+  depth = int(np.ceil(np.log2(num_workers)))
+  if kwargs.get("dithering") == "exponential":
+    return 0.0
+  if gq.choose_reduction("auto", kwargs["bits"], num_workers) == "psum":
+    return big_m / wire.psum_levels(kwargs["bits"], num_workers,
+                                    signed_codes=kwargs["bits"] == 8)
+  return big_m / wire.max_levels(kwargs["bits"]) * (3 - 2.0**(1 - depth))
+
+
 @pytest.mark.parametrize("kwargs", [dict(bits=8), dict(bits=4),
                                     dict(bits=8, dithering="exponential")],
                          ids=["psum8", "butterfly4", "exponential"])
@@ -238,7 +352,7 @@ def test_zeros_nonfinite_empty_and_scalar_leaves(kwargs):
       "inf": jnp.ones((w, 6)).at[1, 0].set(-jnp.inf),
       "fine": jnp.full((w, 7), 0.5),
       "empty": jnp.zeros((w, 0)),
-      "scalar": jnp.arange(w, dtype=jnp.float32),
+      "scalar": jnp.array([1.0, 1.0, 2.0, 0.0]),
   }
   # One bucket per leaf, so a non-finite leaf only poisons its own bucket.
   tx = gqsgd_jax.global_quantize(**kwargs, granularity="leaf")
@@ -248,9 +362,14 @@ def test_zeros_nonfinite_empty_and_scalar_leaves(kwargs):
       out["zeros"]).any()
   assert np.all(np.isnan(out["nan"]))  # never laundered into numbers
   assert not np.any(np.isfinite(out["inf"]))
-  np.testing.assert_allclose(out["fine"], 0.5, rtol=0, atol=0.5)
+  # Every worker holds M = 0.5 itself: the top level, exactly, in each method.
+  np.testing.assert_array_equal(out["fine"], np.full(7, 0.5, np.float32))
   assert out["empty"].shape == (0,)
-  assert out["scalar"].shape == () and np.isfinite(out["scalar"])
+  assert out["scalar"].shape == () and out["scalar"].dtype == np.float32
+  # One run lands within the worst-case rounding error of the mean 1 (a
+  # leaf dropped, summed, or taken from one worker does not).
+  tol = _scalar_tolerance(kwargs, w, big_m=2.0)
+  assert abs(out["scalar"] - 1.0) <= tol, out["scalar"]
 
 
 def test_bad_arguments_name_the_argument():
