@@ -64,7 +64,7 @@ run "upgrading pip" "${pip[@]}" install --upgrade pip
 run "installing $jax_spec and the build tools (cmake, ninja, nanobind)" \
   "${pip[@]}" install "$jax_spec" "scikit-build-core>=0.10" \
   "nanobind>=2.4" ninja "cmake>=3.25"
-# The compile takes about a minute on two cores: say that it is still going.
+# The compile takes minutes on two cores: say that it is still going.
 ( while sleep 20; do say "... still building"; done ) &
 ticker=$!
 trap 'kill "$ticker" 2>/dev/null || true' EXIT
