@@ -180,7 +180,8 @@ def main():
   lines += ["The psum keeps s = ⌊127/W⌋ (8-bit) or ⌊15/(2W)⌋ (4-bit) levels "
             "per worker, so its error grows linearly in W; the butterfly "
             "re-rounds at each of its log2(W) levels but keeps 127 (7) "
-            "levels, staying below ½ step² for any W. `reduction=\"auto\"` "
+            "levels, staying at most (½ + 1/(4W)) step² for any W. "
+            "`reduction=\"auto\"` "
             "keeps the psum while s >= 7 (8-bit: W <= 18).", ""]
   lines += [f"## Compressor step time, 8 simulated CPU devices "
             f"({args.size:,} elements, median of {args.repeats})", ""]
