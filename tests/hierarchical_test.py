@@ -179,8 +179,8 @@ def test_equals_global_quantize_of_the_local_means(reduction, bits, dtype):
     assert_trees_bitwise_equal(out, ref)
 
 
-def test_psum_mean_inner_is_the_flat_mean():
-  hosts, local = 2, 4
+@pytest.mark.parametrize("hosts,local", [(2, 4), (3, 3)])
+def test_psum_mean_inner_is_the_flat_mean(hosts, local):
   grads = _grads(hosts * local, seed=2)
   (out,), _ = _run(_tx(gqsgd_jax.psum_mean(axis_name="host")), grads,
                    _mesh(hosts, local))
@@ -258,6 +258,16 @@ def test_nonfinite_anywhere_makes_every_update_nan_everywhere():
   # The inner state still advanced (as global_quantize's does).
   assert not np.array_equal(state.inner_state.key,
                             tx.init(None).inner_state.key)
+
+
+def test_apply_if_finite_over_both_axes_skips_on_every_device():
+  tx = gqsgd_jax.apply_if_finite(
+      optax.chain(_tx(gqsgd_jax.global_quantize(bits=4, axis_name="host")),
+                  optax.sgd(0.1)), 2, axis_name=AXES)
+  grads = {"w": jnp.ones((4, 10)).at[1, 3].set(jnp.inf)}
+  (out,), state = _run(tx, grads, _mesh(2, 2))
+  np.testing.assert_array_equal(out["w"], np.zeros(10))
+  assert int(state.total_notfinite) == 1
 
 
 def test_empty_scalar_and_no_leaves():
