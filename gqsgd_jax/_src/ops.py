@@ -246,7 +246,7 @@ def average(a, b, n_a, n_b, seed, *, bits: int,
 
 def exp_encode(x, scale, seed, *, floor_code: int = 127,
                impl: str = "auto") -> jax.Array:
-  """Exponential dithering of ``x * scale`` (|x * scale| <= 1/2) to bytes.
+  """Exponential dithering of ``x * scale`` (``|x * scale| <= 1/2``) to bytes.
 
   Byte = sign << 7 | e with value ±2^-e, e in [1, floor_code]; 0 is zero.
   """
