@@ -14,8 +14,8 @@ from examples.vision.configs import default
 
 def _tiny_config(**kwargs) -> default.Config:
   config = dataclasses.replace(
-      default.get_config(), widths=(8, 16), steps=20, batch_size=64,
-      learning_rate=0.1, eval_every=1000, progress=False)
+      default.get_config(), widths=(8, 16), steps=100, batch_size=64,
+      learning_rate=0.3, eval_every=1000, progress=False)
   return dataclasses.replace(config, **kwargs)
 
 
@@ -53,7 +53,9 @@ def test_train_and_evaluate(tmp_path, compressor, bits, reduction, workers):
   assert len(losses) == config.steps
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
-  assert 0.0 <= final["test_accuracy"] <= 1.0
+  # Ten classes: chance is 0.1. These runs reach 0.68-0.88 (seeds 0 and 1,
+  # every compressor here), so half is far from both.
+  assert final["test_accuracy"] >= 0.5, final["test_accuracy"]
   assert final["workers"] == workers
 
   n = final["num_params"]
