@@ -37,7 +37,7 @@ def test_processes_end_with_identical_parameters(num_processes, devices):
 
 
 def test_hierarchical_across_processes_matches_one_process():
-  # 2 processes ("hosts") x 2 devices: the float reduce-scatter/all-gather
+  # 2 processes ("hosts") x 2 devices: the float all-to-all/all-gather
   # run inside a process, the integer psum over gloo between processes.
   # The same ("host", "local") mesh in this one process ends bit-identical.
   code, log, _ = _launch(2, 2, "--hierarchical", "--steps", "3")

@@ -93,7 +93,7 @@ def test_floats_cross_only_local_links_integers_only_host_links(
   payload = [c for c in found if c.elements > 64]
   floats = [c for c in payload if c.dtype.startswith(("f", "bf"))]
   ints = [c for c in payload if not c.dtype.startswith(("f", "bf"))]
-  assert {c.op for c in floats} == {"reduce-scatter", "all-gather"}, found
+  assert {c.op for c in floats} == {"all-to-all", "all-gather"}, found
   assert all(c.group_size == local for c in floats), floats
   assert ints, found
   assert all(c.group_size == hosts for c in ints
@@ -129,14 +129,13 @@ def _reference(grads, hosts, local, bits, reduction, steps):
   dtype = x[names[0]].dtype
   flat = np.concatenate(
       [x[k].reshape(hosts, local, -1) for k in names], axis=2)
-  # Device order: the local mean is the f32 sum of g / L, cast back (what
-  # the reduce-scatter computes; for L = 2 the sum of two terms is exact
-  # in either order).
+  # The local mean: g / L in the leaf dtype, summed in f32 in local-index
+  # order, cast back (what the all-to-all exchange computes).
   means = (flat.astype(np.float32) / np.float32(local)).astype(dtype)
-  mean = means[:, 0]
+  total = means[:, 0].astype(np.float32)
   for j in range(1, local):
-    mean = (mean.astype(np.float32) + means[:, j].astype(np.float32)
-            ).astype(dtype)
+    total = total + means[:, j].astype(np.float32)
+  mean = total.astype(dtype)
   n = mean.shape[1]
   mean = np.pad(mean, ((0, 0), (0, (-n) % local)))
   blocks = np.split(mean, local, axis=1)  # [local] x (hosts, n / L)
@@ -165,11 +164,12 @@ def _reference(grads, hosts, local, bits, reduction, steps):
   return results
 
 
-@pytest.mark.parametrize("reduction,bits,dtype", [
-    ("psum", 4, jnp.float32), ("butterfly", 4, jnp.bfloat16),
-    ("psum", 8, jnp.bfloat16)])
-def test_equals_global_quantize_of_the_local_means(reduction, bits, dtype):
-  hosts, local = 2, 2
+@pytest.mark.parametrize("reduction,bits,dtype,local", [
+    ("psum", 4, jnp.float32, 2), ("butterfly", 4, jnp.bfloat16, 2),
+    ("psum", 8, jnp.bfloat16, 4)])
+def test_equals_global_quantize_of_the_local_means(reduction, bits, dtype,
+                                                    local):
+  hosts = 2
   grads = _grads(hosts * local, seed=1, dtypes=(dtype,) * 3)
   tx = _tx(gqsgd_jax.global_quantize(bits=bits, axis_name="host",
                                      reduction=reduction))
@@ -361,8 +361,8 @@ def test_benchmark_classifies_collectives_by_link():
       mesh=mesh, in_specs=(P(AXES), P()), out_specs=P())).lower(
           grads, tx.init(None)).compile().as_text()
   by_link = ch.hlo_bytes_by_link(text, 4, 2)
-  # Ring sends: reduce-scatter of 4000 B and all-gather of 4000 B over
-  # groups of 2, (1/2) x 4000 each; the int8 psum of 500 codes over 2
+  # Sends: all-to-all of 4000 B and all-gather of 4000 B over groups of
+  # 2, (1/2) x 4000 each; the int8 psum of 500 codes over 2
   # hosts, 2 x (1/2) x 500, plus the max-abs scales.
   assert by_link["intra"] == 4000.0
   assert 500.0 <= by_link["inter"] <= 540.0

@@ -9,9 +9,9 @@ network. ``hierarchical(inner, local_axis=...)`` wraps a reduction
 
 1. each device flattens its gradient leaves into one buffer per wire dtype,
    pads it to a multiple of L and reduce-scatters the mean over
-   ``local_axis`` in full precision (``lax.psum_scatter`` of g / L, or in
-   ``wire_dtype``, e.g. bf16): device l of a host now holds block l of its
-   host's mean gradient;
+   ``local_axis`` in full precision (g / L, or in ``wire_dtype``, e.g.
+   bf16): device l of a host now holds block l of its host's mean
+   gradient;
 2. ``inner`` reduces that 1/L block over the host axis only: the
    compressed wire carries 1/L of the model per device, its worker count
    W is the number of hosts (more levels for the integer psum, fewer
@@ -20,6 +20,15 @@ network. ``hierarchical(inner, local_axis=...)`` wraps a reduction
 3. the reduced blocks are all-gathered over ``local_axis``, so every device
    of every host ends with the same estimate of the mean of all H L
    gradients.
+
+The reduce-scatter is an ``all_to_all`` of the L blocks followed by a sum
+in float32 in local-index order, not ``lax.psum_scatter``: it sends the
+same (L-1)/L of the buffer, its sum is the same bits on every platform
+whatever the collective library's reduction order, and XLA:CPU's
+multi-process (gloo) reduce-scatter was measured to return corrupted
+blocks when another collective (e.g. a metric's ``pmean`` over all
+devices) runs concurrently in the same program (jaxlib 0.10.2), while
+``all_to_all`` and ``all_gather`` were not.
 
 Why a combinator rather than a ``local_axis`` argument of each compressor:
 the two stages are independent (any reduction over the host axis can take
@@ -82,13 +91,10 @@ class HierarchicalState(NamedTuple):
 
 
 def _per_worker_fields(state) -> list[str]:
-  found = []
-  def visit(node):
-    if worker_state._is_stateful(node):  # pylint: disable=protected-access
-      found.append(type(node).__name__)
-    return node
-  jax.tree.map(visit, state, is_leaf=worker_state._is_stateful)  # pylint: disable=protected-access
-  return found
+  """Names of the state types in ``state`` that keep per-worker memories."""
+  stateful = worker_state._is_stateful  # pylint: disable=protected-access
+  nodes = jax.tree.leaves(state, is_leaf=stateful)
+  return [type(n).__name__ for n in nodes if stateful(n)]
 
 
 def _groups(leaves, wire):
@@ -112,7 +118,7 @@ def hierarchical(inner: optax.GradientTransformation, *,
       ``global_quantize(bits=4, axis_name="host")``; it must not reduce over
       ``local_axis``.
     local_axis: the fast mesh axis (devices of one host).
-    wire_dtype: float dtype of the reduce-scatter inside a host and of the
+    wire_dtype: float dtype of the exchange inside a host and of the
       blocks the inner reduces (e.g. ``jnp.bfloat16``); None keeps each
       leaf's dtype (one buffer per dtype). The result is cast back to each
       leaf's dtype, saturating finite values.
@@ -174,7 +180,14 @@ def hierarchical(inner: optax.GradientTransformation, *,
       n = flat.shape[0]
       sizes.append(n)
       flat = jnp.pad(flat, (0, (-n) % num_local))  # zeros: exact, no effect
-      blocks.append(jax.lax.psum_scatter(flat, local_axis, tiled=True))
+      # Row j of `mine`: device j's copy of this device's block (see the
+      # module docstring for why not psum_scatter).
+      mine = jax.lax.all_to_all(flat.reshape(num_local, -1), local_axis, 0,
+                                0, tiled=True)
+      total = mine[0].astype(jnp.float32)
+      for j in range(1, num_local):
+        total = total + mine[j].astype(jnp.float32)
+      blocks.append(total.astype(dtype))
 
     reduced, inner_state = inner.update(tuple(blocks), state.inner_state)
     out = [jnp.zeros(x.shape, x.dtype) for x in leaves]
@@ -186,12 +199,13 @@ def hierarchical(inner: optax.GradientTransformation, *,
                 for r in reduced]
     # Identical on every device already, so this check needs no collective.
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in gathered]))
+    cast = baselines._cast_saturating  # pylint: disable=protected-access
     for (dtype, ids), full, n in zip(groups.items(), gathered, sizes):
       full = jnp.where(finite, full[:n], jnp.nan).astype(dtype)
       offsets = np.cumsum([0] + [leaves[i].size for i in ids])
       for j, i in enumerate(ids):
         piece = full[offsets[j]:offsets[j + 1]].reshape(leaves[i].shape)
-        out[i] = baselines._cast_saturating(piece, leaves[i].dtype)  # pylint: disable=protected-access
+        out[i] = cast(piece, leaves[i].dtype)
     return (jax.tree_util.tree_unflatten(treedef, out),
             HierarchicalState(inner_state))
 
