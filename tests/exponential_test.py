@@ -101,13 +101,51 @@ def _variance_bound(g: np.ndarray) -> np.ndarray:
   return total / num_workers**2
 
 
-def test_tree_matches_the_butterfly_depth():
-  for w in range(1, 65):
-    nodes = _tree(w)
-    assert sum(len(ws) == 1 for ws, _ in nodes) == w  # every worker a leaf
-    assert max(h for _, h in nodes) == collectives.tree_depth(w)
-    root = [ws for ws, h in nodes if h == 0]
-    assert len(root) == 1 and sorted(root[0]) == list(range(w))
+def _butterfly_root(stacked, combine):
+  """collectives.butterfly_allreduce of the rows of ``stacked``, one a worker."""
+  num_workers = stacked.shape[0]
+
+  @jax.jit
+  @jax.shard_map(mesh=data_mesh(num_workers), in_specs=P("data"),
+                 out_specs=P())
+  def run(x):
+    return collectives.butterfly_allreduce(
+        x[0], combine, axis_name="data", num_workers=num_workers)
+
+  return np.asarray(run(stacked))
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3, 5, 6, 8, 11, 16])
+def test_variance_bound_follows_the_library_butterfly(num_workers):
+  # The bound's tree (_tree) must be the one collectives.butterfly_allreduce
+  # reduces with. A deterministic combine on (v, b) pairs that evaluates the
+  # bound's recursion, b = 9/8 (b_a + b_b) + v^2 / 8 with v = v_a + v_b
+  # from leaves (g, g^2 / 8), returns W^2 * _variance_bound(g) at the root
+  # only if every node sums the workers _tree says at the height it says.
+  d = 13  # not a multiple of the blocks: the padding takes part too
+  g = np.asarray(jax.random.normal(jax.random.PRNGKey(num_workers),
+                                   (num_workers, d)), np.float64)
+
+  def bound_combine(a, b, n_a, n_b, stage):
+    del n_a, n_b, stage
+    v = a.real + b.real
+    return jax.lax.complex(v, 9 / 8 * (a.imag + b.imag) + v * v / 8)
+
+  root = _butterfly_root((g + 1j * g**2 / 8).astype(np.complex64),
+                         bound_combine)
+  np.testing.assert_allclose(root.real, g.sum(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(root.imag, _variance_bound(g) * num_workers**2,
+                             rtol=1e-5)
+  # The counts handed to the combine are the workers behind each operand.
+  def count_combine(a, b, n_a, n_b, stage):
+    del stage
+    return jnp.where((a == n_a) & (b == n_b), a + b, jnp.nan)
+
+  counts = _butterfly_root(np.ones((num_workers, d), np.float32),
+                           count_combine)
+  np.testing.assert_array_equal(counts, np.full(d, num_workers, np.float32))
+  heights = [h for _, h in _tree(num_workers)]
+  assert max(heights) == collectives.tree_depth(num_workers)
 
 
 @pytest.mark.parametrize("num_workers", [1, 2, 3, 4, 5, 8, 16])
