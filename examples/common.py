@@ -8,7 +8,9 @@ own devices' rows (``shard``), params are replicated, and metrics come back
 to every host (``to_host``).
 """
 
+import argparse
 from collections.abc import Callable, Iterable, Iterator
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -21,8 +23,8 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -70,10 +72,8 @@ def request_cpu_devices(n: int) -> None:
   """
   if jax.config.jax_num_cpu_devices >= n:
     return
-  try:
+  with contextlib.suppress(RuntimeError):  # a backend already started
     jax.config.update("jax_num_cpu_devices", n)
-  except RuntimeError:  # a backend already started
-    pass
 
 
 def setup_devices(workers: int | None, distributed: bool = False) -> bool:
@@ -536,6 +536,84 @@ def train_loop(train_step, params, opt_state, batches: Iterator, mesh, *,
   return params, opt_state, history, wire, timing
 
 
+@dataclasses.dataclass
+class RunConfig:
+  """The options every example's Config has; each subclass adds its model's
+  and data's fields and may change the defaults (``steps`` and below)."""
+  compressor: str = "gqsgd"  # one of common.COMPRESSORS
+  bits: int = 4  # bits per coordinate for gqsgd, thc, qsgd
+  reduction: str = "auto"  # gqsgd's integer reduction: auto | psum | butterfly
+  granularity: str = "bucket"  # gqsgd's max-abs scale: bucket | leaf | global
+  workers: int | None = None  # data-parallel devices; None: all of them
+  steps: int = 500
+  batch_size: int = 128  # global, split evenly over the workers
+  learning_rate: float = 0.1  # peak of the schedule
+  seed: int = 0  # params, data order and quantizer dither
+  eval_every: int = 100  # steps between test-set evaluations
+  data: str | None = None  # the user's data file (default: bundled data)
+  log: str | None = None  # JSON log path
+  progress: bool = True  # tqdm bar
+
+
+@dataclasses.dataclass
+class Task:
+  """What an example brings to ``train_and_evaluate``: model, data, metric.
+
+  Attributes:
+    params: the model's initial parameters (a pytree, the same on every
+      process).
+    optimizer: the compressor first, then the optimizer
+      (``make_optimizer``).
+    loss_fn: ``(params, local_batch) -> (loss, metrics)`` on one shard.
+    eval_fn: ``(params, local_batch) -> dict`` on one shard of the test
+      set (see ``make_eval_step``).
+    batches: endless global host batches (see ``shard``).
+    evaluate: ``(eval_step, params, mesh) -> test metrics``, the
+      ``test_*`` entries of the history.
+    extra: ``params -> dict`` of further entries for the final record.
+  """
+  params: Any
+  optimizer: optax.GradientTransformation
+  loss_fn: LossFn
+  eval_fn: Callable[[Any, Any], dict]
+  batches: Iterator
+  evaluate: Callable[[Any, Any, jax.sharding.Mesh], dict]
+  extra: Callable[[Any], dict] = lambda params: {}
+
+
+def train_and_evaluate(example: str, config: RunConfig,
+                       make_task: Callable[[Any], Task]) -> dict:
+  """Trains ``make_task(config)`` data-parallel; returns the final record.
+
+  Builds the mesh of ``config.workers``, replicates the params, trains
+  ``config.steps`` steps (``train_loop``) and evaluates every
+  ``config.eval_every``. Writes the JSON log (config, wire bytes, history,
+  final metrics) to ``config.log`` if set (process 0 of a multi-process
+  run).
+  """
+  start = time.perf_counter()
+  mesh = make_mesh(config.workers)
+  workers = mesh.devices.size
+  if config.batch_size % workers:
+    raise ValueError(f"batch_size {config.batch_size} is not a multiple of "
+                     f"{workers} workers")
+  task = make_task(config)
+  params = replicate(task.params, mesh)
+  opt_state, state_mask = init_opt_state(task.optimizer, params, mesh)
+  train_step = make_train_step(task.loss_fn, task.optimizer, mesh,
+                               state_mask)
+  eval_step = make_eval_step(task.eval_fn, mesh)
+  name = method_name(config.compressor, config.bits, config.granularity)
+  params, _, history, wire, timing = train_loop(
+      train_step, params, opt_state, task.batches, mesh,
+      steps=config.steps, eval_every=config.eval_every,
+      evaluate=lambda p: task.evaluate(eval_step, p, mesh), desc=name,
+      show_progress=config.progress)
+  return finish(example, name, config, params, history, wire, timing, start,
+                workers=workers, num_params=num_elements(params),
+                **task.extra(params))
+
+
 def finish(example: str, name: str, config, params, history: list[dict],
            wire: dict, timing: dict, start: float, **extra) -> dict:
   """The final record of a run; process 0 writes the JSON log.
@@ -670,3 +748,27 @@ def config_overrides(args) -> dict:
   """The options given on the command line, as config fields."""
   return {k: v for k, v in vars(args).items()
           if v is not None and k != "distributed"}
+
+
+def main(example: str, description: str,
+         add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+         argv=None) -> None:
+  """The main() of ``examples/<example>/main.py``: options, run, report.
+
+  Parses ``add_run_args``' options and the example's own (``add_args``),
+  sets up the devices before anything starts JAX's backend, overrides the
+  example's default config with the options given, trains and prints
+  ``report``.
+  """
+  parser = argparse.ArgumentParser(description=description)
+  add_run_args(parser)
+  if add_args is not None:
+    add_args(parser)
+  args = parser.parse_args(argv)
+  setup_devices(args.workers, args.distributed)
+  # Imported here: the examples build models (flax) and data on import.
+  train = importlib.import_module(f"examples.{example}.train")
+  default = importlib.import_module(f"examples.{example}.configs.default")
+  config = dataclasses.replace(default.get_config(),
+                               **config_overrides(args))
+  print(report(train.train_and_evaluate(config)), flush=True)

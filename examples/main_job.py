@@ -17,7 +17,7 @@ import time
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from examples import common  # noqa: E402
+from examples import common
 
 METHODS = (("f32", 32), ("gqsgd", 4))
 

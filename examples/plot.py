@@ -16,13 +16,13 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from examples import common  # noqa: E402
+from examples import common
 
 
 def metric_names(logs: list[dict]) -> list[str]:

@@ -6,36 +6,23 @@ gqsgd_jax.launch -n 2 -- python examples/language/main.py`` (or
 --distributed under SLURM and the like).
 """
 
-import argparse
-import dataclasses
 import pathlib
 import sys
 
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from examples import common  # noqa: E402
+from examples import common
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  common.add_run_args(parser)
+def _add_args(parser) -> None:
   parser.add_argument("--seq-len", type=int, help="bytes of context")
   parser.add_argument("--data", help="a UTF-8 text file, its last 10%% held "
                       "out (default: CPython's pydoc_data topics)")
-  return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
-  args = parse_args(argv)
-  # Before anything starts JAX's backend.
-  common.setup_devices(args.workers, args.distributed)
-  from examples.language import train
-  from examples.language.configs import default
-
-  config = dataclasses.replace(default.get_config(),
-                               **common.config_overrides(args))
-  print(common.report(train.train_and_evaluate(config)), flush=True)
+  common.main("language", __doc__.splitlines()[0], _add_args, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ so any text works and perplexity is per byte.
 import dataclasses
 import functools
 import math
-import time
 
 from flax import nnx
 import jax
@@ -195,42 +194,28 @@ def make_optimizer(config: default.Config) -> optax.GradientTransformation:
                                clip_norm=config.clip_norm)
 
 
+def make_task(config: default.Config) -> common.Task:
+  """The LM on the pydoc topics (or ``config.data``), for common's loop."""
+  corpus = load_text(config.data) if config.data else load_pydoc_topics()
+  held_out = eval_windows(corpus.test, config.seq_len, config.eval_windows)
+  graphdef, params = nnx.split(create_model(config), nnx.Param)
+  rng = np.random.default_rng(config.seed)
+  return common.Task(
+      params=params, optimizer=make_optimizer(config),
+      loss_fn=lambda p, b: loss_fn(graphdef, p, b),
+      eval_fn=lambda p, b: eval_sums(graphdef, p, b),
+      batches=batches(corpus.train, config.batch_size, config.seq_len, rng),
+      evaluate=lambda step, p, mesh: evaluate(step, p, held_out, mesh),
+      extra=lambda p: dict(
+          corpus=corpus.source, train_bytes=len(corpus.train),
+          held_out_bytes=len(corpus.test),
+          eval_bytes=held_out.shape[0] * config.seq_len))
+
+
 def train_and_evaluate(config: default.Config) -> dict:
   """Trains the LM and returns its final metrics and wire bytes.
 
   Writes the JSON log (config, wire bytes, history, final metrics) to
   ``config.log`` if set (process 0 of a multi-process run).
   """
-  start = time.perf_counter()
-  mesh = common.make_mesh(config.workers)
-  workers = mesh.devices.size
-  if config.batch_size % workers:
-    raise ValueError(f"batch_size {config.batch_size} is not a multiple of "
-                     f"{workers} workers")
-  corpus = load_text(config.data) if config.data else load_pydoc_topics()
-  held_out = eval_windows(corpus.test, config.seq_len, config.eval_windows)
-
-  graphdef, params = nnx.split(create_model(config), nnx.Param)
-  tx = make_optimizer(config)
-  params = common.replicate(params, mesh)
-  opt_state, state_mask = common.init_opt_state(tx, params, mesh)
-  train_step = common.make_train_step(
-      lambda p, b: loss_fn(graphdef, p, b), tx, mesh, state_mask)
-  eval_step = common.make_eval_step(
-      lambda p, b: eval_sums(graphdef, p, b), mesh)
-
-  rng = np.random.default_rng(config.seed)
-  name = common.method_name(config.compressor, config.bits,
-                            config.granularity)
-  params, _, history, wire, timing = common.train_loop(
-      train_step, params, opt_state,
-      batches(corpus.train, config.batch_size, config.seq_len, rng), mesh,
-      steps=config.steps, eval_every=config.eval_every,
-      evaluate=lambda p: evaluate(eval_step, p, held_out, mesh),
-      desc=name, show_progress=config.progress)
-  return common.finish(
-      "language", name, config, params, history, wire, timing,
-      start, workers=workers, num_params=common.num_elements(params),
-      corpus=corpus.source, train_bytes=len(corpus.train),
-      held_out_bytes=len(corpus.test), eval_bytes=held_out.shape[0]
-      * config.seq_len)
+  return common.train_and_evaluate("language", config, make_task)

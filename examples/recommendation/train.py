@@ -17,7 +17,6 @@ hidden model's own AUC is the ceiling.
 import dataclasses
 import functools
 import math
-import time
 
 from flax import nnx
 import jax
@@ -263,49 +262,39 @@ def load_data(config: default.Config) -> Dataset:
                    config.data_seed)
 
 
+def make_task(config: default.Config) -> common.Task:
+  """The DeepFwFM on synthetic clicks (or ``config.data``), for common's
+  loop."""
+  data = load_data(config)
+  model = create_model(data.cardinalities, config)
+  graphdef, params = nnx.split(model, nnx.Param)
+  embedding_params = (model.embeddings.embedding.size
+                      + model.first_order.embedding.size)
+
+  def extra(params) -> dict:
+    out = dict(embedding_fraction=embedding_params
+               / common.num_elements(params),
+               click_rate=float(np.mean(data.y_train)),
+               data_source=data.source)
+    if data.p_test is not None:  # the hidden model's scores: the ceiling
+      out.update({f"oracle_{k}": v
+                  for k, v in scores(data.y_test, data.p_test).items()})
+    return out
+
+  rng = np.random.default_rng(config.seed)
+  return common.Task(
+      params=params, optimizer=make_optimizer(config),
+      loss_fn=lambda p, b: loss_fn(graphdef, p, b),
+      eval_fn=lambda p, b: predict(graphdef, p, b),
+      batches=batches(data, config.batch_size, rng),
+      evaluate=lambda step, p, mesh: evaluate(step, p, data, mesh),
+      extra=extra)
+
+
 def train_and_evaluate(config: default.Config) -> dict:
   """Trains the DeepFwFM and returns its final metrics and wire bytes.
 
   Writes the JSON log (config, wire bytes, history, final metrics) to
   ``config.log`` if set (process 0 of a multi-process run).
   """
-  start = time.perf_counter()
-  mesh = common.make_mesh(config.workers)
-  workers = mesh.devices.size
-  if config.batch_size % workers:
-    raise ValueError(f"batch_size {config.batch_size} is not a multiple of "
-                     f"{workers} workers")
-  data = load_data(config)
-
-  model = create_model(data.cardinalities, config)
-  graphdef, params = nnx.split(model, nnx.Param)
-  embedding_params = (model.embeddings.embedding.size
-                      + model.first_order.embedding.size)
-  tx = make_optimizer(config)
-  params = common.replicate(params, mesh)
-  opt_state, state_mask = common.init_opt_state(tx, params, mesh)
-  train_step = common.make_train_step(
-      lambda p, b: loss_fn(graphdef, p, b), tx, mesh, state_mask)
-  eval_step = common.make_eval_step(
-      lambda p, b: predict(graphdef, p, b), mesh)
-
-  rng = np.random.default_rng(config.seed)
-  name = common.method_name(config.compressor, config.bits,
-                            config.granularity)
-  params, _, history, wire, timing = common.train_loop(
-      train_step, params, opt_state,
-      batches(data, config.batch_size, rng), mesh,
-      steps=config.steps, eval_every=config.eval_every,
-      evaluate=lambda p: evaluate(eval_step, p, data, mesh),
-      desc=name, show_progress=config.progress)
-  extra = {}
-  if data.p_test is not None:  # the hidden model's scores: the ceiling
-    extra = {f"oracle_{k}": v
-             for k, v in scores(data.y_test, data.p_test).items()}
-  num_params = common.num_elements(params)
-  return common.finish(
-      "recommendation", name, config, params, history, wire, timing,
-      start, workers=workers, num_params=num_params,
-      embedding_fraction=embedding_params / num_params,
-      click_rate=float(np.mean(data.y_train)), data_source=data.source,
-      **extra)
+  return common.train_and_evaluate("recommendation", config, make_task)

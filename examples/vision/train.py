@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import time
 
 from flax import nnx
 import jax
@@ -172,21 +171,10 @@ def make_optimizer(config: default.Config) -> optax.GradientTransformation:
                                granularity=config.granularity)
 
 
-def train_and_evaluate(config: default.Config) -> dict:
-  """Trains the ResNet and returns its final metrics and wire bytes.
-
-  Writes the JSON log (config, wire bytes, history, final metrics) to
-  ``config.log`` if set (process 0 of a multi-process run).
-  """
-  start = time.perf_counter()
-  mesh = common.make_mesh(config.workers)
-  workers = mesh.devices.size
-  if config.batch_size % workers:
-    raise ValueError(f"batch_size {config.batch_size} is not a multiple of "
-                     f"{workers} workers")
+def make_task(config: default.Config) -> common.Task:
+  """The ResNet on the digits (or ``config.data``), for common's loop."""
   # The digits split is fixed, so runs with different seeds share a test set.
   data = load_npz(config.data) if config.data else load_digits()
-
   model = create_model(data.x_train.shape[-1], data.num_classes,
                        tuple(config.widths), config.blocks_per_stage,
                        jax.random.key(config.seed))
@@ -195,25 +183,20 @@ def train_and_evaluate(config: default.Config) -> dict:
   # the optimizer state is optax's own (see common.make_train_step for why
   # not nnx.Optimizer).
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = make_optimizer(config)
-  params = common.replicate(params, mesh)
-  opt_state, state_mask = common.init_opt_state(tx, params, mesh)
-
-  train_step = common.make_train_step(
-      lambda p, b: loss_fn(graphdef, p, b), tx, mesh, state_mask)
-  eval_step = common.make_eval_step(
-      lambda p, b: eval_sums(graphdef, p, b), mesh)
-
   rng = np.random.default_rng(config.seed)
-  name = common.method_name(config.compressor, config.bits,
-                            config.granularity)
-  params, _, history, wire, timing = common.train_loop(
-      train_step, params, opt_state,
-      batches(data.x_train, data.y_train, config.batch_size, rng), mesh,
-      steps=config.steps, eval_every=config.eval_every,
-      evaluate=lambda p: evaluate(eval_step, p, data.x_test, data.y_test,
-                                  mesh),
-      desc=name, show_progress=config.progress)
-  return common.finish("vision", name, config, params, history, wire,
-                       timing, start, workers=workers,
-                       num_params=common.num_elements(params))
+  return common.Task(
+      params=params, optimizer=make_optimizer(config),
+      loss_fn=lambda p, b: loss_fn(graphdef, p, b),
+      eval_fn=lambda p, b: eval_sums(graphdef, p, b),
+      batches=batches(data.x_train, data.y_train, config.batch_size, rng),
+      evaluate=lambda step, p, mesh: evaluate(step, p, data.x_test,
+                                              data.y_test, mesh))
+
+
+def train_and_evaluate(config: default.Config) -> dict:
+  """Trains the ResNet and returns its final metrics and wire bytes.
+
+  Writes the JSON log (config, wire bytes, history, final metrics) to
+  ``config.log`` if set (process 0 of a multi-process run).
+  """
+  return common.train_and_evaluate("vision", config, make_task)

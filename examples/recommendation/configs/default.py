@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from examples import common
+
 # Criteo Kaggle's 26 categorical cardinalities, capped at 4000 (the hashing
 # trick): mostly embedding rows, as in the real data, at a size a CPU
 # trains in a minute.
@@ -11,34 +13,27 @@ CRITEO_CARDINALITIES = (
 
 
 @dataclasses.dataclass
-class Config:
+class Config(common.RunConfig):
   """Hyperparameters and run options of the recommendation example."""
-  compressor: str = "gqsgd"  # one of common.COMPRESSORS
-  bits: int = 4  # bits per coordinate for gqsgd, thc, qsgd
-  reduction: str = "auto"  # gqsgd's integer reduction: auto | psum | butterfly
-  granularity: str = "bucket"  # gqsgd's max-abs scale: bucket | leaf | global
-  workers: int | None = None  # data-parallel devices; None: all of them
   steps: int = 400
   batch_size: int = 1024  # global examples per step, split over the workers
   learning_rate: float = 3e-3  # Adam, peak of warm-up + cosine decay
+  eval_every: int = 100  # steps between test-set evaluations
+  # A Criteo-format TSV (label, 13 integers, 26 hex categories per line);
+  # categories are hashed into hash_buckets rows per field, the last 10%
+  # of the rows held out.
+  data: str | None = None
   warmup_steps: int = 20
-  seed: int = 0  # params, data order and quantizer dither
   embed_dim: int = 8  # per field, as DeepLight's Criteo model
   hidden: tuple[int, ...] = (64, 32)  # the MLP's layers
-  eval_every: int = 100  # steps between test-set evaluations
   # Synthetic data (ignored with --data).
   cardinalities: tuple[int, ...] = CRITEO_CARDINALITIES
   num_train: int = 500_000  # more than one pass of the default run
   num_test: int = 50_000
   data_seed: int = 1234  # the hidden model and the samples
-  # A Criteo-format TSV (label, 13 integers, 26 hex categories per line);
-  # categories are hashed into hash_buckets rows per field, the last 10%
-  # of the rows held out.
-  data: str | None = None
+  # With --data.
   hash_buckets: int = 4000
   max_rows: int = 1_000_000
-  log: str | None = None  # JSON log path
-  progress: bool = True  # tqdm bar
 
 
 def get_config() -> Config:
