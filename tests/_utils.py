@@ -1,7 +1,16 @@
-"""Tree comparison helpers (optax's test_utils style, without chex)."""
+"""Shared test helpers: tree comparisons (optax's test_utils style, without
+chex), the data mesh, a sharded update with replica checks, and a compiled
+Flax MLP step for HLO wire tests."""
 
+from flax import nnx
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
+
+import gqsgd_jax
+from gqsgd_jax._src.worker_state import worker_state_specs
 
 
 def assert_trees_bitwise_equal(a, b) -> None:
@@ -46,7 +55,6 @@ def sharded_update(tx, stacked_grads, state, *, mode: str = "shard_map"):
   consistency bit for bit. Blocks on the result (collectives on simulated
   CPU devices must not pile up un-awaited).
   """
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   num_workers = jax.tree.leaves(stacked_grads)[0].shape[0]
   mesh = data_mesh(num_workers)
   if mode == "shard_map":
@@ -74,3 +82,52 @@ def assert_replicas_equal(per_worker) -> None:
     leaf = np.asarray(leaf)
     for w in range(1, leaf.shape[0]):
       assert_trees_bitwise_equal(leaf[0], leaf[w])
+
+
+class Mlp(nnx.Module):
+  """64 -> 256 -> 10 with a ReLU: kernels 64 x 256 and 256 x 10, biases of
+  256 and 10 (two large and two small leaves)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(64, 256, rngs=rngs)
+    self.out = nnx.Linear(256, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
+def mlp_step(compressor, num_workers: int, *, abstract: bool = False):
+  """A compiled Flax/optax data-parallel step of ``Mlp`` under shard_map.
+
+  The step is ``optax.chain(compressor, optax.sgd(0.1))`` on local gradients
+  (``gqsgd_jax.varying``), with the optimizer state laid out as a user would:
+  per-worker memories sharded (``worker_state_specs``), the rest replicated.
+  ``abstract`` lowers on shapes only (no state is initialised), enough to
+  read the HLO.
+
+  Returns:
+    (compiled, params): the compiled step and the MLP's params.
+  """
+  graphdef, params = nnx.split(Mlp(nnx.Rngs(0)), nnx.Param)
+  tx = optax.chain(compressor, optax.sgd(0.1))
+  mesh = data_mesh(num_workers)
+  specs = worker_state_specs(jax.eval_shape(tx.init, params))
+  init = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
+                               out_specs=specs))
+  opt_state = jax.eval_shape(init, params) if abstract else init(params)
+
+  def loss_fn(params, x, y):
+    logits = nnx.merge(graphdef, params)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
+                 out_specs=(P(), specs))
+  def step(params, opt_state, x, y):
+    grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  x = jax.ShapeDtypeStruct((num_workers * 4, 64), jnp.float32)
+  y = jax.ShapeDtypeStruct((num_workers * 4,), jnp.int32)
+  return step.lower(params, opt_state, x, y).compile(), params
