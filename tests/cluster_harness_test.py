@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 import gqsgd_jax
+
 from _utils import data_mesh
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "benchmarks"))
-import cluster  # noqa: E402
-import cluster_benchmark as bench  # noqa: E402
-import cluster_worker  # noqa: E402
+import cluster
+import cluster_benchmark as bench
+import cluster_worker
 
 PREFIX = "gqsgd-cl1a2b"
 
@@ -165,9 +166,9 @@ def test_cluster_builds_and_tears_down(tmp_path):
 def test_failed_build_still_tears_down(tmp_path):
   spec = cluster.ClusterSpec(3, PREFIX)
   runner = FakeRunner(fail_on=["ip", "netns", "add", spec.host(1)])
-  with pytest.raises(RuntimeError):
-    with cluster.Cluster(spec, runner=runner, etc_netns=str(tmp_path)):
-      pass  # never reached
+  with (pytest.raises(RuntimeError),
+        cluster.Cluster(spec, runner=runner, etc_netns=str(tmp_path))):
+    pass  # never reached
   deleted = [c[3] for c in runner.calls if c[:3] == ["ip", "netns", "del"]]
   assert sorted(deleted) == sorted(spec.namespaces)
 
@@ -175,9 +176,9 @@ def test_failed_build_still_tears_down(tmp_path):
 def test_interrupt_inside_tears_down(tmp_path):
   spec = cluster.ClusterSpec(2, PREFIX)
   runner = FakeRunner()
-  with pytest.raises(KeyboardInterrupt):
-    with cluster.Cluster(spec, runner=runner, etc_netns=str(tmp_path)):
-      raise KeyboardInterrupt
+  with (pytest.raises(KeyboardInterrupt),
+        cluster.Cluster(spec, runner=runner, etc_netns=str(tmp_path))):
+    raise KeyboardInterrupt
   assert sum(c[:3] == ["ip", "netns", "del"] for c in runner.calls) == 3
   assert not any((tmp_path / ns).exists() for ns in spec.namespaces)
 

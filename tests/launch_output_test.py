@@ -32,11 +32,11 @@ def test_quiet_mode_shows_rank_0_and_one_line_per_other_rank(tmp_path):
   code, lines = _launch(tmp_path, verbose=False, log_dir=tmp_path / "logs")
   assert code == 0
   for rank in (1, 2):
-    mine = [l for l in lines if l.startswith(f"[{rank}] ")]
+    mine = [line for line in lines if line.startswith(f"[{rank}] ")]
     assert len(mine) == 1, lines
     assert mine[0].startswith(f"[{rank}] exit 0 after ")
     assert mine[0].endswith(f": DONE rank {rank}")
-  assert sum(l.startswith("[0] detail") for l in lines) == 5
+  assert sum(line.startswith("[0] detail") for line in lines) == 5
   # The details are in the files, all of them.
   for rank in range(3):
     log = (tmp_path / "logs" / f"rank{rank}.log").read_text().splitlines()
@@ -47,7 +47,7 @@ def test_quiet_mode_shows_rank_0_and_one_line_per_other_rank(tmp_path):
 def test_quiet_mode_shows_the_last_lines_of_a_failed_rank(tmp_path):
   code, lines = _launch(tmp_path, fail_rank=2, verbose=False)
   assert code == 3
-  assert [l for l in lines if l.startswith("[2] detail")] == [
+  assert [line for line in lines if line.startswith("[2] detail")] == [
       f"[2] detail {i} of rank 2" for i in range(5)]
   assert "[launch] FAILED: process 2 exited with code 3" in lines
 
@@ -56,4 +56,4 @@ def test_verbose_mode_shows_every_line(tmp_path):
   code, lines = _launch(tmp_path)
   assert code == 0
   for rank in range(3):
-    assert sum(l.startswith(f"[{rank}] ") for l in lines) == 6, lines
+    assert sum(line.startswith(f"[{rank}] ") for line in lines) == 6, lines

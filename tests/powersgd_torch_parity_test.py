@@ -208,7 +208,9 @@ def parity(tmp_path_factory):
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
+
   from gqsgd_jax._src import powersgd as psgd
+
   import _lowrank_utils as lr
   import _utils
   # pylint: enable=g-import-not-at-top

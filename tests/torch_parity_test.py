@@ -22,7 +22,7 @@ def _seed(i: int) -> np.ndarray:
   return np.array([0x9E3779B9 * (i + 1) & 0xFFFFFFFF, 77 + i], np.uint32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(fn, static: tuple):
   return jax.jit(functools.partial(fn, **dict(static)))
 
@@ -508,7 +508,7 @@ def test_exp_reduce_tail_probability_is_exact_2pow_minus_t():
   r1 = (word >> np.uint64(32)).astype(np.uint32)
   tz = np.array([64 if w == 0 else (int(w) & -int(w)).bit_length() - 1
                  for w in word])
-  for t in range(0, 71):
+  for t in range(71):
     got = _op(reference.geometric_tail, np.full(n, t, np.uint32), r0, r1)
     np.testing.assert_array_equal(got, (tz >= t) & (t <= 64), err_msg=f"{t}")
   # Conditioned on REF's J = 0 (the low 24 bits zero), REF always fires for

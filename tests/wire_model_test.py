@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "benchmarks"))
-import wire_model as wm  # noqa: E402
+import wire_model as wm
 
 
 def test_ring_allreduce_by_hand():
