@@ -365,8 +365,8 @@ def _lagged_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   """corr(x[i + k], y[i]) for every lag |k| < n / 2 (one FFT, any n).
 
   For independent streams each value has standard error about
-  1 / sqrt(n - |k|) <= sqrt(2 / n), so for n >= 4096 the largest of the n
-  lags stays well below 0.1; a shifted copy gives 1 at its lag.
+  1 / sqrt(n - |k|) <= sqrt(2 / n): for n = 4096 the largest of the n lags
+  is about 4 of those, 0.07-0.08 (measured); a shifted copy gives 1.
   """
   x = x.astype(np.float64) - x.mean()
   y = y.astype(np.float64) - y.mean()
