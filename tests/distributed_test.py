@@ -36,14 +36,20 @@ def test_processes_end_with_identical_parameters(num_processes, devices):
   assert all(int(n) == num_processes * devices for _, _, n in digests)
 
 
-def test_hierarchical_across_processes_matches_one_process():
-  # 2 processes ("hosts") x 2 devices: the float all-to-all/all-gather
-  # run inside a process, the integer psum over gloo between processes.
-  # The same ("host", "local") mesh in this one process ends bit-identical.
-  code, log, _ = _launch(2, 2, "--hierarchical", "--steps", "3")
+@pytest.mark.parametrize("num_processes,devices", [(2, 2), (4, 1)])
+def test_hierarchical_across_processes_matches_one_process(num_processes,
+                                                           devices):
+  # A (host, local) = (2, 2) mesh. 2 processes x 2 devices: one process per
+  # host, the float all-to-all/all-gather inside a process, the integer
+  # reduction over gloo. 4 processes x 1 device: every collective over gloo
+  # (the emulated cluster's layout). Either way the same mesh in this one
+  # process ends bit-identical.
+  code, log, _ = _launch(num_processes, devices, "--hierarchical", "--hosts",
+                         "2", "--steps", "3")
   assert code == 0, log[-3000:]
   digests = re.findall(r"\[(\d+)\] DIGEST (\w+) devices (\d+)", log)
-  assert len(digests) == 2 and all(n == "4" for *_, n in digests), log[-3000:]
+  assert len(digests) == num_processes, log[-3000:]
+  assert all(n == "4" for *_, n in digests), log[-3000:]
   assert len({d for _, d, _ in digests}) == 1, digests
 
   import jax  # pylint: disable=g-import-not-at-top

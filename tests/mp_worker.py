@@ -15,7 +15,9 @@ parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--die-at", type=int, default=-1)
 parser.add_argument("--die-rank", type=int, default=-1)
 parser.add_argument("--hierarchical", action="store_true",
-                    help="hierarchical 4-bit on a (process, device) mesh")
+                    help="hierarchical 4-bit on a (host, local) mesh")
+parser.add_argument("--hosts", type=int, default=0,
+                    help="host rows of that mesh (default: one per process)")
 args = parser.parse_args()
 
 gqsgd_jax.initialize_distributed()
@@ -25,7 +27,7 @@ if args.hierarchical:  # one "host" per process (tests/_hierarchical_step.py)
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import _hierarchical_step as hs  # pylint: disable=g-import-not-at-top
-  mesh = hs.host_mesh(jax.devices(), jax.process_count())
+  mesh = hs.host_mesh(jax.devices(), args.hosts or jax.process_count())
   n = jax.local_device_count()
   first = jax.process_index() * n
   data = [hs.device_data(first + k) for k in range(n)]
