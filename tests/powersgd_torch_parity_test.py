@@ -75,6 +75,50 @@ def _layout(names, tensors, rank, min_rate):
   return [entry for group in groups.values() for entry in group]
 
 
+def _recording_hook(ps, names: dict, mrank: int, q_init: dict,
+                    record: dict):
+  """torch's PowerSGD hook, recording each step's local and averaged
+  gradients and Q memories into ``record``; our initial Q is injected at
+  the first compressed step."""
+
+  def hook(st, bucket):
+    step = st.iter
+    pnames = [names[id(p)] for p in bucket.parameters()]
+    tensors = bucket.gradients()
+    sizes = [t.numel() for t in tensors]
+    for name, t in zip(pnames, tensors):
+      record[f"{step}/local/{name}"] = t.detach().clone().numpy()
+    layout = _layout(pnames, tensors, mrank, st.min_compression_rate)
+    if step == st.start_powerSGD_iter:
+      # Inject our initial Q: with warm start the hook then only
+      # orthogonalises the Q memory it finds instead of drawing one.
+      idx = bucket.index()
+      st.p_memory_dict[idx] = torch.empty(sum(n * r for _, n, _, r in
+                                              layout))
+      st.q_memory_dict[idx] = torch.cat([
+          torch.from_numpy(q_init[name]).reshape(-1)
+          for name, *_ in layout])
+    fut = ps.powerSGD_hook(st, bucket)
+
+    def capture(f):
+      out = f.value()
+      offset = 0
+      for name, size in zip(pnames, sizes):
+        record[f"{step}/avg/{name}"] = (
+            out[offset:offset + size].detach().clone().numpy())
+        offset += size
+      if step >= st.start_powerSGD_iter:
+        qmem = st.q_memory_dict[bucket.index()]
+        offset = 0
+        for name, _, m, r in layout:
+          record[f"{step}/q/{name}"] = (
+              qmem[offset:offset + m * r].detach().clone().numpy())
+          offset += m * r
+      return out
+    return fut.then(capture)
+  return hook
+
+
 def _worker(rank: int, port: int, outdir: pathlib.Path) -> None:
   import torch.distributed as dist  # pylint: disable=g-import-not-at-top
   from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
@@ -96,43 +140,8 @@ def _worker(rank: int, port: int, outdir: pathlib.Path) -> None:
         use_error_feedback=True, warm_start=True)
     record = {}
 
-    def hook(st, bucket):
-      step = st.iter
-      pnames = [names[id(p)] for p in bucket.parameters()]
-      tensors = bucket.gradients()
-      sizes = [t.numel() for t in tensors]
-      for name, t in zip(pnames, tensors):
-        record[f"{step}/local/{name}"] = t.detach().clone().numpy()
-      layout = _layout(pnames, tensors, mrank, st.min_compression_rate)
-      if step == st.start_powerSGD_iter:
-        # Inject our initial Q: with warm start the hook then only
-        # orthogonalises the Q memory it finds instead of drawing one.
-        idx = bucket.index()
-        st.p_memory_dict[idx] = torch.empty(sum(n * r for _, n, _, r in
-                                                layout))
-        st.q_memory_dict[idx] = torch.cat([
-            torch.from_numpy(q_init[name]).reshape(-1)
-            for name, *_ in layout])
-      fut = ps.powerSGD_hook(st, bucket)
-
-      def capture(f):
-        out = f.value()
-        offset = 0
-        for name, size in zip(pnames, sizes):
-          record[f"{step}/avg/{name}"] = (
-              out[offset:offset + size].detach().clone().numpy())
-          offset += size
-        if step >= st.start_powerSGD_iter:
-          qmem = st.q_memory_dict[bucket.index()]
-          offset = 0
-          for name, _, m, r in layout:
-            record[f"{step}/q/{name}"] = (
-                qmem[offset:offset + m * r].detach().clone().numpy())
-            offset += m * r
-        return out
-      return fut.then(capture)
-
-    ddp.register_comm_hook(state, hook)
+    ddp.register_comm_hook(state, _recording_hook(ps, names, mrank, q_init,
+                                                  record))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     for step in range(STEPS):
       x, y = _batch(step, rank)
@@ -241,12 +250,12 @@ def parity(tmp_path_factory):
     _wait_torch(procs)
 
   results = []
-  for c, ((tx, mats, exact), runner) in enumerate(zip(runs, runners)):
+  for c, ((_, mats, exact), runner) in enumerate(zip(runs, runners)):
     ref = [dict(np.load(outdir / f"torch_{c}_rank{r}.npz"))
            for r in range(WORLD)]
     steps = []
     for step in range(STEPS):
-      def get(kind, r=0, step=step):
+      def get(kind, r=0, step=step, ref=ref):
         return {n: ref[r][f"{step}/{kind}/{n}"] for n in names
                 if f"{step}/{kind}/{n}" in ref[r]}
       local = {n: np.stack([get("local", r)[n].reshape(shapes[n])
