@@ -39,6 +39,8 @@ from gqsgd_jax._src import wire
 
 REDUCTIONS = ("auto", "psum", "butterfly")
 DITHERINGS = ("standard", "exponential")
+GRANULARITIES = ("block",) + bucketing.GRANULARITIES
+SCALE_FORMATS = ("f32", "bf16", "e8m0")
 # "auto" keeps the native integer psum while each worker still has at least
 # this many levels (15 codes, the resolution of a 4-bit butterfly).
 AUTO_MIN_PSUM_LEVELS = 7
@@ -100,53 +102,72 @@ def _seed(key, *data) -> jax.Array:
   return ops.seed_from_key(prng.fold(key, *data))
 
 
-def _psum_mean(flat, global_max, seed, *, bits, axis_name, num_workers, impl):
+def _scales(global_max, enc, dec, *, huge=None):
+  """Quantize and decode multipliers from a bucket's max-abs value(s).
+
+  ``global_max`` is the bucket's scalar max-abs or its vector of block
+  maxima. A block below ``_TINY`` encodes and decodes as zeros. Any
+  non-finite block (or, with ``huge``, one above it) makes the decode
+  multiplier NaN for the whole bucket: a non-finite gradient anywhere in a
+  bucket gives NaN for every element of that bucket, on every worker.
+  """
+  finite = jnp.isfinite(global_max)
+  if huge is not None:
+    finite &= global_max <= huge
+  ok = finite & (global_max >= _TINY)
+  scale = jnp.where(ok, enc(global_max), 0.0)
+  inv = jnp.where(ok, dec(global_max), 0.0)
+  inv = jnp.where(jnp.all(finite), inv, jnp.nan)
+  return scale.astype(jnp.float32), inv.astype(jnp.float32)
+
+
+def _psum_mean(flat, global_max, seed, *, bits, axis_name, num_workers,
+               block_size, impl):
   signed = bits == 8
   levels = wire.psum_levels(bits, num_workers, signed)
-  ok = jnp.isfinite(global_max) & (global_max >= _TINY)
-  scale = jnp.where(ok, levels / global_max, 0.0)
+  scale, inv = _scales(global_max, lambda m: levels / m,
+                       lambda m: m / (levels * num_workers))
   codes = ops.quantize(flat, scale, seed, levels=levels, bits=bits,
-                       signed_codes=signed, impl=impl)
+                       signed_codes=signed, block_size=block_size, impl=impl)
   total = jax.lax.psum(codes, axis_name)
-  inv = jnp.where(ok, global_max / (levels * num_workers), 0.0)
-  inv = jnp.where(jnp.isfinite(global_max), inv, jnp.nan)
   offset = 0 if signed else levels * num_workers
   return ops.dequantize(total, inv, n=flat.shape[0], bits=bits, offset=offset,
-                        signed_codes=signed, impl=impl)
+                        signed_codes=signed, block_size=block_size,
+                        impl=impl)
 
 
 def _butterfly_mean(flat, global_max, seed, node_key, *, bits, axis_name,
-                    num_workers, impl):
+                    num_workers, block_size, impl):
   levels = wire.max_levels(bits)
-  ok = jnp.isfinite(global_max) & (global_max >= _TINY)
-  scale = jnp.where(ok, levels / global_max, 0.0)
-  codes = ops.quantize(flat, scale, seed, levels=levels, bits=bits, impl=impl)
+  scale, inv = _scales(global_max, lambda m: levels / m, lambda m: m / levels)
+  codes = ops.quantize(flat, scale, seed, levels=levels, bits=bits,
+                       block_size=block_size, impl=impl)
   worker = jax.lax.axis_index(axis_name)
 
   def combine(mine, theirs, n_mine, n_theirs, stage):
     return ops.average(mine, theirs, n_mine, n_theirs,
                        _seed(node_key, stage, worker), bits=bits, impl=impl)
 
+  # The combine works on codes only: the reduce-scatter's shards need not
+  # align with the scale blocks.
   root = collectives.butterfly_allreduce(codes, combine, axis_name=axis_name,
                                          num_workers=num_workers)
-  inv = jnp.where(ok, global_max / levels, 0.0)
-  inv = jnp.where(jnp.isfinite(global_max), inv, jnp.nan)
   return ops.dequantize(root, inv, n=flat.shape[0], bits=bits, offset=levels,
-                        impl=impl)
+                        block_size=block_size, impl=impl)
 
 
 def _exponential_mean(flat, global_max, seed, node_key, *, floor_code,
-                      axis_name, num_workers, impl):
+                      axis_name, num_workers, block_size, impl):
   # S = 2^(D+1) M: each worker's |v| <= 2^-(D+1) (code >= D+1), and each of
   # the D tree levels doubles a magnitude at most once, so the root code is
   # >= 1: no overflow for any W (the reference's 2WM only covers powers of
   # two with a tree, B-GQ-3).
   depth = collectives.tree_depth(num_workers)
   headroom = float(2**(depth + 1))
-  in_range = jnp.isfinite(global_max) & (global_max <= _EXP_HUGE)
-  ok = in_range & (global_max >= _TINY)
-  scale = jnp.where(ok, 1.0 / (headroom * global_max), 0.0)
-  codes = ops.exp_encode(flat, scale, seed, floor_code=floor_code, impl=impl)
+  scale, dec = _scales(global_max, lambda m: 1.0 / (headroom * m),
+                       lambda m: headroom * m / num_workers, huge=_EXP_HUGE)
+  codes = ops.exp_encode(flat, scale, seed, floor_code=floor_code,
+                         block_size=block_size, impl=impl)
   worker = jax.lax.axis_index(axis_name)
 
   def combine(mine, theirs, n_mine, n_theirs, stage):
@@ -156,9 +177,49 @@ def _exponential_mean(flat, global_max, seed, node_key, *, floor_code,
 
   root = collectives.butterfly_allreduce(codes, combine, axis_name=axis_name,
                                          num_workers=num_workers)
-  dec = jnp.where(ok, headroom * global_max / num_workers, 0.0)
-  dec = jnp.where(in_range, dec, jnp.nan)
-  return ops.exp_decode(root, dec, impl=impl)
+  return ops.exp_decode(root, dec, block_size=block_size, impl=impl)
+
+
+def _block_max(flat, block_size):
+  """Local max-abs of each block of ``block_size`` elements (tail padded)."""
+  blocks = ops.num_scale_blocks(flat.shape[0], block_size)
+  padded = jnp.pad(flat, (0, blocks * block_size - flat.shape[0]))
+  return nonfinite.max_abs(padded.reshape(blocks, block_size), axis=1)
+
+
+# Scale formats on the wire: (encode f32 max-abs -> wire word, decode).
+# Both compact encodings round the max-abs *up* (a scale below a value
+# would clamp it: bias) and are monotone as unsigned integers, so an integer
+# pmax of the words is the word of the float max. +inf (a non-finite block)
+# encodes to the format's inf; finite values above 2^127 (e8m0) or the
+# largest bf16 round up to it too and decode as non-finite.
+def _e8m0_encode(m):
+  u = jax.lax.bitcast_convert_type(m, jnp.uint32)
+  e = (u >> 23) + ((u & 0x7FFFFF) != 0).astype(jnp.uint32)
+  return jnp.minimum(e, 255).astype(jnp.uint8)
+
+
+def _e8m0_decode(e):
+  # 2^(e - 127); e = 0 decodes to 0 (a zero block), e = 255 to +inf.
+  return jax.lax.bitcast_convert_type(e.astype(jnp.uint32) << 23,
+                                      jnp.float32)
+
+
+def _bf16_encode(m):
+  u = jax.lax.bitcast_convert_type(m, jnp.uint32)
+  return jnp.minimum((u + 0xFFFF) >> 16, 0x7F80).astype(jnp.uint16)
+
+
+def _bf16_decode(h):
+  return jax.lax.bitcast_convert_type(h.astype(jnp.uint32) << 16,
+                                      jnp.float32)
+
+
+_SCALE_CODECS = {
+    "f32": (lambda m: m, lambda m: m),
+    "bf16": (_bf16_encode, _bf16_decode),
+    "e8m0": (_e8m0_encode, _e8m0_decode),
+}
 
 
 def global_quantize(
@@ -167,7 +228,9 @@ def global_quantize(
     axis_name="data",
     reduction: str = "auto",
     dithering: str = "standard",
-    granularity: str = "bucket",
+    granularity: str | None = None,
+    block_size: int | None = None,
+    scale_format: str | None = None,
     bucket_bytes: int = 25 * 2**20,
     key=0,
     floor_code: int = 127,
@@ -186,8 +249,15 @@ def global_quantize(
       with requantizing averages, any W) or "auto". Exponential dithering
       always uses the butterfly.
     dithering: "standard" (uniform levels) or "exponential" (powers of two).
-    granularity: scale per "bucket" (default), per "leaf", or one "global"
-      scale for the whole model.
+    granularity: one scale per "block" of ``block_size`` contiguous
+      elements of a bucket, per "bucket", per "leaf", or one "global" scale
+      for the whole model. Default: see ``default_config``.
+    block_size: elements per block scale (a power of two); only with
+      granularity="block". Default: see ``default_config``.
+    scale_format: how the scales travel in the step's one max-reduction:
+      "f32" (exact max-abs, 4 bytes), "bf16" (rounded up to bfloat16, 2 bytes,
+      an integer pmax) or "e8m0" (rounded up to a power of two, 1 byte, an
+      integer pmax). Default: see ``default_config``.
     bucket_bytes: fusion cap per bucket (default 25 MiB, as DDP).
     key: int seed or PRNG key of the dither.
     floor_code: exponential dithering's smallest level 2^-floor_code.
@@ -222,7 +292,8 @@ def global_quantize(
                        "use reduction='butterfly' or 'auto'")
   if not 1 <= floor_code <= 127:
     raise ValueError(f"floor_code must be in [1, 127], got {floor_code}")
-  bucketing.validate_granularity(granularity)
+  granularity, block_size, scale_format = _resolve_scales(
+      bits, granularity, block_size, scale_format)
   bucket_bytes = bucketing.validate_bucket_bytes(bucket_bytes)
   ops.validate_impl(impl)
   init_key = prng.canonical_key(key)
@@ -252,14 +323,24 @@ def global_quantize(
               GlobalQuantizeState(key=next_key))
 
     flats = [bucketing.flatten_bucket(b, leaves) for b in buckets]
-    # One pmax for all bucket maxima of the step.
-    local_max = jnp.stack([nonfinite.max_abs(f) for f in flats])
-    global_max = jax.lax.pmax(local_max, axis_name)
+    # One pmax for all scales (bucket or block maxima) of the step.
+    if granularity == "block":
+      local = [_block_max(f, block_size) for f in flats]
+    else:
+      local = [nonfinite.max_abs(f).reshape(1) for f in flats]
+    encode, decode = _SCALE_CODECS[scale_format]
+    all_max = decode(jax.lax.pmax(encode(jnp.concatenate(local)), axis_name))
     if granularity == "global":
-      global_max = jnp.broadcast_to(jnp.max(global_max), global_max.shape)
+      all_max = jnp.broadcast_to(jnp.max(all_max), all_max.shape)
+    bounds = np.cumsum([0] + [m.shape[0] for m in local])
+    if granularity == "block":
+      global_max = [all_max[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+      global_max = [all_max[a] for a in bounds[:-1]]
 
     worker = jax.lax.axis_index(axis_name)
-    common = dict(axis_name=axis_name, num_workers=num_workers, impl=impl)
+    common = dict(axis_name=axis_name, num_workers=num_workers, impl=impl,
+                  block_size=block_size if granularity == "block" else None)
     if strategy == "psum":
       reduce_fn = functools.partial(_psum_mean, bits=bits, **common)
     elif strategy == "butterfly":
@@ -282,3 +363,51 @@ def global_quantize(
             GlobalQuantizeState(key=next_key))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def default_config(bits: int) -> dict:
+  """The scale configuration ``global_quantize(bits)`` uses by default.
+
+  Chosen from measurements (benchmarks/results/frontier.md): the
+  granularity, block size and scale format with the best quality at the
+  scale-byte budget (scales <= 2% of the payload at bits=4).
+  """
+  bits = wire.validate_bits(bits)
+  return dict(_DEFAULTS.get(bits, _DEFAULTS[None]))
+
+
+# bits -> defaults; None: every other bit width.
+_DEFAULTS = {
+    2: dict(granularity="block", block_size=1024, scale_format="f32"),
+    3: dict(granularity="block", block_size=512, scale_format="f32"),
+    4: dict(granularity="block", block_size=512, scale_format="f32"),
+    None: dict(granularity="block", block_size=256, scale_format="f32"),
+}
+
+
+def _resolve_scales(bits, granularity, block_size, scale_format):
+  """Fills unset scale options from ``default_config`` and validates them."""
+  defaults = default_config(bits)
+  if granularity is None:
+    granularity = defaults["granularity"]
+    if block_size is None:
+      block_size = defaults["block_size"]
+    if scale_format is None:
+      scale_format = defaults["scale_format"]
+  if granularity not in GRANULARITIES:
+    raise ValueError(
+        f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+  if scale_format is None:
+    scale_format = defaults["scale_format"] if granularity == "block" else (
+        "f32")
+  if scale_format not in SCALE_FORMATS:
+    raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got "
+                     f"{scale_format!r}")
+  if granularity == "block":
+    if block_size is None:
+      block_size = defaults.get("block_size") or 256
+    block_size = ops.validate_block_size(block_size)
+  elif block_size is not None:
+    raise ValueError(f"block_size needs granularity='block', got "
+                     f"granularity={granularity!r}")
+  return granularity, block_size, scale_format

@@ -104,6 +104,45 @@ def _seed(seed) -> jax.Array:
   return seed
 
 
+# kernels.h kOneScale: the scale_shift that makes one scale cover any buffer.
+_ONE_SCALE = 62
+
+
+def validate_block_size(block_size) -> int:
+  """Checks a block-scale size: a power of two in [1, 2^30]."""
+  if isinstance(block_size, bool) or not isinstance(
+      block_size, (int, np.integer)) or not 1 <= block_size <= 2**30 or (
+          block_size & (block_size - 1)):
+    raise ValueError("block_size must be a power of two in [1, 2^30], got "
+                     f"{block_size!r}")
+  return int(block_size)
+
+
+def num_scale_blocks(n: int, block_size: int) -> int:
+  """Scales that n elements need in blocks of ``block_size``."""
+  return -(-n // block_size)
+
+
+def _scales(scale, n: int, block_size):
+  """(scale operand of the FFI, of the twin, scale_shift, twin block_shift).
+
+  One scale: the FFI gets f32[1] with kOneScale, the twin the scalar. Block
+  scales: f32[ceil(n / block_size)] for both.
+  """
+  if block_size is None:
+    s = _scalar_f32(scale)
+    return s.reshape(1), s, _ONE_SCALE, None
+  block_size = validate_block_size(block_size)
+  s = jnp.asarray(scale)
+  want = (num_scale_blocks(n, block_size),)
+  if s.shape != want or s.dtype != jnp.float32:
+    raise ValueError(
+        f"scale must be float32{list(want)} (one per block of {block_size} "
+        f"of {n} elements), got {s.dtype}{list(s.shape)}")
+  shift = block_size.bit_length() - 1
+  return s, s, shift, shift
+
+
 def seed_from_key(key: jax.Array) -> jax.Array:
   """The uint32[2] seed operand of the kernels, drawn from a PRNG key."""
   return jax.random.bits(key, (2,), jnp.uint32)
@@ -122,17 +161,22 @@ def _float_input(x, name: str = "x") -> jax.Array:
 
 
 def quantize(x, scale, seed, *, levels: int, bits: int,
-             signed_codes: bool = False, impl: str = "auto") -> jax.Array:
+             signed_codes: bool = False, block_size: int | None = None,
+             impl: str = "auto") -> jax.Array:
   """Stochastic rounding of ``x * scale`` to integer codes in [-levels, levels].
 
   Args:
     x: float32/bfloat16/float16 array (flattened).
-    scale: float32 scalar multiplier applied before rounding (e.g. s / M).
+    scale: float32 scalar multiplier applied before rounding (e.g. s / M),
+      or with ``block_size`` one multiplier per block: float32[ceil(n / B)],
+      element i using scale[i // B].
     seed: uint32[2] operand of the counter-based generator.
     levels: per-worker level count s.
     bits: code width on the wire, 2..8.
     signed_codes: int8 codes q (bits must be 8); otherwise offset-binary
       codes q + s packed into uint8 (bits divides 8) or uint32 words.
+    block_size: elements per scale B (a power of two), or None for one
+      scalar scale.
     impl: "auto", "ffi" or "xla".
 
   Returns:
@@ -149,22 +193,30 @@ def quantize(x, scale, seed, *, levels: int, bits: int,
   n = x.shape[0]
   out = jax.ShapeDtypeStruct((wire.num_words(n, bits, signed_codes),),
                              wire.word_dtype(bits, signed_codes))
+  ffi_scale, xla_scale, shift, block_shift = _scales(scale, n, block_size)
 
   def ffi_fn(x, scale, seed):
     return jax.ffi.ffi_call("gqsgd_quantize", out, vmap_method="sequential")(
-        x, scale, seed, levels=np.int32(levels), bits=np.int32(bits),
-        signed_codes=np.bool_(signed_codes))
+        x, scale.reshape(-1), seed, levels=np.int32(levels),
+        bits=np.int32(bits), signed_codes=np.bool_(signed_codes),
+        scale_shift=np.int32(shift))
 
   def xla_fn(x, scale, seed):
-    return reference.quantize(x, scale, seed, levels=levels, bits=bits,
-                              signed_codes=signed_codes)
+    return reference.quantize(x, scale.reshape(xla_scale.shape), seed,
+                              levels=levels, bits=bits,
+                              signed_codes=signed_codes,
+                              block_shift=block_shift)
 
-  return _select(impl, ffi_fn, xla_fn)(x, _scalar_f32(scale), _seed(seed))
+  return _select(impl, ffi_fn, xla_fn)(x, ffi_scale, _seed(seed))
 
 
 def dequantize(codes, scale, *, n: int, bits: int, offset: int,
-               signed_codes: bool = False, impl: str = "auto") -> jax.Array:
-  """Unpacks codes and returns ``(code - offset) * scale`` as float32[n]."""
+               signed_codes: bool = False, block_size: int | None = None,
+               impl: str = "auto") -> jax.Array:
+  """Unpacks codes and returns ``(code - offset) * scale`` as float32[n].
+
+  ``scale``: a float32 scalar, or with ``block_size`` float32[ceil(n / B)].
+  """
   bits = wire.validate_bits(bits)
   codes = jnp.asarray(codes)
   want = (wire.num_words(n, bits, signed_codes),)
@@ -173,18 +225,22 @@ def dequantize(codes, scale, *, n: int, bits: int, offset: int,
         f"codes must be {wire.word_dtype(bits, signed_codes)}{list(want)} for "
         f"n={n}, bits={bits}, got {codes.dtype}{list(codes.shape)}")
   out = jax.ShapeDtypeStruct((n,), jnp.float32)
+  ffi_scale, xla_scale, shift, block_shift = _scales(scale, n, block_size)
 
   def ffi_fn(codes, scale):
     return jax.ffi.ffi_call("gqsgd_dequantize", out,
                             vmap_method="sequential")(
         codes, scale, bits=np.int32(bits),
-        signed_codes=np.bool_(signed_codes), offset=np.int32(offset))
+        signed_codes=np.bool_(signed_codes), offset=np.int32(offset),
+        scale_shift=np.int32(shift))
 
   def xla_fn(codes, scale):
-    return reference.dequantize(codes, scale, n=n, bits=bits, offset=offset,
-                                signed_codes=signed_codes)
+    return reference.dequantize(codes, scale.reshape(xla_scale.shape), n=n,
+                                bits=bits, offset=offset,
+                                signed_codes=signed_codes,
+                                block_shift=block_shift)
 
-  return _select(impl, ffi_fn, xla_fn)(codes, _scalar_f32(scale))
+  return _select(impl, ffi_fn, xla_fn)(codes, ffi_scale)
 
 
 # Largest n_a + n_b that ``average`` serves (math.h kMaxAverageCount): the
@@ -245,41 +301,58 @@ def average(a, b, n_a, n_b, seed, *, bits: int,
 
 
 def exp_encode(x, scale, seed, *, floor_code: int = 127,
+               block_size: int | None = None,
                impl: str = "auto") -> jax.Array:
   """Exponential dithering of ``x * scale`` (``|x * scale| <= 1/2``) to bytes.
 
   Byte = sign << 7 | e with value ±2^-e, e in [1, floor_code]; 0 is zero.
+  ``scale``: a float32 scalar, or with ``block_size`` float32[ceil(n / B)].
   """
   if not 1 <= floor_code <= 127:
     raise ValueError(f"floor_code must be in [1, 127], got {floor_code}")
   x = _float_input(x)
   out = jax.ShapeDtypeStruct(x.shape, jnp.uint8)
+  ffi_scale, xla_scale, shift, block_shift = _scales(scale, x.shape[0],
+                                                     block_size)
 
   def ffi_fn(x, scale, seed):
     return jax.ffi.ffi_call("gqsgd_exp_encode", out,
                             vmap_method="sequential")(
-        x, scale, seed, floor_code=np.int32(floor_code))
+        x, scale, seed, floor_code=np.int32(floor_code),
+        scale_shift=np.int32(shift))
 
   def xla_fn(x, scale, seed):
-    return reference.exp_encode(x, scale, seed, floor_code=floor_code)
+    return reference.exp_encode(x, scale.reshape(xla_scale.shape), seed,
+                                floor_code=floor_code,
+                                block_shift=block_shift)
 
-  return _select(impl, ffi_fn, xla_fn)(x, _scalar_f32(scale), _seed(seed))
+  return _select(impl, ffi_fn, xla_fn)(x, ffi_scale, _seed(seed))
 
 
-def exp_decode(codes, scale, *, impl: str = "auto") -> jax.Array:
-  """Decodes exponential bytes to ±2^-e * scale (float32)."""
+def exp_decode(codes, scale, *, block_size: int | None = None,
+               impl: str = "auto") -> jax.Array:
+  """Decodes exponential bytes to ±2^-e * scale (float32).
+
+  ``scale``: a float32 scalar, or with ``block_size`` float32[ceil(n / B)].
+  """
   codes = jnp.asarray(codes)
   if codes.dtype != jnp.uint8 or codes.ndim != 1:
     raise ValueError(f"codes must be uint8[n], got {codes.dtype}"
                      f"{list(codes.shape)}")
   out = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
+  ffi_scale, xla_scale, shift, block_shift = _scales(scale, codes.shape[0],
+                                                     block_size)
 
   def ffi_fn(codes, scale):
     return jax.ffi.ffi_call("gqsgd_exp_decode", out,
-                            vmap_method="sequential")(codes, scale)
+                            vmap_method="sequential")(
+        codes, scale, scale_shift=np.int32(shift))
 
-  return _select(impl, ffi_fn, reference.exp_decode)(codes,
-                                                     _scalar_f32(scale))
+  def xla_fn(codes, scale):
+    return reference.exp_decode(codes, scale.reshape(xla_scale.shape),
+                                block_shift=block_shift)
+
+  return _select(impl, ffi_fn, xla_fn)(codes, ffi_scale)
 
 
 def exp_reduce(a, b, seed, *, impl: str = "auto") -> jax.Array:

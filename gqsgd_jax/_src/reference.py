@@ -54,6 +54,29 @@ def flush_subnormal(x) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
+# Block scales (kernels.h scale_shift): element i uses scale[i >> shift].
+
+
+def _blocked(block_shift, scale, *arrays):
+  """Views 1-D arrays as [blocks, 2^block_shift] rows beside scale[:, None].
+
+  With ``block_shift=None`` (one scalar scale) nothing changes. The tail
+  block is padded with zeros, which the caller slices off again; the
+  per-row scale is broadcast inside the fused elementwise computation, never
+  materialized per element.
+  """
+  if block_shift is None:
+    return scale, arrays
+  size = 1 << block_shift
+  blocks = scale.shape[0]
+  rows = []
+  for a in arrays:
+    a = jnp.pad(a, (0, blocks * size - a.shape[0]))
+    rows.append(a.reshape(blocks, size))
+  return scale[:, None], tuple(rows)
+
+
+# --------------------------------------------------------------------------
 # Standard dithering.
 
 
@@ -93,10 +116,17 @@ def _unpack(words: jax.Array, bits: int) -> jax.Array:
 
 
 def quantize(x: jax.Array, scale: jax.Array, seed: jax.Array, *, levels: int,
-             bits: int, signed_codes: bool = False) -> jax.Array:
-  """kernels.h QuantizeKernel: int8 codes or packed offset-binary lanes."""
+             bits: int, signed_codes: bool = False,
+             block_shift: int | None = None) -> jax.Array:
+  """kernels.h QuantizeKernel: int8 codes or packed offset-binary lanes.
+
+  ``scale`` is a scalar, or with ``block_shift`` one scale per block of
+  2^block_shift elements.
+  """
   x = x.reshape(-1)
-  q = stochastic_round(x, scale, levels, random_bits(seed, x.shape[0]))
+  n = x.shape[0]
+  s, (xb, rb) = _blocked(block_shift, scale, x, random_bits(seed, n))
+  q = stochastic_round(xb, s, levels, rb).reshape(-1)[:n]
   if signed_codes:
     return q.astype(jnp.int8)
   mask = _u32((1 << bits) - 1)
@@ -104,13 +134,15 @@ def quantize(x: jax.Array, scale: jax.Array, seed: jax.Array, *, levels: int,
 
 
 def dequantize(codes: jax.Array, scale: jax.Array, *, n: int, bits: int,
-               offset: int, signed_codes: bool = False) -> jax.Array:
+               offset: int, signed_codes: bool = False,
+               block_shift: int | None = None) -> jax.Array:
   """kernels.h DequantizeKernel: (code - offset) * scale as float32[n]."""
   if signed_codes:
     c = codes.astype(jnp.int32)
   else:
     c = _unpack(codes, bits)[:n].astype(jnp.int32)
-  return (c - offset).astype(jnp.float32) * flush_subnormal(scale)
+  s, (cb,) = _blocked(block_shift, scale, c - offset)
+  return (cb.astype(jnp.float32) * flush_subnormal(s)).reshape(-1)[:n]
 
 
 def rounded_average(a, b, n_a, n_b, random):
@@ -145,10 +177,12 @@ def average(a: jax.Array, b: jax.Array, n_a, n_b, seed: jax.Array, *,
 
 
 def exp_encode(x: jax.Array, scale: jax.Array, seed: jax.Array, *,
-               floor_code: int = 127) -> jax.Array:
+               floor_code: int = 127,
+               block_shift: int | None = None) -> jax.Array:
   """math.h ExpEncode: sign + exponent bytes of x * scale."""
   x = x.reshape(-1)
-  random = random_bits(seed, x.shape[0])
+  n = x.shape[0]
+  scale, (x, random) = _blocked(block_shift, scale, x, random_bits(seed, n))
   x = flush_subnormal(x)
   scale = flush_subnormal(scale)
   v = x * scale
@@ -177,11 +211,14 @@ def exp_encode(x: jax.Array, scale: jax.Array, seed: jax.Array, *,
   code = jnp.where(is_nan | lost, 0,
                    jnp.where(small, code_small, code_normal))
   byte = jnp.where(code == 0, _u32(0), code.astype(_U32) | sign)
-  return byte.astype(jnp.uint8)
+  return byte.astype(jnp.uint8).reshape(-1)[:n]
 
 
-def exp_decode(codes: jax.Array, scale: jax.Array) -> jax.Array:
+def exp_decode(codes: jax.Array, scale: jax.Array,
+               block_shift: int | None = None) -> jax.Array:
   """math.h ExpDecode: ±2^-e * scale by exponent arithmetic, f32."""
+  n = codes.shape[0]
+  scale, (codes,) = _blocked(block_shift, scale, codes)
   us = jax.lax.bitcast_convert_type(flush_subnormal(scale), _U32)
   ef_s = ((us >> 23) & _u32(0xFF)).astype(jnp.int32)
   c = codes.astype(_U32)
@@ -191,7 +228,7 @@ def exp_decode(codes: jax.Array, scale: jax.Array) -> jax.Array:
   value = sign | (jnp.maximum(ef, 0).astype(_U32) << 23) | (us & _u32(0x7FFFFF))
   value = jnp.where((e == 0) | (ef < 1), _u32(0), value)
   value = jnp.where(ef_s == 0xFF, _u32(0x7FC00000), value)
-  return jax.lax.bitcast_convert_type(value, jnp.float32)
+  return jax.lax.bitcast_convert_type(value, jnp.float32).reshape(-1)[:n]
 
 
 def geometric_tail(t, r0, r1):

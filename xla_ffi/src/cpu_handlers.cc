@@ -10,14 +10,17 @@ CpuExecutor Exec(ffi::ThreadPool& pool) { return CpuExecutor{&pool}; }
 
 ffi::Error QuantizeHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> codes,
-                    int32_t levels, int32_t bits, bool signed_codes) {
-  return QuantizeImpl(Exec(pool), x, scale, seed, codes, levels, bits, signed_codes);
+                    int32_t levels, int32_t bits, bool signed_codes,
+                    int32_t scale_shift) {
+  return QuantizeImpl(Exec(pool), x, scale, seed, codes, levels, bits, signed_codes,
+                      scale_shift);
 }
 
 ffi::Error DequantizeHandler(ffi::ThreadPool pool, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> scale,
                       ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits, bool signed_codes,
-                      int32_t offset) {
-  return DequantizeImpl(Exec(pool), codes, scale, out, bits, signed_codes, offset);
+                      int32_t offset, int32_t scale_shift) {
+  return DequantizeImpl(Exec(pool), codes, scale, out, bits, signed_codes, offset,
+                        scale_shift);
 }
 
 ffi::Error AverageHandler(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
@@ -33,13 +36,14 @@ ffi::Error AverageHandler(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer
 
 ffi::Error ExpEncodeHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                      ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::Buffer<ffi::U8>> codes,
-                     int32_t floor_code) {
-  return ExpEncodeImpl(Exec(pool), x, scale, seed, codes, floor_code);
+                     int32_t floor_code, int32_t scale_shift) {
+  return ExpEncodeImpl(Exec(pool), x, scale, seed, codes, floor_code, scale_shift);
 }
 
 ffi::Error ExpDecodeHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes,
-                     ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  return ExpDecodeImpl(Exec(pool), codes, scale, out);
+                     ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                     int32_t scale_shift) {
+  return ExpDecodeImpl(Exec(pool), codes, scale, out, scale_shift);
 }
 
 ffi::Error ExpReduceHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::U8> b,

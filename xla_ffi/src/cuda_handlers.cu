@@ -46,14 +46,17 @@ using Stream = ffi::PlatformStream<cudaStream_t>;
 
 ffi::Error QuantizeHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                            ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> codes,
-                           int32_t levels, int32_t bits, bool signed_codes) {
-  return QuantizeImpl(CudaExecutor{stream}, x, scale, seed, codes, levels, bits, signed_codes);
+                           int32_t levels, int32_t bits, bool signed_codes,
+                           int32_t scale_shift) {
+  return QuantizeImpl(CudaExecutor{stream}, x, scale, seed, codes, levels, bits, signed_codes,
+                      scale_shift);
 }
 
 ffi::Error DequantizeHandler(cudaStream_t stream, ffi::AnyBuffer codes,
                              ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                             int32_t bits, bool signed_codes, int32_t offset) {
-  return DequantizeImpl(CudaExecutor{stream}, codes, scale, out, bits, signed_codes, offset);
+                             int32_t bits, bool signed_codes, int32_t offset, int32_t scale_shift) {
+  return DequantizeImpl(CudaExecutor{stream}, codes, scale, out, bits, signed_codes, offset,
+                        scale_shift);
 }
 
 ffi::Error AverageHandler(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b,
@@ -69,13 +72,14 @@ ffi::Error AverageHandler(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer 
 
 ffi::Error ExpEncodeHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                             ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::Buffer<ffi::U8>> codes,
-                            int32_t floor_code) {
-  return ExpEncodeImpl(CudaExecutor{stream}, x, scale, seed, codes, floor_code);
+                            int32_t floor_code, int32_t scale_shift) {
+  return ExpEncodeImpl(CudaExecutor{stream}, x, scale, seed, codes, floor_code, scale_shift);
 }
 
 ffi::Error ExpDecodeHandler(cudaStream_t stream, ffi::Buffer<ffi::U8> codes,
-                            ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  return ExpDecodeImpl(CudaExecutor{stream}, codes, scale, out);
+                            ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                            int32_t scale_shift) {
+  return ExpDecodeImpl(CudaExecutor{stream}, codes, scale, out, scale_shift);
 }
 
 ffi::Error ExpReduceHandler(cudaStream_t stream, ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::U8> b,

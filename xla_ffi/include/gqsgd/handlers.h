@@ -68,6 +68,18 @@ inline ffi::Error CheckCount(int64_t got, int64_t want, const char* what) {
                                      " elements, expected " + std::to_string(want));
 }
 
+// The scale vector must cover n elements in blocks of 2^shift.
+inline ffi::Error CheckScales(int64_t scales, int64_t n, int32_t shift) {
+  if (shift < 0 || shift > kOneScale) {
+    return ffi::Error::InvalidArgument("scale_shift must be in [0, 62], got " +
+                                       std::to_string(shift));
+  }
+  if (scales >= NumScaleBlocks(n, shift) && scales >= 1) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument("scale has " + std::to_string(scales) +
+                                     " elements, expected " +
+                                     std::to_string(NumScaleBlocks(n, shift)) + " block scales");
+}
+
 template <int kBits, bool kSigned>
 constexpr ffi::DataType WordDtype() {
   return kSigned ? ffi::DataType::S8
@@ -78,17 +90,18 @@ inline int32_t MaxLevels(int32_t bits, bool signed_codes) {
   return signed_codes ? 127 : ((1 << bits) - 1) / 2;
 }
 
-// (a) x (f32/bf16/f16), scale f32[], seed u32[2] -> codes.
+// (a) x (f32/bf16/f16), scale f32[blocks], seed u32[2] -> codes.
 template <typename Exec>
 ffi::Error QuantizeImpl(Exec exec, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                         ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> codes,
-                        int32_t levels, int32_t bits, bool signed_codes) {
+                        int32_t levels, int32_t bits, bool signed_codes, int32_t scale_shift) {
   if (signed_codes && bits != 8) return ffi::Error::InvalidArgument("signed codes need bits=8");
   GQSGD_RETURN_IF_ERROR(CheckCount(seed.element_count(), 2, "seed"));
   if (levels < 1 || levels > MaxLevels(bits, signed_codes)) {
     return ffi::Error::InvalidArgument("levels out of range for bits: " + std::to_string(levels));
   }
   const int64_t n = static_cast<int64_t>(x.element_count());
+  GQSGD_RETURN_IF_ERROR(CheckScales(scale.element_count(), n, scale_shift));
   return DispatchFloat(x.element_type(), [&](auto in_tag) {
     using In = decltype(in_tag);
     return DispatchBits(bits, [&](auto bits_tag) -> ffi::Error {
@@ -100,7 +113,7 @@ ffi::Error QuantizeImpl(Exec exec, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale
         GQSGD_RETURN_IF_ERROR(CheckDtype(codes->element_type(), WordDtype<kBits, kSigned>(), "codes"));
         GQSGD_RETURN_IF_ERROR(CheckCount(codes->element_count(), words, "codes"));
         K k{static_cast<const In*>(x.untyped_data()), scale.typed_data(), seed.typed_data(),
-            static_cast<typename K::Word*>(codes->untyped_data()), n, levels};
+            static_cast<typename K::Word*>(codes->untyped_data()), n, levels, scale_shift};
         return exec.Run(k, words);
       };
       if constexpr (kBits == 8) {
@@ -111,13 +124,14 @@ ffi::Error QuantizeImpl(Exec exec, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale
   });
 }
 
-// (b) codes, scale f32[] -> out f32[n].
+// (b) codes, scale f32[blocks] -> out f32[n].
 template <typename Exec>
 ffi::Error DequantizeImpl(Exec exec, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> scale,
                           ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits,
-                          bool signed_codes, int32_t offset) {
+                          bool signed_codes, int32_t offset, int32_t scale_shift) {
   if (signed_codes && bits != 8) return ffi::Error::InvalidArgument("signed codes need bits=8");
   const int64_t n = static_cast<int64_t>(out->element_count());
+  GQSGD_RETURN_IF_ERROR(CheckScales(scale.element_count(), n, scale_shift));
   return DispatchBits(bits, [&](auto bits_tag) -> ffi::Error {
     constexpr int kBits = decltype(bits_tag)::value;
     auto run = [&](auto signed_tag) -> ffi::Error {
@@ -127,7 +141,7 @@ ffi::Error DequantizeImpl(Exec exec, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32>
       GQSGD_RETURN_IF_ERROR(CheckDtype(codes.element_type(), WordDtype<kBits, kSigned>(), "codes"));
       GQSGD_RETURN_IF_ERROR(CheckCount(codes.element_count(), words, "codes"));
       K k{static_cast<const typename K::Word*>(codes.untyped_data()), scale.typed_data(),
-          out->typed_data(), n, offset};
+          out->typed_data(), n, offset, scale_shift};
       return exec.Run(k, words);
     };
     if constexpr (kBits == 8) {
@@ -174,32 +188,34 @@ ffi::Error AverageImpl(Exec exec, ffi::AnyBuffer a, ffi::AnyBuffer b,
   });
 }
 
-// (c) x, scale f32[], seed u32[2] -> exponent codes u8[n].
+// (c) x, scale f32[blocks], seed u32[2] -> exponent codes u8[n].
 template <typename Exec>
 ffi::Error ExpEncodeImpl(Exec exec, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                          ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::Buffer<ffi::U8>> codes,
-                         int32_t floor_code) {
+                         int32_t floor_code, int32_t scale_shift) {
   GQSGD_RETURN_IF_ERROR(CheckCount(seed.element_count(), 2, "seed"));
   if (floor_code < 1 || floor_code > 127) {
     return ffi::Error::InvalidArgument("floor_code must be in [1, 127]");
   }
   const int64_t n = static_cast<int64_t>(x.element_count());
   GQSGD_RETURN_IF_ERROR(CheckCount(codes->element_count(), n, "codes"));
+  GQSGD_RETURN_IF_ERROR(CheckScales(scale.element_count(), n, scale_shift));
   return DispatchFloat(x.element_type(), [&](auto in_tag) {
     using In = decltype(in_tag);
     ExpEncodeKernel<In> k{static_cast<const In*>(x.untyped_data()), scale.typed_data(),
-                          seed.typed_data(), codes->typed_data(), floor_code};
+                          seed.typed_data(), codes->typed_data(), floor_code, scale_shift};
     return exec.Run(k, n);
   });
 }
 
-// (c) codes u8[n], scale f32[] -> out f32[n].
+// (c) codes u8[n], scale f32[blocks] -> out f32[n].
 template <typename Exec>
 ffi::Error ExpDecodeImpl(Exec exec, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> scale,
-                         ffi::Result<ffi::Buffer<ffi::F32>> out) {
+                         ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t scale_shift) {
   const int64_t n = static_cast<int64_t>(codes.element_count());
   GQSGD_RETURN_IF_ERROR(CheckCount(out->element_count(), n, "out"));
-  ExpDecodeKernel k{codes.typed_data(), scale.typed_data(), out->typed_data()};
+  GQSGD_RETURN_IF_ERROR(CheckScales(scale.element_count(), n, scale_shift));
+  ExpDecodeKernel k{codes.typed_data(), scale.typed_data(), out->typed_data(), scale_shift};
   return exec.Run(k, n);
 }
 
@@ -225,7 +241,8 @@ ffi::Error ExpReduceImpl(Exec exec, ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::U8>
       .Ret<::xla::ffi::AnyBuffer>()            /* codes */      \
       .Attr<int32_t>("levels")                           \
       .Attr<int32_t>("bits")                             \
-      .Attr<bool>("signed_codes")
+      .Attr<bool>("signed_codes")                        \
+      .Attr<int32_t>("scale_shift")
 
 #define GQSGD_BIND_DEQUANTIZE(CTX)                       \
   ::xla::ffi::Ffi::Bind()                                       \
@@ -235,7 +252,8 @@ ffi::Error ExpReduceImpl(Exec exec, ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::U8>
       .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()     /* out */        \
       .Attr<int32_t>("bits")                             \
       .Attr<bool>("signed_codes")                        \
-      .Attr<int32_t>("offset")
+      .Attr<int32_t>("offset")                           \
+      .Attr<int32_t>("scale_shift")
 
 #define GQSGD_BIND_AVERAGE(CTX)                          \
   ::xla::ffi::Ffi::Bind()                                       \
@@ -255,14 +273,16 @@ ffi::Error ExpReduceImpl(Exec exec, ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::U8>
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()     /* scale */      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::U32>>()     /* seed */       \
       .Ret<::xla::ffi::Buffer<::xla::ffi::U8>>()      /* codes */      \
-      .Attr<int32_t>("floor_code")
+      .Attr<int32_t>("floor_code")                       \
+      .Attr<int32_t>("scale_shift")
 
 #define GQSGD_BIND_EXP_DECODE(CTX)                       \
   ::xla::ffi::Ffi::Bind()                                       \
       .Ctx<CTX>()                                        \
       .Arg<::xla::ffi::Buffer<::xla::ffi::U8>>()      /* codes */      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()     /* scale */      \
-      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()     /* out */
+      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()     /* out */        \
+      .Attr<int32_t>("scale_shift")
 
 #define GQSGD_BIND_EXP_REDUCE(CTX)                       \
   ::xla::ffi::Ffi::Bind()                                       \

@@ -39,6 +39,34 @@
 
 namespace gqsgd {
 
+// Block scales: the quantize/dequantize/exponential kernels read their scale
+// from a vector, element i using scale[i >> scale_shift] (blocks of
+// 2^scale_shift elements; the block size is static, the scales are an
+// operand). kOneScale makes every index < 2^62 read scale[0]: the single
+// scale of a bucket.
+inline constexpr int32_t kOneScale = 62;
+
+// Number of scales that n elements in blocks of 2^shift need.
+GQSGD_HD int64_t NumScaleBlocks(int64_t n, int32_t shift) {
+  return n <= 0 ? 0 : ((n - 1) >> shift) + 1;
+}
+
+#if !defined(__CUDA_ARCH__)
+// Calls f(j_begin, j_end, scale) for the runs of [0, count) that share one
+// block scale, element j being global index base + j. The inner loops of f
+// stay free of per-element scale lookups and vectorize as before.
+template <typename F>
+inline void ForScaleRuns(int64_t base, uint32_t count, const float* scale, int32_t shift, F&& f) {
+  for (uint32_t j = 0; j < count;) {
+    const int64_t blk = (base + j) >> shift;
+    const int64_t next = (blk + 1) << shift;
+    const uint32_t stop = static_cast<uint32_t>(std::min<int64_t>(count, next - base));
+    f(j, stop, FlushSubnormal(scale[blk]));
+    j = stop;
+  }
+}
+#endif
+
 #if !defined(__CUDA_ARCH__)
 // Elements per block of the host loops: the stack buffers (a few uint32 per
 // element) stay in L1.
@@ -112,6 +140,7 @@ struct QuantizeKernel {
   Word* codes;
   int64_t n;  // number of elements
   int32_t levels;
+  int32_t scale_shift = kOneScale;  // element i uses scale[i >> scale_shift]
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
 #if !defined(__CUDA_ARCH__)
@@ -121,7 +150,6 @@ struct QuantizeKernel {
   }
 
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
-    const float s = FlushSubnormal(*scale);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t offset = kSigned ? 0 : levels;
     for (int64_t w = first; w < end; w += stride) {
@@ -130,7 +158,9 @@ GQSGD_UNROLL
       for (int k = 0; k < kPerWord; ++k) {
         const int64_t i = w * kPerWord + k;
         const bool valid = i < n;
-        const float v = valid ? ToFloat(x[valid ? i : 0]) : 0.0f;
+        const int64_t at = valid ? i : 0;
+        const float v = valid ? ToFloat(x[at]) : 0.0f;
+        const float s = FlushSubnormal(scale[at >> scale_shift]);
         const int32_t q = StochasticRound(v, s, levels, RandomBits(key, i));
         const uint32_t c = valid ? (static_cast<uint32_t>(q + offset) & L::kMask) : 0u;
         word |= c << ((kPerWord - 1 - k) * kBits);
@@ -146,7 +176,8 @@ GQSGD_UNROLL
     constexpr int64_t kBlockWords = kHostBlock / kPerWord;
     // Locals, not members: stores through the byte-sized code pointers may
     // alias anything, which would force a reload every iteration.
-    const float s = FlushSubnormal(*scale);
+    const float* const sc = scale;
+    const int32_t sh = scale_shift;
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t lv = levels;
     const uint32_t offset = kSigned ? 0u : static_cast<uint32_t>(lv);
@@ -165,16 +196,20 @@ GQSGD_UNROLL
       const In* xb = xs + w0 * kPerWord;
       if constexpr (kPerWord == 1) {
         Word* ob = out + w0;
-        for (uint32_t j = 0; j < count; ++j) {
-          const int32_t q = StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
-          ob[j] = static_cast<Word>((static_cast<uint32_t>(q) + offset) & L::kMask);
-        }
+        ForScaleRuns(w0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
+          for (uint32_t j = j0; j < j1; ++j) {
+            const int32_t q = StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
+            ob[j] = static_cast<Word>((static_cast<uint32_t>(q) + offset) & L::kMask);
+          }
+        });
       } else {
         uint32_t c[kBlockWords * kPerWord];
-        for (uint32_t j = 0; j < count; ++j) {
-          const int32_t q = StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
-          c[j] = (static_cast<uint32_t>(q) + offset) & L::kMask;
-        }
+        ForScaleRuns(w0 * kPerWord, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
+          for (uint32_t j = j0; j < j1; ++j) {
+            const int32_t q = StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
+            c[j] = (static_cast<uint32_t>(q) + offset) & L::kMask;
+          }
+        });
         PackLanes<kBits>(c, words, out + w0);
       }
     }
@@ -196,6 +231,7 @@ struct DequantizeKernel {
   float* out;
   int64_t n;  // number of elements
   int32_t offset;
+  int32_t scale_shift = kOneScale;  // element i uses scale[i >> scale_shift]
 
   GQSGD_HD static int32_t Lane(uint32_t word, int k) {
     return kSigned ? static_cast<int32_t>(static_cast<int8_t>(word & 0xffu))
@@ -210,13 +246,15 @@ struct DequantizeKernel {
   }
 
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
-    const float s = FlushSubnormal(*scale);
     for (int64_t w = first; w < end; w += stride) {
       const uint32_t word = static_cast<uint32_t>(codes[w]);
 GQSGD_UNROLL
       for (int k = 0; k < kPerWord; ++k) {
         const int64_t i = w * kPerWord + k;
-        if (i < n) out[i] = static_cast<float>(Lane(word, k) - offset) * s;
+        if (i < n) {
+          out[i] = static_cast<float>(Lane(word, k) - offset) *
+                   FlushSubnormal(scale[i >> scale_shift]);
+        }
       }
     }
   }
@@ -226,14 +264,22 @@ GQSGD_UNROLL
   // the partial last word through Strided.
   void Contiguous(int64_t first, int64_t end) const {
     constexpr int64_t kBlockWords = kHostBlock / kPerWord;
-    const float s = FlushSubnormal(*scale);
+    const float* const sc = scale;
+    const int32_t sh = scale_shift;
     const int32_t off = offset;
     const Word* const in = codes;
     float* const o = out;
     const int64_t full = std::min(end, n / kPerWord);
     if constexpr (kPerWord == 1) {
-      for (int64_t w = first; w < full; ++w) {
-        o[w] = static_cast<float>(Lane(static_cast<uint32_t>(in[w]), 0) - off) * s;
+      for (int64_t w0 = first; w0 < full; w0 += kHostBlock) {
+        const uint32_t count = static_cast<uint32_t>(std::min(full - w0, kHostBlock));
+        const Word* ib = in + w0;
+        float* ob = o + w0;
+        ForScaleRuns(w0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
+          for (uint32_t j = j0; j < j1; ++j) {
+            ob[j] = static_cast<float>(Lane(static_cast<uint32_t>(ib[j]), 0) - off) * s;
+          }
+        });
       }
     } else {
       uint32_t c[kBlockWords * kPerWord];
@@ -241,9 +287,12 @@ GQSGD_UNROLL
         const int64_t words = std::min(full - w0, kBlockWords);
         UnpackLanes<kBits>(in + w0, words, c);
         float* ob = o + w0 * kPerWord;
-        for (int64_t j = 0; j < words * kPerWord; ++j) {
-          ob[j] = static_cast<float>(static_cast<int32_t>(c[j]) - off) * s;
-        }
+        ForScaleRuns(w0 * kPerWord, static_cast<uint32_t>(words * kPerWord), sc, sh,
+                     [&](uint32_t j0, uint32_t j1, float s) {
+                       for (uint32_t j = j0; j < j1; ++j) {
+                         ob[j] = static_cast<float>(static_cast<int32_t>(c[j]) - off) * s;
+                       }
+                     });
       }
     }
     if (std::max(first, full) < end) Strided(std::max(first, full), 1, end);
@@ -338,6 +387,7 @@ struct ExpEncodeKernel {
   const uint32_t* seed;
   uint8_t* codes;
   int32_t floor_code;
+  int32_t scale_shift = kOneScale;  // element i uses scale[i >> scale_shift]
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
 #if !defined(__CUDA_ARCH__)
@@ -347,9 +397,9 @@ struct ExpEncodeKernel {
   }
 
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
-    const float s = FlushSubnormal(*scale);
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     for (int64_t i = first; i < end; i += stride) {
+      const float s = FlushSubnormal(scale[i >> scale_shift]);
       codes[i] = ExpEncode(ToFloat(x[i]), s, floor_code, RandomBits(key, i));
     }
   }
@@ -358,7 +408,8 @@ struct ExpEncodeKernel {
   // Per block: the random bits, then the codes (measured slightly faster
   // than one fused loop).
   void Contiguous(int64_t first, int64_t end) const {
-    const float s = FlushSubnormal(*scale);
+    const float* const sc = scale;
+    const int32_t sh = scale_shift;
     const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t fc = floor_code;
     const In* const xs = x;
@@ -373,7 +424,9 @@ struct ExpEncodeKernel {
         continue;
       }
       for (uint32_t j = 0; j < count; ++j) r[j] = RandomBits(k, lo + j);
-      for (uint32_t j = 0; j < count; ++j) out[i0 + j] = ExpEncode(ToFloat(xs[i0 + j]), s, fc, r[j]);
+      ForScaleRuns(i0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
+        for (uint32_t j = j0; j < j1; ++j) out[i0 + j] = ExpEncode(ToFloat(xs[i0 + j]), s, fc, r[j]);
+      });
     }
   }
 #endif
@@ -384,10 +437,12 @@ struct ExpDecodeKernel {
   const uint8_t* codes;
   const float* scale;
   float* out;
+  int32_t scale_shift = kOneScale;  // element i uses scale[i >> scale_shift]
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
-    const float s = FlushSubnormal(*scale);
-    for (int64_t i = first; i < end; i += stride) out[i] = ExpDecode(codes[i], s);
+    for (int64_t i = first; i < end; i += stride) {
+      out[i] = ExpDecode(codes[i], FlushSubnormal(scale[i >> scale_shift]));
+    }
   }
 };
 
