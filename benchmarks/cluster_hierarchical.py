@@ -374,7 +374,17 @@ def run(args) -> dict:
           "runtime_seconds": time.monotonic() - start,
           "date": datetime.datetime.now(datetime.timezone.utc).strftime(
               "%Y-%m-%d %H:%M UTC"),
-          "cpu": _cpu(), "cores": os.cpu_count()}
+          "cpu": _cpu(), "cores": os.cpu_count(), "commit": _commit()}
+
+
+def _commit() -> str:
+  """HEAD, and whether the working tree had changes (shared checkouts)."""
+  git = lambda *a: subprocess.run(["git", "-C", HERE, *a], text=True,
+                                  capture_output=True).stdout.strip()
+  head = git("rev-parse", "--short", "HEAD") or "unknown"
+  return head + (" + uncommitted changes" if git("status", "--porcelain",
+                                                 "--untracked-files=no")
+                 else "")
 
 
 def _cpu() -> str:
@@ -402,7 +412,8 @@ def render(record: dict) -> str:
       "by all 4 processes and by other jobs",
       f"- Load average (1, 5, 15 min) at start {record['load']['start']}, "
       f"at end {record['load']['end']}",
-      f"- jax {record['jax']}; runtime {record['runtime_seconds']:.0f} s; "
+      f"- Code: {record.get('commit', 'unknown')}; jax {record['jax']}; "
+      f"runtime {record['runtime_seconds']:.0f} s; "
       "command: `python benchmarks/cluster_hierarchical.py`",
       f"- Model: MLP {record['config']['d_in']}-"
       + "-".join(map(str, record["config"]["hidden"]))

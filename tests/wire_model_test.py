@@ -66,4 +66,4 @@ def test_model_matches_the_emulated_cluster():
         "model_intra"], r
     # The slow link's share of the step follows the bytes (timing noise on
     # a shared machine: a wide band).
-    assert 0.8 <= r["measured_wire_s"] / r["model_wire_s"] <= 1.4, r
+    assert 0.8 <= r["measured_wire_s"] / r["model_wire_s"] <= 1.5, r
