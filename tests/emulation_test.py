@@ -333,7 +333,9 @@ def _np_stream_key(seed, stream: int) -> tuple[np.uint64, np.uint64]:
   mult = np.uint64((_GOLDEN * (stream + 1)) & _M32)
   a = _np_mix32(np.array([(s0 + mult) & np.uint64(_M32)], np.uint64))
   a = _np_mix32(a ^ s1)
-  b = _np_mix32(a ^ np.uint64(0x7FEB352D))
+  mult_b = np.uint64((0x7FEB352D * (stream + 1)) & _M32)
+  b = _np_mix32(np.array([(s1 + mult_b) & np.uint64(_M32)], np.uint64))
+  b = _np_mix32((b + a) & np.uint64(_M32))
   return a[0], b[0]
 
 

@@ -231,6 +231,140 @@ def test_choose_reduction_rejects_no_workers():
 
 
 # ---------------------------------------------------------------------------
+# Counter-based random bits: the seed's 64 bits and 64-bit indices.
+
+
+def _mix32_inverse(y: int) -> int:
+  """Inverse of math.h Mix32 (lowbias32), on a Python int."""
+  def unxorshift(y, s):
+    x = y
+    for _ in range(32 // s + 1):
+      x = y ^ (x >> s)
+    return x & 0xFFFFFFFF
+  y = unxorshift(y, 15)
+  y = (y * pow(0x735A2D97, -1, 2**32)) & 0xFFFFFFFF
+  y = unxorshift(y, 15)
+  y = (y * pow(0x21F0AAAD, -1, 2**32)) & 0xFFFFFFFF
+  return unxorshift(y, 16)
+
+
+def _mix32(x: int) -> int:
+  return int(np.asarray(reference.mix32(jnp.uint32(x))))
+
+
+def test_mix32_inverse_model():
+  for x in (0, 1, 0xDEADBEEF, 0xFFFFFFFF, 12345):
+    assert _mix32_inverse(_mix32(x)) == x
+
+
+def _seed_with_same_first_word(seed, stream: int = 0):
+  """Another seed whose key word a equals seed's: it must differ in b."""
+  s0, s1 = (int(v) for v in seed)
+  mult = (0x9E3779B9 * (stream + 1)) & 0xFFFFFFFF
+  t0 = (s0 + 0x01000193) & 0xFFFFFFFF
+  # a = Mix32(Mix32(s0 + mult) ^ s1): keep the xor's value.
+  t1 = _mix32((t0 + mult) & 0xFFFFFFFF) ^ _mix32((s0 + mult) & 0xFFFFFFFF) ^ s1
+  return np.array([t0, t1], np.uint32)
+
+
+@pytest.mark.parametrize("stream", [0, 1])
+def test_stream_key_uses_all_64_seed_bits(stream):
+  # Distinct seeds whose first key word coincides (one in 2^32 pairs of
+  # random seeds) must still draw different streams: with b = Mix32(a ^ c)
+  # they drew identical ones.
+  other = _seed_with_same_first_word(SEED, stream)
+  a0, b0 = (int(v) for v in reference.stream_key(SEED, stream))
+  a1, b1 = (int(v) for v in reference.stream_key(other, stream))
+  assert a0 == a1 and b0 != b1
+  n = 4096
+  mine = np.asarray(reference.random_bits(SEED, n, stream))
+  theirs = np.asarray(reference.random_bits(other, n, stream))
+  assert np.mean(mine == theirs) < 0.01
+  if ffi_lib.host_emulation is not None:  # the C++ streams
+    for seed, want in ((SEED, mine), (other, theirs)):
+      out = np.zeros(n, np.uint32)
+      ffi_lib.host_emulation.random_bits_at(seed, 0, stream, out)
+      np.testing.assert_array_equal(out, want)
+
+
+def test_stream_key_is_a_bijection_of_the_seed():
+  # Inverting the key recovers the seed (math.h's argument, checked).
+  rng = np.random.default_rng(3)
+  for seed in rng.integers(0, 2**32, (20, 2), dtype=np.uint64):
+    seed = seed.astype(np.uint32)
+    for stream in (0, 1, 7):
+      a, b = (int(v) for v in reference.stream_key(seed, stream))
+      mult_a = (0x9E3779B9 * (stream + 1)) & 0xFFFFFFFF
+      mult_b = (0x7FEB352D * (stream + 1)) & 0xFFFFFFFF
+      s1 = (_mix32_inverse((_mix32_inverse(b) - a) & 0xFFFFFFFF) - mult_b
+            ) & 0xFFFFFFFF
+      s0 = (_mix32_inverse(_mix32_inverse(a) ^ s1) - mult_a) & 0xFFFFFFFF
+      assert (s0, s1) == (int(seed[0]), int(seed[1]))
+
+
+def test_quantize_streams_differ_for_seeds_sharing_a_key_word():
+  # The same through the quantize kernel: P(code differs) is large for x in
+  # the middle of a step.
+  other = _seed_with_same_first_word(SEED)
+  x = np.full(2048, 0.5, np.float32)
+  for impl in _impls():
+    q = [np.asarray(ops.quantize(x, 1.0, s, levels=7, bits=4, impl=impl))
+         for s in (SEED, other)]
+    assert np.mean(q[0] != q[1]) > 0.5
+
+
+STARTS = [0, 5, 2**32 - 5, 2**32, 2**32 + 7, 5 * 2**32 - 3, 2**63 - 40]
+
+
+@pytest.mark.skipif(ffi_lib.host_emulation is None,
+                    reason="the _gqsgd_cpu module is not built")
+@pytest.mark.parametrize("start", STARTS, ids=lambda s: f"start{s}")
+def test_twin_random_bits_match_cpp_at_64_bit_indices(start):
+  # The twin's indices carry the high word as C++'s do, also across 2^32.
+  run = 37
+  out = np.zeros(run, np.uint32)
+  ffi_lib.host_emulation.random_bits_at(SEED, start, 1, out)
+  twin = jax.jit(lambda s: reference.random_bits(s, run, stream=1,
+                                                 start=start))
+  np.testing.assert_array_equal(np.asarray(twin(SEED)), out)
+
+
+def test_twin_random_bits_up_to_the_last_index():
+  # Beyond the emulation's int64 starts: the index model in Python ints.
+  start, run = 2**64 - 37, 37
+  a, b = (int(v) for v in reference.stream_key(SEED, 0))
+  idx = [start + j for j in range(run)]
+  lo = np.array([i & 0xFFFFFFFF for i in idx], np.uint32)
+  hi_term = np.array([((i >> 32) * 0x9E3779B9) & 0xFFFFFFFF for i in idx],
+                     np.uint32)
+  inner = np.asarray(reference.mix32(jnp.asarray(lo ^ np.uint32(a))))
+  want = reference.mix32(jnp.asarray(inner + (np.uint32(b) ^ hi_term)))
+  got = reference.random_bits(SEED, run, start=start)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.skipif(ffi_lib.host_emulation is None,
+                    reason="the _gqsgd_cpu module is not built")
+def test_twin_random_bits_of_a_buffer_beyond_2_32_elements():
+  # A buffer of 2^32 + 40 elements: XLA computes only the sliced tail (no
+  # 16 GiB buffer). A uint32 iota over the whole buffer would wrap and
+  # repeat elements 0.. from element 2^32 on.
+  n = 2**32 + 40
+  fn = jax.jit(lambda s: reference.random_bits(s, n)[2**32 - 3:])
+  assert fn.lower(SEED).compile().memory_analysis().temp_size_in_bytes < 2**20
+  out = np.zeros(43, np.uint32)
+  ffi_lib.host_emulation.random_bits_at(SEED, 2**32 - 3, 0, out)
+  np.testing.assert_array_equal(np.asarray(fn(SEED)), out)
+
+
+def test_twin_random_bits_rejects_bad_ranges():
+  for n, start in ((-1, 0), (1, -1), (2, 2**64 - 1)):
+    with pytest.raises(ValueError, match="start \\+ n <= 2\\^64"):
+      reference.random_bits(SEED, n, start=start)
+  assert reference.random_bits(SEED, 0).shape == (0,)
+
+
+# ---------------------------------------------------------------------------
 # global_quantize beyond 128 workers, in subprocesses with W CPU devices.
 
 _LARGE_W_SCRIPT = textwrap.dedent("""

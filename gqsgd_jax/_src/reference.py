@@ -31,19 +31,45 @@ def mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 15)
 
 
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
 def stream_key(seed: jax.Array, stream: int) -> tuple[jax.Array, jax.Array]:
+  """math.h MakeStreamKey: (a, b), a bijection of the seed per stream."""
   seed = jnp.asarray(seed, _U32)
-  mult = np.uint32((0x9E3779B9 * (stream + 1)) & 0xFFFFFFFF)
-  a = mix32(mix32(seed[0] + _u32(mult)) ^ seed[1])
-  b = mix32(a ^ _u32(0x7FEB352D))
+  mult_a = np.uint32((_GOLDEN * (stream + 1)) & _M32)
+  mult_b = np.uint32((0x7FEB352D * (stream + 1)) & _M32)
+  a = mix32(mix32(seed[0] + _u32(mult_a)) ^ seed[1])
+  b = mix32(mix32(seed[1] + _u32(mult_b)) + a)
   return a, b
 
 
-def random_bits(seed: jax.Array, n: int, stream: int = 0) -> jax.Array:
-  """uint32 random bits of elements 0..n-1 (index high word 0: n < 2^32)."""
+def random_bits(seed: jax.Array, n: int, stream: int = 0,
+                start: int = 0) -> jax.Array:
+  """math.h RandomBits of the 64-bit element indices start .. start + n - 1.
+
+  jnp has no 64-bit integers (without x64), so the indices are cut at the
+  multiples of 2^32: within a piece the high word hi is a constant that,
+  as in C++, is folded into the key (b ^ hi * golden), and the low word is
+  a uint32 iota. Any n and start with start + n <= 2^64 agree with C++.
+  """
+  if n < 0 or start < 0 or start + n > 2**64:
+    raise ValueError(f"need n >= 0, start >= 0 and start + n <= 2^64, got "
+                     f"n={n}, start={start}")
   a, b = stream_key(seed, stream)
-  idx = jax.lax.iota(_U32, n)
-  return mix32(mix32(idx ^ a) + b)
+  pieces = []
+  first, end = start, start + n
+  while first < end:
+    hi = first >> 32
+    stop = min(end, (hi + 1) << 32)
+    lo = jax.lax.iota(_U32, stop - first) + _u32(first & _M32)  # no wrap
+    key_b = b ^ _u32((hi * _GOLDEN) & _M32)
+    pieces.append(mix32(mix32(lo ^ a) + key_b))
+    first = stop
+  if not pieces:
+    return jnp.zeros((0,), _U32)
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
 def flush_subnormal(x) -> jax.Array:

@@ -82,9 +82,10 @@ GQSGD_HD uint32_t Select(bool c, uint32_t a, uint32_t b) {
 // Counter-based random bits.
 //
 // bits(seed, stream, i) for a 64-bit element index i = (hi, lo). Two rounds
-// of Wellons' lowbias32 integer hash; for a fixed key the map lo -> bits is
-// a bijection, so no two elements of a buffer (< 2^32 elements) share a
-// draw. Only 32-bit multiplies, so jnp (without x64) computes the same bits.
+// of Wellons' lowbias32 integer hash; for a fixed key and hi the map
+// lo -> bits is a bijection, so no two elements of a 2^32-element piece
+// share a draw. Only 32-bit multiplies, so jnp (without x64) computes the
+// same bits (the twin cuts its indices at the multiples of 2^32).
 
 GQSGD_HD uint32_t Mix32(uint32_t x) {
   x ^= x >> 16;
@@ -102,10 +103,14 @@ struct StreamKey {
 
 // One independent stream per (seed, stream id). Kernels that need several
 // random words per element use stream ids 0, 1, ...
+// For each stream id, (seed0, seed1) -> (a, b) is a bijection of the 64-bit
+// seed (Mix32 is invertible: b gives seed1 once a is known, then a gives
+// seed0), so two distinct seeds never share a key: b must not be a function
+// of a alone, which would leave only 2^32 distinct streams.
 GQSGD_HD StreamKey MakeStreamKey(uint32_t seed0, uint32_t seed1,
                                  uint32_t stream) {
   const uint32_t a = Mix32(Mix32(seed0 + 0x9e3779b9u * (stream + 1u)) ^ seed1);
-  const uint32_t b = Mix32(a ^ 0x7feb352du);
+  const uint32_t b = Mix32(Mix32(seed1 + 0x7feb352du * (stream + 1u)) + a);
   return StreamKey{a, b};
 }
 
