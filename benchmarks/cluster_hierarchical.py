@@ -138,9 +138,9 @@ def emit(tag, **payload):
 def worker(config: dict):
   import gqsgd_jax  # pylint: disable=g-import-not-at-top
   gqsgd_jax.initialize_distributed()
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -188,6 +188,7 @@ def worker(config: dict):
              if key == "hier_gq4" else gqsgd_jax.psum_mean(axis_name="host"))
     return gqsgd_jax.hierarchical(inner, local_axis="local")
 
+  lr = config["lr"]
   thunks, hlo_bytes, sent, errors = {}, {}, {}, {}
   first = lambda t: jax.tree.map(lambda a: a[0], t)
 
@@ -217,7 +218,6 @@ def worker(config: dict):
              jax.make_array_from_process_local_data(sharded, y))
     params = jax.jit(init_params, out_shardings=replicated)(
         jax.random.PRNGKey(0))
-    lr = config["lr"]
     if key == "local":
       def local_step(p, b, axes=axes):
         g = jax.grad(loss_fn)(gqsgd_jax.varying(p, axes), first(b))
@@ -372,7 +372,7 @@ def run(args) -> dict:
           "load": {"start": load_start,
                    "end": " ".join(f"{v:.2f}" for v in os.getloadavg())},
           "runtime_seconds": time.monotonic() - start,
-          "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+          "date": datetime.datetime.now(datetime.UTC).strftime(
               "%Y-%m-%d %H:%M UTC"),
           "cpu": _cpu(), "cores": os.cpu_count(), "commit": _commit()}
 

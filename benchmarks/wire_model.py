@@ -83,7 +83,6 @@ def ring_allgather(nbytes: float, hosts: int, local: int) -> Link:
 
 def butterfly(nbytes: float, hosts: int, local: int) -> Link:
   """Recursive-halving reduce-scatter + ring all-gather (powers of two)."""
-  w = hosts * local
   inter = nbytes * (1 - 1 / hosts)  # per host
   # Per GPU link: the intra levels send nbytes (1 - 1/L) in all.
   intra = nbytes * (1 - 1 / local)

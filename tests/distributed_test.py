@@ -54,6 +54,7 @@ def test_hierarchical_across_processes_matches_one_process(num_processes,
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import _hierarchical_step as hs  # pylint: disable=g-import-not-at-top
   from conftest import require_devices  # pylint: disable=g-import-not-at-top
   mesh = hs.host_mesh(require_devices(4), 2)

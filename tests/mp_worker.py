@@ -26,6 +26,7 @@ if args.hierarchical:  # one "host" per process (tests/_hierarchical_step.py)
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import _hierarchical_step as hs  # pylint: disable=g-import-not-at-top
   mesh = hs.host_mesh(jax.devices(), args.hosts or jax.process_count())
   n = jax.local_device_count()
