@@ -118,10 +118,7 @@ def hlo_bytes_by_link(text: str, num_devices: int, per_host: int) -> dict:
     kind = link_class(groups, per_host)
     size = len(groups[0]) if groups else num_devices
     for c in found:
-      # A reduce-scatter's HLO shape is its result, 1/G of what the ring
-      # reduces: it sends (G - 1)/G of the input = (G - 1) results.
-      out[kind] += (c.bytes * (size - 1) if c.op == "reduce-scatter"
-                    else c.sent_bytes(size))
+      out[kind] += c.sent_bytes(size)
   return out
 
 

@@ -157,3 +157,19 @@ def test_sent_bytes_compare_methods_on_equal_terms():
   assert math.isclose(sent_f32, 7 * n, rel_tol=1e-6)
   assert 0.875 * n <= sent_gq4 - scales <= 0.875 * n * 1.01 + 64
   assert sent_f32 / sent_gq4 > 7.5
+
+
+def test_reduce_scatter_sent_bytes_count_the_input_share():
+  # The HLO names the reduce-scatter's result (1/G of the input); each of
+  # the G devices sends (G-1)/G of its input: G-1 result-sized blocks.
+  mesh = data_mesh(4)
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+  def scatter(x):
+    return jax.lax.psum_scatter(x[0], "data", tiled=True)[None]
+
+  text = scatter.lower(jnp.ones((4, 1024))).compile().as_text()
+  (rs,) = [c for c in hlo.collectives(text) if c.op == "reduce-scatter"]
+  assert rs.bytes == 256 * 4
+  assert rs.sent_bytes(4) == 3 / 4 * 1024 * 4

@@ -97,6 +97,10 @@ class Collective:
     g = self.group_size or default_group_size
     if g is None:  # unknown group: wire_report(..., num_devices=G) sets it
       return float("nan")
+    if self.op == "reduce-scatter":
+      # The buffer counted is the result, 1/G of the input; each device
+      # sends (G-1)/G of the input, i.e. G-1 result-sized blocks.
+      return float(self.bytes * (g - 1))
     share = (g - 1) / g
     return self.bytes * share * (2.0 if self.op == "all-reduce" else 1.0)
 
