@@ -301,6 +301,107 @@ def test_emulated_exp_reduce(n, grid):
   _assert_all_equal(out, expected)
 
 
+# ---------------------------------------------------------------------------
+# Block scales: element i uses scale[i >> shift] (kernels.h scale_shift).
+
+# (n, block size): blocks that split words (16 is not a multiple of the 10
+# lanes of 3-bit words, nor 256 of 6 or 5), several host blocks, a tail.
+BLOCK_CASES = [(97, 16), (4101, 16), (4101, 256)]
+
+
+def _block_scales(n: int, block: int, rng, base: float) -> np.ndarray:
+  """One scale per block around ``base``; one block's scale is 0 (a block
+  below the tiny threshold encodes and decodes as zeros)."""
+  blocks = -(-n // block)
+  scales = (base * rng.uniform(0.5, 1.0, blocks)).astype(np.float32)
+  scales[blocks // 2] = 0.0
+  return scales
+
+
+@functools.cache
+def _block_quantize_expected(code, n, block):
+  bits, signed = code
+  levels = wire.max_levels(bits, signed)
+  rng = np.random.default_rng(n + block)
+  x = rng.uniform(-1.0, 1.0, n).astype(np.float32)
+  scales = _block_scales(n, block, rng, levels)
+  fn = functools.partial(ops.quantize, levels=levels, bits=bits,
+                         signed_codes=signed, block_size=block)
+  return x, scales, levels, _ffi_and_twin(fn, x, scales, SEED)
+
+
+@pytest.mark.parametrize("grid", _grid_params())
+@pytest.mark.parametrize("code", CODES, ids=_code_id)
+def test_emulated_quantize_block_scales(code, grid):
+  bits, signed = code
+  for n, block in BLOCK_CASES:
+    x, scales, levels, expected = _block_quantize_expected(code, n, block)
+    codes = np.full(wire.num_words(n, bits, signed), 0xA5,
+                    np.uint8).astype(wire.word_dtype(bits, signed))
+    emulation.emulate_quantize(x, scales, SEED, codes, levels, bits, signed,
+                               *grid, scale_shift=block.bit_length() - 1)
+    _assert_all_equal(codes, expected)
+
+
+@functools.cache
+def _block_dequantize_expected(code, n, block):
+  bits, signed = code
+  rng = np.random.default_rng(n + block + 1)
+  words = wire.num_words(n, bits, signed)
+  if signed:
+    codes, offset = rng.integers(-127, 128, words).astype(np.int8), 0
+  else:
+    codes, offset = _random_words(words, bits, rng), wire.max_levels(bits)
+  scales = _block_scales(n, block, rng, 0.37)
+  fn = functools.partial(ops.dequantize, n=n, bits=bits, offset=offset,
+                         signed_codes=signed, block_size=block)
+  return codes, scales, offset, _ffi_and_twin(fn, codes, scales)
+
+
+@pytest.mark.parametrize("grid", _grid_params())
+@pytest.mark.parametrize("code", CODES, ids=_code_id)
+def test_emulated_dequantize_block_scales(code, grid):
+  bits, signed = code
+  for n, block in BLOCK_CASES:
+    codes, scales, offset, expected = _block_dequantize_expected(code, n,
+                                                                 block)
+    out = np.full(n, np.nan, np.float32)
+    emulation.emulate_dequantize(codes, scales, out, bits, signed, offset,
+                                 *grid, scale_shift=block.bit_length() - 1)
+    _assert_all_equal(out, expected)
+
+
+@functools.cache
+def _block_exp_encode_expected(n, block):
+  rng = np.random.default_rng(n + block + 2)
+  x = _exp_inputs(n)
+  # |x| <= 4: scales up to 1/8 keep |x * scale| <= 1/2.
+  scales = _block_scales(n, block, rng, 0.125)
+  fn = functools.partial(ops.exp_encode, block_size=block)
+  return x, scales, _ffi_and_twin(fn, x, scales, SEED)
+
+
+@pytest.mark.parametrize("grid", _grid_params())
+def test_emulated_exp_encode_block_scales(grid):
+  for n, block in BLOCK_CASES:
+    x, scales, expected = _block_exp_encode_expected(n, block)
+    codes = np.full(n, 0xA5, np.uint8)
+    emulation.emulate_exp_encode(x, scales, SEED, codes, 127, *grid,
+                                 scale_shift=block.bit_length() - 1)
+    _assert_all_equal(codes, expected)
+
+
+def test_emulation_rejects_short_block_scales():
+  x = np.ones(33, np.float32)
+  codes = np.zeros(33, np.uint8)
+  with pytest.raises(ValueError, match="fewer elements than blocks"):
+    emulation.emulate_exp_encode(x, np.ones(2, np.float32), SEED, codes, 127,
+                                 1, 1, scale_shift=4)
+  with pytest.raises(ValueError, match="scale_shift"):
+    emulation.emulate_exp_encode(x, np.ones(3, np.float32), SEED, codes, 127,
+                                 1, 1, scale_shift=63)
+
+
 def test_emulated_exp_reduce_all_pairs():
   # Every (a, b) byte pair once, against the handler and the twin.
   a, b = (v.reshape(-1) for v in np.meshgrid(

@@ -4,6 +4,7 @@
 // emulate_* run a kernel body exactly as a CUDA grid of `blocks` x `threads`
 // would (thread t processes items t, t + blocks*threads, ...), so the index
 // math, tail handling and packing of the GPU path run in the CPU test suite.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -48,8 +49,25 @@ Grid MakeGrid(int64_t blocks, int64_t threads) {
   return Grid{blocks, threads};
 }
 
+// The kernels' scale operand: one scale (shift kOneScale), or element i
+// using data[i >> shift] (block scales). The pointer must outlive the call.
+struct Scales {
+  const float* data;
+  int32_t shift;
+};
+
+Scales OneScale(const float& scale) { return Scales{&scale, kOneScale}; }
+
+Scales BlockScales(const Vec<const float>& scales, int32_t shift, int64_t n) {
+  if (shift < 0 || shift > kOneScale) throw nb::value_error("scale_shift must be in [0, 62]");
+  if (static_cast<int64_t>(scales.shape(0)) < std::max<int64_t>(NumScaleBlocks(n, shift), 1)) {
+    throw nb::value_error("scale has fewer elements than blocks");
+  }
+  return Scales{scales.data(), shift};
+}
+
 template <int kBits>
-void EmulateQuantizeBits(Vec<const float> x, float scale, Vec<const uint32_t> seed,
+void EmulateQuantizeBits(Vec<const float> x, Scales scale, Vec<const uint32_t> seed,
                          nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels,
                          bool signed_codes, Grid grid) {
   const int64_t n = static_cast<int64_t>(x.shape(0));
@@ -61,7 +79,8 @@ void EmulateQuantizeBits(Vec<const float> x, float scale, Vec<const uint32_t> se
         codes.itemsize() != sizeof(typename K::Word)) {
       throw nb::value_error("codes has the wrong size or dtype");
     }
-    K k{x.data(), &scale, seed.data(), static_cast<typename K::Word*>(codes.data()), n, levels};
+    K k{x.data(), scale.data, seed.data(), static_cast<typename K::Word*>(codes.data()), n,
+        levels, scale.shift};
     Launch(k, words, grid);
   };
   if constexpr (kBits == 8) {
@@ -70,7 +89,7 @@ void EmulateQuantizeBits(Vec<const float> x, float scale, Vec<const uint32_t> se
   run(std::false_type{});
 }
 
-void EmulateQuantize(Vec<const float> x, float scale, Vec<const uint32_t> seed,
+void EmulateQuantize(Vec<const float> x, Scales scale, Vec<const uint32_t> seed,
                      nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels,
                      int32_t bits, bool signed_codes, int64_t blocks, int64_t threads) {
   const Grid grid = MakeGrid(blocks, threads);
@@ -87,7 +106,7 @@ void EmulateQuantize(Vec<const float> x, float scale, Vec<const uint32_t> seed,
 }
 
 template <int kBits, bool kSigned>
-void EmulateDequantizeBits(nb::ndarray<nb::c_contig, nb::device::cpu> codes, float scale,
+void EmulateDequantizeBits(nb::ndarray<nb::c_contig, nb::device::cpu> codes, Scales scale,
                            Vec<float> out, int32_t offset, Grid grid) {
   using K = DequantizeKernel<kBits, kSigned>;
   const int64_t n = static_cast<int64_t>(out.shape(0));
@@ -96,11 +115,12 @@ void EmulateDequantizeBits(nb::ndarray<nb::c_contig, nb::device::cpu> codes, flo
       codes.itemsize() != sizeof(typename K::Word)) {
     throw nb::value_error("codes has the wrong size or dtype");
   }
-  K k{static_cast<const typename K::Word*>(codes.data()), &scale, out.data(), n, offset};
+  K k{static_cast<const typename K::Word*>(codes.data()), scale.data, out.data(), n, offset,
+      scale.shift};
   Launch(k, words, grid);
 }
 
-void EmulateDequantize(nb::ndarray<nb::c_contig, nb::device::cpu> codes, float scale,
+void EmulateDequantize(nb::ndarray<nb::c_contig, nb::device::cpu> codes, Scales scale,
                        Vec<float> out, int32_t bits, bool signed_codes, int32_t offset,
                        int64_t blocks, int64_t threads) {
   const Grid grid = MakeGrid(blocks, threads);
@@ -163,10 +183,11 @@ void EmulateAverage(nb::ndarray<nb::c_contig, nb::device::cpu> a,
   }
 }
 
-void EmulateExpEncode(Vec<const float> x, float scale, Vec<const uint32_t> seed,
+void EmulateExpEncode(Vec<const float> x, Scales scale, Vec<const uint32_t> seed,
                       Vec<uint8_t> codes, int32_t floor_code, int64_t blocks, int64_t threads) {
   if (codes.shape(0) != x.shape(0)) throw nb::value_error("codes must match x");
-  ExpEncodeKernel<float> k{x.data(), &scale, seed.data(), codes.data(), floor_code};
+  ExpEncodeKernel<float> k{x.data(), scale.data, seed.data(), codes.data(), floor_code,
+                           scale.shift};
   Launch(k, static_cast<int64_t>(x.shape(0)), MakeGrid(blocks, threads));
 }
 
@@ -191,6 +212,7 @@ void RandomBitsAt(Vec<const uint32_t> seed, int64_t start, uint32_t stream, Vec<
 }  // namespace gqsgd
 
 NB_MODULE(_gqsgd_cpu, m) {
+  using gqsgd::Vec;
   m.def("registrations", []() {
     nb::dict d;
     d["gqsgd_quantize"] = gqsgd::Capsule(GqsgdQuantizeCpu);
@@ -201,18 +223,74 @@ NB_MODULE(_gqsgd_cpu, m) {
     d["gqsgd_exp_reduce"] = gqsgd::Capsule(GqsgdExpReduceCpu);
     return d;
   });
-  m.def("emulate_quantize", &gqsgd::EmulateQuantize, nb::arg("x"), nb::arg("scale"),
-        nb::arg("seed"), nb::arg("codes"), nb::arg("levels"), nb::arg("bits"),
-        nb::arg("signed_codes"), nb::arg("blocks"), nb::arg("threads"));
-  m.def("emulate_dequantize", &gqsgd::EmulateDequantize, nb::arg("codes"), nb::arg("scale"),
-        nb::arg("out"), nb::arg("bits"), nb::arg("signed_codes"), nb::arg("offset"),
-        nb::arg("blocks"), nb::arg("threads"));
+  // Each of emulate_quantize, emulate_dequantize and emulate_exp_encode takes
+  // a float scale, or a float32 vector of block scales and scale_shift.
+  m.def(
+      "emulate_quantize",
+      [](Vec<const float> x, float scale, Vec<const uint32_t> seed,
+         nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels, int32_t bits,
+         bool signed_codes, int64_t blocks, int64_t threads) {
+        gqsgd::EmulateQuantize(x, gqsgd::OneScale(scale), seed, codes, levels, bits,
+                               signed_codes, blocks, threads);
+      },
+      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("levels"),
+      nb::arg("bits"), nb::arg("signed_codes"), nb::arg("blocks"), nb::arg("threads"));
+  m.def(
+      "emulate_quantize",
+      [](Vec<const float> x, Vec<const float> scale, Vec<const uint32_t> seed,
+         nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels, int32_t bits,
+         bool signed_codes, int64_t blocks, int64_t threads, int32_t scale_shift) {
+        const int64_t n = static_cast<int64_t>(x.shape(0));
+        gqsgd::EmulateQuantize(x, gqsgd::BlockScales(scale, scale_shift, n), seed, codes,
+                               levels, bits, signed_codes, blocks, threads);
+      },
+      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("levels"),
+      nb::arg("bits"), nb::arg("signed_codes"), nb::arg("blocks"), nb::arg("threads"),
+      nb::arg("scale_shift"));
+  m.def(
+      "emulate_dequantize",
+      [](nb::ndarray<nb::c_contig, nb::device::cpu> codes, float scale, Vec<float> out,
+         int32_t bits, bool signed_codes, int32_t offset, int64_t blocks, int64_t threads) {
+        gqsgd::EmulateDequantize(codes, gqsgd::OneScale(scale), out, bits, signed_codes, offset,
+                                 blocks, threads);
+      },
+      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("bits"),
+      nb::arg("signed_codes"), nb::arg("offset"), nb::arg("blocks"), nb::arg("threads"));
+  m.def(
+      "emulate_dequantize",
+      [](nb::ndarray<nb::c_contig, nb::device::cpu> codes, Vec<const float> scale,
+         Vec<float> out, int32_t bits, bool signed_codes, int32_t offset, int64_t blocks,
+         int64_t threads, int32_t scale_shift) {
+        const int64_t n = static_cast<int64_t>(out.shape(0));
+        gqsgd::EmulateDequantize(codes, gqsgd::BlockScales(scale, scale_shift, n), out, bits,
+                                 signed_codes, offset, blocks, threads);
+      },
+      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("bits"),
+      nb::arg("signed_codes"), nb::arg("offset"), nb::arg("blocks"), nb::arg("threads"),
+      nb::arg("scale_shift"));
   m.def("emulate_average", &gqsgd::EmulateAverage, nb::arg("a"), nb::arg("b"), nb::arg("n_a"),
         nb::arg("n_b"), nb::arg("seed"), nb::arg("out"), nb::arg("bits"), nb::arg("blocks"),
         nb::arg("threads"));
-  m.def("emulate_exp_encode", &gqsgd::EmulateExpEncode, nb::arg("x"), nb::arg("scale"),
-        nb::arg("seed"), nb::arg("codes"), nb::arg("floor_code"), nb::arg("blocks"),
-        nb::arg("threads"));
+  m.def(
+      "emulate_exp_encode",
+      [](Vec<const float> x, float scale, Vec<const uint32_t> seed, Vec<uint8_t> codes,
+         int32_t floor_code, int64_t blocks, int64_t threads) {
+        gqsgd::EmulateExpEncode(x, gqsgd::OneScale(scale), seed, codes, floor_code, blocks,
+                                threads);
+      },
+      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("floor_code"),
+      nb::arg("blocks"), nb::arg("threads"));
+  m.def(
+      "emulate_exp_encode",
+      [](Vec<const float> x, Vec<const float> scale, Vec<const uint32_t> seed,
+         Vec<uint8_t> codes, int32_t floor_code, int64_t blocks, int64_t threads,
+         int32_t scale_shift) {
+        const int64_t n = static_cast<int64_t>(x.shape(0));
+        gqsgd::EmulateExpEncode(x, gqsgd::BlockScales(scale, scale_shift, n), seed, codes,
+                                floor_code, blocks, threads);
+      },
+      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("floor_code"),
+      nb::arg("blocks"), nb::arg("threads"), nb::arg("scale_shift"));
   m.def("emulate_exp_reduce", &gqsgd::EmulateExpReduce, nb::arg("a"), nb::arg("b"),
         nb::arg("seed"), nb::arg("out"), nb::arg("blocks"), nb::arg("threads"));
   m.def("random_bits_at", &gqsgd::RandomBitsAt, nb::arg("seed"), nb::arg("start"),
