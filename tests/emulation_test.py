@@ -391,6 +391,33 @@ def test_emulated_exp_encode_block_scales(grid):
     _assert_all_equal(codes, expected)
 
 
+@functools.cache
+def _exp_decode_expected(n, block):
+  rng = np.random.default_rng(n + 3)
+  codes = rng.integers(0, 256, n).astype(np.uint8)
+  if block is None:
+    scales = np.float32(2.5)
+    fn = ops.exp_decode
+  else:
+    scales = _block_scales(n, block, rng, 2.5)
+    fn = functools.partial(ops.exp_decode, block_size=block)
+  return codes, scales, _ffi_and_twin(fn, codes, scales)
+
+
+@pytest.mark.parametrize("grid", _grid_params())
+def test_emulated_exp_decode(grid):
+  cases = [(n, None) for n in SIZES] + BLOCK_CASES
+  for n, block in cases:
+    codes, scales, expected = _exp_decode_expected(n, block)
+    out = np.full(n, np.nan, np.float32)
+    if block is None:
+      emulation.emulate_exp_decode(codes, float(scales), out, *grid)
+    else:
+      emulation.emulate_exp_decode(codes, scales, out, *grid,
+                                   scale_shift=block.bit_length() - 1)
+    _assert_all_equal(out, expected)
+
+
 def test_emulation_rejects_short_block_scales():
   x = np.ones(33, np.float32)
   codes = np.zeros(33, np.uint8)

@@ -191,6 +191,13 @@ void EmulateExpEncode(Vec<const float> x, Scales scale, Vec<const uint32_t> seed
   Launch(k, static_cast<int64_t>(x.shape(0)), MakeGrid(blocks, threads));
 }
 
+void EmulateExpDecode(Vec<const uint8_t> codes, Scales scale, Vec<float> out, int64_t blocks,
+                      int64_t threads) {
+  if (out.shape(0) != codes.shape(0)) throw nb::value_error("out must match codes");
+  ExpDecodeKernel k{codes.data(), scale.data, out.data(), scale.shift};
+  Launch(k, static_cast<int64_t>(codes.shape(0)), MakeGrid(blocks, threads));
+}
+
 void EmulateExpReduce(Vec<const uint8_t> a, Vec<const uint8_t> b, Vec<const uint32_t> seed,
                       Vec<uint8_t> out, int64_t blocks, int64_t threads) {
   if (a.shape(0) != b.shape(0) || out.shape(0) != a.shape(0)) {
@@ -223,8 +230,9 @@ NB_MODULE(_gqsgd_cpu, m) {
     d["gqsgd_exp_reduce"] = gqsgd::Capsule(GqsgdExpReduceCpu);
     return d;
   });
-  // Each of emulate_quantize, emulate_dequantize and emulate_exp_encode takes
-  // a float scale, or a float32 vector of block scales and scale_shift.
+  // emulate_quantize, emulate_dequantize, emulate_exp_encode and
+  // emulate_exp_decode take a float scale, or a float32 vector of block
+  // scales and scale_shift.
   m.def(
       "emulate_quantize",
       [](Vec<const float> x, float scale, Vec<const uint32_t> seed,
@@ -291,6 +299,23 @@ NB_MODULE(_gqsgd_cpu, m) {
       },
       nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("floor_code"),
       nb::arg("blocks"), nb::arg("threads"), nb::arg("scale_shift"));
+  m.def(
+      "emulate_exp_decode",
+      [](Vec<const uint8_t> codes, float scale, Vec<float> out, int64_t blocks,
+         int64_t threads) {
+        gqsgd::EmulateExpDecode(codes, gqsgd::OneScale(scale), out, blocks, threads);
+      },
+      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("blocks"), nb::arg("threads"));
+  m.def(
+      "emulate_exp_decode",
+      [](Vec<const uint8_t> codes, Vec<const float> scale, Vec<float> out, int64_t blocks,
+         int64_t threads, int32_t scale_shift) {
+        const int64_t n = static_cast<int64_t>(codes.shape(0));
+        gqsgd::EmulateExpDecode(codes, gqsgd::BlockScales(scale, scale_shift, n), out, blocks,
+                                threads);
+      },
+      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("blocks"), nb::arg("threads"),
+      nb::arg("scale_shift"));
   m.def("emulate_exp_reduce", &gqsgd::EmulateExpReduce, nb::arg("a"), nb::arg("b"),
         nb::arg("seed"), nb::arg("out"), nb::arg("blocks"), nb::arg("threads"));
   m.def("random_bits_at", &gqsgd::RandomBitsAt, nb::arg("seed"), nb::arg("start"),
