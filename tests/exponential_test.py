@@ -102,7 +102,7 @@ def _variance_bound(g: np.ndarray) -> np.ndarray:
 
 
 def _butterfly_root(stacked, combine):
-  """collectives.butterfly_allreduce of the rows of ``stacked``, one a worker."""
+  """butterfly_allreduce of the rows of ``stacked``, one row per worker."""
   num_workers = stacked.shape[0]
 
   @jax.jit
