@@ -343,3 +343,16 @@ def test_e8m0_and_bf16_scales_round_up_and_are_monotone():
   e = np.asarray(gq._SCALE_CODECS["e8m0"][1](
       gq._SCALE_CODECS["e8m0"][0](m)))
   np.testing.assert_array_equal(e[3:7], [1.0, 2.0, 4.0, 4.0])
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_default_scales_fit_the_byte_budget(bits):
+  # Scale bytes at most 2% of the code bytes, for every bit width.
+  config = gq.default_config(bits)
+  assert config["granularity"] == "block"
+  scale_bits = 8 * {"f32": 4, "bf16": 2, "e8m0": 1}[
+      config["scale_format"]] / config["block_size"]
+  assert scale_bits <= 0.02 * wire.wire_bits_per_element(bits)
+  # global_quantize(bits) with no other argument is that configuration.
+  assert gq._resolve_scales(bits, None, None, None) == (
+      "block", config["block_size"], config["scale_format"])

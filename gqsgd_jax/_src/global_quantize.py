@@ -1,8 +1,15 @@
 """Global-QSGD as an optax transform: quantize on one global grid, sum integers.
 
-Every worker scales its gradient bucket by the same global max-abs M (one
-``pmax`` for all buckets of a step), rounds stochastically with its own
-random stream, and the integer codes are reduced without decompression:
+Every worker scales each block of B contiguous elements of its gradient
+buckets by the same global max-abs M_b (the max over workers of the block's
+max-abs; one ``pmax`` for all blocks of all buckets of a step), rounds
+stochastically with its own random stream, and the integer codes are reduced
+without decompression. One scale per bucket, per leaf or for the whole
+model are options (``granularity``); so is the scale's wire format: f32, or a
+rounded-up bf16 or power-of-two exponent byte reduced by an integer pmax
+(``scale_format``). A scale below a block's values would clamp them, so the
+compact formats round up; a non-finite value anywhere in a bucket gives NaN
+for the whole bucket on every worker. The reductions:
 
 * ``reduction="psum"``: a native integer all-reduce. bits=8 uses int8 codes
   with s = floor(127 / W) levels per worker; fewer bits use offset-binary
@@ -381,6 +388,7 @@ _DEFAULTS = {
     2: dict(granularity="block", block_size=1024, scale_format="f32"),
     3: dict(granularity="block", block_size=512, scale_format="f32"),
     4: dict(granularity="block", block_size=512, scale_format="f32"),
+    5: dict(granularity="block", block_size=512, scale_format="f32"),
     None: dict(granularity="block", block_size=256, scale_format="f32"),
 }
 
