@@ -10,6 +10,7 @@ import pytest
 import gqsgd_jax
 from gqsgd_jax._src import hlo
 from gqsgd_jax._src import lgreco as lg
+from gqsgd_jax._src import powersgd as psgd
 from _lowrank_utils import compiled_flax_step
 from _lowrank_utils import Runner
 from _lowrank_utils import zeros_like_params
@@ -160,18 +161,36 @@ def test_ranks_adapt_without_recompiling(mode, method, inputs):
   assert runner.traces == 1  # rank changes did not recompile
 
 
-def test_wire_bytes_are_those_of_the_padded_width():
-  compiled = compiled_flax_step(lg.lgreco(rank=2, start_iter=0))
-  w = 4  # ceil(beta r0): every matrix sends r_max columns, masked or not
-  p = (64 + 256) * w
-  q = (256 + 10) * w
+@pytest.mark.parametrize("start_iter", [0, 5])
+def test_wire_never_exceeds_uniform_rank_powersgd(start_iter):
+  # The compiled program holds every step: warm-up (start_iter > 0), the
+  # compressed steps and the rank decision.
+  compiled = compiled_flax_step(lg.lgreco(rank=2, start_iter=start_iter))
+  uniform = compiled_flax_step(gqsgd_jax.powersgd(rank=2,
+                                                  start_iter=start_iter))
+  p = (64 + 256) * 2  # the live columns, packed to the uniform ranks' size
+  q = (256 + 10) * 2
   vectors = 256 + 10
-  table = 2 * 4  # L x C error table broadcast from worker 0 (candidates 1..4)
-  sizes = sorted(c.elements for c in hlo.collectives(compiled.as_text())
-                 if c.op == "all-reduce")
-  assert sizes == sorted([p, q, vectors, table])
-  assert gqsgd_jax.wire_report(compiled).total_bytes == 4 * (
-      p + q + vectors + table)
+  sums = sorted(c.elements for c in hlo.collectives(compiled.as_text())
+                if c.op == "all-reduce" and c.reducer == "sum")
+  warmup = [64 * 256 + 256 * 10 + vectors] if start_iter else []
+  assert sums == sorted([p, q, vectors] + warmup)
+  report = gqsgd_jax.wire_report(compiled)
+  assert report.payload_bytes <= gqsgd_jax.wire_report(uniform).payload_bytes
+  # The only other collective: worker 0's L x C error table, by a max.
+  assert report.scale_bytes == 2 * 4 * 4
+
+
+def test_rank_choices_that_overflow_a_side_fall_back_to_uniform():
+  mats = [psgd.Matrix(0, 100, 10, 4, np.dtype(np.float32)),
+          psgd.Matrix(1, 10, 100, 4, np.dtype(np.float32))]
+  # Same total size as the uniform ranks (2, 2), but the Ps need 310 > 220.
+  assert not lg.fits_wire(np.array([3, 1]), mats, 2)
+  assert lg.fits_wire(np.array([2, 2]), mats, 2)
+  assert lg.fits_wire(np.array([1, 3]), mats[:1] + [mats[0]], 2)
+  # Ranks beyond the static width count at the width.
+  assert lg.fits_wire(np.array([2, 9]), mats[:1] + [
+      psgd.Matrix(1, 10, 100, 2, np.dtype(np.float32))], 2)
 
 
 @pytest.mark.parametrize("kwargs,name", [

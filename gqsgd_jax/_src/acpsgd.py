@@ -108,6 +108,8 @@ def acpsgd(
 
   def half_step(xs, rest, state, mats, *, q_step, num_workers):
     """One P- or Q-step; returns (outs, rest_means, errors, ps, qs)."""
+    old_errors = [e.astype(jnp.float32) for e in state.error] or [
+        jnp.zeros(mat.n * mat.m, jnp.float32) for mat in mats]
     groups = psgd.group_matrices(mats)
     shapes = [(len(ids), mats[ids[0]].n if q_step else mats[ids[0]].m,
                mats[ids[0]].r) for ids in groups]
@@ -126,13 +128,17 @@ def acpsgd(
       fixed.append(f)
       sent.append(jnp.matmul(xt, f, precision=_HIGHEST).astype(mat.dtype))
     summed = psgd.psum_packed(sent + list(rest), axis_name)
-    rest_means = [(s / num_workers).astype(r.dtype)
+    rest_means = [jnp.where(jnp.isfinite(s), s / num_workers, jnp.nan
+                            ).astype(r.dtype)
                   for s, r in zip(summed[len(sent):], rest)]
     outs, errors = [None] * len(mats), [None] * len(mats)
     ps, qs = list(state.p), list(state.q)
     for g, ids in enumerate(groups):
       f, local, total = fixed[g], sent[g].astype(jnp.float32), summed[g]
       total = total.astype(jnp.float32)
+      # A NaN/Inf in any worker's matrix reaches the all-reduced factor:
+      # a flag per matrix, identical on every worker.
+      finite = jnp.all(jnp.isfinite(total), axis=(1, 2))
       if q_step:  # f = P; local, total = Q_i, sum Q
         out = jnp.matmul(f, jnp.swapaxes(total, 1, 2), precision=_HIGHEST)
         approx = jnp.matmul(f, jnp.swapaxes(local, 1, 2), precision=_HIGHEST)
@@ -141,12 +147,19 @@ def acpsgd(
         approx = jnp.matmul(local, jnp.swapaxes(f, 1, 2), precision=_HIGHEST)
       out = out / num_workers
       for k, j in enumerate(ids):
-        outs[j] = out[k]
-        errors[j] = (xs[j] - approx[k]).reshape(-1)
+        # Such a step outputs NaN for the whole matrix and leaves its
+        # residual and factors as they were, so one bad batch does not
+        # poison every later step.
+        ok = finite[k]
+        outs[j] = jnp.where(ok, out[k], jnp.nan)
+        errors[j] = jnp.where(ok, (xs[j] - approx[k]).reshape(-1),
+                              old_errors[j])
         if q_step:
-          ps[j], qs[j] = f[k], total[k]
+          new_p, new_q = f[k], total[k]
         else:
-          ps[j], qs[j] = total[k], f[k]
+          new_p, new_q = total[k], f[k]
+        ps[j] = jnp.where(ok, new_p, ps[j])
+        qs[j] = jnp.where(ok, new_q, qs[j])
     return outs, rest_means, errors, tuple(ps), tuple(qs)
 
   def update_fn(updates, state, params=None):

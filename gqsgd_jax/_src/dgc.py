@@ -21,7 +21,8 @@ as their uint16 bit patterns), plus the f32 momentum of the dense leaves.
 The reference sends float16 values; bfloat16 has the same size but float32's
 range, so small gradients are not flushed to zero and large ones do not
 overflow (with float16 the clipped excess stays in v). Non-finite values
-rank first, reach the output and are dropped from u and v.
+rank first, reach the output as NaN (on every worker, at their coordinate)
+and are dropped from u and v.
 
 Not implemented from the DGC paper: the sparsity warm-up schedule and local
 gradient clipping (the reference has neither).
@@ -221,6 +222,9 @@ def dgc(
       idx, valid = select(v, k, prng.fold(step_key, layer, worker),
                            selection, sample_ratio)
       sent = _to_wire(jnp.where(valid, v[idx], 0.0), wire_dtype)
+      # NaN for every non-finite value, so Inf on one worker cannot meet
+      # -Inf or a finite value on another and come out as a number or Inf.
+      sent = jnp.where(jnp.isfinite(sent), sent, jnp.nan).astype(wire_dtype)
       # Momentum-factor masking: clear u and v where a value left; v keeps
       # what the wire dtype could not carry.
       target = jnp.where(valid, idx, n)
@@ -255,8 +259,8 @@ def dgc(
               for i in dense]
       summed = jax.lax.psum(moms, axis_name)
       for i, u, s in zip(dense, moms, summed):
-        out[i] = (s / num_workers).reshape(leaves[i].shape).astype(
-            leaves[i].dtype)
+        mean = jnp.where(jnp.isfinite(s), s / num_workers, jnp.nan)
+        out[i] = mean.reshape(leaves[i].shape).astype(leaves[i].dtype)
         new_u[i] = jnp.where(jnp.isfinite(u), u, 0.0)
     new_state = DGCState(momentum=tuple(new_u), velocity=tuple(new_v),
                          key=next_key)

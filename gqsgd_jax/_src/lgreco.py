@@ -13,12 +13,18 @@ matrix. Every ``adjust_every`` compressed steps the ranks are re-chosen:
 
 Static shapes: every matrix keeps P and Q of width w = min(r_max, n, m)
 with the columns at or beyond its rank masked to zero, so a rank change does
-not recompile and kept columns stay warm. The price: the all-reduces carry
-all w columns (zeros included), so the wire is that of rank r_max.
+not recompile and kept columns stay warm. On the wire only the live columns
+travel: each all-reduce packs the first r_l columns of every matrix back to
+back into a buffer of the uniform ranks' size, sum_l min(r0, n_l, m_l) n_l
+elements for the Ps (m_l for the Qs), exactly what ``powersgd(rank=r0)``
+sends. A rank choice that would not fit either buffer (the DP bounds
+sum r_l (n_l + m_l), not the P and Q sides apart) falls back to the uniform
+ranks, so the wire never exceeds uniform-rank PowerSGD's.
 
 Replica consistency: the error table is made identical on every worker
-(worker 0's, broadcast by a ``psum`` of a masked table, as the reference;
-or computed from the all-reduced accumulators with ``inputs="mean"``), and
+(worker 0's, broadcast by a ``pmax`` of a table that is -inf elsewhere, as
+the reference's masked broadcast; or computed from the all-reduced
+accumulators with ``inputs="mean"``), and
 the DP, a deterministic NumPy function, runs on the host of every device
 via ``jax.pure_callback`` on those identical inputs, so every worker picks
 the same ranks without a further broadcast.
@@ -180,6 +186,25 @@ def choose_ranks(errors, dims, candidates, base_rank: int, *, alpha=1.0,
     ranks = uniform
   assert np.all((ranks >= 1) & (ranks <= limit[:, 0])), ranks
   return ranks.astype(np.int32)
+
+
+def uniform_ranks(mats, base_rank: int) -> np.ndarray:
+  """int32 [L]: min(r0, n, m) per matrix, the ranks of ``powersgd``."""
+  return np.array([min(base_rank, m.n, m.m) for m in mats], np.int32)
+
+
+def fits_wire(ranks, mats, base_rank: int) -> bool:
+  """Whether ``ranks`` fit the packed P and Q buffers of the uniform ranks
+  (per dtype: sum r_l n_l and sum r_l m_l at most the uniform ranks')."""
+  live = np.minimum(np.asarray(ranks), [m.r for m in mats])
+  base = uniform_ranks(mats, base_rank)
+  for dtype in {m.dtype for m in mats}:
+    ids = [j for j, m in enumerate(mats) if m.dtype == dtype]
+    for side in ("n", "m"):
+      dims = np.array([getattr(mats[j], side) for j in ids])
+      if np.sum(live[ids] * dims) > np.sum(base[ids] * dims):
+        return False
+  return True
 
 
 # -----------------------------------------------------------------------------
@@ -366,10 +391,45 @@ def lgreco(
     dims = [(m.n, m.m) for m in mats]
 
     def choose(table):
-      return choose_ranks(np.asarray(table), dims, candidates, rank,
-                          alpha=alpha, num_buckets=num_buckets,
-                          aggregation=aggregation)
+      ranks = choose_ranks(np.asarray(table), dims, candidates, rank,
+                           alpha=alpha, num_buckets=num_buckets,
+                           aggregation=aggregation)
+      return ranks if fits_wire(ranks, mats, rank) else uniform_ranks(mats, rank)
     return choose
+
+  def packed_psum(arrays, mats, ranks):
+    """Sums the live columns of the factors (one [k, rows, w] array per
+    group), packed into buffers of the uniform ranks' size per dtype."""
+    groups = psgd.group_matrices(mats)
+    base = uniform_ranks(mats, rank)
+    live = [jnp.minimum(ranks[j], m.r) for j, m in enumerate(mats)]
+    members = {}  # dtype -> [(group, position in group, matrix)]
+    for g, ids in enumerate(groups):
+      for k, j in enumerate(ids):
+        members.setdefault(np.dtype(arrays[g].dtype), []).append((g, k, j))
+    out = [[None] * len(ids) for ids in groups]
+    for dtype, entries in members.items():
+      rows = [arrays[g].shape[1] for g, _, _ in entries]
+      capacity = int(sum(base[j] * r for (_, _, j), r in zip(entries, rows)))
+      slack = max(arrays[g].shape[1] * arrays[g].shape[2]
+                  for g, _, _ in entries)
+      # Each factor's columns back to back (column-major, so its first
+      # r_l columns are a prefix); a factor's zero tail is overwritten by
+      # the next one, and the last tail falls beyond the capacity.
+      buf = jnp.zeros(capacity + slack, dtype)
+      offset, starts = jnp.int32(0), []
+      for (g, k, j), r in zip(entries, rows):
+        cols = jnp.swapaxes(arrays[g][k], 0, 1).reshape(-1)
+        buf = jax.lax.dynamic_update_slice(buf, cols, (offset,))
+        starts.append(offset)
+        offset = offset + live[j] * r
+      total = jnp.pad(jax.lax.psum(buf[:capacity], axis_name), (0, slack))
+      for (g, k, j), r, start in zip(entries, rows, starts):
+        w = arrays[g].shape[2]
+        seg = jax.lax.dynamic_slice(total, (start,), (w * r,))
+        seg = jnp.where(jnp.arange(w * r) < live[j] * r, seg, 0)
+        out[g][k] = jnp.swapaxes(seg.reshape(w, r), 0, 1)
+    return [jnp.stack(o) for o in out]
 
   def adjust(accs, state, mats, num_workers):
     """New ranks from the accumulators; identical on every worker."""
@@ -381,8 +441,12 @@ def lgreco(
                          key=prng.fold(state.key, _TABLE, state.count),
                          epsilon=epsilon)
     if inputs == "worker0":
+      # Worker 0's table on every worker: a max over a table that is -inf
+      # elsewhere. NaN (an unknown error) is +inf first, which the DP reads
+      # the same way, so XLA's NaN semantics in max do not matter.
       first = jax.lax.axis_index(axis_name) == 0
-      table = jax.lax.psum(jnp.where(first, table, 0.0), axis_name)
+      table = jnp.where(jnp.isnan(table), jnp.inf, table)
+      table = jax.lax.pmax(jnp.where(first, table, -jnp.inf), axis_name)
     ranks = jax.pure_callback(
         host_choose(mats), jax.ShapeDtypeStruct((len(mats),), jnp.int32),
         table)
@@ -410,10 +474,13 @@ def lgreco(
           leaves, error, qs, mats, error_feedback=error_feedback,
           masks=masks, axis_name=axis_name, num_workers=num_workers,
           epsilon=epsilon, key=state.key, count=state.count,
-          warm_start=warm_start)
+          warm_start=warm_start,
+          reduce=lambda arrays: packed_psum(arrays, mats, ranks))
       phase = (state.count - start_iter) % adjust_every
       window = phase >= adjust_every - acc_iters
-      acc = tuple(jnp.where(window, a + x.reshape(-1), a)
+      # A non-finite gradient (its step outputs NaN) adds nothing.
+      acc = tuple(jnp.where(window & jnp.isfinite(x.reshape(-1)),
+                            a + x.reshape(-1), a)
                   for a, x in zip(acc, matrices))
       if mats:
         ranks = jax.lax.cond(

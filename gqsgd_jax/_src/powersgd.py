@@ -34,6 +34,7 @@ import optax
 
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
+from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import orthogonalize as orth
 from gqsgd_jax._src import prng
 
@@ -167,7 +168,7 @@ def initial_qs(mats: list[Matrix], key: jax.Array) -> tuple:
 
 
 def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
-                count, warm_start=True, masks=None):
+                count, warm_start=True, masks=None, reduce=None):
   """One PowerSGD round on every compressed matrix.
 
   Args:
@@ -180,12 +181,17 @@ def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
     warm_start: use ``qs``; otherwise draw a fresh Q every step.
     masks: optional f32[r] per matrix (1 = active column), for L-GreCo's
       per-layer ranks below the static width r.
+    reduce: optional all-reduce of the factors, called with one
+      [k, rows, r] array per group of ``group_matrices(mats)`` (first the
+      Ps, then the Qs) and returning their sums; default ``psum_packed``.
 
   Returns:
     (outs, new_qs): f32[n, m] approximations P Q^T of the workers' mean
     and the averaged f32[m, r] Qs, both identical on every worker.
   """
   groups = group_matrices(mats)
+  if reduce is None:
+    reduce = lambda arrays: psum_packed(arrays, axis_name)
 
   def stack(values, ids):
     return jnp.stack([values[j] for j in ids])
@@ -215,7 +221,7 @@ def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
     pg.append(jnp.matmul(x, q, precision=_HIGHEST).astype(mat.dtype))
 
   # P is orthonormalised next, so the sum needs no division by W.
-  pg = psum_packed(pg, axis_name)
+  pg = reduce(pg)
   qg = []
   for g, ids in enumerate(groups):
     p = orth.refresh_zero_columns(pg[g].astype(jnp.float32), noise[2 * g + 1])
@@ -223,7 +229,7 @@ def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
     pg[g] = p
     q = jnp.matmul(jnp.swapaxes(xg[g], 1, 2), p, precision=_HIGHEST)
     qg.append(q.astype(mats[ids[0]].dtype))
-  qg = psum_packed(qg, axis_name)
+  qg = reduce(qg)
 
   outs, new_qs = [None] * len(mats), [None] * len(mats)
   for g, ids in enumerate(groups):
@@ -236,13 +242,19 @@ def power_round(xs, qs, mats, *, axis_name, num_workers, epsilon, key,
 
 
 def mean_leaves(leaves, axis_name, num_workers) -> list[jax.Array]:
-  """Exact mean of every leaf (warm-up, uncompressed leaves)."""
+  """Exact mean of every leaf (warm-up, uncompressed leaves); NaN where a
+  worker's value is NaN or Inf."""
   live = [i for i, x in enumerate(leaves) if x.size]
   sums = psum_packed([leaves[i] for i in live], axis_name)
   out = [jnp.zeros(x.shape, x.dtype) for x in leaves]
   for i, s in zip(live, sums):
-    out[i] = (s / num_workers).astype(leaves[i].dtype)
+    out[i] = _nan_if_not_finite(s / num_workers).astype(leaves[i].dtype)
   return out
+
+
+def _nan_if_not_finite(x: jax.Array) -> jax.Array:
+  """NaN where a mean is Inf: a non-finite gradient always reads as NaN."""
+  return jnp.where(jnp.isfinite(x), x, jnp.nan)
 
 
 def ef_power_step(leaves, error, qs, mats, *, error_feedback: bool,
@@ -271,17 +283,31 @@ def ef_power_step(leaves, error, qs, mats, *, error_feedback: bool,
   rest = [i for i in range(len(leaves)) if i not in comp]
   matrices = [xs[mat.index].astype(jnp.float32).reshape(mat.n, mat.m)
               for mat in mats]
+  old_qs = qs
   outs, qs = power_round(matrices, qs, mats, masks=masks, **round_kwargs)
+  # A NaN/Inf in any worker's matrix reaches the all-reduced P, hence the
+  # averaged Q: a flag identical on every worker. Such a step outputs NaN
+  # for the whole matrix and leaves its Q and residual as they were, so one
+  # bad batch does not poison every later step.
+  finite = [nonfinite.all_finite(q) for q in qs]
+  qs = tuple(jnp.where(ok, q, old) for ok, q, old in zip(finite, qs, old_qs))
   flat = list(xs)
-  for mat, out in zip(mats, outs):
-    flat[mat.index] = out.reshape(-1).astype(xs[mat.index].dtype)
+  for mat, out, ok in zip(mats, outs, finite):
+    flat[mat.index] = jnp.where(ok, out.reshape(-1), jnp.nan).astype(
+        xs[mat.index].dtype)
   means = mean_leaves([xs[i] for i in rest], round_kwargs["axis_name"],
                       round_kwargs["num_workers"])
   for i, mean in zip(rest, means):
     flat[i] = mean
   if error_feedback:
-    error = tuple((x - o) if x.size else e
-                  for x, o, e in zip(xs, flat, error))
+    ok = {mat.index: f for mat, f in zip(mats, finite)}
+    # Exactly averaged leaves: element by element (the mean is non-finite
+    # exactly where some worker's value is).
+    error = tuple(
+        e if not x.size else
+        jnp.where(ok[i], x - o, e.astype(x.dtype)) if i in ok else
+        jnp.where(jnp.isfinite(x - o), x - o, e.astype(x.dtype))
+        for i, (x, o, e) in enumerate(zip(xs, flat, error)))
   new = [o.reshape(x.shape) for o, x in zip(flat, leaves)]
   return new, error, qs, matrices
 
