@@ -13,15 +13,21 @@
 * ``varying``: the idiom that keeps JAX from inserting an f32 all-reduce.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 import math
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# A mesh axis name, as jax.lax takes it (a str in practice).
+AxisName = Hashable
 
-def axis_size(axis_name) -> int:
+_Tree = TypeVar("_Tree")
+
+
+def axis_size(axis_name: AxisName) -> int:
   try:
     return int(jax.lax.axis_size(axis_name))
   except NameError as e:
@@ -35,7 +41,7 @@ def tree_depth(num_workers: int) -> int:
   return 0 if num_workers <= 1 else math.ceil(math.log2(num_workers))
 
 
-def varying(tree, axis_name="data"):
+def varying(tree: _Tree, axis_name: AxisName = "data") -> _Tree:
   """Marks replicated values (e.g. params) as varying over ``axis_name``.
 
   Under ``jax.shard_map(check_vma=True)``, ``jax.grad`` with respect to
@@ -49,7 +55,7 @@ def varying(tree, axis_name="data"):
   Under ``jax.pmap`` (or ``check_vma=False``) values are already per-device
   and this is the identity.
   """
-  def cast(x):
+  def cast(x: jax.Array) -> jax.Array:
     try:
       return jax.lax.pcast(x, axis_name, to="varying")
     except (ValueError, TypeError, NameError):
@@ -64,7 +70,8 @@ Combine = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, int],
                    jax.Array]
 
 
-def _group_counts(counts: np.ndarray, level: int, num_workers: int):
+def _group_counts(counts: np.ndarray, level: int,
+                  num_workers: int) -> tuple[np.ndarray, np.ndarray]:
   """Per worker: workers behind its chunk and its partner's at ``level``."""
   p = len(counts)
   block = 1 << level
@@ -83,8 +90,8 @@ def _bit_reverse(i: int, bits: int) -> int:
   return int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
 
 
-def butterfly_allreduce(x: jax.Array, combine: Combine, *, axis_name,
-                        num_workers: int) -> jax.Array:
+def butterfly_allreduce(x: jax.Array, combine: Combine, *,
+                        axis_name: AxisName, num_workers: int) -> jax.Array:
   """All-reduces the 1-D buffer ``x`` with ``combine`` over ``axis_name``.
 
   Sent per device: (P-1)/P of the buffer in the reduce-scatter (P =

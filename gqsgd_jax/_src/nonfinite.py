@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from gqsgd_jax._src import collectives
+from gqsgd_jax._src import transform
 
 
 def all_finite(x: jax.Array) -> jax.Array:
@@ -36,7 +37,8 @@ def all_finite(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x))
 
 
-def max_abs(x: jax.Array, axis=None) -> jax.Array:
+def max_abs(x: jax.typing.ArrayLike,
+            axis: int | tuple[int, ...] | None = None) -> jax.Array:
   """max |x| in float32 over ``axis``; +inf where any element is NaN or Inf.
 
   An empty reduction gives 0. The maximum is taken over the finite values
@@ -58,7 +60,8 @@ class ApplyIfFiniteState(NamedTuple):
 
 
 def apply_if_finite(inner: optax.GradientTransformation,
-                    max_consecutive_errors: int, *, axis_name="data"
+                    max_consecutive_errors: int, *,
+                    axis_name: collectives.AxisName = "data"
                     ) -> optax.GradientTransformation:
   """Skips a step on every worker if any worker's gradients are non-finite.
 
@@ -78,11 +81,13 @@ def apply_if_finite(inner: optax.GradientTransformation,
     raise ValueError("max_consecutive_errors must be a non-negative int, got "
                      f"{max_consecutive_errors!r}")
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> ApplyIfFiniteState:
     return ApplyIfFiniteState(jnp.zeros([], jnp.int32), jnp.array(True),
                               jnp.zeros([], jnp.int32), inner.init(params))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates: optax.Updates, state: ApplyIfFiniteState,
+                params: optax.Params | None = None
+                ) -> tuple[optax.Updates, ApplyIfFiniteState]:
     collectives.axis_size(axis_name)  # clear error when unbound
     leaves = jax.tree.leaves(updates)
     local = jnp.all(jnp.stack([all_finite(x) for x in leaves])
@@ -98,4 +103,4 @@ def apply_if_finite(inner: optax.GradientTransformation,
     total = state.total_notfinite + jnp.logical_not(finite).astype(jnp.int32)
     return out, ApplyIfFiniteState(count, finite, total, inner_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)

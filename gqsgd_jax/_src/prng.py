@@ -10,8 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqsgd_jax._src.collectives import AxisName
 
-def canonical_key(key, name: str = "key") -> jax.Array:
+
+def canonical_key(key: jax.typing.ArrayLike,
+                  name: str = "key") -> jax.Array:
   """An int seed or PRNG key (typed or raw) as raw uint32[2] key data."""
   if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
     return jax.random.PRNGKey(int(key))
@@ -25,13 +28,14 @@ def canonical_key(key, name: str = "key") -> jax.Array:
   return key
 
 
-def fold(key: jax.Array, *data) -> jax.Array:
+def fold(key: jax.Array, *data: int | jax.Array) -> jax.Array:
   """fold_in of each datum in turn (ints or traced int32 scalars)."""
   for d in data:
     key = jax.random.fold_in(key, d)
   return key
 
 
-def worker_key(key: jax.Array, axis_name, *data) -> jax.Array:
+def worker_key(key: jax.Array, axis_name: AxisName,
+               *data: int | jax.Array) -> jax.Array:
   """A key independent per worker on ``axis_name`` (and per ``data``)."""
   return fold(key, *data, jax.lax.axis_index(axis_name))
