@@ -14,12 +14,13 @@ of a rank that fails; ``--verbose`` shows every line of every rank and
 """
 
 import argparse
+from collections.abc import Sequence
 import sys
 
 from gqsgd_jax._src.distributed import launch_local
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m gqsgd_jax.launch",
       description=__doc__.splitlines()[0],

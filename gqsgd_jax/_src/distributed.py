@@ -17,7 +17,7 @@ therefore never hang on a dead peer.
 """
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import os
 import pathlib
 import signal
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import IO, TextIO
 
 ENV_COORDINATOR = "GQSGD_COORDINATOR"
 ENV_NUM_PROCESSES = "GQSGD_NUM_PROCESSES"
@@ -77,17 +78,18 @@ def free_port() -> int:
 class _RankOutput:
   """One process's output: shown, kept for its summary, logged to a file."""
 
-  def __init__(self, rank: int, sink, *, live: bool, log_path=None,
-               keep: int = 20):
+  def __init__(self, rank: int, sink: TextIO, *, live: bool,
+               log_path: str | os.PathLike[str] | None = None,
+               keep: int = 20) -> None:
     self.prefix = f"[{rank}] "
     self.sink = sink
     self.live = live
     # Closed by pump() when the process's output ends.
-    self.log = open(log_path, "w") if log_path else None  # pylint: disable=R1732
-    self.tail = collections.deque(maxlen=keep)
+    self.log = open(log_path, "w") if log_path else None  # noqa: SIM115
+    self.tail: collections.deque[str] = collections.deque(maxlen=keep)
     self.lock = threading.Lock()
 
-  def pump(self, stream) -> None:
+  def pump(self, stream: IO[str]) -> None:
     for line in iter(stream.readline, ""):
       if self.log:
         self.log.write(line)
@@ -108,9 +110,10 @@ class _RankOutput:
 def launch_local(command: Sequence[str], num_processes: int, *,
                  devices_per_process: int = 1, port: int | None = None,
                  timeout_seconds: float | None = None,
-                 grace_seconds: float = 45.0, env: dict | None = None,
-                 stdout=None, verbose: bool = True,
-                 log_dir: str | os.PathLike | None = None) -> int:
+                 grace_seconds: float = 45.0,
+                 env: Mapping[str, str] | None = None,
+                 stdout: TextIO | None = None, verbose: bool = True,
+                 log_dir: str | os.PathLike[str] | None = None) -> int:
   """Runs ``command`` as ``num_processes`` cooperating processes on localhost.
 
   Each copy gets the ``GQSGD_*`` variables that ``initialize`` reads.
@@ -230,7 +233,8 @@ def launch_local(command: Sequence[str], num_processes: int, *,
   return code if code > 0 else 1
 
 
-def _summarize(output: _RankOutput, code: int, seconds: float, sink) -> None:
+def _summarize(output: _RankOutput, code: int, seconds: float,
+               sink: TextIO) -> None:
   """The one line of a finished process (and its last lines if it failed)."""
   with output.lock:
     if code != 0 and not output.live:

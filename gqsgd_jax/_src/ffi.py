@@ -7,16 +7,18 @@ and only an explicit ``impl="ffi"`` request fails (see ``ops.py``).
 """
 
 import os
+import types
 
 import jax
 
+# The extensions have no stubs (see pyproject.toml): mypy reads them as Any.
 try:
-  from gqsgd_jax import _gqsgd_cpu
+  import gqsgd_jax._gqsgd_cpu as _gqsgd_cpu
 except ImportError:  # pragma: no cover - depends on the build
   _gqsgd_cpu = None
 
 try:
-  from gqsgd_jax import _gqsgd_cuda
+  import gqsgd_jax._gqsgd_cuda as _gqsgd_cuda
 except ImportError:  # pragma: no cover - depends on the build
   _gqsgd_cuda = None
 
@@ -28,7 +30,8 @@ _DISABLED = os.environ.get("GQSGD_JAX_DISABLE_FFI", "") not in ("", "0")
 REGISTERED_PLATFORMS: set[str] = set()
 
 
-def _register(module, platform: str, jax_platform: str) -> bool:
+def _register(module: types.ModuleType | None, platform: str,
+              jax_platform: str) -> bool:
   if module is None or _DISABLED:
     return False
   for name, capsule in module.registrations().items():

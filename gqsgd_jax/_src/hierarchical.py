@@ -73,7 +73,8 @@ result: no extra collective), so ``apply_if_finite`` sees the same decision
 everywhere.
 """
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import cast, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,7 @@ import optax
 
 from gqsgd_jax._src import baselines
 from gqsgd_jax._src import collectives
+from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
 
 
@@ -90,16 +92,17 @@ class HierarchicalState(NamedTuple):
   inner_state: optax.OptState  # replicated (see the module docstring)
 
 
-def _per_worker_fields(state) -> list[str]:
+def _per_worker_fields(state: optax.OptState) -> list[str]:
   """Names of the state types in ``state`` that keep per-worker memories."""
-  stateful = worker_state._is_stateful  # pylint: disable=protected-access
-  nodes = jax.tree.leaves(state, is_leaf=stateful)
+  stateful = worker_state.per_worker_fields
+  nodes = jax.tree.leaves(state, is_leaf=lambda n: bool(stateful(n)))
   return [type(n).__name__ for n in nodes if stateful(n)]
 
 
-def _groups(leaves, wire):
+def _groups(leaves: Sequence[jax.Array],
+            wire: np.dtype | None) -> dict[np.dtype, list[int]]:
   """{wire dtype: [leaf index, ...]} for the non-empty leaves, in order."""
-  groups = {}
+  groups: dict[np.dtype, list[int]] = {}
   for i, leaf in enumerate(leaves):
     if leaf.size:
       groups.setdefault(wire or jnp.dtype(leaf.dtype), []).append(i)
@@ -107,7 +110,8 @@ def _groups(leaves, wire):
 
 
 def hierarchical(inner: optax.GradientTransformation, *,
-                 local_axis="local", wire_dtype=None
+                 local_axis: collectives.AxisName = "local",
+                 wire_dtype: jax.typing.DTypeLike | None = None
                  ) -> optax.GradientTransformation:
   """Mean over a 2-D mesh, full precision inside hosts, ``inner`` across.
 
@@ -149,7 +153,7 @@ def hierarchical(inner: optax.GradientTransformation, *,
   if wire is not None and not jnp.issubdtype(wire, jnp.floating):
     raise ValueError(f"wire_dtype must be a float dtype, got {wire}")
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> HierarchicalState:
     state = inner.init(params)
     stateful = _per_worker_fields(state)
     if stateful:
@@ -159,7 +163,9 @@ def hierarchical(inner: optax.GradientTransformation, *,
           "state such as global_quantize or psum_mean")
     return HierarchicalState(state)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates: optax.Updates, state: HierarchicalState,
+                params: optax.Params | None = None
+                ) -> tuple[optax.Updates, HierarchicalState]:
     del params
     num_local = collectives.axis_size(local_axis)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
@@ -189,7 +195,10 @@ def hierarchical(inner: optax.GradientTransformation, *,
         total = total + mine[j].astype(jnp.float32)
       blocks.append(total.astype(dtype))
 
-    reduced, inner_state = inner.update(tuple(blocks), state.inner_state)
+    reduced_tree, inner_state = inner.update(tuple(blocks),
+                                             state.inner_state)
+    # A gradient transformation keeps its input's structure: one block each.
+    reduced = cast(tuple[jax.Array, ...], reduced_tree)
     out = [jnp.zeros(x.shape, x.dtype) for x in leaves]
     if not groups:
       return (jax.tree_util.tree_unflatten(treedef, out),
@@ -199,14 +208,14 @@ def hierarchical(inner: optax.GradientTransformation, *,
                 for r in reduced]
     # Identical on every device already, so this check needs no collective.
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in gathered]))
-    cast = baselines._cast_saturating  # pylint: disable=protected-access
+    saturate = baselines._cast_saturating  # pylint: disable=protected-access
     for (dtype, ids), full, n in zip(groups.items(), gathered, sizes):
       full = jnp.where(finite, full[:n], jnp.nan).astype(dtype)
       offsets = np.cumsum([0] + [leaves[i].size for i in ids])
       for j, i in enumerate(ids):
         piece = full[offsets[j]:offsets[j + 1]].reshape(leaves[i].shape)
-        out[i] = cast(piece, leaves[i].dtype)
+        out[i] = saturate(piece, leaves[i].dtype)
     return (jax.tree_util.tree_unflatten(treedef, out),
             HierarchicalState(inner_state))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)

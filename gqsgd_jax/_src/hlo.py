@@ -26,9 +26,11 @@ shows what the compiled program really does.
 """
 
 import collections
+from collections.abc import Iterator
 import dataclasses
 import re
 
+import jax
 import numpy as np
 
 _OPS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
@@ -105,7 +107,7 @@ class Collective:
     return self.bytes * share * (2.0 if self.op == "all-reduce" else 1.0)
 
 
-def _arrays(shape: str):
+def _arrays(shape: str) -> Iterator[tuple[str, int]]:
   for dtype, dims in _ARRAY.findall(shape):
     if dtype not in _DTYPE_BYTES:
       continue
@@ -130,7 +132,8 @@ def _group_size(line: str) -> int | None:
 
 def _reducers(hlo_text: str) -> dict[str, str]:
   """Maps each computation's name to the op of its ROOT instruction."""
-  roots, current = {}, None
+  roots: dict[str, str] = {}
+  current: str | None = None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
     if m:
@@ -146,7 +149,7 @@ def _reducers(hlo_text: str) -> dict[str, str]:
 def collectives(hlo_text: str) -> list[Collective]:
   """Every collective of an HLO module (async -start ops counted once)."""
   reducers = _reducers(hlo_text)
-  found = []
+  found: list[Collective] = []
   for line in hlo_text.splitlines():
     m = _INSTR.search(line)
     if not m:
@@ -195,7 +198,7 @@ class WireReport:
   payload_bytes: int
   scale_bytes: int
   float_payload_bytes: int
-  by_op: dict
+  by_op: dict[str, int]
   sent_bytes: float
   collectives: tuple[Collective, ...] = ()
 
@@ -210,7 +213,7 @@ class WireReport:
     return self.scale_bytes
 
 
-def wire_report(compiled_or_text,
+def wire_report(compiled_or_text: jax.stages.Compiled | str,
                 num_devices: int | None = None) -> WireReport:
   """Collective bytes of a compiled step.
 
@@ -222,12 +225,18 @@ def wire_report(compiled_or_text,
 
   Returns:
     A ``WireReport`` of every collective.
+
+  Raises:
+    ValueError: the compiled program has no HLO text.
   """
   text = compiled_or_text if isinstance(compiled_or_text, str) else (
       compiled_or_text.as_text())
+  if text is None:
+    raise ValueError("compiled_or_text: this compiled program has no HLO "
+                     "text to read the collectives from")
   payload = scale = floats = 0
   sent = 0.0
-  by_op = collections.Counter()
+  by_op: collections.Counter[str] = collections.Counter()
   found = tuple(collectives(text))
   for c in found:
     by_op[c.op] += c.bytes
