@@ -223,6 +223,16 @@ def test_unbiased_without_clipping_with_exact_variance(num_workers, block_log2):
         f"{bound:.4g}")
 
 
+def _unrotated(errors, state):
+  """Per-worker memories of one single-chunk buffer, back in the gradient's
+  domain (the state keeps them rotated)."""
+  d = errors.shape[1]
+  key = jnp.asarray(state.rotation_key).reshape(-1, 2)[0]  # any mode
+  signs = thc_lib.chunk_signs(key, 0, 0, d)
+  inv = jax.vmap(lambda e: hadamard.inverse_randomized_hadamard(e, signs))
+  return np.asarray(inv(jnp.asarray(errors)), np.float64)
+
+
 def test_error_feedback_identity_with_clipping():
   # Per worker: g + e_old = contribution + e_new with contribution =
   # RHT^-1(dequant(codes)); summed over workers the contributions are W
@@ -236,10 +246,10 @@ def test_error_feedback_identity_with_clipping():
   state = _init(tx, params, w)
   clipped = False
   for step in range(3):
-    old = _errors(state, w)[0]
+    old = _unrotated(_errors(state, w)[0], state)
     out, state = _update(tx, g[step], state)
     assert_replicas_equal(out)
-    new = _errors(state, w)[0]
+    new = _unrotated(_errors(state, w)[0], state)
     lhs = np.asarray(g[step], np.float64).sum(0) + old[:, :n].sum(0)
     rhs = w * np.asarray(out[0], np.float64) + new[:, :n].sum(0)
     np.testing.assert_allclose(rhs, lhs, rtol=0,

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqsgd_jax._src import reference
+
 
 def _log2_exact(n: int, name: str) -> int:
   if n < 1 or n & (n - 1):
@@ -65,6 +67,17 @@ def random_signs(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
   homomorphic sum of their codes would mean nothing.
   """
   return jax.random.rademacher(key, (n,), dtype=dtype)
+
+
+def counter_signs(seed: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
+  """``n`` random ±1 of ``dtype`` from a uint32[2] seed, by the kernels'
+  counter hash (``reference.random_bits``: two integer mixes per element).
+
+  A cheap stand-in for ``random_signs`` when the signs are recomputed every
+  step: the same seed gives the same signs, with no threefry rounds.
+  """
+  bits = reference.random_bits(seed, n)
+  return (1 - 2 * (bits >> 31).astype(jnp.int32)).astype(dtype)
 
 
 def _blocks(x: jax.Array, block_log2) -> jax.Array:

@@ -22,6 +22,7 @@ import optax
 
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
+from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 
@@ -76,12 +77,28 @@ def wire_bytes(sizes, num_workers: int, *, granularity: str = "bucket",
 def _local_norm(flat: jax.Array, norm: str) -> jax.Array:
   """The bucket's L-inf or L2 norm in f32; +inf if it holds NaN/Inf."""
   x = flat.astype(jnp.float32)
-  m = jnp.max(jnp.abs(x))
+  # +inf for a non-finite bucket whatever XLA's max does with NaN.
+  m = nonfinite.max_abs(x)
   if norm == "l2":
     # Scaled by the max so that huge finite gradients do not overflow.
     safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
-    m = jnp.where(m == 0, 0.0, m * jnp.sqrt(jnp.sum(jnp.square(x / safe))))
+    n = jnp.where(m == 0, 0.0, m * jnp.sqrt(jnp.sum(jnp.square(x / safe))))
+    m = jnp.where(jnp.isfinite(m), n, m)
   return jnp.where(jnp.isfinite(m), m, jnp.inf)
+
+
+def pairwise_sum(rows: list[jax.Array]) -> jax.Array:
+  """Sum of equal-shaped arrays by a fixed balanced tree of adds.
+
+  Used instead of ``sum(axis=0)`` over a gathered worker axis: XLA:CPU
+  reduces a leading axis with a strided loop many times slower than the
+  elementwise adds, which it fuses into one pass over the W rows. The tree
+  is static, so every worker adds in the same order (bit-identical).
+  """
+  while len(rows) > 1:
+    rows = [rows[i] + rows[i + 1] if i + 1 < len(rows) else rows[i]
+            for i in range(0, len(rows), 2)]
+  return rows[0]
 
 
 def qsgd(
@@ -184,8 +201,9 @@ def qsgd(
                            signed_codes=True, impl=impl)
       gathered = jax.lax.all_gather(codes, axis_name, to="invarying")
       # Every worker sums the same W rows in the same order: bit-identical.
-      means.append(jnp.sum(gathered.astype(jnp.float32) * dec[:, b, None],
-                           axis=0))
+      means.append(pairwise_sum([
+          gathered[w].astype(jnp.float32) * dec[w, b]
+          for w in range(num_workers)]))
     out = bucketing.unflatten_buckets(buckets, means, leaves)
     return (jax.tree_util.tree_unflatten(treedef, out),
             QsgdState(key=next_key))

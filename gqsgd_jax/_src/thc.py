@@ -16,6 +16,11 @@ Per chunk of the gradient, on every worker:
 7. EF update: e = x - H^-1 D^-1 (-t + delta c), the local quantization and
    clipping error.
 
+Implementation: since D is fixed, the memory is kept rotated, e~ = H D e,
+so x~ = H D g + e~ and e~ <- x~ - (-t + delta c): two transforms per step
+(the gradient's and the mean's). The signs come from the kernels' counter
+hash and the rounding bits from the quantize kernel (up to 128 levels).
+
 Layout. Leaves are flattened to float32 and, with ``granularity="fused"``
 (default), concatenated into one buffer; ``"leaf"`` treats each leaf on its
 own, as the authors do per tensor. A buffer is split into power-of-two
@@ -48,6 +53,8 @@ import optax
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
 from gqsgd_jax._src import hadamard
+from gqsgd_jax._src import nonfinite
+from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 from gqsgd_jax._src.qsgd import WireBytes
 
@@ -67,7 +74,8 @@ _TINY = float(np.finfo(np.float32).tiny)
 class ThcState(NamedTuple):
   """State of ``thc``: error-feedback memories and PRNG keys."""
   # Per worker (see worker_state_specs): f32[padded size] per buffer, this
-  # worker's EF memory; () without error feedback.
+  # worker's EF memory in the rotated domain (chunk by chunk, H D e); ()
+  # without error feedback.
   error: tuple
   key: jax.Array  # uint32[2] dither key, split once per step; shared
   rotation_key: jax.Array  # uint32[2] Hadamard signs' key; shared, fixed
@@ -173,24 +181,46 @@ def wire_bytes(sizes, num_workers: int, *, levels: int = 16,
 
 
 def _norm(x: jax.Array) -> jax.Array:
-  """||x||_2 without overflow for huge finite x; +inf if x has NaN/Inf."""
-  m = jnp.max(jnp.abs(x))
+  """||x||_2 without overflow for huge finite x; +inf if x has NaN/Inf.
+
+  The max-abs comes from ``nonfinite.max_abs``, which is +inf for a
+  non-finite x whatever XLA's ``max`` does with NaN.
+  """
+  m = nonfinite.max_abs(x)
   safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
   n = m * jnp.sqrt(jnp.sum(jnp.square(x / safe)))
-  n = jnp.where(m == 0, 0.0, n)  # m is NaN if x has NaN: n stays NaN
-  return jnp.where(jnp.isfinite(n), n, jnp.inf)
+  n = jnp.where(m == 0, 0.0, n)
+  return jnp.where(jnp.isfinite(m) & jnp.isfinite(n), n, jnp.inf)
 
 
-def _stochastic_round(y: jax.Array, key: jax.Array) -> jax.Array:
-  """SR of y >= 0 to int32: up iff 24 random bits < floor(frac * 2^24).
+def _stochastic_round(y: jax.Array, key: jax.Array, levels: int
+                      ) -> jax.Array:
+  """SR of y in [0, levels - 1] to int32: up iff 24 random bits <
+  floor(frac * 2^24), the kernels' StochasticRound rule (the up-probability
+  is frac rounded down to 2^-24, never above frac).
 
-  The up-probability is frac rounded down to 2^-24 (never above frac), the
-  same rule as the kernels' StochasticRound.
+  Up to 128 levels the quantize kernel rounds (int8 codes, its counter-hash
+  bits); beyond, threefry bits and the same rule in jnp.
   """
+  if levels - 1 <= 127:
+    codes = ops.quantize(y, jnp.float32(1), ops.seed_from_key(key),
+                         levels=levels - 1, bits=8, signed_codes=True)
+    return codes.astype(jnp.int32)
   bits = jax.random.bits(key, y.shape, jnp.uint32)
   fl = jnp.floor(y)
   threshold = ((y - fl) * 2.0**24).astype(jnp.uint32)
   return fl.astype(jnp.int32) + ((bits >> 8) < threshold).astype(jnp.int32)
+
+
+def chunk_signs(rotation_key: jax.Array, buffer: int, chunk: int, d: int
+                ) -> jax.Array:
+  """The Hadamard signs D of chunk ``chunk`` of buffer ``buffer`` (f32[d]).
+
+  Shared by all workers and fixed across steps; recomputed each step by
+  the kernels' counter hash (cheap) rather than kept in the state.
+  """
+  seed = ops.seed_from_key(prng.fold(rotation_key, buffer, chunk))
+  return hadamard.counter_signs(seed, d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,34 +234,34 @@ class _Step:
   num_workers: int
 
 
-def _chunk_mean(x, norm, signs, key, cfg: _Step):
-  """Steps 2-6 for one chunk: (the decoded mean, this worker's residual).
-
-  ``norm`` is the chunk's N (already the max over workers); the residual
-  x - RHT^-1(dequant(codes)) is computed in the rotated domain, where it is
-  small, and rotated back once.
-  """
-  d = x.shape[0]
+def _block(d: int, cfg: _Step):
+  """The rotation's block_log2 for a chunk of d elements (None: whole)."""
   block = cfg.block_log2
-  if block is not None and (1 << block) >= d:
-    block = None
+  return None if block is not None and (1 << block) >= d else block
+
+
+def _chunk_mean(rotated, norm, signs, key, cfg: _Step):
+  """Steps 3-6 for one rotated chunk: (the decoded mean, this worker's
+  residual in the rotated domain).
+
+  ``norm`` is the chunk's N (already the max over workers).
+  """
+  d = rotated.shape[0]
+  block = _block(d, cfg)
   ok = jnp.isfinite(norm) & (norm >= _TINY)
   t = norm * np.float32(min(cfg.z / math.sqrt(d), 1.0))
   delta = t * np.float32(2 / (cfg.levels - 1))
   inv_delta = jnp.where(ok, (cfg.levels - 1) / (2 * t), 0.0)
-  rotated = hadamard.randomized_hadamard(x, signs, block_log2=block)
   y = jnp.clip((rotated + t) * inv_delta, 0.0, cfg.levels - 1)
   y = jnp.where(ok, y, 0.0)  # NaN/Inf chunks: send anything finite
-  codes = _stochastic_round(y, key)
+  codes = _stochastic_round(y, key, cfg.levels)
   total = jax.lax.psum(codes.astype(cfg.wire), cfg.axis_name)
   mean = total.astype(jnp.float32) * (delta / cfg.num_workers) - t
   out = hadamard.inverse_randomized_hadamard(mean, signs, block_log2=block)
   # Zero or sub-tiny chunks decode to exact (+) zeros, NaN/Inf to NaN.
   out = jnp.where(ok, out, jnp.where(jnp.isfinite(norm), 0.0, jnp.nan))
   local = codes.astype(jnp.float32) * delta - t
-  residual = hadamard.inverse_randomized_hadamard(rotated - local, signs,
-                                                  block_log2=block)
-  return out, residual
+  return out, rotated - local
 
 
 def _new_error(residual, x, old, norm):
@@ -244,6 +274,14 @@ def _new_error(residual, x, old, norm):
   finite = jnp.isfinite(norm)
   ok = finite & (norm >= _TINY)
   return jnp.where(ok, residual, jnp.where(finite, x, old))
+
+
+def _axis_bound(axis_name) -> bool:
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError:
+    return False
+  return True
 
 
 def _validate(levels, overflow_prob, block_log2, granularity, chunk_size):
@@ -327,10 +365,13 @@ def thc(
       raise ValueError("thc(error_feedback=True).init needs params (the "
                        "error memories take their shapes)")
     plan = _plan(_leaf_sizes(params), granularity, chunk_size)
+    error = tuple(jnp.zeros(b.padded, jnp.float32) for b in plan)
     # Typed as varying when init runs inside shard_map (the memories differ
-    # per worker), so a lax.scan carry keeps one type across steps.
-    error = collectives.varying(
-        tuple(jnp.zeros(b.padded, jnp.float32) for b in plan), axis_name)
+    # per worker), so a lax.scan carry keeps one type across steps. Only
+    # when the axis is bound: ``jax.pmap(tx.init)`` without ``axis_name``
+    # needs no typing, and casting there would fail inside JAX.
+    if _axis_bound(axis_name):
+      error = collectives.varying(error, axis_name)
     return ThcState(error=error, key=dither_key, rotation_key=rotation_key)
 
   def update_fn(updates, state, params=None):
@@ -350,43 +391,61 @@ def thc(
             f"{want}: init the state with params of the updates' shapes")
     next_key, step_key = jax.random.split(state.key)
 
+    cfg = _Step(levels=levels, z=z, block_log2=block_log2, wire=dtype,
+                axis_name=axis_name, num_workers=num_workers)
     xs = []
-    for b, buf in enumerate(plan):
+    for buf in plan:
       flat = jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
                               for i in buf.leaf_ids])
-      x = jnp.pad(flat, (0, buf.padded - buf.size))
-      xs.append(x + state.error[b] if error_feedback else x)
+      xs.append(jnp.pad(flat, (0, buf.padded - buf.size)))
     chunks = [(b, c, off, d) for b, buf in enumerate(plan)
               for c, (off, d) in enumerate(zip(
                   np.cumsum((0,) + buf.chunks[:-1]), buf.chunks))]
-    # One pmax for the norms of every chunk of the step.
-    norms = jax.lax.pmax(
-        jnp.stack([_norm(xs[b][off:off + d]) for b, _, off, d in chunks]),
-        axis_name) if chunks else jnp.zeros((0,))
+    # Step 2, with the memory kept in the rotated domain: the rotation is
+    # fixed across steps, so H D (g + e) = H D g + e~ and the residual
+    # needs no transform back (two transforms per step, not three).
+    signs = [chunk_signs(state.rotation_key, b, c, d)
+             for b, c, _, d in chunks]
+    rotated = []
+    for (b, _, off, d), s in zip(chunks, signs):
+      r = hadamard.randomized_hadamard(xs[b][off:off + d], s,
+                                       block_log2=_block(d, cfg))
+      rotated.append(r + state.error[b][off:off + d] if error_feedback
+                     else r)
+    # One pmax for the norms of every chunk (||x~|| = ||x||: orthonormal).
+    norms = jax.lax.pmax(jnp.stack([_norm(r) for r in rotated]),
+                         axis_name) if chunks else jnp.zeros((0,))
 
-    cfg = _Step(levels=levels, z=z, block_log2=block_log2, wire=dtype,
-                axis_name=axis_name, num_workers=num_workers)
     outs = [[] for _ in plan]
     errors = [[] for _ in plan]
     for j, (b, c, off, d) in enumerate(chunks):
       out, residual = _chunk_mean(
-          xs[b][off:off + d], norms[j],
-          hadamard.random_signs(prng.fold(state.rotation_key, b, c), d),
+          rotated[j], norms[j], signs[j],
           prng.worker_key(step_key, axis_name, b, c), cfg)
       outs[b].append(out)
       if error_feedback:
-        errors[b].append(_new_error(residual, xs[b][off:off + d],
+        errors[b].append(_new_error(residual, rotated[j],
                                     state.error[b][off:off + d], norms[j]))
 
     out_leaves = [jnp.zeros(x.shape, x.dtype) for x in leaves]
-    for buf, parts in zip(plan, outs):
+    finite = [None] * len(plan)
+    for b, (buf, parts) in enumerate(zip(plan, outs)):
       flat = jnp.concatenate(parts)
+      # A non-finite chunk makes its whole buffer NaN (as a bucket of
+      # global_quantize): no finite number comes out of a step that saw
+      # NaN/Inf in any chunk of that buffer on any worker.
+      ids = [j for j, chunk in enumerate(chunks) if chunk[0] == b]
+      finite[b] = jnp.all(jnp.isfinite(norms[np.asarray(ids)]))
+      flat = jnp.where(finite[b], flat, jnp.nan)
       offsets = np.cumsum((0,) + buf.sizes)
       for k, i in enumerate(buf.leaf_ids):
         piece = flat[offsets[k]:offsets[k + 1]]
         out_leaves[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
-    new_error = tuple(jnp.concatenate(e) for e in errors) if (
-        error_feedback) else ()
+    # ... and leaves that buffer's memory as it was.
+    new_error = tuple(
+        jnp.where(ok, jnp.concatenate(e), old)
+        for ok, e, old in zip(finite, errors, state.error)) if (
+            error_feedback) else ()
     return (jax.tree_util.tree_unflatten(treedef, out_leaves),
             ThcState(error=new_error, key=next_key,
                      rotation_key=state.rotation_key))
