@@ -226,3 +226,23 @@ def test_matrix_count():
   assert [p.shape for p in state.p] == [(8, 4), (3, 3), (24, 4), (24, 4)]
   assert [e.shape for e in state.error] == [
       (math.prod(SHAPES[n]),) for n in MATRICES]
+
+
+def test_a_nonfinite_step_gives_nan_and_keeps_the_memory():
+  runner = _runner(acp.acpsgd(rank=2), 4)
+  rng = np.random.default_rng(6)
+  j = [k for k in sorted(SHAPES) if len(SHAPES[k]) >= 2].index("w1")
+  _, before = runner.step(stacked(rng, SHAPES, 4))
+  for bad in (np.inf, np.nan):  # a Q-step, then a P-step
+    g = stacked(rng, SHAPES, 4)
+    g["w1"][2, -1, -1] = bad
+    out, after = runner.step(g)
+    assert np.isnan(out["w1"]).all()  # every worker, every coordinate
+    assert np.isfinite(out["w2"]).all()
+    for field in ("error", "p", "q"):
+      np.testing.assert_array_equal(getattr(after, field)[j],
+                                    getattr(before, field)[j])
+    before = after
+  out, state = runner.step(stacked(rng, SHAPES, 4))
+  for leaf in jax.tree.leaves((out, state)):
+    assert np.isfinite(leaf).all()

@@ -260,6 +260,47 @@ def sampled_top(scores: jax.Array, capacity: int, key: jax.Array, *,
                       lambda: tuple(jax.lax.top_k(scores, capacity)), compact)
 
 
+def _threshold_classes(profits: jax.Array, n: int, budget: int
+                       ) -> jax.Array:
+  """The exact greedy's classes without sorting (int32[n]).
+
+  The longest prefix of the items sorted by profit (ties by item index, as
+  ``top_k``) that fits the budget is: every item above some profit p*, then
+  the items equal to p* in index order while they fit. p* (the largest
+  profit whose "all items >= p*" overflows the budget) is found by
+  bisection on the float's bits, which order like the values for
+  non-negative floats: 31 counting passes instead of a top_k over 3n items.
+  """
+  p = profits.reshape(3, n)
+  weight = jnp.asarray(ITEM_WEIGHT, jnp.int32)[:, None]
+  budget = jnp.int32(budget)
+
+  def weight_from(bits):
+    tau = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return jnp.sum(jnp.where(p >= tau, weight, 0), dtype=jnp.int32)
+
+  def halve(_, bounds):
+    lo, hi = bounds  # weight_from(lo) > budget >= weight_from(hi)
+    mid = lo + (hi - lo) // 2
+    over = weight_from(mid) > budget
+    return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
+
+  # Search the normal positive floats, tiny .. +inf (XLA flushes
+  # subnormals to zero, so a subnormal profit is no profit).
+  lo, hi = jnp.uint32(0x00800000), jnp.uint32(0x7F800000)
+  all_fit = weight_from(lo) <= budget
+  # The first halving outside the loop types the carry as the data's
+  # (varying over a shard_map axis or not).
+  lo, hi = jax.lax.fori_loop(1, 31, halve, halve(0, (lo, hi)))
+  cut = jnp.where(all_fit, 0.0, jax.lax.bitcast_convert_type(lo, jnp.float32))
+  above = jnp.where(all_fit, p > 0, p > cut)
+  room = budget - jnp.sum(jnp.where(above, weight, 0), dtype=jnp.int32)
+  tie = (p == cut) & (cut > 0)
+  used = jnp.cumsum(jnp.where(tie, weight, 0).reshape(-1)).reshape(3, n)
+  take = above | (tie & (used <= room))
+  return jnp.sum(take, axis=0, dtype=jnp.int32)
+
+
 def select(v: jax.Array, layout: JointSQLayout, key=None, *,
            selection: str = "exact", sample_ratio: float = 0.01):
   """Class per element (int32[n], 0..3 = items taken) by the MCKP greedy."""
@@ -268,9 +309,8 @@ def select(v: jax.Array, layout: JointSQLayout, key=None, *,
     return jnp.zeros(n, jnp.int32)
   profits = item_profits(v)
   if selection == "exact":
-    scores, items = jax.lax.top_k(profits, m)
-  else:
-    scores, items = sampled_top(profits, m, key, sample_ratio=sample_ratio)
+    return _threshold_classes(profits, n, layout.budget_bits)
+  scores, items = sampled_top(profits, m, key, sample_ratio=sample_ratio)
   weights = jnp.asarray(ITEM_WEIGHT, jnp.int32)[items // n]
   # Items sorted by profit: the longest prefix within the budget.
   take = (scores > 0) & (jnp.cumsum(weights) <= layout.budget_bits)
@@ -584,7 +624,7 @@ def jointsq(
       ``min_size``), "reference" (ndim == 4, conv kernels only) or a
       callable leaf -> bool. Other leaves are averaged exactly by ``psum``.
     min_size: size threshold of the default predicate.
-    selection: "exact" (top-k of the item profits) or "sampled" (the
+    selection: "exact" (the greedy over all item profits) or "sampled" (the
       reference's sampled threshold, §9.3).
     sample_ratio: fraction of the items the sampled threshold looks at.
     index_format: "auto" (cheapest for each tensor), "positions", "bitmap"
@@ -682,7 +722,9 @@ def jointsq(
     if dense:
       summed = jax.lax.psum([leaves[i] for i in dense], axis_name)
       for i, s in zip(dense, summed):
-        out[i] = (s / num_workers).astype(leaves[i].dtype)
+        # NaN where any worker's value is NaN or Inf (never Inf).
+        out[i] = jnp.where(jnp.isfinite(s), s / num_workers,
+                           jnp.nan).astype(leaves[i].dtype)
     counts = jnp.concatenate(counts) if counts else state.counts
     new_state = JointSQState(error=tuple(new_errors), key=next_key,
                              counts=counts)
