@@ -295,3 +295,33 @@ def test_bad_updates_and_state_are_reported():
     run({"w": jnp.zeros((16, 9))}, state)
   with pytest.raises(TypeError, match="'w'"):
     run({"w": jnp.zeros((16, 8), jnp.int32)}, state)
+
+
+@pytest.mark.parametrize("rank", [1, 4], ids=["gram-schmidt", "qr"])
+def test_a_nonfinite_step_gives_nan_and_keeps_the_memory(rank):
+  tx = psgd.powersgd(rank=rank, start_iter=0)
+  runner = Runner(tx, zeros_like_params(SHAPES), 4)
+  rng = np.random.default_rng(6)
+  w1, b = sorted(SHAPES).index("w1"), sorted(SHAPES).index("b")
+  mats, _ = psgd.plan_matrices(jax.tree.leaves(zeros_like_params(SHAPES)),
+                               rank=rank, min_compression_rate=2)
+  j = [m.index for m in mats].index(w1)
+  _, before = runner.step(stacked(rng, SHAPES, 4))
+  for bad in (np.inf, -np.inf, np.nan):
+    g = stacked(rng, SHAPES, 4)
+    g["w1"][2, -1, -1] = bad
+    g["b"][1, -1] = bad
+    out, after = runner.step(g)
+    assert np.isnan(out["w1"]).all()  # every worker, every coordinate
+    assert np.isnan(out["b"][:, -1]).all()
+    assert np.isfinite(out["b"][:, 0]).all()
+    assert np.isfinite(out["w2"]).all()
+    # The bad matrix's Q and residual, and the bad coordinate's, stay.
+    np.testing.assert_array_equal(after.q[j], before.q[j])
+    np.testing.assert_array_equal(after.error[w1], before.error[w1])
+    np.testing.assert_array_equal(after.error[b][:, -1],
+                                  before.error[b][:, -1])
+    before = after
+  out, state = runner.step(stacked(rng, SHAPES, 4))
+  for leaf in jax.tree.leaves((out, state)):
+    assert np.isfinite(leaf).all()
