@@ -171,7 +171,10 @@ def test_butterfly_unbiased_with_exact_variance(num_workers):
   g = jax.random.normal(jax.random.PRNGKey(100 + num_workers),
                         (num_workers, d))
   bits = 4
-  tx = gqsgd_jax.global_quantize(bits=bits, reduction="butterfly")
+  # f32 scales: the exact variance below needs the exact max-abs M (the
+  # 4-bit default rounds the scale up to bfloat16).
+  tx = gqsgd_jax.global_quantize(bits=bits, reduction="butterfly",
+                                 scale_format="f32")
   est = _monte_carlo(tx, g, _keys(count))
   g64 = np.asarray(g, np.float64)
   big_m = np.abs(g64).max()
