@@ -258,7 +258,8 @@ def global_quantize(
     dithering: "standard" (uniform levels) or "exponential" (powers of two).
     granularity: one scale per "block" of ``block_size`` contiguous
       elements of a bucket, per "bucket", per "leaf", or one "global" scale
-      for the whole model. Default: see ``default_config``.
+      for the whole model. Default: see ``default_config`` ("bucket" for
+      exponential dithering).
     block_size: elements per block scale (a power of two); only with
       granularity="block". Default: see ``default_config``.
     scale_format: how the scales travel in the step's one max-reduction:
@@ -299,6 +300,10 @@ def global_quantize(
                        "use reduction='butterfly' or 'auto'")
   if not 1 <= floor_code <= 127:
     raise ValueError(f"floor_code must be in [1, 127], got {floor_code}")
+  if dithering == "exponential" and granularity is None:
+    # Exponential levels are relative to each value's own magnitude, so
+    # block scales buy it nothing (measured) and would only add scale bytes.
+    granularity = "bucket"
   granularity, block_size, scale_format = _resolve_scales(
       bits, granularity, block_size, scale_format)
   bucket_bytes = bucketing.validate_bucket_bytes(bucket_bytes)
