@@ -411,24 +411,26 @@ def lgreco(
     for dtype, entries in members.items():
       rows = [arrays[g].shape[1] for g, _, _ in entries]
       capacity = int(sum(base[j] * r for (_, _, j), r in zip(entries, rows)))
-      slack = max(arrays[g].shape[1] * arrays[g].shape[2]
-                  for g, _, _ in entries)
-      # Each factor's columns back to back (column-major, so its first
-      # r_l columns are a prefix); a factor's zero tail is overwritten by
-      # the next one, and the last tail falls beyond the capacity.
-      buf = jnp.zeros(capacity + slack, dtype)
-      offset, starts = jnp.int32(0), []
+      # Each factor's first r_l columns (column-major: a prefix) back to
+      # back: one scatter, one all-reduce, one gather.
+      cols, dest, offset = [], [], jnp.int32(0)
       for (g, k, j), r in zip(entries, rows):
-        cols = jnp.swapaxes(arrays[g][k], 0, 1).reshape(-1)
-        buf = jax.lax.dynamic_update_slice(buf, cols, (offset,))
-        starts.append(offset)
-        offset = offset + live[j] * r
-      total = jnp.pad(jax.lax.psum(buf[:capacity], axis_name), (0, slack))
-      for (g, k, j), r, start in zip(entries, rows, starts):
         w = arrays[g].shape[2]
-        seg = jax.lax.dynamic_slice(total, (start,), (w * r,))
-        seg = jnp.where(jnp.arange(w * r) < live[j] * r, seg, 0)
-        out[g][k] = jnp.swapaxes(seg.reshape(w, r), 0, 1)
+        cols.append(jnp.swapaxes(arrays[g][k], 0, 1).reshape(-1))
+        i = jnp.arange(w * r, dtype=jnp.int32)
+        dest.append(jnp.where(i < live[j] * r, offset + i, capacity))
+        offset = offset + live[j] * r
+      dest = jnp.concatenate(dest)
+      buf = jnp.zeros(capacity, dtype).at[dest].set(
+          jnp.concatenate(cols), mode="drop")
+      total = jax.lax.psum(buf, axis_name)
+      flat = jnp.where(dest < capacity,
+                       total.at[dest].get(mode="fill", fill_value=0), 0)
+      at = 0
+      for (g, k, j), r in zip(entries, rows):
+        w = arrays[g].shape[2]
+        out[g][k] = jnp.swapaxes(flat[at:at + w * r].reshape(w, r), 0, 1)
+        at += w * r
     return [jnp.stack(o) for o in out]
 
   def adjust(accs, state, mats, num_workers):
