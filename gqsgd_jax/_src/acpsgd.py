@@ -139,6 +139,9 @@ def acpsgd(
       # A NaN/Inf in any worker's matrix reaches the all-reduced factor:
       # a flag per matrix, identical on every worker.
       finite = jnp.all(jnp.isfinite(total), axis=(1, 2))
+      # All NaN, so the output P Q^T is NaN at every coordinate (a where on
+      # this small factor, not on the n x m output).
+      total = jnp.where(finite[:, None, None], total, jnp.nan)
       if q_step:  # f = P; local, total = Q_i, sum Q
         out = jnp.matmul(f, jnp.swapaxes(total, 1, 2), precision=_HIGHEST)
         approx = jnp.matmul(f, jnp.swapaxes(local, 1, 2), precision=_HIGHEST)
@@ -151,7 +154,7 @@ def acpsgd(
         # residual and factors as they were, so one bad batch does not
         # poison every later step.
         ok = finite[k]
-        outs[j] = jnp.where(ok, out[k], jnp.nan)
+        outs[j] = out[k]
         errors[j] = jnp.where(ok, (xs[j] - approx[k]).reshape(-1),
                               old_errors[j])
         if q_step:
