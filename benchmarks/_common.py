@@ -1,5 +1,6 @@
 """Shared helpers for the benchmarks: timing and a machine description."""
 
+from collections.abc import Callable
 import datetime
 import os
 import platform
@@ -7,7 +8,6 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import jaxlib
@@ -15,13 +15,14 @@ import jaxlib
 # ISA levels of the CPU kernel copies (xla_ffi/src/cpu_executor.h) and the
 # /proc/cpuinfo flags each one needs (the ones that matter here).
 _ISA_FLAGS = (
-    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
-    ("x86-64-v3", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}),
+  ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+  ("x86-64-v3", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}),
 )
 
 
-def median_times(thunks: dict[str, Callable[[], object]], repeats: int,
-                 warmup: int = 1) -> dict[str, float]:
+def median_times(
+  thunks: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
   """Median wall seconds of each thunk, each call ending in block_until_ready.
 
   The thunks must already be compiled. They are called round-robin, one
@@ -32,7 +33,7 @@ def median_times(thunks: dict[str, Callable[[], object]], repeats: int,
 
 
 def median_wall_and_cpu(
-    thunks: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+  thunks: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> tuple[dict[str, float], dict[str, float]]:
   """Like median_times, plus the median process CPU seconds (all threads).
 
@@ -66,8 +67,9 @@ def _cpuinfo_field(name: str) -> str | None:
 
 
 def cpu_model() -> str:
-  return (_cpuinfo_field("model name") or platform.processor()
-          or platform.machine())
+  return (
+    _cpuinfo_field("model name") or platform.processor() or platform.machine()
+  )
 
 
 def kernel_isa() -> str:
@@ -96,13 +98,14 @@ def load_average() -> str:
 
 def machine_lines() -> list[str]:
   """Markdown bullet lines: date, CPU, cores, versions, command."""
-  command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] +
-                     sys.argv[1:])
+  command = " ".join(
+    shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]
+  )
   return [
-      f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-      f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible; "
-      f"FFI kernel copy: {kernel_isa()}",
-      f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, backend "
-      f"{jax.default_backend()}, Python {platform.python_version()}",
-      f"- Command: `python {command}`",
+    f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+    f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible; "
+    f"FFI kernel copy: {kernel_isa()}",
+    f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, backend "
+    f"{jax.default_backend()}, Python {platform.python_version()}",
+    f"- Command: `python {command}`",
   ]

@@ -43,8 +43,24 @@ def _inputs(n: int, dtype, rng: np.random.Generator) -> jax.Array:
   """Normal values plus edge cases, sprinkled through the whole array."""
   x = rng.standard_normal(n).astype(np.float32)
   x *= np.exp2(rng.integers(-30, 4, n)).astype(np.float32)
-  specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-45,
-                       1e30, -1e30, 0.5, -0.5, 1.0, 65504.0], np.float32)
+  specials = np.array(
+    [
+      0.0,
+      -0.0,
+      np.inf,
+      -np.inf,
+      np.nan,
+      1e-40,
+      -1e-45,
+      1e30,
+      -1e30,
+      0.5,
+      -0.5,
+      1.0,
+      65504.0,
+    ],
+    np.float32,
+  )
   if n:
     idx = rng.integers(0, n, min(n, 4 * specials.size))
     x[idx] = np.resize(specials, idx.size)
@@ -53,8 +69,9 @@ def _inputs(n: int, dtype, rng: np.random.Generator) -> jax.Array:
 
 def _same_bits(a: jax.Array, b: jax.Array) -> bool:
   a, b = np.asarray(a), np.asarray(b)
-  return (a.dtype == b.dtype and a.shape == b.shape
-          and a.tobytes() == b.tobytes())
+  return (
+    a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+  )
 
 
 class Checker:
@@ -76,9 +93,11 @@ class Checker:
         flat_want = want.reshape(-1).view(f"u{want.itemsize}")
         bad = np.flatnonzero(flat_got != flat_want)
         first = bad[0]
-        detail = (f"{bad.size} of {got.size} differ, first at {first}: "
-                  f"ffi={got.reshape(-1)[first]!r} "
-                  f"xla={want.reshape(-1)[first]!r}")
+        detail = (
+          f"{bad.size} of {got.size} differ, first at {first}: "
+          f"ffi={got.reshape(-1)[first]!r} "
+          f"xla={want.reshape(-1)[first]!r}"
+        )
       self.failures.append(f"{name}: {detail}")
       print(f"MISMATCH {name}: {detail}", flush=True)
 
@@ -91,24 +110,59 @@ def check_standard(c: Checker, sizes, rng):
     for bits, signed in [(8, True)] + [(b, False) for b in range(2, 9)]:
       levels = wire.max_levels(bits, signed)
       for scale in (np.float32(levels / 3.0), np.float32(1e-3)):
-        c.check(f"quantize bits={bits} signed={signed} scale={scale} {tag}",
-                gq.quantize, x, scale, seed, levels=levels, bits=bits,
-                signed_codes=signed)
+        c.check(
+          f"quantize bits={bits} signed={signed} scale={scale} {tag}",
+          gq.quantize,
+          x,
+          scale,
+          seed,
+          levels=levels,
+          bits=bits,
+          signed_codes=signed,
+        )
       if dtype != jnp.float32:
         continue  # the code paths below do not depend on the input dtype
-      codes = gq.quantize(x, np.float32(levels / 3.0), seed, levels=levels,
-                          bits=bits, signed_codes=signed, impl="xla")
+      codes = gq.quantize(
+        x,
+        np.float32(levels / 3.0),
+        seed,
+        levels=levels,
+        bits=bits,
+        signed_codes=signed,
+        impl="xla",
+      )
       for offset in (levels, 2 * levels):
-        c.check(f"dequantize bits={bits} signed={signed} offset={offset} {tag}",
-                gq.dequantize, codes, np.float32(0.37), n=n, bits=bits,
-                offset=offset, signed_codes=signed)
+        c.check(
+          f"dequantize bits={bits} signed={signed} offset={offset} {tag}",
+          gq.dequantize,
+          codes,
+          np.float32(0.37),
+          n=n,
+          bits=bits,
+          offset=offset,
+          signed_codes=signed,
+        )
       if signed:
         continue
-      other = gq.quantize(x[::-1], np.float32(levels / 2.0), seed[::-1],
-                          levels=levels, bits=bits, impl="xla")
+      other = gq.quantize(
+        x[::-1],
+        np.float32(levels / 2.0),
+        seed[::-1],
+        levels=levels,
+        bits=bits,
+        impl="xla",
+      )
       for n_a, n_b in ((1, 1), (3, 5), (64, 64), (1, 127)):
-        c.check(f"average bits={bits} n=({n_a},{n_b}) {tag}", gq.average,
-                codes, other, np.int32(n_a), np.int32(n_b), seed, bits=bits)
+        c.check(
+          f"average bits={bits} n=({n_a},{n_b}) {tag}",
+          gq.average,
+          codes,
+          other,
+          np.int32(n_a),
+          np.int32(n_b),
+          seed,
+          bits=bits,
+        )
 
 
 def check_exponential(c: Checker, sizes, rng):
@@ -117,20 +171,35 @@ def check_exponential(c: Checker, sizes, rng):
     x = _inputs(n, dtype, rng)
     tag = f"n={n} {jnp.dtype(dtype).name} seed={seed[0]:#x}"
     for floor_code, scale in itertools.product(
-        (1, 8, 24, 126, 127), (np.float32(0.25), np.float32(3e-20))):
-      c.check(f"exp_encode floor={floor_code} scale={scale} {tag}",
-              gq.exp_encode, x, scale, seed, floor_code=floor_code)
+      (1, 8, 24, 126, 127), (np.float32(0.25), np.float32(3e-20))
+    ):
+      c.check(
+        f"exp_encode floor={floor_code} scale={scale} {tag}",
+        gq.exp_encode,
+        x,
+        scale,
+        seed,
+        floor_code=floor_code,
+      )
     if dtype != jnp.float32:
       continue
     a = jnp.asarray(rng.integers(0, 256, n, dtype=np.uint8))
     b = jnp.asarray(rng.integers(0, 256, n, dtype=np.uint8))
     # Close exponents exercise the carry/cancel branches of ExpReduce.
     b_near = jnp.asarray(
-        (np.asarray(a) & 0x80) ^ (rng.integers(0, 2, n, dtype=np.uint8) << 7)
-        | np.clip((np.asarray(a) & 0x7F).astype(np.int32)
-                  + rng.integers(-2, 3, n), 0, 127).astype(np.uint8))
-    for scale in (np.float32(1.5), np.float32(2e-38), np.float32(3e38),
-                  np.float32(np.inf), np.float32(np.nan), np.float32(0.0)):
+      (np.asarray(a) & 0x80) ^ (rng.integers(0, 2, n, dtype=np.uint8) << 7)
+      | np.clip(
+        (np.asarray(a) & 0x7F).astype(np.int32) + rng.integers(-2, 3, n), 0, 127
+      ).astype(np.uint8)
+    )
+    for scale in (
+      np.float32(1.5),
+      np.float32(2e-38),
+      np.float32(3e38),
+      np.float32(np.inf),
+      np.float32(np.nan),
+      np.float32(0.0),
+    ):
       c.check(f"exp_decode scale={scale} {tag}", gq.exp_decode, a, scale)
     c.check(f"exp_reduce random {tag}", gq.exp_reduce, a, b, seed)
     c.check(f"exp_reduce near {tag}", gq.exp_reduce, a, b_near, seed)
@@ -149,10 +218,16 @@ def run_all_isas(quick: bool) -> int:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help=f"sizes {QUICK_SIZES} instead of {SIZES}")
-  parser.add_argument("--all-isas", action="store_true",
-                      help=f"run once per CPU kernel copy {ISA_LEVELS}")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"sizes {QUICK_SIZES} instead of {SIZES}",
+  )
+  parser.add_argument(
+    "--all-isas",
+    action="store_true",
+    help=f"run once per CPU kernel copy {ISA_LEVELS}",
+  )
   args = parser.parse_args(argv)
   if args.all_isas:
     return run_all_isas(args.quick)
@@ -167,8 +242,10 @@ def main(argv=None) -> int:
   if c.failures:
     print(f"FAILED: {len(c.failures)} of {c.count} comparisons differ")
     return 1
-  print(f"OK: {c.count} comparisons bit-identical "
-        f"(sizes {sizes}, backend {jax.default_backend()})")
+  print(
+    f"OK: {c.count} comparisons bit-identical "
+    f"(sizes {sizes}, backend {jax.default_backend()})"
+  )
   return 0
 
 

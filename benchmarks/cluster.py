@@ -28,6 +28,8 @@ the command construction and the clean-up logic are testable without root.
 """
 
 import argparse
+from collections.abc import Callable, Sequence
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +42,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
 
 PREFIX_ROOT = "gqsgd-cl"
 _OWN_NS = re.compile(re.escape(PREFIX_ROOT) + r"[0-9a-f]+-(sw|h\d+)$")
@@ -51,14 +52,17 @@ LINE_TAG = "@@ "  # worker protocol lines: "@@ {json}"
 Runner = Callable[[Sequence[str], bool], subprocess.CompletedProcess]
 
 
-def run_command(argv: Sequence[str], check: bool = True
-                ) -> subprocess.CompletedProcess:
+def run_command(
+  argv: Sequence[str], check: bool = True
+) -> subprocess.CompletedProcess:
   """The real runner: runs argv, captures text output, raises if check."""
-  proc = subprocess.run(list(argv), capture_output=True, text=True,
-                        timeout=60, check=False)
+  proc = subprocess.run(
+    list(argv), capture_output=True, text=True, timeout=60, check=False
+  )
   if check and proc.returncode != 0:
-    raise RuntimeError(f"`{' '.join(argv)}` failed ({proc.returncode}): "
-                       f"{proc.stderr.strip()}")
+    raise RuntimeError(
+      f"`{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()}"
+    )
   return proc
 
 
@@ -71,8 +75,10 @@ def root_problem() -> str | None:
   if not sys.platform.startswith("linux"):
     return "network namespaces need Linux"
   if os.geteuid() != 0:
-    return ("the emulated cluster needs root (network namespaces, veth, "
-            "tc); run as root or with sudo")
+    return (
+      "the emulated cluster needs root (network namespaces, veth, "
+      "tc); run as root or with sudo"
+    )
   for tool in ("ip", "tc"):
     if shutil.which(tool) is None:
       return f"`{tool}` (iproute2) is not installed"
@@ -102,8 +108,12 @@ def rate_label(rate: float | None) -> str:
   return f"{rate / 1e6:g} Mbit/s"
 
 
-def tbf_params(rate: float, burst_ms: float = 1.0, latency_ms: float = 50.0,
-               min_burst: int = 64 * 1024) -> list[str]:
+def tbf_params(
+  rate: float,
+  burst_ms: float = 1.0,
+  latency_ms: float = 50.0,
+  min_burst: int = 64 * 1024,
+) -> list[str]:
   """tbf arguments for a rate in bits/s.
 
   The bucket holds ``burst_ms`` of traffic but at least 64 KiB, so one
@@ -112,13 +122,20 @@ def tbf_params(rate: float, burst_ms: float = 1.0, latency_ms: float = 50.0,
   would wait longer are dropped and TCP backs off).
   """
   burst = max(min_burst, int(rate / 8 * burst_ms / 1e3))
-  return ["rate", f"{int(rate)}bit", "burst", str(burst), "latency",
-          f"{latency_ms:g}ms"]
+  return [
+    "rate",
+    f"{int(rate)}bit",
+    "burst",
+    str(burst),
+    "latency",
+    f"{latency_ms:g}ms",
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
   """Names and addresses of an emulated cluster of ``num_hosts`` hosts."""
+
   num_hosts: int
   prefix: str
   subnet: str = SUBNET
@@ -149,25 +166,39 @@ class ClusterSpec:
 def setup_commands(spec: ClusterSpec) -> list[list[str]]:
   """ip commands that build the namespaces, veths and the bridge."""
   sw = spec.switch
-  cmds = [["ip", "netns", "add", sw],
-          ["ip", "-n", sw, "link", "set", "lo", "up"],
-          ["ip", "-n", sw, "link", "add", "br0", "type", "bridge"],
-          ["ip", "-n", sw, "link", "set", "br0", "up"]]
+  cmds = [
+    ["ip", "netns", "add", sw],
+    ["ip", "-n", sw, "link", "set", "lo", "up"],
+    ["ip", "-n", sw, "link", "add", "br0", "type", "bridge"],
+    ["ip", "-n", sw, "link", "set", "br0", "up"],
+  ]
   for i in range(spec.num_hosts):
     h = spec.host(i)
     cmds += [
-        ["ip", "netns", "add", h],
-        ["ip", "-n", h, "link", "set", "lo", "up"],
-        # Both ends are created directly in their namespaces.
-        ["ip", "link", "add", "eth0", "netns", h, "type", "veth", "peer",
-         "name", f"p{i}", "netns", sw],
-        ["ip", "-n", h, "link", "set", "eth0", "mtu", str(spec.mtu)],
-        ["ip", "-n", sw, "link", "set", f"p{i}", "mtu", str(spec.mtu)],
-        ["ip", "-n", sw, "link", "set", f"p{i}", "master", "br0"],
-        ["ip", "-n", sw, "link", "set", f"p{i}", "up"],
-        ["ip", "-n", h, "addr", "add", f"{spec.address(i)}/24", "dev",
-         "eth0"],
-        ["ip", "-n", h, "link", "set", "eth0", "up"],
+      ["ip", "netns", "add", h],
+      ["ip", "-n", h, "link", "set", "lo", "up"],
+      # Both ends are created directly in their namespaces.
+      [
+        "ip",
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        h,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        f"p{i}",
+        "netns",
+        sw,
+      ],
+      ["ip", "-n", h, "link", "set", "eth0", "mtu", str(spec.mtu)],
+      ["ip", "-n", sw, "link", "set", f"p{i}", "mtu", str(spec.mtu)],
+      ["ip", "-n", sw, "link", "set", f"p{i}", "master", "br0"],
+      ["ip", "-n", sw, "link", "set", f"p{i}", "up"],
+      ["ip", "-n", h, "addr", "add", f"{spec.address(i)}/24", "dev", "eth0"],
+      ["ip", "-n", h, "link", "set", "eth0", "up"],
     ]
   return cmds
 
@@ -178,23 +209,33 @@ def _links(spec: ClusterSpec):
     yield spec.switch, f"p{i}"  # downlink
 
 
-def rate_commands(spec: ClusterSpec, rate: float | None, **tbf_kwargs
-                  ) -> list[tuple[list[str], bool]]:
+def rate_commands(
+  spec: ClusterSpec, rate: float | None, **tbf_kwargs
+) -> list[tuple[list[str], bool]]:
   """(argv, check) pairs that set every link to ``rate`` (None: no shaper)."""
   if rate is None:  # deleting an absent qdisc fails: do not check
-    return [(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], False)
-            for ns, dev in _links(spec)]
+    return [
+      (["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], False)
+      for ns, dev in _links(spec)
+    ]
   params = tbf_params(rate, **tbf_kwargs)
-  return [(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf"]
-           + params, True) for ns, dev in _links(spec)]
+  return [
+    (
+      ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf"] + params,
+      True,
+    )
+    for ns, dev in _links(spec)
+  ]
 
 
 def hosts_file(spec: ClusterSpec, i: int, hostname: str) -> str:
   """/etc/hosts of host i: the machine's hostname is this host's address."""
-  lines = ["127.0.0.1 localhost", "::1 localhost",
-           f"{spec.address(i)} {hostname}"]
-  lines += [f"{spec.address(j)} {spec.host(j)}"
-            for j in range(spec.num_hosts)]
+  lines = [
+    "127.0.0.1 localhost",
+    "::1 localhost",
+    f"{spec.address(i)} {hostname}",
+  ]
+  lines += [f"{spec.address(j)} {spec.host(j)}" for j in range(spec.num_hosts)]
   return "\n".join(lines) + "\n"
 
 
@@ -204,9 +245,13 @@ def own_namespaces(listing: str) -> list[str]:
   return [n for n in names if _OWN_NS.match(n)]
 
 
-def teardown(namespaces: Sequence[str], runner: Runner = run_command,
-             etc_netns: str = "/etc/netns", log=None,
-             kill: Callable[[int, int], None] = os.kill) -> list[str]:
+def teardown(
+  namespaces: Sequence[str],
+  runner: Runner = run_command,
+  etc_netns: str = "/etc/netns",
+  log=None,
+  kill: Callable[[int, int], None] = os.kill,
+) -> list[str]:
   """Kills every process in the namespaces, deletes them and their files.
 
   Never raises; returns the problems it met (empty if all went well).
@@ -220,10 +265,8 @@ def teardown(namespaces: Sequence[str], runner: Runner = run_command,
     try:
       pids = runner(["ip", "netns", "pids", ns], False).stdout.split()
       for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
           kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-          pass
       proc = runner(["ip", "netns", "del", ns], False)
       if proc.returncode != 0 and "No such file" not in (proc.stderr or ""):
         problems.append(f"ip netns del {ns}: {proc.stderr.strip()}")
@@ -240,9 +283,16 @@ def teardown(namespaces: Sequence[str], runner: Runner = run_command,
 class Cluster:
   """An emulated cluster; use as a context manager (always torn down)."""
 
-  def __init__(self, spec: ClusterSpec, *, runner: Runner = run_command,
-               etc_netns: str = "/etc/netns", hostname: str | None = None,
-               log=None, kill: Callable[[int, int], None] = os.kill):
+  def __init__(
+    self,
+    spec: ClusterSpec,
+    *,
+    runner: Runner = run_command,
+    etc_netns: str = "/etc/netns",
+    hostname: str | None = None,
+    log=None,
+    kill: Callable[[int, int], None] = os.kill,
+  ):
     self.spec = spec
     self.runner = runner
     self.etc_netns = etc_netns
@@ -286,13 +336,13 @@ class Cluster:
     if self.closed:
       return []
     self.closed = True
-    problems = teardown(self.spec.namespaces, self.runner, self.etc_netns,
-                        self.log, self.kill)
+    problems = teardown(
+      self.spec.namespaces, self.runner, self.etc_netns, self.log, self.kill
+    )
     if getattr(self, "_made_etc_netns", False):
-      try:  # only if we created it and it is empty again
+      # only if we created it and it is empty again
+      with contextlib.suppress(OSError):
         os.rmdir(self.etc_netns)
-      except OSError:
-        pass
     return problems
 
 
@@ -303,9 +353,11 @@ class _Interrupted(KeyboardInterrupt):
 def install_signal_handlers(timeout_seconds: float | None = None):
   """SIGTERM/SIGHUP (and SIGALRM after ``timeout_seconds``) raise in the
   main thread, so ``finally`` blocks tear the cluster down."""
+
   def handler(signum, frame):
     del frame
     raise _Interrupted(f"signal {signal.Signals(signum).name}")
+
   for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
     signal.signal(sig, handler)
   if timeout_seconds:
@@ -323,9 +375,16 @@ class Workers:
   ``[rank]`` prefix) and read JSON commands from stdin.
   """
 
-  def __init__(self, cluster: Cluster, argv: Sequence[str], *,
-               env: dict | None = None, log=None, nice: int = 0,
-               popen=subprocess.Popen):
+  def __init__(
+    self,
+    cluster: Cluster,
+    argv: Sequence[str],
+    *,
+    env: dict | None = None,
+    log=None,
+    nice: int = 0,
+    popen=subprocess.Popen,
+  ):
     self.cluster = cluster
     # A negative nice value (root only) keeps other jobs on a shared
     # machine from setting the pace of a timing run.
@@ -340,30 +399,39 @@ class Workers:
   def command(self, rank: int) -> tuple[list[str], dict]:
     spec = self.cluster.spec
     env = dict(os.environ, **self.env)
-    env.update({
+    env.update(
+      {
         "GQSGD_COORDINATOR": spec.coordinator(),
         "GQSGD_NUM_PROCESSES": str(spec.num_hosts),
         "GQSGD_PROCESS_ID": str(rank),
         "GQSGD_LOCAL_DEVICES": "1",
         "PYTHONUNBUFFERED": "1",
-    })
+      }
+    )
     return self.cluster.exec_argv(rank) + self.argv, env
 
   def start(self):
     for rank in range(self.cluster.spec.num_hosts):
       argv, env = self.command(rank)
-      proc = self.popen(argv, env=env, text=True, stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        start_new_session=True)
+      proc = self.popen(
+        argv,
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+      )
       self.procs.append(proc)
       self.tails[rank] = []
-      threading.Thread(target=self._pump, args=(rank, proc.stdout),
-                       daemon=True).start()
+      threading.Thread(
+        target=self._pump, args=(rank, proc.stdout), daemon=True
+      ).start()
 
   def _pump(self, rank, stream):
     for line in iter(stream.readline, ""):
       if line.startswith(LINE_TAG):
-        self.lines.put((rank, json.loads(line[len(LINE_TAG):])))
+        self.lines.put((rank, json.loads(line[len(LINE_TAG) :])))
       else:
         tail = self.tails[rank]
         tail.append(line.rstrip())
@@ -386,8 +454,10 @@ class Workers:
       left = deadline - time.monotonic()
       if left <= 0:
         missing = sorted(set(range(len(self.procs))) - set(got))
-        raise WorkerError(f"timed out after {timeout:.0f} s waiting for "
-                          f"'{tag}' from ranks {missing}")
+        raise WorkerError(
+          f"timed out after {timeout:.0f} s waiting for "
+          f"'{tag}' from ranks {missing}"
+        )
       try:
         rank, msg = self.lines.get(timeout=min(left, 1.0))
       except queue.Empty:
@@ -395,8 +465,10 @@ class Workers:
       if msg is None:
         code = self.procs[rank].wait()
         tail = "\n".join(self.tails[rank][-15:])
-        raise WorkerError(f"worker {rank} exited with code {code} while "
-                          f"waiting for '{tag}'; last output:\n{tail}")
+        raise WorkerError(
+          f"worker {rank} exited with code {code} while "
+          f"waiting for '{tag}'; last output:\n{tail}"
+        )
       if msg.get("tag") == "error":
         raise WorkerError(f"worker {rank}: {msg.get('message')}")
       if msg.get("tag") == tag:
@@ -405,31 +477,29 @@ class Workers:
 
   def stop(self, grace: float = 10.0):
     for proc in self.procs:
-      try:
+      with contextlib.suppress(OSError, ValueError):
         proc.stdin.close()
-      except (OSError, ValueError):
-        pass
     deadline = time.monotonic() + grace
     for proc in self.procs:
-      try:
+      with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        pass
     for proc in self.procs:
       if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
           os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-          pass
         proc.wait()
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cleanup", action="store_true",
-                      help="remove namespaces left by killed runs")
-  parser.add_argument("--list", action="store_true",
-                      help="list namespaces of this harness")
+  parser.add_argument(
+    "--cleanup",
+    action="store_true",
+    help="remove namespaces left by killed runs",
+  )
+  parser.add_argument(
+    "--list", action="store_true", help="list namespaces of this harness"
+  )
   args = parser.parse_args()
   problem = root_problem()
   if problem:
@@ -438,8 +508,10 @@ def main():
   names = own_namespaces(run_command(["ip", "netns", "list"], False).stdout)
   if args.cleanup:
     problems = teardown(names, log=sys.stderr)
-    print(f"removed {len(names) - len(problems)} namespaces"
-          + (f"; problems: {problems}" if problems else ""))
+    print(
+      f"removed {len(names) - len(problems)} namespaces"
+      + (f"; problems: {problems}" if problems else "")
+    )
   else:
     print("\n".join(names) or "no namespaces of this harness")
 

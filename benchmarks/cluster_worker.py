@@ -19,13 +19,13 @@ bytes it really sends.
 """
 
 import argparse
+from collections.abc import Callable
 import dataclasses
 import importlib
 import json
 import sys
 import time
 import traceback
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ class Method:
   ``module=None``) and returns the optax transform; a method whose module
   does not import or whose factory fails is reported as unavailable.
   """
+
   key: str
   label: str
   module: str | None
@@ -55,29 +56,57 @@ class Method:
 
 # One line per method. Order = table and plot order.
 METHODS = (
-    Method("f32", "f32 psum", "baselines", lambda m: m.psum_mean()),
-    Method("bf16", "bf16 psum", "baselines",
-           lambda m: m.psum_mean(wire_dtype=jnp.bfloat16)),
-    Method("bf16_rsag", "bf16 RS+AG (ppermute)", None,
-           lambda m: bf16_rsag_mean()),
-    Method("gq8_psum", "GQ 8-bit psum", "global_quantize",
-           lambda m: m.global_quantize(bits=8, reduction="psum")),
-    Method("gq8_bfly", "GQ 8-bit butterfly", "global_quantize",
-           lambda m: m.global_quantize(bits=8, reduction="butterfly")),
-    Method("gq4_psum", "GQ 4-bit psum", "global_quantize",
-           lambda m: m.global_quantize(bits=4, reduction="psum")),
-    Method("gq4_bfly", "GQ 4-bit butterfly", "global_quantize",
-           lambda m: m.global_quantize(bits=4, reduction="butterfly")),
-    Method("gq_exp", "GQ exponential 8-bit", "global_quantize",
-           lambda m: m.global_quantize(bits=8, dithering="exponential")),
-    Method("thc", "THC 4-bit", "thc", lambda m: m.thc()),
-    Method("qsgd", "QSGD 8-bit (all-gather)", "qsgd", lambda m: m.qsgd()),
-    Method("powersgd", "PowerSGD rank 4", "powersgd",
-           lambda m: m.powersgd(rank=4, start_iter=0)),
-    Method("acpsgd", "ACP-SGD rank 4", "acpsgd",
-           lambda m: m.acpsgd(rank=4)),
-    Method("jointsq", "JointSQ ρ=0.032", "jointsq", lambda m: m.jointsq()),
-    Method("dgc", "DGC 0.1%", "dgc", lambda m: m.dgc(density=0.001)),
+  Method("f32", "f32 psum", "baselines", lambda m: m.psum_mean()),
+  Method(
+    "bf16",
+    "bf16 psum",
+    "baselines",
+    lambda m: m.psum_mean(wire_dtype=jnp.bfloat16),
+  ),
+  Method(
+    "bf16_rsag", "bf16 RS+AG (ppermute)", None, lambda m: bf16_rsag_mean()
+  ),
+  Method(
+    "gq8_psum",
+    "GQ 8-bit psum",
+    "global_quantize",
+    lambda m: m.global_quantize(bits=8, reduction="psum"),
+  ),
+  Method(
+    "gq8_bfly",
+    "GQ 8-bit butterfly",
+    "global_quantize",
+    lambda m: m.global_quantize(bits=8, reduction="butterfly"),
+  ),
+  Method(
+    "gq4_psum",
+    "GQ 4-bit psum",
+    "global_quantize",
+    lambda m: m.global_quantize(bits=4, reduction="psum"),
+  ),
+  Method(
+    "gq4_bfly",
+    "GQ 4-bit butterfly",
+    "global_quantize",
+    lambda m: m.global_quantize(bits=4, reduction="butterfly"),
+  ),
+  Method(
+    "gq_exp",
+    "GQ exponential 8-bit",
+    "global_quantize",
+    lambda m: m.global_quantize(bits=8, dithering="exponential"),
+  ),
+  Method("thc", "THC 4-bit", "thc", lambda m: m.thc()),
+  Method("qsgd", "QSGD 8-bit (all-gather)", "qsgd", lambda m: m.qsgd()),
+  Method(
+    "powersgd",
+    "PowerSGD rank 4",
+    "powersgd",
+    lambda m: m.powersgd(rank=4, start_iter=0),
+  ),
+  Method("acpsgd", "ACP-SGD rank 4", "acpsgd", lambda m: m.acpsgd(rank=4)),
+  Method("jointsq", "JointSQ ρ=0.032", "jointsq", lambda m: m.jointsq()),
+  Method("dgc", "DGC 0.1%", "dgc", lambda m: m.dgc(density=0.001)),
 )
 # The compute-only reference: the same step without any collective.
 LOCAL = Method("local", "no communication", None, lambda m: None)
@@ -87,8 +116,11 @@ BY_KEY = {m.key: m for m in METHODS + (LOCAL,)}
 def build_transform(method: Method):
   """(transform, None) or (None, why it is unavailable)."""
   try:
-    module = (importlib.import_module(f"gqsgd_jax._src.{method.module}")
-              if method.module else None)
+    module = (
+      importlib.import_module(f"gqsgd_jax._src.{method.module}")
+      if method.module
+      else None
+    )
     return method.build(module), None
   except Exception as e:  # pylint: disable=broad-except
     return None, f"{type(e).__name__}: {e}".splitlines()[0][:200]
@@ -104,6 +136,7 @@ def bf16_rsag_mean(axis_name=AXIS):
   the bf16 means: 2 (W-1)/W x 2 bytes per element. The bf16 values travel
   bitcast to uint16, since XLA:CPU would widen bf16 collectives to f32.
   """
+
   def update_fn(updates, state, params=None):
     del params
     w = jax.lax.axis_size(axis_name)
@@ -114,28 +147,31 @@ def bf16_rsag_mean(axis_name=AXIS):
     # XLA:CPU's float normalization widens every bf16 collective to f32;
     # pure data movement can travel as the same 16 bits in uint16.
     to_u16 = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
-    to_f32 = lambda x: jax.lax.bitcast_convert_type(
-        x, jnp.bfloat16).astype(jnp.float32)
+    to_f32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16).astype(
+      jnp.float32
+    )
     chunks = jnp.pad(flat, (0, chunk * w - n)).astype(jnp.bfloat16)
     chunks = to_u16(chunks.reshape(w, chunk))
     me = jax.lax.axis_index(axis_name)
     acc = to_f32(chunks[me])
     for k in range(1, w):
       send = jax.lax.dynamic_index_in_dim(chunks, (me + k) % w, 0, False)
-      acc = acc + to_f32(jax.lax.ppermute(
-          send, axis_name, [(i, (i + k) % w) for i in range(w)]))
+      acc = acc + to_f32(
+        jax.lax.ppermute(send, axis_name, [(i, (i + k) % w) for i in range(w)])
+      )
     mean = to_u16((acc / w).astype(jnp.bfloat16))
     full = to_f32(jax.lax.all_gather(mean, axis_name, to="invarying"))
     full = full.reshape(-1)
     full = full[:n]
     out, start = [], 0
     for x in leaves:
-      out.append(full[start:start + x.size].reshape(x.shape).astype(x.dtype))
+      out.append(full[start : start + x.size].reshape(x.shape).astype(x.dtype))
       start += x.size
     return jax.tree.unflatten(treedef, out), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(),
-                                      update_fn)
+  return optax.GradientTransformation(
+    lambda params: optax.EmptyState(), update_fn
+  )
 
 
 def emit(tag: str, **payload):
@@ -156,8 +192,9 @@ def run(config: dict):
   gqsgd_jax.initialize_distributed()  # before any other JAX work
 
   rank = jax.process_index()
-  mesh = jax.make_mesh((jax.device_count(),), (AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh(
+    (jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+  )
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(AXIS))
   hidden = tuple(config["hidden"])
@@ -167,7 +204,7 @@ def run(config: dict):
     params = {}
     for i, (a, b) in enumerate(sizes):
       key, sub = jax.random.split(key)
-      params[f"w{i}"] = jax.random.normal(sub, (a, b)) * (2.0 / a)**0.5
+      params[f"w{i}"] = jax.random.normal(sub, (a, b)) * (2.0 / a) ** 0.5
       params[f"b{i}"] = jnp.zeros((b,))
     return params
 
@@ -184,8 +221,10 @@ def run(config: dict):
   rng = np.random.default_rng(1000 + rank)
   x = rng.standard_normal((1, config["batch"], config["d_in"]), np.float32)
   y = rng.integers(0, config["classes"], (1, config["batch"]), np.int32)
-  batch = (jax.make_array_from_process_local_data(sharded, x),
-           jax.make_array_from_process_local_data(sharded, y))
+  batch = (
+    jax.make_array_from_process_local_data(sharded, x),
+    jax.make_array_from_process_local_data(sharded, y),
+  )
   lr = config["lr"]
 
   def first(tree):
@@ -215,36 +254,48 @@ def run(config: dict):
     tx = optax.chain(tx, optax.sgd(lr))
     specs = worker_specs(tx)
     layouts = ([("library", specs, True)] if specs is not None else []) + [
-        ("stacked", P(AXIS), True), ("stacked, check_vma=False", P(AXIS),
-                                     False)]
+      ("stacked", P(AXIS), True),
+      ("stacked, check_vma=False", P(AXIS), False),
+    ]
     error = None
     for layout, spec, check_vma in layouts:
       wrap = (lambda t: t) if layout == "library" else stack
       unwrap = (lambda t: t) if layout == "library" else first
 
       def step(params, opt_state, batch, wrap=wrap, unwrap=unwrap):
-        grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, AXIS),
-                                  first(batch))
+        grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, AXIS), first(batch))
         updates, state = tx.update(grads, unwrap(opt_state), params)
         return optax.apply_updates(params, updates), wrap(state)
 
       try:
-        init = jax.jit(jax.shard_map(lambda p, wrap=wrap: wrap(tx.init(p)),
-                                     mesh=mesh, in_specs=P(), out_specs=spec,
-                                     check_vma=check_vma))
-        fn = jax.jit(jax.shard_map(step, mesh=mesh,
-                                   in_specs=(P(), spec, P(AXIS)),
-                                   out_specs=(P(), spec),
-                                   check_vma=check_vma),
-                     donate_argnums=(0, 1))
+        init = jax.jit(
+          jax.shard_map(
+            lambda p, wrap=wrap: wrap(tx.init(p)),
+            mesh=mesh,
+            in_specs=P(),
+            out_specs=spec,
+            check_vma=check_vma,
+          )
+        )
+        fn = jax.jit(
+          jax.shard_map(
+            step,
+            mesh=mesh,
+            in_specs=(P(), spec, P(AXIS)),
+            out_specs=(P(), spec),
+            check_vma=check_vma,
+          ),
+          donate_argnums=(0, 1),
+        )
         params = make_params(jax.random.PRNGKey(0))
         state = init(params)
-        return fn.lower(params, state, batch).compile(), params, state, (
-            layout)
+        return fn.lower(params, state, batch).compile(), params, state, (layout)
       except Exception as e:  # pylint: disable=broad-except
         error = error or e
-        print(f"state layout {layout!r} failed: "
-              f"{str(e).splitlines()[0][:200]}", flush=True)
+        print(
+          f"state layout {layout!r} failed: {str(e).splitlines()[0][:200]}",
+          flush=True,
+        )
     raise error
 
   def compile_local():
@@ -252,8 +303,9 @@ def run(config: dict):
       grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, AXIS), first(batch))
       return stack(jax.tree.map(lambda p, g: p - lr * g, params, grads))
 
-    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                               out_specs=P(AXIS)))
+    fn = jax.jit(
+      jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+    )
     params = make_params(jax.random.PRNGKey(0))
     return fn.lower(params, batch).compile(), params
 
@@ -276,6 +328,7 @@ def run(config: dict):
         def thunk(c=compiled, h=holder):
           h["params"], h["state"] = c(h["params"], h["state"], batch)
           return h["params"]
+
         jax.block_until_ready(thunk())  # one real step: it must run
         thunks[key] = thunk
     except Exception as e:  # pylint: disable=broad-except
@@ -284,28 +337,45 @@ def run(config: dict):
         traceback.print_exc()
       continue
     report = gqsgd_jax.wire_report(compiled, num_devices=jax.device_count())
-    wire[key] = {"sent_bytes": report.sent_bytes,
-                 "payload_bytes": report.payload_bytes,
-                 "scale_bytes": report.scale_bytes,
-                 "float_payload_bytes": report.float_payload_bytes,
-                 "by_op": report.by_op}
+    wire[key] = {
+      "sent_bytes": report.sent_bytes,
+      "payload_bytes": report.payload_bytes,
+      "scale_bytes": report.scale_bytes,
+      "float_payload_bytes": report.float_payload_bytes,
+      "by_op": report.by_op,
+    }
     compile_s[key] = time.perf_counter() - start
     print(f"compiled {key} in {compile_s[key]:.1f} s", flush=True)
 
   barrier_in = jax.make_array_from_process_local_data(
-      sharded, np.ones((1,), np.float32))
-  barrier = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, AXIS),
-                                  mesh=mesh, in_specs=P(AXIS),
-                                  out_specs=P()))
+    sharded, np.ones((1,), np.float32)
+  )
+  barrier = jax.jit(
+    jax.shard_map(
+      lambda v: jax.lax.psum(v, AXIS),
+      mesh=mesh,
+      in_specs=P(AXIS),
+      out_specs=P(),
+    )
+  )
   jax.block_until_ready(barrier(barrier_in))
-  emit("ready", rank=rank, wire=wire, unavailable=unavailable,
-       compile_seconds=compile_s, state_layouts=layouts,
-       devices=jax.device_count(),
-       params=num_params(config["d_in"], hidden, config["classes"]),
-       jax_version=jax.__version__)
+  emit(
+    "ready",
+    rank=rank,
+    wire=wire,
+    unavailable=unavailable,
+    compile_seconds=compile_s,
+    state_layouts=layouts,
+    devices=jax.device_count(),
+    params=num_params(config["d_in"], hidden, config["classes"]),
+    jax_version=jax.__version__,
+  )
 
-  commands = (config["commands"] if "commands" in config else
-              (json.loads(line) for line in sys.stdin))
+  commands = (
+    config["commands"]
+    if "commands" in config
+    else (json.loads(line) for line in sys.stdin)
+  )
   for command in commands:
     if command["op"] == "quit":
       break
@@ -325,8 +395,11 @@ def run(config: dict):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True,
-                      help="JSON: methods, d_in, hidden, classes, batch, lr")
+  parser.add_argument(
+    "--config",
+    required=True,
+    help="JSON: methods, d_in, hidden, classes, batch, lr",
+  )
   args = parser.parse_args()
   try:
     run(json.loads(args.config))

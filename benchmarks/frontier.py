@@ -27,7 +27,6 @@ reduction "auto", "psum", "butterfly" or "exp" (exponential dithering).
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import sys
 import time
@@ -42,9 +41,10 @@ _SCALE_BYTES = {"f32": 4, "bf16": 2, "e8m0": 1}
 
 
 def parse_config(text: str) -> dict:
-  """"bits:scales:reduction" -> global_quantize kwargs and wire bits."""
+  """ "bits:scales:reduction" -> global_quantize kwargs and wire bits."""
   from gqsgd_jax._src import global_quantize as gq  # pylint: disable=g-import-not-at-top
   from gqsgd_jax._src import wire  # pylint: disable=g-import-not-at-top
+
   bits_s, scales, reduction = text.split(":")
   bits = int(bits_s)
   kwargs = dict(bits=bits)
@@ -57,17 +57,25 @@ def parse_config(text: str) -> dict:
   elif scales in ("bucket", "leaf"):
     cfg = dict(granularity=scales)
   else:
-    size, fmt = scales[len("block"):].split("-")
+    size, fmt = scales[len("block") :].split("-")
     cfg = dict(granularity="block", block_size=int(size), scale_format=fmt)
   kwargs.update(cfg)
-  signed = reduction in ("psum", "auto") and bits == 8 and (
-      reduction != "auto" or WORKERS <= 16)
+  signed = (
+    reduction in ("psum", "auto")
+    and bits == 8
+    and (reduction != "auto" or WORKERS <= 16)
+  )
   code_bits = wire.wire_bits_per_element(bits, signed)
   scale_bits = 0.0
   if cfg.get("granularity") == "block":
     scale_bits = 8 * _SCALE_BYTES[cfg["scale_format"]] / cfg["block_size"]
-  return dict(name=text, kwargs=kwargs, code_bits=code_bits,
-              scale_bits=scale_bits, wire_bits=code_bits + scale_bits)
+  return dict(
+    name=text,
+    kwargs=kwargs,
+    code_bits=code_bits,
+    scale_bits=scale_bits,
+    wire_bits=code_bits + scale_bits,
+  )
 
 
 def probe_configs() -> list[str]:
@@ -86,18 +94,35 @@ def _install_compressor_hook():
   """Lets the examples' granularity field carry a frontier configuration."""
   from examples import common  # pylint: disable=g-import-not-at-top
   import gqsgd_jax  # pylint: disable=g-import-not-at-top
+
   original = common.make_compressor
 
-  def make_compressor(name, bits=4, *, axis_name=common.AXIS, seed=0,
-                      reduction="auto", granularity="bucket", **kwargs):
+  def make_compressor(
+    name,
+    bits=4,
+    *,
+    axis_name=common.AXIS,
+    seed=0,
+    reduction="auto",
+    granularity="bucket",
+    **kwargs,
+  ):
     if name == "gqsgd" and ":" in granularity:
       cfg = parse_config(granularity)
-      return gqsgd_jax.global_quantize(axis_name=axis_name, key=seed,
-                                       **cfg["kwargs"])
+      return gqsgd_jax.global_quantize(
+        axis_name=axis_name, key=seed, **cfg["kwargs"]
+      )
     if name == "probe":
       return _probe_compressor(axis_name, seed)
-    return original(name, bits, axis_name=axis_name, seed=seed,
-                    reduction=reduction, granularity=granularity, **kwargs)
+    return original(
+      name,
+      bits,
+      axis_name=axis_name,
+      seed=seed,
+      reduction=reduction,
+      granularity=granularity,
+      **kwargs,
+    )
 
   common.make_compressor = make_compressor
   if "probe" not in common.COMPRESSORS:
@@ -113,12 +138,14 @@ def _probe_compressor(axis_name, seed):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+
   import gqsgd_jax  # pylint: disable=g-import-not-at-top
 
   names = probe_configs()
-  txs = [gqsgd_jax.global_quantize(axis_name=axis_name,
-                                   **parse_config(n)["kwargs"])
-         for n in names]
+  txs = [
+    gqsgd_jax.global_quantize(axis_name=axis_name, **parse_config(n)["kwargs"])
+    for n in names
+  ]
   exact = gqsgd_jax.psum_mean(axis_name=axis_name)
 
   def init_fn(params):
@@ -127,23 +154,28 @@ def _probe_compressor(axis_name, seed):
 
   def update_fn(updates, count, params=None):
     mean, _ = exact.update(updates, exact.init(None))
-    norm = sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-               for x in jax.tree.leaves(mean))
+    norm = sum(
+      jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(mean)
+    )
 
     def probe(_):
       errs = []
       for i, tx in enumerate(txs):
         key = jax.random.fold_in(jax.random.PRNGKey(seed + 1000 * i), count)
         q, _ = tx.update(updates, gqsgd_jax.GlobalQuantizeState(key))
-        errs.append(sum(jnp.sum(jnp.square(a.astype(jnp.float32) -
-                                           b.astype(jnp.float32)))
-                        for a, b in zip(jax.tree.leaves(q),
-                                        jax.tree.leaves(mean))) / norm)
+        errs.append(
+          sum(
+            jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
+            for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(mean))
+          )
+          / norm
+        )
       return jnp.stack(errs)
 
     every = _PROBE_EVERY[0]
-    errs = jax.lax.cond(count % every == 0, probe,
-                        lambda _: jnp.zeros(len(names)), None)
+    errs = jax.lax.cond(
+      count % every == 0, probe, lambda _: jnp.zeros(len(names)), None
+    )
 
     def record(step, values):
       step = int(step)
@@ -158,9 +190,11 @@ def _probe_compressor(axis_name, seed):
 
 def _machine() -> dict:
   from examples import convergence  # pylint: disable=g-import-not-at-top
-  now = datetime.datetime.now(datetime.timezone.utc)
-  return dict(date=now.strftime("%Y-%m-%d %H:%M UTC"),
-              machine=convergence.machine())
+
+  now = datetime.datetime.now(datetime.UTC)
+  return dict(
+    date=now.strftime("%Y-%m-%d %H:%M UTC"), machine=convergence.machine()
+  )
 
 
 def _load(path):
@@ -169,6 +203,7 @@ def _load(path):
 
 def cmd_probe(args):
   from examples import convergence  # pylint: disable=g-import-not-at-top
+
   _PROBE_EVERY[0] = args.every
   results = _load(PROBE_JSON)
   names = probe_configs()
@@ -178,26 +213,45 @@ def cmd_probe(args):
     if args.steps:
       overrides["steps"] = args.steps
     start = time.perf_counter()
-    final = convergence.run_one(example, ("probe", 32, "bucket"), overrides,
-                                WORKERS, args.seed, pathlib.Path("/tmp"))
+    final = convergence.run_one(
+      example,
+      ("probe", 32, "bucket"),
+      overrides,
+      WORKERS,
+      args.seed,
+      pathlib.Path("/tmp"),
+    )
     steps = sorted(_PROBE_LOG)
-    mean = [sum(_PROBE_LOG[s][i] for s in steps) / len(steps)
-            for i in range(len(names))]
+    mean = [
+      sum(_PROBE_LOG[s][i] for s in steps) / len(steps)
+      for i in range(len(names))
+    ]
     results[example] = dict(
-        **_machine(), steps=overrides["steps"], probe_steps=steps,
-        wall_s=time.perf_counter() - start, metric=final.get(
-            convergence.EXAMPLES[example]["metric"]),
-        configs={n: dict(rel_mse=m, per_step=[_PROBE_LOG[s][i] for s in steps],
-                         **{k: v for k, v in parse_config(n).items()
-                            if k != "kwargs"})
-                 for i, (n, m) in enumerate(zip(names, mean))})
+      **_machine(),
+      steps=overrides["steps"],
+      probe_steps=steps,
+      wall_s=time.perf_counter() - start,
+      metric=final.get(convergence.EXAMPLES[example]["metric"]),
+      configs={
+        n: dict(
+          rel_mse=m,
+          per_step=[_PROBE_LOG[s][i] for s in steps],
+          **{k: v for k, v in parse_config(n).items() if k != "kwargs"},
+        )
+        for i, (n, m) in enumerate(zip(names, mean))
+      },
+    )
     PROBE_JSON.write_text(json.dumps(results, indent=1))
-    print(f"{example}: probed {len(names)} configs at steps {steps} in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    print(
+      f"{example}: probed {len(names)} configs at steps {steps} in "
+      f"{time.perf_counter() - start:.0f} s",
+      flush=True,
+    )
 
 
 def cmd_train(args):
   from examples import convergence  # pylint: disable=g-import-not-at-top
+
   results = _load(TRAIN_JSON)
   for example in args.examples:
     spec = convergence.EXAMPLES[example]
@@ -216,19 +270,35 @@ def cmd_train(args):
         else:
           method = ("gqsgd", int(config.split(":")[0]), config)
         start = time.perf_counter()
-        final = convergence.run_one(example, method, overrides, WORKERS,
-                                    seed, pathlib.Path("/tmp"))
-        info = parse_config(config) if ":" in config else dict(
-            wire_bits=float(method[1]), code_bits=float(method[1]),
-            scale_bits=0.0)
+        final = convergence.run_one(
+          example, method, overrides, WORKERS, seed, pathlib.Path("/tmp")
+        )
+        info = (
+          parse_config(config)
+          if ":" in config
+          else dict(
+            wire_bits=float(method[1]),
+            code_bits=float(method[1]),
+            scale_bits=0.0,
+          )
+        )
         results[key] = dict(
-            **_machine(), example=example, config=config, seed=seed,
-            steps=overrides["steps"], metric=final[spec["metric"]],
-            sent_bytes=final["sent_bytes"], wall_s=time.perf_counter() - start,
-            **{k: v for k, v in info.items() if k != "kwargs"})
+          **_machine(),
+          example=example,
+          config=config,
+          seed=seed,
+          steps=overrides["steps"],
+          metric=final[spec["metric"]],
+          sent_bytes=final["sent_bytes"],
+          wall_s=time.perf_counter() - start,
+          **{k: v for k, v in info.items() if k != "kwargs"},
+        )
         TRAIN_JSON.write_text(json.dumps(results, indent=1))
-        print(f"{key}: {spec['metric']}={final[spec['metric']]:.4f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+          f"{key}: {spec['metric']}={final[spec['metric']]:.4f} "
+          f"({time.perf_counter() - start:.0f} s)",
+          flush=True,
+        )
 
 
 def _train_rows(results, example):
@@ -245,31 +315,48 @@ def _train_rows(results, example):
       continue
     metric = sum(r["metric"] for r in runs) / len(runs)
     ref = sum(base[r["seed"]] for r in runs) / len(runs)
-    out.append(dict(config=config, metric=metric, f32=ref, seeds=len(runs),
-                    wire_bits=runs[0]["wire_bits"],
-                    scale_bits=runs[0]["scale_bits"],
-                    sent_bytes=runs[0]["sent_bytes"]))
+    out.append(
+      dict(
+        config=config,
+        metric=metric,
+        f32=ref,
+        seeds=len(runs),
+        wire_bits=runs[0]["wire_bits"],
+        scale_bits=runs[0]["scale_bits"],
+        sent_bytes=runs[0]["sent_bytes"],
+      )
+    )
   return sorted(out, key=lambda r: (-r["wire_bits"], r["config"]))
 
 
 def cmd_report(args):
   del args
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   probe, train = _load(PROBE_JSON), _load(TRAIN_JSON)
-  examples = [e for e in ("language", "recommendation", "vision")
-              if e in probe or any(r["example"] == e for r in train.values())]
-  lines = ["# Frontier: quality vs bits on the wire (Global-QSGD scales)", "",
-           "Generated by `python benchmarks/frontier.py report` from "
-           "`frontier_probe.json` and `frontier_train.json` (commands in "
-           "`benchmarks/frontier.py`). W = 8 simulated CPU devices. Bits on "
-           "the wire per element = code bits + scale bits (scale bytes x 8 / "
-           "block size); the butterfly sends its codes once in the "
-           "reduce-scatter and once in the all-gather, as a ring all-reduce "
-           "does, so bits per element compare across reductions.", ""]
-  fig, axes = plt.subplots(2, len(examples), figsize=(6 * len(examples), 9),
-                           squeeze=False)
+  examples = [
+    e
+    for e in ("language", "recommendation", "vision")
+    if e in probe or any(r["example"] == e for r in train.values())
+  ]
+  lines = [
+    "# Frontier: quality vs bits on the wire (Global-QSGD scales)",
+    "",
+    "Generated by `python benchmarks/frontier.py report` from "
+    "`frontier_probe.json` and `frontier_train.json` (commands in "
+    "`benchmarks/frontier.py`). W = 8 simulated CPU devices. Bits on "
+    "the wire per element = code bits + scale bits (scale bytes x 8 / "
+    "block size); the butterfly sends its codes once in the "
+    "reduce-scatter and once in the all-gather, as a ring all-reduce "
+    "does, so bits per element compare across reductions.",
+    "",
+  ]
+  fig, axes = plt.subplots(
+    2, len(examples), figsize=(6 * len(examples), 9), squeeze=False
+  )
   for col, example in enumerate(examples):
     lines += [f"## {example}", ""]
     if example not in probe:
@@ -277,32 +364,50 @@ def cmd_report(args):
     if example in probe:
       p = probe[example]
       lines += [
-          f"### Relative error of the quantized mean on the f32 run's "
-          f"gradients", "",
-          f"- {p['date']}; {p['machine']}",
-          f"- ||q - g||^2 / ||g||^2 of one quantized mean q against the exact "
-          f"mean g, averaged over the f32 run's steps {p['probe_steps']} "
-          f"({p['steps']} steps in all).", "",
-          "| configuration | bits/element | scale share of payload | "
-          "rel. MSE |", "|---|---:|---:|---:|"]
-      items = sorted(p["configs"].values(),
-                     key=lambda c: (c["name"].split(":")[0], c["rel_mse"]))
+        "### Relative error of the quantized mean on the f32 run's gradients",
+        "",
+        f"- {p['date']}; {p['machine']}",
+        f"- ||q - g||^2 / ||g||^2 of one quantized mean q against the exact "
+        f"mean g, averaged over the f32 run's steps {p['probe_steps']} "
+        f"({p['steps']} steps in all).",
+        "",
+        "| configuration | bits/element | scale share of payload | rel. MSE |",
+        "|---|---:|---:|---:|",
+      ]
+      items = sorted(
+        p["configs"].values(),
+        key=lambda c: (c["name"].split(":")[0], c["rel_mse"]),
+      )
       for c in items:
-        lines.append(f"| {c['name']} | {c['wire_bits']:.3f} | "
-                     f"{100 * c['scale_bits'] / c['code_bits']:.1f}% | "
-                     f"{c['rel_mse']:.4f} |")
+        lines.append(
+          f"| {c['name']} | {c['wire_bits']:.3f} | "
+          f"{100 * c['scale_bits'] / c['code_bits']:.1f}% | "
+          f"{c['rel_mse']:.4f} |"
+        )
       lines.append("")
       ax = axes[0][col]
-      for fmt, marker in (("f32", "o"), ("bf16", "s"), ("e8m0", "^"),
-                          ("bucket", "x"), ("leaf", "+")):
-        for red, color in (("psum", "C0"), ("butterfly", "C1"),
-                           ("exp", "C2")):
-          pts = [c for c in items if c["name"].endswith(":" + red)
-                 and (fmt in c["name"].split(":")[1])]
+      for fmt, marker in (
+        ("f32", "o"),
+        ("bf16", "s"),
+        ("e8m0", "^"),
+        ("bucket", "x"),
+        ("leaf", "+"),
+      ):
+        for red, color in (("psum", "C0"), ("butterfly", "C1"), ("exp", "C2")):
+          pts = [
+            c
+            for c in items
+            if c["name"].endswith(":" + red)
+            and (fmt in c["name"].split(":")[1])
+          ]
           if pts:
-            ax.scatter([c["wire_bits"] for c in pts],
-                       [c["rel_mse"] for c in pts], marker=marker,
-                       color=color, label=f"{fmt}, {red}")
+            ax.scatter(
+              [c["wire_bits"] for c in pts],
+              [c["rel_mse"] for c in pts],
+              marker=marker,
+              color=color,
+              label=f"{fmt}, {red}",
+            )
       ax.set_yscale("log")
       ax.set_xlabel("bits per element on the wire (codes + scales)")
       ax.set_ylabel("relative MSE of the mean")
@@ -311,16 +416,20 @@ def cmd_report(args):
     rows = _train_rows(train, example)
     if rows:
       higher = example != "language"
-      seeds = sorted({r["seed"] for r in train.values()
-                      if r["example"] == example})
+      seeds = sorted(
+        {r["seed"] for r in train.values() if r["example"] == example}
+      )
       any_run = next(r for r in train.values() if r["example"] == example)
       lines += [
-          "### Training runs", "",
-          f"- {any_run['date']}; {any_run['machine']}",
-          f"- {any_run['steps']} steps, seeds {seeds}; every row against f32 "
-          "of the same seeds.", "",
-          "| configuration | bits/element | metric | vs f32 | seeds |",
-          "|---|---:|---:|---:|---:|"]
+        "### Training runs",
+        "",
+        f"- {any_run['date']}; {any_run['machine']}",
+        f"- {any_run['steps']} steps, seeds {seeds}; every row against f32 "
+        "of the same seeds.",
+        "",
+        "| configuration | bits/element | metric | vs f32 | seeds |",
+        "|---|---:|---:|---:|---:|",
+      ]
       xs, ys, names = [], [], []
       for r in rows:
         if higher:
@@ -329,8 +438,10 @@ def cmd_report(args):
         else:
           delta = f"{100 * (r['metric'] / r['f32'] - 1):+.1f}%"
           shown = f"{r['metric']:.3f}"
-        lines.append(f"| {r['config']} | {r['wire_bits']:.3f} | {shown} | "
-                     f"{delta} | {r['seeds']} |")
+        lines.append(
+          f"| {r['config']} | {r['wire_bits']:.3f} | {shown} | "
+          f"{delta} | {r['seeds']} |"
+        )
         xs.append(r["wire_bits"])
         ys.append(r["metric"] if not higher else 100 * r["metric"])
         names.append(r["config"])
@@ -341,8 +452,11 @@ def cmd_report(args):
         ax.annotate(n, (x, y), fontsize=6)
       ax.set_xscale("log", base=2)
       ax.set_xlabel("bits per element on the wire (codes + scales)")
-      ax.set_ylabel({"language": "test perplexity", "vision": "test accuracy (%)"
-                     }.get(example, "test AUC (%)"))
+      ax.set_ylabel(
+        {"language": "test perplexity", "vision": "test accuracy (%)"}.get(
+          example, "test AUC (%)"
+        )
+      )
       ax.set_title(f"{example}: final metric")
   fig.tight_layout()
   fig.savefig(RESULTS / "frontier.png", dpi=110)
@@ -358,14 +472,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="cmd", required=True)
   p = sub.add_parser("probe")
-  p.add_argument("--examples", nargs="+",
-                 default=["language", "recommendation"])
+  p.add_argument(
+    "--examples", nargs="+", default=["language", "recommendation"]
+  )
   p.add_argument("--steps", type=int, default=0)
   p.add_argument("--every", type=int, default=50)
   p.add_argument("--seed", type=int, default=0)
   t = sub.add_parser("train")
-  t.add_argument("--examples", nargs="+",
-                 default=["language", "recommendation"])
+  t.add_argument(
+    "--examples", nargs="+", default=["language", "recommendation"]
+  )
   t.add_argument("--configs", nargs="+", required=True)
   t.add_argument("--seeds", nargs="+", type=int, default=[0])
   t.add_argument("--steps", type=int, default=0)
@@ -375,6 +491,7 @@ def main():
   if args.cmd == "report":
     return cmd_report(args)
   from examples import common  # pylint: disable=g-import-not-at-top
+
   common.request_cpu_devices(WORKERS)  # before JAX starts a backend
   _install_compressor_hook()
   {"probe": cmd_probe, "train": cmd_train}[args.cmd](args)

@@ -53,6 +53,7 @@ class Link:
   """Bytes per step: on each host's inter-host link, on the busiest
   intra-host GPU link, and on all intra-host links of a host together;
   message rounds across hosts and inside hosts."""
+
   inter: float
   intra: float
   rounds_inter: int = 0
@@ -68,17 +69,25 @@ def psum_levels(bits: int, workers: int) -> int:
 def ring_allreduce(nbytes: float, hosts: int, local: int) -> Link:
   w = hosts * local
   share = 2 * (w - 1) / w * nbytes
-  return Link(share if hosts > 1 else 0.0, share if local > 1 else 0.0,
-              2 * (w - 1) if hosts > 1 else 0,
-              2 * (w - 1) if hosts == 1 else 0, (local - 1) * share)
+  return Link(
+    share if hosts > 1 else 0.0,
+    share if local > 1 else 0.0,
+    2 * (w - 1) if hosts > 1 else 0,
+    2 * (w - 1) if hosts == 1 else 0,
+    (local - 1) * share,
+  )
 
 
 def ring_allgather(nbytes: float, hosts: int, local: int) -> Link:
   w = hosts * local
   share = (w - 1) / w * nbytes
-  return Link(share if hosts > 1 else 0.0, share if local > 1 else 0.0,
-              w - 1 if hosts > 1 else 0, w - 1 if hosts == 1 else 0,
-              (local - 1) * share)
+  return Link(
+    share if hosts > 1 else 0.0,
+    share if local > 1 else 0.0,
+    w - 1 if hosts > 1 else 0,
+    w - 1 if hosts == 1 else 0,
+    (local - 1) * share,
+  )
 
 
 def butterfly(nbytes: float, hosts: int, local: int) -> Link:
@@ -87,14 +96,18 @@ def butterfly(nbytes: float, hosts: int, local: int) -> Link:
   # Per GPU link: the intra levels send nbytes (1 - 1/L) in all.
   intra = nbytes * (1 - 1 / local)
   gather = ring_allgather(nbytes, hosts, local)
-  return Link(inter + gather.inter, intra + gather.intra,
-              int(math.log2(hosts)) + gather.rounds_inter,
-              int(math.log2(local)) + gather.rounds_intra,
-              local * intra + gather.intra_host)
+  return Link(
+    inter + gather.inter,
+    intra + gather.intra,
+    int(math.log2(hosts)) + gather.rounds_inter,
+    int(math.log2(local)) + gather.rounds_intra,
+    local * intra + gather.intra_host,
+  )
 
 
-def method_links(method: str, n: int, hosts: int, local: int
-                 ) -> list[Link] | None:
+def method_links(
+  method: str, n: int, hosts: int, local: int
+) -> list[Link] | None:
   """Phases (run one after the other) of a method; None if it cannot
   serve this W."""
   w = hosts * local
@@ -110,7 +123,7 @@ def method_links(method: str, n: int, hosts: int, local: int
   if method.startswith("gq") and method.endswith("bfly"):
     return [butterfly(int(method[2]) / 8 * n, hosts, local)]
   if method.startswith("hier_"):
-    inner = method[len("hier_"):]
+    inner = method[len("hier_") :]
     block = n / local  # each GPU's share, reduced over the H hosts
     per_gpu = (local - 1) / local * 4 * n
     intra = Link(0.0, per_gpu, 0, local - 1, local * per_gpu)
@@ -129,38 +142,62 @@ def method_links(method: str, n: int, hosts: int, local: int
   raise ValueError(f"unknown method {method!r}")
 
 
-def phase_time(link: Link, inter_bps=INTER_BPS, intra_bps=INTRA_BPS,
-               alpha_inter=ALPHA_INTER, alpha_intra=ALPHA_INTRA) -> float:
-  return (max(link.inter * 8 / inter_bps, link.intra * 8 / intra_bps)
-          + link.rounds_inter * alpha_inter
-          + link.rounds_intra * alpha_intra)
+def phase_time(
+  link: Link,
+  inter_bps=INTER_BPS,
+  intra_bps=INTRA_BPS,
+  alpha_inter=ALPHA_INTER,
+  alpha_intra=ALPHA_INTRA,
+) -> float:
+  return (
+    max(link.inter * 8 / inter_bps, link.intra * 8 / intra_bps)
+    + link.rounds_inter * alpha_inter
+    + link.rounds_intra * alpha_intra
+  )
 
 
-def step_time(method: str, n: int, hosts: int, local: int, **kwargs
-              ) -> float | None:
+def step_time(
+  method: str, n: int, hosts: int, local: int, **kwargs
+) -> float | None:
   phases = method_links(method, n, hosts, local)
   if phases is None:
     return None
   return sum(phase_time(p, **kwargs) for p in phases)
 
 
-METHODS = ("f32", "bf16", "gq8psum", "gq4psum", "gq8bfly", "gq4bfly",
-           "hier_f32", "hier_gq8psum", "hier_gq4psum", "hier_gq4bfly")
+METHODS = (
+  "f32",
+  "bf16",
+  "gq8psum",
+  "gq4psum",
+  "gq8bfly",
+  "gq4bfly",
+  "hier_f32",
+  "hier_gq8psum",
+  "hier_gq4psum",
+  "hier_gq4bfly",
+)
 LABELS = {
-    "f32": "f32 ring all-reduce", "bf16": "bf16 ring all-reduce",
-    "gq8psum": "GQ 8-bit psum (flat)", "gq4psum": "GQ 4-bit psum (flat)",
-    "gq8bfly": "GQ 8-bit butterfly (flat)",
-    "gq4bfly": "GQ 4-bit butterfly (flat)",
-    "hier_f32": "hierarchical, f32 across hosts",
-    "hier_gq8psum": "hierarchical, GQ 8-bit psum across hosts",
-    "hier_gq4psum": "hierarchical, GQ 4-bit psum across hosts",
-    "hier_gq4bfly": "hierarchical, GQ 4-bit butterfly across hosts",
+  "f32": "f32 ring all-reduce",
+  "bf16": "bf16 ring all-reduce",
+  "gq8psum": "GQ 8-bit psum (flat)",
+  "gq4psum": "GQ 4-bit psum (flat)",
+  "gq8bfly": "GQ 8-bit butterfly (flat)",
+  "gq4bfly": "GQ 4-bit butterfly (flat)",
+  "hier_f32": "hierarchical, f32 across hosts",
+  "hier_gq8psum": "hierarchical, GQ 8-bit psum across hosts",
+  "hier_gq4psum": "hierarchical, GQ 4-bit psum across hosts",
+  "hier_gq4bfly": "hierarchical, GQ 4-bit butterfly across hosts",
 }
 
 
 # The emulated cluster's methods (benchmarks/cluster_hierarchical.py).
-EMULATED = {"f32": "f32", "gq4": "gq4bfly", "hier_gq4": "hier_gq4bfly",
-            "hier_f32": "hier_f32"}
+EMULATED = {
+  "f32": "f32",
+  "gq4": "gq4bfly",
+  "hier_gq4": "hier_gq4bfly",
+  "hier_f32": "hier_f32",
+}
 CLUSTER_RESULTS = os.path.join(HERE, "results", "hierarchical_cluster.md")
 
 
@@ -169,11 +206,12 @@ def read_cluster_record(path: str = CLUSTER_RESULTS) -> dict:
   with open(path) as f:
     text = f.read()
   start = text.index("```json\n") + len("```json\n")
-  return json.loads(text[start:text.index("\n```", start)])
+  return json.loads(text[start : text.index("\n```", start)])
 
 
-def emulated_check(record: dict, rate: str = "100 Mbit/s",
-                   base: str = "unlimited") -> list[dict]:
+def emulated_check(
+  record: dict, rate: str = "100 Mbit/s", base: str = "unlimited"
+) -> list[dict]:
   """Model vs the emulated 2 x 2 cluster, per method: inter-host bytes per
   host, intra-host bytes per host, and the time the slow link adds (step
   at ``rate`` minus step without shaper) vs the model's bytes / rate."""
@@ -187,84 +225,106 @@ def emulated_check(record: dict, rate: str = "100 Mbit/s",
     inter = sum(p.inter for p in phases)
     intra = sum(p.intra_host for p in phases)
     med = lambda r, k=key: statistics.median(record["times"][r][k])
-    rows.append({"key": key, "method": method,
-                 "model_inter": inter, "measured_inter":
-                 record["link"][key]["inter"],
-                 "model_intra": intra,
-                 "measured_intra": record["link"][key]["intra"],
-                 "model_wire_s": inter * 8 / bps,
-                 "measured_wire_s": med(rate) - med(base)})
+    rows.append(
+      {
+        "key": key,
+        "method": method,
+        "model_inter": inter,
+        "measured_inter": record["link"][key]["inter"],
+        "model_intra": intra,
+        "measured_intra": record["link"][key]["intra"],
+        "model_wire_s": inter * 8 / bps,
+        "measured_wire_s": med(rate) - med(base),
+      }
+    )
   return rows
 
 
 def render(n: int, local: int, workers: list[int]) -> str:
   lines = [
-      "# Wire-time model: flat vs hierarchical, up to 4096 GPUs", "",
-      f"Model of benchmarks/wire_model.py: N = {n:,} gradient elements, "
-      f"{local} GPUs per host, {INTER_BPS / 1e9:g} Gbit/s per host between "
-      f"hosts, {INTRA_BPS / 8e9:g} GB/s per GPU inside a host, "
-      f"α = {ALPHA_INTER * 1e6:g} µs per round across hosts, "
-      f"{ALPHA_INTRA * 1e6:g} µs inside. Bandwidth-optimal rings and "
-      "butterflies, host-major ranks; n/a: the psum has < 1 level per "
-      "worker. Bytes: per host on its inter-host link.", "",
-      "## Time per step (ms)", "",
-      "| method | " + " | ".join(f"W={w}" for w in workers) + " |",
-      "|---|" + "---:|" * len(workers)]
+    "# Wire-time model: flat vs hierarchical, up to 4096 GPUs",
+    "",
+    f"Model of benchmarks/wire_model.py: N = {n:,} gradient elements, "
+    f"{local} GPUs per host, {INTER_BPS / 1e9:g} Gbit/s per host between "
+    f"hosts, {INTRA_BPS / 8e9:g} GB/s per GPU inside a host, "
+    f"α = {ALPHA_INTER * 1e6:g} µs per round across hosts, "
+    f"{ALPHA_INTRA * 1e6:g} µs inside. Bandwidth-optimal rings and "
+    "butterflies, host-major ranks; n/a: the psum has < 1 level per "
+    "worker. Bytes: per host on its inter-host link.",
+    "",
+    "## Time per step (ms)",
+    "",
+    "| method | " + " | ".join(f"W={w}" for w in workers) + " |",
+    "|---|" + "---:|" * len(workers),
+  ]
   for m in METHODS:
     cells = []
     for w in workers:
       t = step_time(m, n, w // local, local)
       cells.append("n/a" if t is None else f"{t * 1e3:.1f}")
     lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-  lines += ["", "## Inter-host bytes per host per step (GB)", "",
-            "| method | " + " | ".join(f"W={w}" for w in workers) + " |",
-            "|---|" + "---:|" * len(workers)]
+  lines += [
+    "",
+    "## Inter-host bytes per host per step (GB)",
+    "",
+    "| method | " + " | ".join(f"W={w}" for w in workers) + " |",
+    "|---|" + "---:|" * len(workers),
+  ]
   for m in METHODS:
     cells = []
     for w in workers:
       phases = method_links(m, n, w // local, local)
-      cells.append("n/a" if phases is None else
-                   f"{sum(p.inter for p in phases) / 1e9:.2f}")
+      cells.append(
+        "n/a" if phases is None else f"{sum(p.inter for p in phases) / 1e9:.2f}"
+      )
     lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
   big = workers[-1]
   t = {m: step_time(m, n, big // local, local) for m in METHODS}
   lines += [
-      "", "## Reading", "",
-      f"- At W = {big}: f32 {t['f32'] * 1e3:.0f} ms, flat 4-bit butterfly "
-      f"{t['gq4bfly'] * 1e3:.0f} ms, hierarchical 4-bit butterfly "
-      f"{t['hier_gq4bfly'] * 1e3:.0f} ms per step: both 4-bit reductions "
-      "send about 2 × N/2 bytes per host (a host-major butterfly keeps its "
-      "first log₂L levels inside the host), so the hierarchical gain is "
-      "in message rounds (log₂H + H − 1 across hosts instead of "
-      "log₂W + W − 1) and in quantization noise (W counts hosts), not in "
-      "bytes; its two f32 NVLink phases cost "
-      f"{2 * (local - 1) / local * 4 * n * 8 / INTRA_BPS * 1e3:.1f} ms.",
-      "- The integer psum ends where its levels do: flat 8-bit at W = 127, "
-      "flat 4-bit at W = 7; across hosts, 8-bit serves up to 127 hosts "
-      f"(W = {127 * local} with {local} GPUs per host) and 4-bit up to 7.",
-      "- The byte saving over the flat butterfly is largest with few "
-      "hosts: at H = 2, L = 2 hierarchical sends 2 S (1 − 1/H) = S per "
-      "host (S: the code bytes) against 1.25 S (measured below)."]
+    "",
+    "## Reading",
+    "",
+    f"- At W = {big}: f32 {t['f32'] * 1e3:.0f} ms, flat 4-bit butterfly "
+    f"{t['gq4bfly'] * 1e3:.0f} ms, hierarchical 4-bit butterfly "
+    f"{t['hier_gq4bfly'] * 1e3:.0f} ms per step: both 4-bit reductions "
+    "send about 2 × N/2 bytes per host (a host-major butterfly keeps its "
+    "first log₂L levels inside the host), so the hierarchical gain is "
+    "in message rounds (log₂H + H − 1 across hosts instead of "
+    "log₂W + W − 1) and in quantization noise (W counts hosts), not in "
+    "bytes; its two f32 NVLink phases cost "
+    f"{2 * (local - 1) / local * 4 * n * 8 / INTRA_BPS * 1e3:.1f} ms.",
+    "- The integer psum ends where its levels do: flat 8-bit at W = 127, "
+    "flat 4-bit at W = 7; across hosts, 8-bit serves up to 127 hosts "
+    f"(W = {127 * local} with {local} GPUs per host) and 4-bit up to 7.",
+    "- The byte saving over the flat butterfly is largest with few "
+    "hosts: at H = 2, L = 2 hierarchical sends 2 S (1 − 1/H) = S per "
+    "host (S: the code bytes) against 1.25 S (measured below).",
+  ]
   if os.path.exists(CLUSTER_RESULTS):
     record = read_cluster_record()
     lines += [
-        "", "## Check against the emulated 2 × 2 cluster", "",
-        f"results/hierarchical_cluster.md ({record['date']}; "
-        f"N = {record['params']:,}): bytes per host per step, and the time "
-        "the 100 Mbit/s link adds to a step (step at 100 Mbit/s minus "
-        "step without shaper) vs the model's inter-host bytes × 8 / "
-        "100 Mbit/s. Measured bytes include IP/TCP headers.", "",
-        "| method | inter-host model | measured | intra-host model | "
-        "measured | slow-link time model | measured |",
-        "|---|---:|---:|---:|---:|---:|---:|"]
+      "",
+      "## Check against the emulated 2 × 2 cluster",
+      "",
+      f"results/hierarchical_cluster.md ({record['date']}; "
+      f"N = {record['params']:,}): bytes per host per step, and the time "
+      "the 100 Mbit/s link adds to a step (step at 100 Mbit/s minus "
+      "step without shaper) vs the model's inter-host bytes × 8 / "
+      "100 Mbit/s. Measured bytes include IP/TCP headers.",
+      "",
+      "| method | inter-host model | measured | intra-host model | "
+      "measured | slow-link time model | measured |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in emulated_check(record):
       lines.append(
-          f"| {LABELS[row['method']]} | {row['model_inter'] / 2**20:.2f} MiB"
-          f" | {row['measured_inter'] / 2**20:.2f} MiB | "
-          f"{row['model_intra'] / 2**20:.2f} MiB | "
-          f"{row['measured_intra'] / 2**20:.2f} MiB | "
-          f"{row['model_wire_s'] * 1e3:.0f} ms | "
-          f"{row['measured_wire_s'] * 1e3:.0f} ms |")
+        f"| {LABELS[row['method']]} | {row['model_inter'] / 2**20:.2f} MiB"
+        f" | {row['measured_inter'] / 2**20:.2f} MiB | "
+        f"{row['model_intra'] / 2**20:.2f} MiB | "
+        f"{row['measured_intra'] / 2**20:.2f} MiB | "
+        f"{row['model_wire_s'] * 1e3:.0f} ms | "
+        f"{row['measured_wire_s'] * 1e3:.0f} ms |"
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -273,11 +333,13 @@ def main(argv=None):
   parser.add_argument("--elements", type=int, default=1_000_000_000)
   parser.add_argument("--local", type=int, default=8)
   parser.add_argument("--workers", default="16,64,256,1024,4096")
-  parser.add_argument("--output", default=os.path.join(HERE, "results",
-                                                       "wire_model.md"))
+  parser.add_argument(
+    "--output", default=os.path.join(HERE, "results", "wire_model.md")
+  )
   args = parser.parse_args(argv)
-  text = render(args.elements, args.local,
-                [int(w) for w in args.workers.split(",")])
+  text = render(
+    args.elements, args.local, [int(w) for w in args.workers.split(",")]
+  )
   with open(args.output, "w") as f:
     f.write(text)
   print(text)

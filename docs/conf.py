@@ -19,10 +19,10 @@ author = "The gqsgd_jax authors"
 copyright = "2026, The gqsgd_jax authors"  # pylint: disable=redefined-builtin
 
 extensions = [
-    "myst_parser",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
+  "myst_parser",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.mathjax",
 ]
 source_suffix = {".md": "markdown"}
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]

@@ -43,7 +43,8 @@ def _has_baseline(name: str) -> bool:
   # find_spec does not run the module: nothing may touch JAX's backend
   # before setup_devices.
   return hasattr(gqsgd_jax, name) or (
-      importlib.util.find_spec(f"gqsgd_jax._src.{name}") is not None)
+    importlib.util.find_spec(f"gqsgd_jax._src.{name}") is not None
+  )
 
 
 def _baseline_factory(name: str):
@@ -55,7 +56,8 @@ def _baseline_factory(name: str):
 
 
 COMPRESSORS = ("f32", "bf16", "gqsgd", "gqsgd_exp") + tuple(
-    name for name in _BASELINES if _has_baseline(name))
+  name for name in _BASELINES if _has_baseline(name)
+)
 # Defaults of the baselines' own knobs (bits maps to their levels).
 POWERSGD_RANK = 4
 POWERSGD_START = 0  # steps of exact averaging first (the reference: 1000)
@@ -105,21 +107,32 @@ def make_mesh(num_workers: int | None = None) -> jax.sharding.Mesh:
   num_workers = num_workers or len(devices)
   if num_workers > len(devices):
     raise ValueError(
-        f"asked for {num_workers} workers but JAX sees {len(devices)} "
-        f"{jax.default_backend()} devices")
+      f"asked for {num_workers} workers but JAX sees {len(devices)} "
+      f"{jax.default_backend()} devices"
+    )
   if jax.process_count() > 1 and num_workers != len(devices):
     raise ValueError(
-        f"a run of {jax.process_count()} processes uses all "
-        f"{len(devices)} devices, not {num_workers}")
-  return jax.make_mesh((num_workers,), (AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices[:num_workers])
+      f"a run of {jax.process_count()} processes uses all "
+      f"{len(devices)} devices, not {num_workers}"
+    )
+  return jax.make_mesh(
+    (num_workers,),
+    (AXIS,),
+    axis_types=(jax.sharding.AxisType.Auto,),
+    devices=devices[:num_workers],
+  )
 
 
-def make_compressor(name: str, bits: int = 4, *, axis_name=AXIS,
-                    seed: int = 0, reduction: str = "auto",
-                    granularity: str = "bucket", momentum: float = 0.0
-                    ) -> optax.GradientTransformation:
+def make_compressor(
+  name: str,
+  bits: int = 4,
+  *,
+  axis_name=AXIS,
+  seed: int = 0,
+  reduction: str = "auto",
+  granularity: str = "bucket",
+  momentum: float = 0.0,
+) -> optax.GradientTransformation:
   """The gradient all-reduce of a method, as the first link of a chain.
 
   Args:
@@ -149,33 +162,47 @@ def make_compressor(name: str, bits: int = 4, *, axis_name=AXIS,
   if name == "bf16":
     return gqsgd_jax.psum_mean(axis_name=axis_name, wire_dtype=jnp.bfloat16)
   if name == "gqsgd":
-    return gqsgd_jax.global_quantize(bits=bits, axis_name=axis_name,
-                                     reduction=reduction,
-                                     granularity=granularity, key=seed)
+    return gqsgd_jax.global_quantize(
+      bits=bits,
+      axis_name=axis_name,
+      reduction=reduction,
+      granularity=granularity,
+      key=seed,
+    )
   if name == "gqsgd_exp":
-    return gqsgd_jax.global_quantize(bits=8, axis_name=axis_name,
-                                     dithering="exponential",
-                                     granularity=granularity, key=seed)
+    return gqsgd_jax.global_quantize(
+      bits=8,
+      axis_name=axis_name,
+      dithering="exponential",
+      granularity=granularity,
+      key=seed,
+    )
   if name not in COMPRESSORS:
     raise ValueError(f"compressor must be one of {COMPRESSORS}, got {name!r}")
   factory = _baseline_factory(name)
   options = {
-      "thc": dict(levels=2**bits),
-      "qsgd": dict(levels=2**(bits - 1) - 1),
-      "powersgd": dict(rank=POWERSGD_RANK, start_iter=POWERSGD_START),
-      "acpsgd": dict(rank=POWERSGD_RANK),
-      "jointsq": dict(compression_ratio=JOINTSQ_RATIO),
-      "dgc": dict(density=DGC_DENSITY, momentum=momentum),
+    "thc": dict(levels=2**bits),
+    "qsgd": dict(levels=2 ** (bits - 1) - 1),
+    "powersgd": dict(rank=POWERSGD_RANK, start_iter=POWERSGD_START),
+    "acpsgd": dict(rank=POWERSGD_RANK),
+    "jointsq": dict(compression_ratio=JOINTSQ_RATIO),
+    "dgc": dict(density=DGC_DENSITY, momentum=momentum),
   }[name]
   return factory(axis_name=axis_name, key=seed, **options)
 
 
-def make_optimizer(compressor: str, bits: int, base: str,
-                   schedule: optax.Schedule, *, momentum: float = 0.9,
-                   seed: int = 0, reduction: str = "auto",
-                   granularity: str = "bucket",
-                   clip_norm: float | None = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  compressor: str,
+  bits: int,
+  base: str,
+  schedule: optax.Schedule,
+  *,
+  momentum: float = 0.9,
+  seed: int = 0,
+  reduction: str = "auto",
+  granularity: str = "bucket",
+  clip_norm: float | None = None,
+) -> optax.GradientTransformation:
   """The compressor first (local -> mean gradient), then the optimizer.
 
   Args:
@@ -192,13 +219,22 @@ def make_optimizer(compressor: str, bits: int, base: str,
   momentum 0 (top-k sparsification with a residual memory).
   """
   dgc_momentum = momentum if base == "sgd" else 0.0
-  links = [make_compressor(compressor, bits, seed=seed, reduction=reduction,
-                           granularity=granularity, momentum=dgc_momentum)]
+  links = [
+    make_compressor(
+      compressor,
+      bits,
+      seed=seed,
+      reduction=reduction,
+      granularity=granularity,
+      momentum=dgc_momentum,
+    )
+  ]
   if clip_norm:
     links.append(optax.clip_by_global_norm(clip_norm))
   if base == "sgd":
-    links.append(optax.sgd(schedule, momentum=None if compressor == "dgc"
-                           else momentum))
+    links.append(
+      optax.sgd(schedule, momentum=None if compressor == "dgc" else momentum)
+    )
   elif base == "adam":
     links.append(optax.adam(schedule))
   else:
@@ -210,12 +246,16 @@ def method_name(name: str, bits: int, granularity: str = "bucket") -> str:
   """A readable label for logs, tables and plots."""
   if name.startswith("gqsgd") and granularity != "bucket":
     return f"{method_name(name, bits)}-{granularity}"
-  return {"gqsgd": f"gqsgd-{bits}bit", "gqsgd_exp": "gqsgd-exp-8bit",
-          "thc": f"thc-{bits}bit", "qsgd": f"qsgd-{bits}bit",
-          "powersgd": f"powersgd-r{POWERSGD_RANK}",
-          "acpsgd": f"acpsgd-r{POWERSGD_RANK}",
-          "dgc": f"dgc-{DGC_DENSITY:.0%}",
-          "jointsq": f"jointsq-{JOINTSQ_RATIO:g}"}.get(name, name)
+  return {
+    "gqsgd": f"gqsgd-{bits}bit",
+    "gqsgd_exp": "gqsgd-exp-8bit",
+    "thc": f"thc-{bits}bit",
+    "qsgd": f"qsgd-{bits}bit",
+    "powersgd": f"powersgd-r{POWERSGD_RANK}",
+    "acpsgd": f"acpsgd-r{POWERSGD_RANK}",
+    "dgc": f"dgc-{DGC_DENSITY:.0%}",
+    "jointsq": f"jointsq-{JOINTSQ_RATIO:g}",
+  }.get(name, name)
 
 
 # ---------------------------------------------------------------------------
@@ -227,19 +267,26 @@ def replicate(tree, mesh):
   the same, e.g. params built from the same seed)."""
   sharding = NamedSharding(mesh, P())
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding,
-                                                       np.asarray(x)), tree)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+    tree,
+  )
 
 
 def process_rows(sharding: NamedSharding, num_rows: int) -> slice:
   """The rows of a global array split along axis 0 held by this process."""
-  spans = sorted({index[0].indices(num_rows)[:2] for index in
-                  sharding.addressable_devices_indices_map(
-                      (num_rows,)).values()})
+  spans = sorted(
+    {
+      index[0].indices(num_rows)[:2]
+      for index in sharding.addressable_devices_indices_map(
+        (num_rows,)
+      ).values()
+    }
+  )
   for (_, stop), (start, _) in zip(spans, spans[1:]):
     if start != stop:
-      raise ValueError("this process's devices are not contiguous on the "
-                       "mesh axis")
+      raise ValueError(
+        "this process's devices are not contiguous on the mesh axis"
+      )
   return slice(spans[0][0], spans[-1][1])
 
 
@@ -255,15 +302,18 @@ def shard(tree, mesh):
     x = np.asarray(x)
     local = x[process_rows(sharding, x.shape[0])]
     return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
   return jax.tree.map(put, tree)
 
 
 def to_host(tree):
   """NumPy copies of (possibly multi-process) arrays on every process."""
+
   def get(x):
     if getattr(x, "is_fully_addressable", True):
       return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
   return jax.tree.map(get, tree)
 
 
@@ -278,8 +328,10 @@ def params_digest(params) -> str:
       data = np.asarray(s.data)
       if s.device == leaf.addressable_shards[0].device:
         h.update(data.tobytes())
-      elif not np.array_equal(data.view(np.uint8), np.asarray(
-          leaf.addressable_shards[0].data).view(np.uint8)):
+      elif not np.array_equal(
+        data.view(np.uint8),
+        np.asarray(leaf.addressable_shards[0].data).view(np.uint8),
+      ):
         raise AssertionError("replicated params differ across devices")
   return h.hexdigest()
 
@@ -295,8 +347,9 @@ def _varying(x) -> bool:
   return AXIS in axes
 
 
-def per_worker_mask(tx: optax.GradientTransformation, params,
-                    mesh: jax.sharding.Mesh):
+def per_worker_mask(
+  tx: optax.GradientTransformation, params, mesh: jax.sharding.Mesh
+):
   """Which leaves of ``tx``'s state differ per worker (error memories).
 
   Error-feedback compressors (THC, PowerSGD, DGC, JointSQ, ...) keep a
@@ -320,11 +373,14 @@ def per_worker_mask(tx: optax.GradientTransformation, params,
     found["treedef"] = jax.tree.structure(state)
     found["mask"] = [_varying(x) for x in jax.tree.leaves(state)]
     found["shapes"] = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state
+    )
     return lead(state)
 
-  jax.eval_shape(jax.shard_map(init_probe, mesh=mesh, in_specs=P(),
-                               out_specs=P(AXIS)), params)
+  jax.eval_shape(
+    jax.shard_map(init_probe, mesh=mesh, in_specs=P(), out_specs=P(AXIS)),
+    params,
+  )
   treedef = found["treedef"]
   # Start from the fields states declare per worker (``per_worker_fields``,
   # see gqsgd_jax's worker_state_specs): a lax.cond in the update may need
@@ -333,8 +389,10 @@ def per_worker_mask(tx: optax.GradientTransformation, params,
   mask = [a or b for a, b in zip(found["mask"], declared)]
 
   def update_probe(p, state):
-    leaves = [jax.lax.pcast(x, AXIS, to="varying") if m else x
-              for x, m in zip(jax.tree.leaves(state), mask)]
+    leaves = [
+      jax.lax.pcast(x, AXIS, to="varying") if m else x
+      for x, m in zip(jax.tree.leaves(state), mask)
+    ]
     state = jax.tree.unflatten(treedef, leaves)
     updates, state = tx.update(gqsgd_jax.varying(p, AXIS), state, p)
     found["updates_vary"] = any(_varying(u) for u in jax.tree.leaves(updates))
@@ -342,21 +400,28 @@ def per_worker_mask(tx: optax.GradientTransformation, params,
     return lead((updates, state))
 
   while True:
-    jax.eval_shape(jax.shard_map(update_probe, mesh=mesh,
-                                 in_specs=(P(), P()), out_specs=P(AXIS)),
-                   params, found["shapes"])
+    jax.eval_shape(
+      jax.shard_map(
+        update_probe, mesh=mesh, in_specs=(P(), P()), out_specs=P(AXIS)
+      ),
+      params,
+      found["shapes"],
+    )
     new = [a or b for a, b in zip(mask, found["mask"])]
     if new == mask:
       break
     mask = new
   if found["updates_vary"]:
-    raise ValueError("the optimizer's updates differ per worker: its first "
-                     "link must reduce the gradients over the mesh axis")
+    raise ValueError(
+      "the optimizer's updates differ per worker: its first "
+      "link must reduce the gradients over the mesh axis"
+    )
   return jax.tree.unflatten(treedef, mask)
 
 
 def _declared_per_worker(state):
   """True for the leaves of fields a state lists in ``per_worker_fields``."""
+
   def declares(node) -> bool:
     return bool(getattr(type(node), "per_worker_fields", ()))
 
@@ -364,8 +429,13 @@ def _declared_per_worker(state):
     if not declares(node):
       return jax.tree.map(lambda _: False, node)
     fields = type(node).per_worker_fields
-    return type(node)(*[jax.tree.map(lambda _, f=f: f in fields, v)
-                        for f, v in zip(node._fields, node)])
+    return type(node)(
+      *[
+        jax.tree.map(lambda _, f=f: f in fields, v)
+        for f, v in zip(node._fields, node)
+      ]
+    )
+
   return jax.tree.map(mark, state, is_leaf=declares)
 
 
@@ -382,8 +452,9 @@ def _stack(state, mask):
   return jax.tree.map(lambda x, m: x[None] if m else x, state, mask)
 
 
-def init_opt_state(tx: optax.GradientTransformation, params,
-                   mesh: jax.sharding.Mesh):
+def init_opt_state(
+  tx: optax.GradientTransformation, params, mesh: jax.sharding.Mesh
+):
   """``tx``'s initial state on the mesh, and its per-worker mask.
 
   The state is created inside the map: replicated leaves are replicated,
@@ -391,17 +462,26 @@ def init_opt_state(tx: optax.GradientTransformation, params,
   block i is worker i's copy. Pass the mask to ``make_train_step``.
   """
   mask = per_worker_mask(tx, params, mesh)
-  init = jax.jit(jax.shard_map(lambda p: _stack(tx.init(p), mask),
-                               mesh=mesh, in_specs=P(),
-                               out_specs=_specs(mask)))
+  init = jax.jit(
+    jax.shard_map(
+      lambda p: _stack(tx.init(p), mask),
+      mesh=mesh,
+      in_specs=P(),
+      out_specs=_specs(mask),
+    )
+  )
   return init(params), mask
 
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, dict]]
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, state_mask=None):
+def make_train_step(
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  state_mask=None,
+):
   """A jitted data-parallel step ``(params, opt_state, batch) -> ...``.
 
   ``loss_fn(params, local_batch) -> (loss, metrics)`` sees one device's
@@ -428,8 +508,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     (loss, metrics), grads = grad_fn(gqsgd_jax.varying(params, AXIS), batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = jax.tree.map(lambda m: jnp.reshape(m, (1,)),
-                           {"loss": loss, **metrics})
+    metrics = jax.tree.map(
+      lambda m: jnp.reshape(m, (1,)), {"loss": loss, **metrics}
+    )
     if state_mask is not None:
       opt_state = _stack(opt_state, state_mask)
     return params, opt_state, metrics
@@ -437,13 +518,19 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   # check_vma=True (the default) makes shard_map track which values differ
   # across devices: that is what lets varying() keep gradients local, and it
   # checks that the updated params really are replicated (out_specs=P()).
-  return jax.jit(jax.shard_map(
-      step, mesh=mesh, in_specs=(P(), state_specs, P(AXIS)),
-      out_specs=(P(), state_specs, P(AXIS))))
+  return jax.jit(
+    jax.shard_map(
+      step,
+      mesh=mesh,
+      in_specs=(P(), state_specs, P(AXIS)),
+      out_specs=(P(), state_specs, P(AXIS)),
+    )
+  )
 
 
-def make_eval_step(metric_fn: Callable[[Any, Any], dict],
-                   mesh: jax.sharding.Mesh):
+def make_eval_step(
+  metric_fn: Callable[[Any, Any], dict], mesh: jax.sharding.Mesh
+):
   """A jitted ``(params, batch) -> per-device metrics`` over the mesh.
 
   Scalars come back stacked [W]; arrays (e.g. per-example predictions) are
@@ -451,11 +538,14 @@ def make_eval_step(metric_fn: Callable[[Any, Any], dict],
   """
 
   def step(params, batch):
-    return jax.tree.map(lambda m: jnp.reshape(m, (-1,) + jnp.shape(m)[1:]),
-                        metric_fn(params, batch))
+    return jax.tree.map(
+      lambda m: jnp.reshape(m, (-1,) + jnp.shape(m)[1:]),
+      metric_fn(params, batch),
+    )
 
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                               out_specs=P(AXIS)))
+  return jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+  )
 
 
 def pad_rows(arrays: tuple, multiple: int) -> tuple[tuple, np.ndarray]:
@@ -464,8 +554,9 @@ def pad_rows(arrays: tuple, multiple: int) -> tuple[tuple, np.ndarray]:
   n = len(arrays[0])
   pad = (-n) % multiple
   weight = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  padded = tuple(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-                 for a in arrays)
+  padded = tuple(
+    np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in arrays
+  )
   return padded, weight
 
 
@@ -473,24 +564,34 @@ def wire_summary(compiled) -> dict:
   """Collective bytes per step and device of a compiled step, as a dict."""
   report = gqsgd_jax.wire_report(compiled)
   return {
-      "payload_bytes": report.payload_bytes,
-      "scale_bytes": report.scale_bytes,
-      "float_payload_bytes": report.float_payload_bytes,
-      "total_bytes": report.total_bytes,
-      "sent_bytes": report.sent_bytes,
-      "by_op": report.by_op,
+    "payload_bytes": report.payload_bytes,
+    "scale_bytes": report.scale_bytes,
+    "float_payload_bytes": report.float_payload_bytes,
+    "total_bytes": report.total_bytes,
+    "sent_bytes": report.sent_bytes,
+    "by_op": report.by_op,
   }
 
 
 def num_elements(tree) -> int:
-  return int(sum(np.prod(x.shape, dtype=np.int64)
-                 for x in jax.tree.leaves(tree)))
+  return int(
+    sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree))
+  )
 
 
-def train_loop(train_step, params, opt_state, batches: Iterator, mesh, *,
-               steps: int, eval_every: int,
-               evaluate: Callable[[Any], dict], desc: str,
-               show_progress: bool = True):
+def train_loop(
+  train_step,
+  params,
+  opt_state,
+  batches: Iterator,
+  mesh,
+  *,
+  steps: int,
+  eval_every: int,
+  evaluate: Callable[[Any], dict],
+  desc: str,
+  show_progress: bool = True,
+):
   """Compiles the step on the first batch, then trains for ``steps``.
 
   ``batches`` yields global host batches (see ``shard``); ``evaluate(params)``
@@ -511,8 +612,12 @@ def train_loop(train_step, params, opt_state, batches: Iterator, mesh, *,
   wire = wire_summary(compiled)
   history = []
   step_time = 0.0
-  bar = progress(range(1, steps + 1), total=steps, desc=desc,
-                 enabled=show_progress and is_main_process())
+  bar = progress(
+    range(1, steps + 1),
+    total=steps,
+    desc=desc,
+    enabled=show_progress and is_main_process(),
+  )
   for step in bar:
     start = time.perf_counter()
     params, opt_state, metrics = compiled(params, opt_state, batch)
@@ -522,8 +627,7 @@ def train_loop(train_step, params, opt_state, batches: Iterator, mesh, *,
     metrics = to_host(metrics)
     step_time += time.perf_counter() - start
     record = {"step": step}
-    record.update({f"train_{k}": float(np.mean(v))
-                   for k, v in metrics.items()})
+    record.update({f"train_{k}": float(np.mean(v)) for k, v in metrics.items()})
     if step % eval_every == 0 or step == steps:
       record.update(evaluate(params))
     history.append(record)
@@ -540,6 +644,7 @@ def train_loop(train_step, params, opt_state, batches: Iterator, mesh, *,
 class RunConfig:
   """The options every example's Config has; each subclass adds its model's
   and data's fields and may change the defaults (``steps`` and below)."""
+
   compressor: str = "gqsgd"  # one of common.COMPRESSORS
   bits: int = 4  # bits per coordinate for gqsgd, thc, qsgd
   reduction: str = "auto"  # gqsgd's integer reduction: auto | psum | butterfly
@@ -572,6 +677,7 @@ class Task:
       ``test_*`` entries of the history.
     extra: ``params -> dict`` of further entries for the final record.
   """
+
   params: Any
   optimizer: optax.GradientTransformation
   loss_fn: LossFn
@@ -581,8 +687,9 @@ class Task:
   extra: Callable[[Any], dict] = lambda params: {}
 
 
-def train_and_evaluate(example: str, config: RunConfig,
-                       make_task: Callable[[Any], Task]) -> dict:
+def train_and_evaluate(
+  example: str, config: RunConfig, make_task: Callable[[Any], Task]
+) -> dict:
   """Trains ``make_task(config)`` data-parallel; returns the final record.
 
   Builds the mesh of ``config.workers``, replicates the params, trains
@@ -595,27 +702,53 @@ def train_and_evaluate(example: str, config: RunConfig,
   mesh = make_mesh(config.workers)
   workers = mesh.devices.size
   if config.batch_size % workers:
-    raise ValueError(f"batch_size {config.batch_size} is not a multiple of "
-                     f"{workers} workers")
+    raise ValueError(
+      f"batch_size {config.batch_size} is not a multiple of {workers} workers"
+    )
   task = make_task(config)
   params = replicate(task.params, mesh)
   opt_state, state_mask = init_opt_state(task.optimizer, params, mesh)
-  train_step = make_train_step(task.loss_fn, task.optimizer, mesh,
-                               state_mask)
+  train_step = make_train_step(task.loss_fn, task.optimizer, mesh, state_mask)
   eval_step = make_eval_step(task.eval_fn, mesh)
   name = method_name(config.compressor, config.bits, config.granularity)
   params, _, history, wire, timing = train_loop(
-      train_step, params, opt_state, task.batches, mesh,
-      steps=config.steps, eval_every=config.eval_every,
-      evaluate=lambda p: task.evaluate(eval_step, p, mesh), desc=name,
-      show_progress=config.progress)
-  return finish(example, name, config, params, history, wire, timing, start,
-                workers=workers, num_params=num_elements(params),
-                **task.extra(params))
+    train_step,
+    params,
+    opt_state,
+    task.batches,
+    mesh,
+    steps=config.steps,
+    eval_every=config.eval_every,
+    evaluate=lambda p: task.evaluate(eval_step, p, mesh),
+    desc=name,
+    show_progress=config.progress,
+  )
+  return finish(
+    example,
+    name,
+    config,
+    params,
+    history,
+    wire,
+    timing,
+    start,
+    workers=workers,
+    num_params=num_elements(params),
+    **task.extra(params),
+  )
 
 
-def finish(example: str, name: str, config, params, history: list[dict],
-           wire: dict, timing: dict, start: float, **extra) -> dict:
+def finish(
+  example: str,
+  name: str,
+  config,
+  params,
+  history: list[dict],
+  wire: dict,
+  timing: dict,
+  start: float,
+  **extra,
+) -> dict:
   """The final record of a run; process 0 writes the JSON log.
 
   The record holds the last step's metrics, ``extra``, the wire bytes, the
@@ -624,15 +757,26 @@ def finish(example: str, name: str, config, params, history: list[dict],
   """
   final = dict(history[-1])
   final.update(extra)
-  final.update(processes=jax.process_count(),
-               params_digest=params_digest(params),
-               wall_time_s=time.perf_counter() - start, **timing, **wire)
+  final.update(
+    processes=jax.process_count(),
+    params_digest=params_digest(params),
+    wall_time_s=time.perf_counter() - start,
+    **timing,
+    **wire,
+  )
   if config.log and is_main_process():
-    write_log(config.log, {
-        "example": example, "name": name,
+    write_log(
+      config.log,
+      {
+        "example": example,
+        "name": name,
         "config": dataclasses.asdict(config),
-        "backend": jax.default_backend(), "wire": wire, "history": history,
-        "final": final})
+        "backend": jax.default_backend(),
+        "wire": wire,
+        "history": history,
+        "final": final,
+      },
+    )
   return final
 
 
@@ -641,22 +785,33 @@ def report(final: dict) -> str:
   process prints (multi-process runs compare them). ``--log`` writes the
   whole record (history, wire bytes per collective, config) as JSON."""
   metrics = " ".join(
-      f"{k} {v:.4g}" for k, v in final.items()
-      if k.startswith(("test_", "train_")) and isinstance(v, (int, float)))
+    f"{k} {v:.4g}"
+    for k, v in final.items()
+    if k.startswith(("test_", "train_")) and isinstance(v, (int, float))
+  )
   summary = (
-      f"RESULT step {final['step']} {metrics} | sent "
-      f"{final['sent_bytes']:,.0f} B/step/device (payload "
-      f"{final['payload_bytes']:,} B, float {final['float_payload_bytes']:,}"
-      f" B) | step {1e3 * final['step_s']:.1f} ms, compile "
-      f"{final['compile_s']:.1f} s, wall {final['wall_time_s']:.1f} s")
-  return (summary +
-          f"\nPARAMS_DIGEST {final['params_digest']} process "
-          f"{jax.process_index()}/{jax.process_count()} devices "
-          f"{jax.device_count()}")
+    f"RESULT step {final['step']} {metrics} | sent "
+    f"{final['sent_bytes']:,.0f} B/step/device (payload "
+    f"{final['payload_bytes']:,} B, float {final['float_payload_bytes']:,}"
+    f" B) | step {1e3 * final['step_s']:.1f} ms, compile "
+    f"{final['compile_s']:.1f} s, wall {final['wall_time_s']:.1f} s"
+  )
+  return (
+    summary + f"\nPARAMS_DIGEST {final['params_digest']} process "
+    f"{jax.process_index()}/{jax.process_count()} devices "
+    f"{jax.device_count()}"
+  )
 
 
-def progress(iterable: Iterable, *, total: int, desc: str,
-             enabled: bool = True, every: int | None = None, stream=None):
+def progress(
+  iterable: Iterable,
+  *,
+  total: int,
+  desc: str,
+  enabled: bool = True,
+  every: int | None = None,
+  stream=None,
+):
   """Progress of a loop: a tqdm bar on a terminal, else a line every N steps.
 
   Output to a file or a pipe (CI logs, ``gqsgd_jax.launch``) gets a plain
@@ -667,10 +822,17 @@ def progress(iterable: Iterable, *, total: int, desc: str,
   if not enabled:
     return _LineProgress(iterable, total, desc, every=0, stream=stream)
   if stream.isatty():
-    return tqdm.tqdm(iterable, total=total, desc=desc, dynamic_ncols=True,
-                     leave=False, file=stream)
-  return _LineProgress(iterable, total, desc,
-                       every=every or max(1, total // 10), stream=stream)
+    return tqdm.tqdm(
+      iterable,
+      total=total,
+      desc=desc,
+      dynamic_ncols=True,
+      leave=False,
+      file=stream,
+    )
+  return _LineProgress(
+    iterable, total, desc, every=every or max(1, total // 10), stream=stream
+  )
 
 
 class _LineProgress:
@@ -689,9 +851,12 @@ class _LineProgress:
     for count, item in enumerate(self.iterable, 1):
       yield item
       if self.every and (count % self.every == 0 or count == self.total):
-        print(f"{self.desc}: step {count}/{self.total} {self.postfix} "
-              f"({time.perf_counter() - start:.1f} s)", file=self.stream,
-              flush=True)
+        print(
+          f"{self.desc}: step {count}/{self.total} {self.postfix} "
+          f"({time.perf_counter() - start:.1f} s)",
+          file=self.stream,
+          flush=True,
+        )
 
 
 def write_log(path: str | os.PathLike, record: dict) -> None:
@@ -720,39 +885,61 @@ def _to_json(x):
 def add_run_args(parser) -> None:
   """The options every example's main.py takes (None: the config's)."""
   parser.add_argument("--compressor", choices=COMPRESSORS)
-  parser.add_argument("--bits", type=int,
-                      help="bits per coordinate (gqsgd, thc, qsgd)")
-  parser.add_argument("--reduction", choices=("auto", "psum", "butterfly"),
-                      help="Global-QSGD's integer reduction (default auto)")
-  parser.add_argument("--granularity", choices=("bucket", "leaf", "global"),
-                      help="Global-QSGD's scale: per 25 MiB bucket "
-                      "(default), per tensor, or one for the model")
-  parser.add_argument("--workers", type=int,
-                      help="data-parallel devices (default: 8 simulated CPU "
-                      "devices, every GPU, or every device of a "
-                      "multi-process run)")
+  parser.add_argument(
+    "--bits", type=int, help="bits per coordinate (gqsgd, thc, qsgd)"
+  )
+  parser.add_argument(
+    "--reduction",
+    choices=("auto", "psum", "butterfly"),
+    help="Global-QSGD's integer reduction (default auto)",
+  )
+  parser.add_argument(
+    "--granularity",
+    choices=("bucket", "leaf", "global"),
+    help="Global-QSGD's scale: per 25 MiB bucket "
+    "(default), per tensor, or one for the model",
+  )
+  parser.add_argument(
+    "--workers",
+    type=int,
+    help="data-parallel devices (default: 8 simulated CPU "
+    "devices, every GPU, or every device of a "
+    "multi-process run)",
+  )
   parser.add_argument("--steps", type=int)
   parser.add_argument("--seed", type=int)
   parser.add_argument("--batch-size", type=int, help="global batch size")
   parser.add_argument("--lr", type=float, dest="learning_rate")
   parser.add_argument("--log", help="write the run's JSON log here")
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
-                      default=None, help="no progress bar")
-  parser.add_argument("--distributed", action="store_true",
-                      help="join a multi-process run through JAX's cluster "
-                      "auto-detection (SLURM, Open MPI, ...); implied under "
-                      "python -m gqsgd_jax.launch")
+  parser.add_argument(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    default=None,
+    help="no progress bar",
+  )
+  parser.add_argument(
+    "--distributed",
+    action="store_true",
+    help="join a multi-process run through JAX's cluster "
+    "auto-detection (SLURM, Open MPI, ...); implied under "
+    "python -m gqsgd_jax.launch",
+  )
 
 
 def config_overrides(args) -> dict:
   """The options given on the command line, as config fields."""
-  return {k: v for k, v in vars(args).items()
-          if v is not None and k != "distributed"}
+  return {
+    k: v for k, v in vars(args).items() if v is not None and k != "distributed"
+  }
 
 
-def main(example: str, description: str,
-         add_args: Callable[[argparse.ArgumentParser], None] | None = None,
-         argv=None) -> None:
+def main(
+  example: str,
+  description: str,
+  add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+  argv=None,
+) -> None:
   """The main() of ``examples/<example>/main.py``: options, run, report.
 
   Parses ``add_run_args``' options and the example's own (``add_args``),
@@ -769,6 +956,5 @@ def main(example: str, description: str,
   # Imported here: the examples build models (flax) and data on import.
   train = importlib.import_module(f"examples.{example}.train")
   default = importlib.import_module(f"examples.{example}.configs.default")
-  config = dataclasses.replace(default.get_config(),
-                               **config_overrides(args))
+  config = dataclasses.replace(default.get_config(), **config_overrides(args))
   print(report(train.train_and_evaluate(config)), flush=True)

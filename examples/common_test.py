@@ -18,8 +18,9 @@ W = 4
 # by the state (THC; PowerSGD, whose lax.cond needs them varying to trace)
 # or found by tracing alone (DGC). The examples' tests cover Global-QSGD and
 # the convergence script every method.
-METHODS = [(c, 4) for c in ("thc", "powersgd", "dgc")
-           if c in common.COMPRESSORS]
+METHODS = [
+  (c, 4) for c in ("thc", "powersgd", "dgc") if c in common.COMPRESSORS
+]
 
 
 def _problem(seed=0):
@@ -37,14 +38,16 @@ def _loss(params, batch):
   return jnp.mean(err**2), {"max_err": jnp.max(jnp.abs(err))}
 
 
-@pytest.mark.parametrize("compressor,bits", METHODS,
-                         ids=[common.method_name(c, b) for c, b in METHODS])
+@pytest.mark.parametrize(
+  "compressor,bits", METHODS, ids=[common.method_name(c, b) for c, b in METHODS]
+)
 def test_every_method_trains_with_replicated_params(compressor, bits):
   _require_devices(W)
   mesh = common.make_mesh(W)
   params, batch = _problem()
-  tx = common.make_optimizer(compressor, bits, "sgd",
-                             optax.constant_schedule(0.5), momentum=0.5)
+  tx = common.make_optimizer(
+    compressor, bits, "sgd", optax.constant_schedule(0.5), momentum=0.5
+  )
   params = common.replicate(params, mesh)
   opt_state, mask = common.init_opt_state(tx, params, mesh)
   step = common.make_train_step(_loss, tx, mesh, mask)
@@ -59,23 +62,28 @@ def test_every_method_trains_with_replicated_params(compressor, bits):
   # Raises if the devices' copies differ.
   assert len(common.params_digest(params)) == 64
   # Per-worker leaves are [W, ...] blocks sharded over the mesh axis.
-  for leaf, per_worker in zip(jax.tree.leaves(opt_state),
-                              jax.tree.leaves(mask)):
+  for leaf, per_worker in zip(
+    jax.tree.leaves(opt_state), jax.tree.leaves(mask)
+  ):
     want = NamedSharding(mesh, P(common.AXIS) if per_worker else P())
-    assert leaf.size == 0 or leaf.sharding.is_equivalent_to(
-        want, leaf.ndim), (compressor, leaf.shape)
+    assert leaf.size == 0 or leaf.sharding.is_equivalent_to(want, leaf.ndim), (
+      compressor,
+      leaf.shape,
+    )
 
 
 def test_per_worker_mask_finds_error_memories():
   _require_devices(W)
   mesh = common.make_mesh(W)
   params, _ = _problem()
-  plain = common.per_worker_mask(common.make_optimizer(
-      "gqsgd", 4, "adam", optax.constant_schedule(0.1)), params, mesh)
+  plain = common.per_worker_mask(
+    common.make_optimizer("gqsgd", 4, "adam", optax.constant_schedule(0.1)),
+    params,
+    mesh,
+  )
   assert not any(jax.tree.leaves(plain))
   if "dgc" in common.COMPRESSORS:
-    mask = common.per_worker_mask(common.make_compressor("dgc"), params,
-                                  mesh)
+    mask = common.per_worker_mask(common.make_compressor("dgc"), params, mesh)
     assert all(jax.tree.leaves(mask.momentum))
     assert not any(jax.tree.leaves(mask.key))
 
@@ -100,8 +108,9 @@ def test_shard_feeds_this_process_rows():
 def test_make_optimizer_moves_momentum_into_dgc():
   if "dgc" not in common.COMPRESSORS:
     pytest.skip("no DGC in this build")
-  tx = common.make_optimizer("dgc", 0, "sgd", optax.constant_schedule(0.1),
-                             momentum=0.9)
+  tx = common.make_optimizer(
+    "dgc", 0, "sgd", optax.constant_schedule(0.1), momentum=0.9
+  )
   state = jax.eval_shape(tx.init, {"w": jnp.zeros((64, 32))})
   # DGC's velocity, and no momentum trace in the outer SGD.
   assert "TraceState" not in repr(state)
@@ -117,6 +126,7 @@ def test_progress_prints_lines_when_output_is_not_a_terminal():
   assert lines[0].startswith("run: step 2/20 loss 0.500 (")
   assert lines[-1].startswith("run: step 20/20 loss 0.050 (")
   out = io.StringIO()
-  list(common.progress(range(20), total=20, desc="run", stream=out,
-                       enabled=False))
+  list(
+    common.progress(range(20), total=20, desc="run", stream=out, enabled=False)
+  )
   assert not out.getvalue()

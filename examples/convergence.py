@@ -28,60 +28,102 @@ import traceback
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from examples import common  # noqa: E402
+from examples import common
 
 # (compressor, bits, Global-QSGD's granularity) in table order; the
 # baselines only if present. The "-leaf" rows scale each tensor by its own
 # max-abs instead of one max-abs per 25 MiB bucket (here: the whole model).
-METHODS = (("f32", 32, "bucket"), ("bf16", 16, "bucket"),
-           ("gqsgd", 8, "bucket"), ("gqsgd", 4, "bucket"),
-           ("gqsgd", 8, "leaf"), ("gqsgd", 4, "leaf"),
-           ("gqsgd_exp", 8, "bucket"), ("thc", 4, "bucket"),
-           ("qsgd", 8, "bucket"), ("powersgd", 0, "bucket"),
-           ("acpsgd", 0, "bucket"), ("jointsq", 0, "bucket"),
-           ("dgc", 0, "bucket"))
+METHODS = (
+  ("f32", 32, "bucket"),
+  ("bf16", 16, "bucket"),
+  ("gqsgd", 8, "bucket"),
+  ("gqsgd", 4, "bucket"),
+  ("gqsgd", 8, "leaf"),
+  ("gqsgd", 4, "leaf"),
+  ("gqsgd_exp", 8, "bucket"),
+  ("thc", 4, "bucket"),
+  ("qsgd", 8, "bucket"),
+  ("powersgd", 0, "bucket"),
+  ("acpsgd", 0, "bucket"),
+  ("jointsq", 0, "bucket"),
+  ("dgc", 0, "bucket"),
+)
 
 # Per example: the metric of the table, whether higher is better, how it
 # prints, and the run's size (the same for every method).
 EXAMPLES = {
-    "vision": dict(metric="test_accuracy", higher=True, percent=True,
-                   full=dict(steps=300, eval_every=50),
-                   quick=dict(steps=6, eval_every=3, widths=(8, 16),
-                              batch_size=64)),
-    "language": dict(metric="test_perplexity", higher=False, percent=False,
-                     full=dict(steps=300, eval_every=50),
-                     quick=dict(steps=6, eval_every=3, embed_dim=32,
-                                num_layers=1, seq_len=16, eval_windows=32)),
-    "recommendation": dict(metric="test_auc", higher=True, percent=True,
-                           full=dict(steps=200, eval_every=50),
-                           quick=dict(steps=6, eval_every=3,
-                                      num_train=8192, num_test=2048,
-                                      batch_size=256)),
+  "vision": dict(
+    metric="test_accuracy",
+    higher=True,
+    percent=True,
+    full=dict(steps=300, eval_every=50),
+    quick=dict(steps=6, eval_every=3, widths=(8, 16), batch_size=64),
+  ),
+  "language": dict(
+    metric="test_perplexity",
+    higher=False,
+    percent=False,
+    full=dict(steps=300, eval_every=50),
+    quick=dict(
+      steps=6,
+      eval_every=3,
+      embed_dim=32,
+      num_layers=1,
+      seq_len=16,
+      eval_windows=32,
+    ),
+  ),
+  "recommendation": dict(
+    metric="test_auc",
+    higher=True,
+    percent=True,
+    full=dict(steps=200, eval_every=50),
+    quick=dict(
+      steps=6, eval_every=3, num_train=8192, num_test=2048, batch_size=256
+    ),
+  ),
 }
 # The seed's target: Global-QSGD at 8 and 4 bits loses at most 1 point of
 # accuracy (AUC) against f32.
 TARGET_POINTS = 1.0
-TARGET_METHODS = ("gqsgd-8bit", "gqsgd-4bit", "gqsgd-8bit-leaf",
-                  "gqsgd-4bit-leaf")
+TARGET_METHODS = (
+  "gqsgd-8bit",
+  "gqsgd-4bit",
+  "gqsgd-8bit-leaf",
+  "gqsgd-4bit-leaf",
+)
 
 
 def available_methods() -> list[tuple[str, int, str]]:
   return [m for m in METHODS if m[0] in common.COMPRESSORS]
 
 
-def run_one(example: str, method: tuple[str, int, str], overrides: dict,
-            workers: int, seed: int, logdir: pathlib.Path) -> dict:
+def run_one(
+  example: str,
+  method: tuple[str, int, str],
+  overrides: dict,
+  workers: int,
+  seed: int,
+  logdir: pathlib.Path,
+) -> dict:
   """Trains one method on one example; returns its final record."""
   train = __import__(f"examples.{example}.train", fromlist=["train"])
-  default = __import__(f"examples.{example}.configs.default",
-                       fromlist=["default"])
+  default = __import__(
+    f"examples.{example}.configs.default", fromlist=["default"]
+  )
   compressor, bits, granularity = method
   name = common.method_name(*method)
   config = dataclasses.replace(
-      default.get_config(), compressor=compressor, bits=bits or 4,
-      granularity=granularity, workers=workers, seed=seed,
-      log=str(logdir / log_name(example, name, seed)),
-      progress=sys.stderr.isatty(), **overrides)
+    default.get_config(),
+    compressor=compressor,
+    bits=bits or 4,
+    granularity=granularity,
+    workers=workers,
+    seed=seed,
+    log=str(logdir / log_name(example, name, seed)),
+    progress=sys.stderr.isatty(),
+    **overrides,
+  )
   cpu = time.process_time()
   final = train.train_and_evaluate(config)
   return {"name": name, "cpu_time_s": time.process_time() - cpu, **final}
@@ -101,8 +143,9 @@ def aggregate(finals: list[dict], metric: str) -> dict:
   values = [f[metric] for f in finals]
   row["seeds"] = len(values)
   row[f"{metric}_std"] = float(
-      (sum((v - row[metric])**2 for v in values) / max(len(values) - 1, 1))
-      ** 0.5)
+    (sum((v - row[metric]) ** 2 for v in values) / max(len(values) - 1, 1))
+    ** 0.5
+  )
   row[f"{metric}_runs"] = values
   return row
 
@@ -115,13 +158,16 @@ def format_table(example: str, rows: list[dict]) -> str:
   """A markdown table: metric, change vs f32, bytes sent, time."""
   spec = EXAMPLES[example]
   metric, percent = spec["metric"], spec["percent"]
-  base = next((r for r in rows if r["name"] == "f32" and "error" not in r),
-              None)
+  base = next(
+    (r for r in rows if r["name"] == "f32" and "error" not in r), None
+  )
   unit = " (%)" if percent else ""
-  lines = [f"| method | {metric.replace('test_', 'test ')}{unit} | vs f32 "
-           f"| train loss | sent B/step/device | vs f32 | step (ms) | "
-           "wall (s) | CPU (s) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"| method | {metric.replace('test_', 'test ')}{unit} | vs f32 "
+    f"| train loss | sent B/step/device | vs f32 | step (ms) | "
+    "wall (s) | CPU (s) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 7)
@@ -133,14 +179,18 @@ def format_table(example: str, rows: list[dict]) -> str:
     delta = ratio = ""
     if base is not None:
       d = value - base[metric]
-      delta = (f"{100 * d:+.2f} pt" if percent else
-               f"{d:+.3f} ({100 * d / base[metric]:+.1f}%)")
+      delta = (
+        f"{100 * d:+.2f} pt"
+        if percent
+        else f"{d:+.3f} ({100 * d / base[metric]:+.1f}%)"
+      )
       ratio = f"{base['sent_bytes'] / max(r['sent_bytes'], 1):.1f}x"
     lines.append(
-        f"| {r['name']} | {shown} | {delta} | "
-        f"{r['train_loss']:.4f} | {r['sent_bytes']:,.0f} | {ratio} | "
-        f"{1000 * r['step_s']:.0f} | {r['wall_time_s']:.0f} | "
-        f"{r['cpu_time_s']:.0f} |")
+      f"| {r['name']} | {shown} | {delta} | "
+      f"{r['train_loss']:.4f} | {r['sent_bytes']:,.0f} | {ratio} | "
+      f"{1000 * r['step_s']:.0f} | {r['wall_time_s']:.0f} | "
+      f"{r['cpu_time_s']:.0f} |"
+    )
   return "\n".join(lines)
 
 
@@ -149,8 +199,9 @@ def target_check(example: str, rows: list[dict]) -> list[str]:
   spec = EXAMPLES[example]
   if not spec["percent"]:
     return []
-  base = next((r for r in rows if r["name"] == "f32" and "error" not in r),
-              None)
+  base = next(
+    (r for r in rows if r["name"] == "f32" and "error" not in r), None
+  )
   out = []
   for r in rows:
     if base is None or r["name"] not in TARGET_METHODS or "error" in r:
@@ -159,59 +210,88 @@ def target_check(example: str, rows: list[dict]) -> list[str]:
     verdict = "meets" if loss <= TARGET_POINTS else "MISSES"
     seeds = r.get("seeds", 1)
     over = f" (means over {seeds} seeds)" if seeds > 1 else ""
-    out.append(f"{r['name']}: f32 minus it = {loss:+.2f} points{over}, "
-               f"{verdict} the {TARGET_POINTS:g}-point target")
+    out.append(
+      f"{r['name']}: f32 minus it = {loss:+.2f} points{over}, "
+      f"{verdict} the {TARGET_POINTS:g}-point target"
+    )
   return out
 
 
 def machine() -> str:
   import jax  # pylint: disable=g-import-not-at-top
+
   cpu = platform.processor() or "unknown CPU"
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f
-                 if line.startswith("model name"))
+      cpu = next(
+        line.split(":", 1)[1].strip()
+        for line in f
+        if line.startswith("model name")
+      )
   except (OSError, StopIteration):
     pass
   load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-  return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, "
-          f"{platform.system()} {platform.release()}; Python "
-          f"{platform.python_version()}, JAX {jax.__version__} "
-          f"({jax.default_backend()}, {jax.device_count()} devices); load "
-          f"average at the start {load}")
+  return (
+    f"{platform.node()}: {cpu}, {os.cpu_count()} cores, "
+    f"{platform.system()} {platform.release()}; Python "
+    f"{platform.python_version()}, JAX {jax.__version__} "
+    f"({jax.default_backend()}, {jax.device_count()} devices); load "
+    f"average at the start {load}"
+  )
 
 
-def write_report(path: pathlib.Path, *, results: dict, sizes: dict,
-                 pngs: dict, command: str, started: datetime.datetime,
-                 elapsed: float, machine_info: str, workers: int,
-                 seeds: list[int], quick: bool, notes: str = "") -> None:
+def write_report(
+  path: pathlib.Path,
+  *,
+  results: dict,
+  sizes: dict,
+  pngs: dict,
+  command: str,
+  started: datetime.datetime,
+  elapsed: float,
+  machine_info: str,
+  workers: int,
+  seeds: list[int],
+  quick: bool,
+  notes: str = "",
+) -> None:
   """Writes the markdown report (see the module docstring)."""
   lines = [
-      "# Convergence of every method vs the f32 all-reduce"
-      + (" (quick smoke run)" if quick else ""), "",
-      f"- Date: {started:%Y-%m-%d %H:%M} UTC; total {elapsed / 60:.1f} min "
-      f"wall, {cpu_minutes(results):.1f} min of CPU time in training runs",
-      f"- Machine: {machine_info}",
-      f"- Command: `{command}`",
-      f"- W = {workers} data-parallel devices; "
-      + (f"seed {seeds[0]} for every run" if len(seeds) == 1 else
-         f"seeds {', '.join(map(str, seeds))} for every method (a row shows "
-         "the mean ± the standard deviation over seeds)")
-      + "; equal steps, data and hyperparameters per example. One run: "
-      "`python examples/<example>/main.py --workers 8 --steps S "
-      "--compressor C --bits B [--granularity leaf] --seed N`.",
-      "- sent B/step/device: what one device transmits per step with "
-      "bandwidth-optimal collectives, read from the compiled step "
-      "(`gqsgd_jax.wire_report`).",
-      f"- Target from the seed: Global-QSGD at 8 and 4 bits loses at most "
-      f"{TARGET_POINTS:g} point of accuracy (AUC) against f32.", ""]
+    "# Convergence of every method vs the f32 all-reduce"
+    + (" (quick smoke run)" if quick else ""),
+    "",
+    f"- Date: {started:%Y-%m-%d %H:%M} UTC; total {elapsed / 60:.1f} min "
+    f"wall, {cpu_minutes(results):.1f} min of CPU time in training runs",
+    f"- Machine: {machine_info}",
+    f"- Command: `{command}`",
+    f"- W = {workers} data-parallel devices; "
+    + (
+      f"seed {seeds[0]} for every run"
+      if len(seeds) == 1
+      else f"seeds {', '.join(map(str, seeds))} for every method (a row shows "
+      "the mean ± the standard deviation over seeds)"
+    )
+    + "; equal steps, data and hyperparameters per example. One run: "
+    "`python examples/<example>/main.py --workers 8 --steps S "
+    "--compressor C --bits B [--granularity leaf] --seed N`.",
+    "- sent B/step/device: what one device transmits per step with "
+    "bandwidth-optimal collectives, read from the compiled step "
+    "(`gqsgd_jax.wire_report`).",
+    f"- Target from the seed: Global-QSGD at 8 and 4 bits loses at most "
+    f"{TARGET_POINTS:g} point of accuracy (AUC) against f32.",
+    "",
+  ]
   for example, rows in results.items():
-    spec = EXAMPLES[example]
     size = ", ".join(f"{k}={v}" for k, v in sizes[example].items())
     first = next((r for r in rows if "error" not in r), {})
-    lines += [f"## {example}", "",
-              f"{_describe(example, first)} Run size: {size}.", "",
-              format_table(example, rows), ""]
+    lines += [
+      f"## {example}",
+      "",
+      f"{_describe(example, first)} Run size: {size}.",
+      "",
+      format_table(example, rows),
+      "",
+    ]
     lines += [f"- {line}" for line in target_check(example, rows)]
     if example in pngs:
       lines += ["", f"![{example}]({pngs[example].name})"]
@@ -223,40 +303,60 @@ def write_report(path: pathlib.Path, *, results: dict, sizes: dict,
 
 
 def cpu_minutes(results: dict) -> float:
-  return sum(r.get("cpu_time_s", 0) * r.get("seeds", 1)
-             for rows in results.values() for r in rows) / 60
+  return (
+    sum(
+      r.get("cpu_time_s", 0) * r.get("seeds", 1)
+      for rows in results.values()
+      for r in rows
+    )
+    / 60
+  )
 
 
 def _describe(example: str, r: dict) -> str:
   if example == "vision":
-    return (f"ResNet ({r.get('num_params', 0):,} params) on scikit-learn's "
-            "digits (1437 train / 360 test), SGD + momentum, cosine "
-            "schedule; metric: test accuracy.")
+    return (
+      f"ResNet ({r.get('num_params', 0):,} params) on scikit-learn's "
+      "digits (1437 train / 360 test), SGD + momentum, cosine "
+      "schedule; metric: test accuracy."
+    )
   if example == "language":
-    return (f"Byte-level causal Transformer ({r.get('num_params', 0):,} "
-            "params) on CPython's pydoc topics (the last 10% of every topic "
-            "held out), Adam; metric: held-out perplexity per byte (lower "
-            "is better).")
+    return (
+      f"Byte-level causal Transformer ({r.get('num_params', 0):,} "
+      "params) on CPython's pydoc topics (the last 10% of every topic "
+      "held out), Adam; metric: held-out perplexity per byte (lower "
+      "is better)."
+    )
   auc = r.get("oracle_auc")
   ceiling = f" (the hidden model's own AUC: {100 * auc:.2f})" if auc else ""
-  return (f"DeepFwFM ({r.get('num_params', 0):,} params, "
-          f"{100 * r.get('embedding_fraction', 0):.0f}% embedding rows) on "
-          "synthetic Criteo-shaped clicks from a hidden FwFM, Adam; metric: "
-          f"test AUC{ceiling}.")
+  return (
+    f"DeepFwFM ({r.get('num_params', 0):,} params, "
+    f"{100 * r.get('embedding_fraction', 0):.0f}% embedding rows) on "
+    "synthetic Criteo-shaped clicks from a hidden FwFM, Adam; metric: "
+    f"test AUC{ceiling}."
+  )
 
 
-def plot_example(example: str, rows: list[dict], logdir: pathlib.Path,
-                 outdir: pathlib.Path, quick: bool) -> pathlib.Path | None:
+def plot_example(
+  example: str,
+  rows: list[dict],
+  logdir: pathlib.Path,
+  outdir: pathlib.Path,
+  quick: bool,
+) -> pathlib.Path | None:
   """The PNG of an example's curves (seed 0 of every method that ran)."""
   from examples import plot  # pylint: disable=g-import-not-at-top
-  logs = [logdir / log_name(example, r["name"], 0) for r in rows
-          if "error" not in r]
+
+  logs = [
+    logdir / log_name(example, r["name"], 0) for r in rows if "error" not in r
+  ]
   if not logs:
     return None
   return plot.plot_runs(
-      [common.read_log(p) for p in logs],
-      outdir / f"convergence_{example}{'_quick' if quick else ''}.png",
-      metrics=["train_loss", EXAMPLES[example]["metric"]])
+    [common.read_log(p) for p in logs],
+    outdir / f"convergence_{example}{'_quick' if quick else ''}.png",
+    metrics=["train_loss", EXAMPLES[example]["metric"]],
+  )
 
 
 NOTES_FILE = "convergence_notes.md"  # hand-written analysis, appended
@@ -264,48 +364,71 @@ NOTES_FILE = "convergence_notes.md"  # hand-written analysis, appended
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="a few steps of small models: checks the script")
-  parser.add_argument("--examples", nargs="+", choices=list(EXAMPLES),
-                      default=list(EXAMPLES))
-  parser.add_argument("--methods", nargs="+",
-                      help="method names (e.g. f32 gqsgd-4bit); default all")
-  parser.add_argument("--scale", type=float, default=1.0,
-                      help="multiply every example's steps (and evaluation "
-                      "interval) by this")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="a few steps of small models: checks the script",
+  )
+  parser.add_argument(
+    "--examples", nargs="+", choices=list(EXAMPLES), default=list(EXAMPLES)
+  )
+  parser.add_argument(
+    "--methods",
+    nargs="+",
+    help="method names (e.g. f32 gqsgd-4bit); default all",
+  )
+  parser.add_argument(
+    "--scale",
+    type=float,
+    default=1.0,
+    help="multiply every example's steps (and evaluation interval) by this",
+  )
   parser.add_argument("--workers", type=int, default=8)
-  parser.add_argument("--seeds", type=int, default=1,
-                      help="run every method with seeds 0..N-1 and report "
-                      "the mean and spread")
-  parser.add_argument("--outdir", default=str(
-      pathlib.Path(__file__).resolve().parent / "results"))
-  parser.add_argument("--report-only", action="store_true",
-                      help="rewrite the report from the last run's results "
-                      "(e.g. after editing " + NOTES_FILE + ")")
+  parser.add_argument(
+    "--seeds",
+    type=int,
+    default=1,
+    help="run every method with seeds 0..N-1 and report the mean and spread",
+  )
+  parser.add_argument(
+    "--outdir", default=str(pathlib.Path(__file__).resolve().parent / "results")
+  )
+  parser.add_argument(
+    "--report-only",
+    action="store_true",
+    help="rewrite the report from the last run's results "
+    "(e.g. after editing " + NOTES_FILE + ")",
+  )
   args = parser.parse_args(argv)
   outdir = pathlib.Path(args.outdir)
   stem = "convergence_quick" if args.quick else "convergence"
   if args.report_only:
     saved = common.read_log(outdir / f"{stem}.json")
     notes_path = outdir / NOTES_FILE
-    saved["notes"] = "" if args.quick or not notes_path.exists() else (
-        notes_path.read_text())
+    saved["notes"] = (
+      "" if args.quick or not notes_path.exists() else (notes_path.read_text())
+    )
     saved["started"] = datetime.datetime.fromisoformat(saved["started"])
     logdir = outdir / ("logs_quick" if args.quick else "logs")
-    pngs = {example: plot_example(example, rows, logdir, outdir, args.quick)
-            for example, rows in saved["results"].items()}
+    pngs = {
+      example: plot_example(example, rows, logdir, outdir, args.quick)
+      for example, rows in saved["results"].items()
+    }
     saved["pngs"] = {k: v for k, v in pngs.items() if v is not None}
     write_report(outdir / f"{stem}.md", **saved)
     print(f"wrote {outdir / f'{stem}.md'}")
     return
   common.request_cpu_devices(args.workers)  # before JAX starts a backend
 
-  started = datetime.datetime.now(datetime.timezone.utc)
+  started = datetime.datetime.now(datetime.UTC)
   start = time.perf_counter()
   info = machine()
   logdir = outdir / ("logs_quick" if args.quick else "logs")
-  methods = [m for m in available_methods()
-             if not args.methods or common.method_name(*m) in args.methods]
+  methods = [
+    m
+    for m in available_methods()
+    if not args.methods or common.method_name(*m) in args.methods
+  ]
   print(f"methods: {[common.method_name(*m) for m in methods]}", flush=True)
   results, sizes, pngs = {}, {}, {}
   for example in args.examples:
@@ -320,18 +443,28 @@ def main(argv=None) -> None:
       finals = []
       try:
         for seed in range(args.seeds):
-          finals.append(run_one(example, method, overrides, args.workers,
-                                seed, logdir))
+          finals.append(
+            run_one(example, method, overrides, args.workers, seed, logdir)
+          )
         final = aggregate(finals, spec["metric"])
       except Exception as e:  # pylint: disable=broad-except
         traceback.print_exc()
-        final = {"name": name, "error": f"{type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:120] if str(e) else ''}"}
+        final = {
+          "name": name,
+          "error": f"{type(e).__name__}: "
+          f"{str(e).splitlines()[0][:120] if str(e) else ''}",
+        }
       rows.append(final)
-      shown = (_fmt(final[spec["metric"]], spec["percent"])
-               if "error" not in final else final["error"])
-      print(f"{example} {name}: {spec['metric']} {shown} "
-            f"({final.get('wall_time_s', 0):.0f} s)", flush=True)
+      shown = (
+        _fmt(final[spec["metric"]], spec["percent"])
+        if "error" not in final
+        else final["error"]
+      )
+      print(
+        f"{example} {name}: {spec['metric']} {shown} "
+        f"({final.get('wall_time_s', 0):.0f} s)",
+        flush=True,
+      )
     results[example] = rows
     png = plot_example(example, rows, logdir, outdir, args.quick)
     if png:
@@ -341,19 +474,35 @@ def main(argv=None) -> None:
   notes_path = outdir / NOTES_FILE
   notes = notes_path.read_text() if notes_path.exists() else ""
   command = "python examples/convergence.py " + " ".join(
-      argv if argv is not None else sys.argv[1:])
-  saved = dict(results=results, sizes=sizes, pngs=pngs,
-               command=command.strip(), started=started,
-               elapsed=time.perf_counter() - start, machine_info=info,
-               workers=args.workers, seeds=list(range(args.seeds)),
-               quick=args.quick)
-  common.write_log(outdir / f"{stem}.json", dict(
-      saved, started=started.isoformat(),
-      pngs={k: str(v) for k, v in pngs.items()}))
-  write_report(outdir / f"{stem}.md", notes="" if args.quick else notes,
-               **saved)
-  print(f"wrote {outdir / f'{stem}.md'} "
-        f"({(time.perf_counter() - start) / 60:.1f} min)")
+    argv if argv is not None else sys.argv[1:]
+  )
+  saved = dict(
+    results=results,
+    sizes=sizes,
+    pngs=pngs,
+    command=command.strip(),
+    started=started,
+    elapsed=time.perf_counter() - start,
+    machine_info=info,
+    workers=args.workers,
+    seeds=list(range(args.seeds)),
+    quick=args.quick,
+  )
+  common.write_log(
+    outdir / f"{stem}.json",
+    dict(
+      saved,
+      started=started.isoformat(),
+      pngs={k: str(v) for k, v in pngs.items()},
+    ),
+  )
+  write_report(
+    outdir / f"{stem}.md", notes="" if args.quick else notes, **saved
+  )
+  print(
+    f"wrote {outdir / f'{stem}.md'} "
+    f"({(time.perf_counter() - start) / 60:.1f} min)"
+  )
 
 
 if __name__ == "__main__":

@@ -14,22 +14,26 @@ import sys
 
 import pytest
 
-import gqsgd_jax
-
 from examples.language import train
 from examples.language.configs import default
 from examples.vision.train_test import _require_devices
+import gqsgd_jax
 
 _EXAMPLES = pathlib.Path(__file__).resolve().parent
 pytestmark = pytest.mark.skipif(
-    os.environ.get("JAX_PLATFORMS", "") not in ("", "cpu"),
-    reason="multi-process tests simulate hosts with CPU devices")
+  os.environ.get("JAX_PLATFORMS", "") not in ("", "cpu"),
+  reason="multi-process tests simulate hosts with CPU devices",
+)
 
 
 def _digests(log: str) -> list[tuple[int, str, int, int]]:
   """(launcher rank, digest, process index, global devices) per process."""
-  return [(int(r), d, int(p), int(n)) for r, d, p, n in re.findall(
-      r"\[(\d+)\] PARAMS_DIGEST (\w+) process (\d+)/\d+ devices (\d+)", log)]
+  return [
+    (int(r), d, int(p), int(n))
+    for r, d, p, n in re.findall(
+      r"\[(\d+)\] PARAMS_DIGEST (\w+) process (\d+)/\d+ devices (\d+)", log
+    )
+  ]
 
 
 _RUN = dict(compressor="gqsgd", bits=4, steps=4, seq_len=16, batch_size=8)
@@ -38,21 +42,32 @@ _RUN = dict(compressor="gqsgd", bits=4, steps=4, seq_len=16, batch_size=8)
 def test_language_processes_end_with_identical_parameters(tmp_path):
   num_processes, devices = 2, 2
   log_path = tmp_path / "run.json"
-  command = [sys.executable, str(_EXAMPLES / "language" / "main.py"),
-             "--no-progress", "--log", str(log_path)]
+  command = [
+    sys.executable,
+    str(_EXAMPLES / "language" / "main.py"),
+    "--no-progress",
+    "--log",
+    str(log_path),
+  ]
   for k, v in _RUN.items():
     command += [f"--{k.replace('_', '-')}", str(v)]
   out = io.StringIO()
   code = gqsgd_jax.launch_local(
-      command, num_processes, devices_per_process=devices,
-      timeout_seconds=240, stdout=out, env={"JAX_PLATFORMS": "cpu"})
+    command,
+    num_processes,
+    devices_per_process=devices,
+    timeout_seconds=240,
+    stdout=out,
+    env={"JAX_PLATFORMS": "cpu"},
+  )
   log = out.getvalue()
   assert code == 0, log[-3000:]
   digests = _digests(log)
   assert sorted(r for r, *_ in digests) == list(range(num_processes)), log
   # Launcher rank == JAX process index; the mesh spans every process.
-  assert all(r == p and n == num_processes * devices
-             for r, _, p, n in digests), digests
+  assert all(
+    r == p and n == num_processes * devices for r, _, p, n in digests
+  ), digests
   assert len({d for _, d, _, _ in digests}) == 1, digests
   # Process 0 alone writes the log, with the whole run's metrics.
   assert log_path.exists()
@@ -61,11 +76,13 @@ def test_language_processes_end_with_identical_parameters(tmp_path):
   # The same run on 4 devices of this one process: the same global batches,
   # and Global-QSGD sums integers, so the params match bit for bit.
   _require_devices(num_processes * devices)
-  config = dataclasses.replace(default.get_config(), workers=4,
-                               progress=False, **_RUN)
+  config = dataclasses.replace(
+    default.get_config(), workers=4, progress=False, **_RUN
+  )
   assert train.train_and_evaluate(config)["params_digest"] == digests[0][1]
 
 
 def test_digest_line_format():
   assert _digests("[1] PARAMS_DIGEST ab12 process 1/2 devices 4\n") == [
-      (1, "ab12", 1, 4)]
+    (1, "ab12", 1, 4)
+  ]

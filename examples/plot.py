@@ -54,9 +54,12 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
   return np.concatenate([head, (cumsum[window:] - cumsum[:-window]) / window])
 
 
-def plot_runs(logs: list[dict], out: str | os.PathLike,
-              metrics: list[str] | None = None,
-              window: int | None = None) -> pathlib.Path:
+def plot_runs(
+  logs: list[dict],
+  out: str | os.PathLike,
+  metrics: list[str] | None = None,
+  window: int | None = None,
+) -> pathlib.Path:
   """Writes one panel per metric, one curve per run, to the PNG ``out``.
 
   Args:
@@ -73,8 +76,9 @@ def plot_runs(logs: list[dict], out: str | os.PathLike,
   metrics = metrics or metric_names(logs)
   if not metrics:
     raise ValueError("the logs hold no metrics")
-  fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False
+  )
   # Distinct colours for up to 20 runs (the default cycle repeats after 10).
   colors = plt.get_cmap("tab10" if len(logs) <= 10 else "tab20").colors
   for ax, metric in zip(axes[0], metrics):
@@ -83,10 +87,15 @@ def plot_runs(logs: list[dict], out: str | os.PathLike,
       if not len(steps):
         continue
       w = window if window is not None else max(1, len(values) // 50)
-      ax.plot(steps, smooth(values, w), label=log.get("name", "run"),
-              color=colors[i % len(colors)],
-              linestyle="-" if i < len(colors) else "--",
-              marker="o" if len(steps) <= 20 else None, markersize=3)
+      ax.plot(
+        steps,
+        smooth(values, w),
+        label=log.get("name", "run"),
+        color=colors[i % len(colors)],
+        linestyle="-" if i < len(colors) else "--",
+        marker="o" if len(steps) <= 20 else None,
+        markersize=3,
+      )
     ax.set_title(metric.replace("_", " "))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -100,8 +109,13 @@ def plot_runs(logs: list[dict], out: str | os.PathLike,
     axes[0][0].legend()
   else:  # beside the panels, where it hides no curve
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1, 0.5),
-               fontsize="small")
+    fig.legend(
+      handles,
+      labels,
+      loc="center left",
+      bbox_to_anchor=(1, 0.5),
+      fontsize="small",
+    )
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=120, bbox_inches="tight")

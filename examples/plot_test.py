@@ -36,8 +36,9 @@ def test_smooth_is_a_trailing_mean_of_the_same_length():
 
 
 def test_plot_runs_writes_a_png(tmp_path):
-  out = plot.plot_runs([_log("f32"), _log("gqsgd-4bit", seed=1)],
-                       tmp_path / "sub" / "runs.png")
+  out = plot.plot_runs(
+    [_log("f32"), _log("gqsgd-4bit", seed=1)], tmp_path / "sub" / "runs.png"
+  )
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,8 +48,9 @@ def test_cli_reads_json_logs(tmp_path, capsys):
     paths.append(tmp_path / f"{name}.json")
     paths[-1].write_text(json.dumps(_log(name, seed=i)))
   out = tmp_path / "cli.png"
-  plot.main([str(p) for p in paths] + ["-o", str(out), "--metrics",
-                                       "train_loss"])
+  plot.main(
+    [str(p) for p in paths] + ["-o", str(out), "--metrics", "train_loss"]
+  )
   assert out.stat().st_size > 0
   assert str(out) in capsys.readouterr().out
 

@@ -14,20 +14,19 @@ from gqsgd_jax._src.ffi import HAS_CUDA
 from gqsgd_jax._src.global_quantize import global_quantize
 from gqsgd_jax._src.global_quantize import GlobalQuantizeState
 from gqsgd_jax._src.hadamard import hadamard_transform
-from gqsgd_jax._src.hierarchical import hierarchical
-from gqsgd_jax._src.hierarchical import HierarchicalState
 from gqsgd_jax._src.hadamard import inverse_randomized_hadamard
 from gqsgd_jax._src.hadamard import random_signs
 from gqsgd_jax._src.hadamard import randomized_hadamard
+from gqsgd_jax._src.hierarchical import hierarchical
+from gqsgd_jax._src.hierarchical import HierarchicalState
 from gqsgd_jax._src.hlo import wire_report
+from gqsgd_jax._src.hlo import WireReport
 from gqsgd_jax._src.jointsq import jointsq
 from gqsgd_jax._src.jointsq import JointSQState
 from gqsgd_jax._src.lgreco import lgreco
 from gqsgd_jax._src.lgreco import LGrecoState
-from gqsgd_jax._src.worker_state import worker_state_specs
 from gqsgd_jax._src.nonfinite import apply_if_finite
 from gqsgd_jax._src.nonfinite import ApplyIfFiniteState
-from gqsgd_jax._src.hlo import WireReport
 from gqsgd_jax._src.ops import average
 from gqsgd_jax._src.ops import dequantize
 from gqsgd_jax._src.ops import exp_decode
@@ -44,52 +43,53 @@ from gqsgd_jax._src.qsgd import WireBytes
 from gqsgd_jax._src.thc import thc
 from gqsgd_jax._src.thc import ThcState
 from gqsgd_jax._src.thc import wire_bytes as thc_wire_bytes
+from gqsgd_jax._src.worker_state import worker_state_specs
 
 __version__ = "0.1.0"
 
 __all__ = (
-    "AcpSgdState",
-    "ApplyIfFiniteState",
-    "DGCState",
-    "GlobalQuantizeState",
-    "HierarchicalState",
-    "HAS_CPU",
-    "HAS_CUDA",
-    "JointSQState",
-    "LGrecoState",
-    "PowerSGDState",
-    "PsumMeanState",
-    "QsgdState",
-    "ThcState",
-    "WireBytes",
-    "WireReport",
-    "acpsgd",
-    "apply_if_finite",
-    "average",
-    "dequantize",
-    "dgc",
-    "exp_decode",
-    "exp_encode",
-    "exp_reduce",
-    "global_quantize",
-    "hadamard_transform",
-    "hierarchical",
-    "initialize_distributed",
-    "inverse_randomized_hadamard",
-    "jointsq",
-    "launch_local",
-    "lgreco",
-    "powersgd",
-    "psum_mean",
-    "qsgd",
-    "qsgd_wire_bytes",
-    "quantize",
-    "random_signs",
-    "randomized_hadamard",
-    "seed_from_key",
-    "thc",
-    "thc_wire_bytes",
-    "varying",
-    "wire_report",
-    "worker_state_specs",
+  "AcpSgdState",
+  "ApplyIfFiniteState",
+  "DGCState",
+  "GlobalQuantizeState",
+  "HierarchicalState",
+  "HAS_CPU",
+  "HAS_CUDA",
+  "JointSQState",
+  "LGrecoState",
+  "PowerSGDState",
+  "PsumMeanState",
+  "QsgdState",
+  "ThcState",
+  "WireBytes",
+  "WireReport",
+  "acpsgd",
+  "apply_if_finite",
+  "average",
+  "dequantize",
+  "dgc",
+  "exp_decode",
+  "exp_encode",
+  "exp_reduce",
+  "global_quantize",
+  "hadamard_transform",
+  "hierarchical",
+  "initialize_distributed",
+  "inverse_randomized_hadamard",
+  "jointsq",
+  "launch_local",
+  "lgreco",
+  "powersgd",
+  "psum_mean",
+  "qsgd",
+  "qsgd_wire_bytes",
+  "quantize",
+  "random_signs",
+  "randomized_hadamard",
+  "seed_from_key",
+  "thc",
+  "thc_wire_bytes",
+  "varying",
+  "wire_report",
+  "worker_state_specs",
 )

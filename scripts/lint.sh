@@ -6,8 +6,8 @@
 # pyproject.toml into the virtualenv if a tool is missing or at another
 # version.
 #
-#   VENV  virtualenv to use (default: .venv; created by scripts/bootstrap.sh
-#         if missing)
+#   VENV  virtualenv to use (default: .venv; if missing, a light one with
+#         the tools, jax, optax and numpy is created)
 #   FIX=1 apply ruff's fixes, ruff format and clang-format -i instead of
 #         checking (then mypy still checks)
 set -uo pipefail
@@ -15,7 +15,13 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VENV:-$repo/.venv}
 cd "$repo"
 if [[ ! -x "$venv/bin/python" ]]; then
-  bash "$repo/scripts/bootstrap.sh" || exit 1
+  # A light virtualenv: the tools, and for mypy the libraries whose types
+  # the package uses (no build of the package itself).
+  echo "[lint] creating $venv"
+  "${PYTHON:-$(command -v python3.11 || command -v python3)}" -m venv \
+    "$venv" || exit 1
+  "$venv/bin/python" -m pip --disable-pip-version-check install -q \
+    "${JAX_SPEC:-jax==0.10.2}" "optax>=0.2.4" "numpy>=1.26" || exit 1
 fi
 # The pins live in one place: pyproject.toml's lint extra.
 mapfile -t pins < <("$venv/bin/python" - <<'EOF'

@@ -24,8 +24,9 @@ def host_mesh(devices, hosts: int):
   """Devices ordered by process, one row per host."""
   devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   grid = np.array(devices).reshape(hosts, len(devices) // hosts)
-  return jax.sharding.Mesh(grid, AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.sharding.Mesh(
+    grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
 
 
 def device_data(index: int):
@@ -39,17 +40,19 @@ def train(mesh, a, b, steps: int) -> str:
   """SHA-256 of the parameters after ``steps`` steps; a, b: global arrays
   with a leading device axis, sharded over both mesh axes."""
   tx = optax.chain(
-      gqsgd_jax.hierarchical(
-          gqsgd_jax.global_quantize(bits=4, axis_name="host"),
-          local_axis="local"),
-      optax.sgd(0.1))
+    gqsgd_jax.hierarchical(
+      gqsgd_jax.global_quantize(bits=4, axis_name="host"), local_axis="local"
+    ),
+    optax.sgd(0.1),
+  )
 
   def loss(x, a, b):
-    return 0.5 * jnp.mean((a @ x - b)**2)
+    return 0.5 * jnp.mean((a @ x - b) ** 2)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P(AXES), P(AXES)),
-                 out_specs=(P(), P()))
+  @jax.shard_map(
+    mesh=mesh, in_specs=(P(), P(), P(AXES), P(AXES)), out_specs=(P(), P())
+  )
   def step(x, state, a, b):
     grad = jax.grad(loss)(gqsgd_jax.varying(x, AXES), a[0], b[0])
     updates, state = tx.update(grad, state, x)

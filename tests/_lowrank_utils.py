@@ -17,8 +17,8 @@ import numpy as np
 import optax
 
 import gqsgd_jax
-
 from gqsgd_jax._src.worker_state import worker_state_specs
+
 from _utils import data_mesh
 
 
@@ -45,12 +45,16 @@ class Runner:
 
     if mode == "shard_map":
       specs = worker_state_specs(shapes, "data")
-      self.state = jax.jit(jax.shard_map(
-          tx.init, mesh=mesh, in_specs=P(), out_specs=specs))(params)
+      self.state = jax.jit(
+        jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)
+      )(params)
 
       @jax.jit
-      @jax.shard_map(mesh=mesh, in_specs=(P("data"), specs),
-                     out_specs=(P(), P("data"), specs, P("data")))
+      @jax.shard_map(
+        mesh=mesh,
+        in_specs=(P("data"), specs),
+        out_specs=(P(), P("data"), specs, P("data")),
+      )
       def step(g, s):
         u, s = update(jax.tree.map(lambda x: x[0], g), s)
         # out_specs P() type-checks that updates are replicated.
@@ -61,8 +65,9 @@ class Runner:
         _, per_worker, self.state, states = step(g, self.state)
         return per_worker, states
     elif mode == "pmap":
-      init = jax.pmap(lambda _: tx.init(params), axis_name="data",
-                      devices=devices)
+      init = jax.pmap(
+        lambda _: tx.init(params), axis_name="data", devices=devices
+      )
       self.state = init(jnp.arange(num_workers))
       step = jax.pmap(update, axis_name="data", devices=devices)
 
@@ -86,8 +91,10 @@ class Runner:
 
 def stacked(rng, shapes: dict, num_workers: int, scale=1.0) -> dict:
   """Random per-worker gradients {name: f32[W, *shape]}."""
-  return {k: (scale * rng.standard_normal((num_workers,) + s)).astype(
-      np.float32) for k, s in shapes.items()}
+  return {
+    k: (scale * rng.standard_normal((num_workers,) + s)).astype(np.float32)
+    for k, s in shapes.items()
+  }
 
 
 def zeros_like_params(shapes: dict) -> dict:
@@ -106,16 +113,19 @@ def low_rank_steps(shapes, compressed, seed, num_workers, rank):
   for name in compressed:
     shape = shapes[name]
     n, m = shape[0], int(np.prod(shape[1:]))
-    bases[name] = (np.linalg.qr(rng.standard_normal((n, rank)))[0],
-                   np.linalg.qr(rng.standard_normal((m, rank)))[0])
+    bases[name] = (
+      np.linalg.qr(rng.standard_normal((n, rank)))[0],
+      np.linalg.qr(rng.standard_normal((m, rank)))[0],
+    )
   while True:
     out = {}
     for name, shape in shapes.items():
       g = rng.standard_normal((num_workers,) + shape).astype(np.float32)
       if name in compressed:
         u, v = bases[name]
-        rot = [np.linalg.qr(rng.standard_normal((rank, rank)))[0]
-               for _ in range(2)]
+        rot = [
+          np.linalg.qr(rng.standard_normal((rank, rank)))[0] for _ in range(2)
+        ]
         sv = np.linspace(2, 1, rank) * math.sqrt(g[0].size / rank)
         low = (u @ rot[0] * sv) @ (v @ rot[1]).T
         g = g - g.mean(axis=0, keepdims=True)  # zero-mean noise
@@ -125,7 +135,6 @@ def low_rank_steps(shapes, compressed, seed, num_workers, rank):
 
 
 class Mlp(nnx.Module):
-
   def __init__(self, rngs):
     self.hidden = nnx.Linear(64, 256, rngs=rngs)
     self.out = nnx.Linear(256, 10, rngs=rngs)
@@ -143,16 +152,21 @@ def compiled_flax_step(compressor, workers=8):
   tx = optax.chain(compressor, optax.sgd(0.1))
   mesh = data_mesh(workers)
   specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  opt_state = jax.eval_shape(jax.jit(jax.shard_map(
-      tx.init, mesh=mesh, in_specs=P(), out_specs=specs)), params)
+  opt_state = jax.eval_shape(
+    jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)),
+    params,
+  )
 
   def loss_fn(params, x, y):
     logits = nnx.merge(graphdef, params)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
-                 out_specs=(P(), specs))
+  @jax.shard_map(
+    mesh=mesh,
+    in_specs=(P(), specs, P("data"), P("data")),
+    out_specs=(P(), specs),
+  )
   def step(params, opt_state, x, y):
     grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -194,8 +208,9 @@ class PowerSGDReference:
   the others are averaged exactly.
   """
 
-  def __init__(self, compressed: dict, *, start_iter: int, epsilon: float,
-               num_workers: int):
+  def __init__(
+    self, compressed: dict, *, start_iter: int, epsilon: float, num_workers: int
+  ):
     self.q = {n: np.asarray(q, np.float64) for n, q in compressed.items()}
     self.start_iter = start_iter
     self.epsilon = epsilon
@@ -206,11 +221,19 @@ class PowerSGDReference:
     """local: {name: [W, *shape]} -> the mean estimate {name: shape}."""
     self.count += 1
     if self.count <= self.start_iter:
-      return {n: np.mean(g.astype(np.float64), axis=0)
-              for n, g in local.items()}
+      return {
+        n: np.mean(g.astype(np.float64), axis=0) for n, g in local.items()
+      }
     out = {}
-    xs = {n: np.stack([g[w].astype(np.float64) + self.error[w].get(n, 0.0)
-                       for w in range(len(g))]) for n, g in local.items()}
+    xs = {
+      n: np.stack(
+        [
+          g[w].astype(np.float64) + self.error[w].get(n, 0.0)
+          for w in range(len(g))
+        ]
+      )
+      for n, g in local.items()
+    }
     for n, x in xs.items():
       if n in self.q:
         shape = x.shape[1:]
@@ -222,4 +245,3 @@ class PowerSGDReference:
       for w in range(len(x)):
         self.error[w][n] = x[w] - out[n]
     return out
-

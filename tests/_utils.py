@@ -34,17 +34,19 @@ def assert_trees_all_close(a, b, rtol=1e-6, atol=0.0) -> None:
   lb, tb = jax.tree.flatten(b)
   assert ta == tb, f"tree structures differ: {ta} vs {tb}"
   for x, y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol,
-                               atol=atol)
+    np.testing.assert_allclose(
+      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+    )
 
 
 def data_mesh(num_workers: int):
   """A 1-D mesh named "data" (Auto axes) over the first num_workers devices."""
   from conftest import require_devices  # pylint: disable=g-import-not-at-top
+
   devices = require_devices(num_workers)
-  return jax.sharding.Mesh(np.array(devices), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(
+    np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def sharded_update(tx, stacked_grads, state, *, mode: str = "shard_map"):
@@ -58,18 +60,26 @@ def sharded_update(tx, stacked_grads, state, *, mode: str = "shard_map"):
   num_workers = jax.tree.leaves(stacked_grads)[0].shape[0]
   mesh = data_mesh(num_workers)
   if mode == "shard_map":
+
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P()),
-                   out_specs=(P(), P("data"), P()))
+    @jax.shard_map(
+      mesh=mesh, in_specs=(P("data"), P()), out_specs=(P(), P("data"), P())
+    )
     def step(g, s):
       u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
       # out_specs P() type-checks that updates are replicated; the P("data")
       # copy exposes every device's bits.
       return u, jax.tree.map(lambda x: x[None], u), s
+
     _, per_worker, new_state = step(stacked_grads, state)
   elif mode == "pmap":
-    step = jax.pmap(tx.update, axis_name="data", in_axes=(0, None),
-                    out_axes=(0, None), devices=list(mesh.devices.flat))
+    step = jax.pmap(
+      tx.update,
+      axis_name="data",
+      in_axes=(0, None),
+      out_axes=(0, None),
+      devices=list(mesh.devices.flat),
+    )
     per_worker, new_state = step(stacked_grads, state)
   else:
     raise ValueError(mode)
@@ -112,8 +122,9 @@ def mlp_step(compressor, num_workers: int, *, abstract: bool = False):
   tx = optax.chain(compressor, optax.sgd(0.1))
   mesh = data_mesh(num_workers)
   specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  init = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                               out_specs=specs))
+  init = jax.jit(
+    jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)
+  )
   opt_state = jax.eval_shape(init, params) if abstract else init(params)
 
   def loss_fn(params, x, y):
@@ -121,8 +132,11 @@ def mlp_step(compressor, num_workers: int, *, abstract: bool = False):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
-                 out_specs=(P(), specs))
+  @jax.shard_map(
+    mesh=mesh,
+    in_specs=(P(), specs, P("data"), P("data")),
+    out_specs=(P(), specs),
+  )
   def step(params, opt_state, x, y):
     grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
     updates, opt_state = tx.update(grads, opt_state, params)

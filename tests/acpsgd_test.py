@@ -11,6 +11,7 @@ import gqsgd_jax
 from gqsgd_jax._src import acpsgd as acp
 from gqsgd_jax._src import hlo
 from gqsgd_jax._src import orthogonalize as orth
+
 from _lowrank_utils import compiled_flax_step
 from _lowrank_utils import low_rank_steps
 from _lowrank_utils import np_orthogonalize
@@ -21,8 +22,14 @@ from _utils import assert_replicas_equal
 
 # Matrices (a conv kernel, two same-shaped ones, a rank-limited 3 x 40) and
 # leaves that are not: a bias and a scalar.
-SHAPES = {"conv": (8, 4, 3, 3), "w1": (24, 16), "w2": (24, 16),
-          "thin": (3, 40), "b": (16,), "s": ()}
+SHAPES = {
+  "conv": (8, 4, 3, 3),
+  "w1": (24, 16),
+  "w2": (24, 16),
+  "thin": (3, 40),
+  "b": (16,),
+  "s": (),
+}
 MATRICES = ("conv", "thin", "w1", "w2")  # leaf order
 
 
@@ -78,15 +85,16 @@ def test_alternates_p_and_q_steps_as_the_spec_model(rank):
     out, state = runner.step(g)
     want = model.step(g)
     for n in SHAPES:
-      np.testing.assert_allclose(out[n][0], want[n], atol=3e-5,
-                                 err_msg=f"{n} step {step}")
+      np.testing.assert_allclose(
+        out[n][0], want[n], atol=3e-5, err_msg=f"{n} step {step}"
+      )
     for j, n in enumerate(MATRICES):
       # The all-reduced factor of this step and the orthonormal other one.
       np.testing.assert_allclose(state.p[j][0], model.p[n], atol=3e-5)
       np.testing.assert_allclose(state.q[j][0], model.q[n], atol=3e-5)
       np.testing.assert_allclose(
-          state.error[j].reshape(4, -1), model.e[n].reshape(4, -1),
-          atol=3e-5)
+        state.error[j].reshape(4, -1), model.e[n].reshape(4, -1), atol=3e-5
+      )
     assert state.count[0] == step + 1
   assert runner.traces == 1  # both parities in one compiled function
 
@@ -102,8 +110,8 @@ def test_exact_recovery_when_the_mean_has_rank_at_most_r(ef):
   shapes = {k: v for k, v in SHAPES.items() if k != "thin"}
   runner = _runner(acp.acpsgd(rank=rank, error_feedback=ef), shapes=shapes)
   steps = low_rank_steps(shapes, ("conv", "w1", "w2"), 7, 4, rank)
-  sent = {k: 0.0 for k in shapes}
-  total = {k: 0.0 for k in shapes}
+  sent = dict.fromkeys(shapes, 0.0)
+  total = dict.fromkeys(shapes, 0.0)
   for step in range(5):
     g = next(steps)
     out, _ = runner.step(g)
@@ -114,12 +122,13 @@ def test_exact_recovery_when_the_mean_has_rank_at_most_r(ef):
       if step == 0:
         continue
       if not ef:
-        np.testing.assert_allclose(out[k][0], mean,
-                                   atol=2e-5 * np.abs(mean).max(), err_msg=k)
+        np.testing.assert_allclose(
+          out[k][0], mean, atol=2e-5 * np.abs(mean).max(), err_msg=k
+        )
       elif step % 2 == 1:
-        np.testing.assert_allclose(sent[k], total[k],
-                                   atol=2e-5 * np.abs(total[k]).max(),
-                                   err_msg=k)
+        np.testing.assert_allclose(
+          sent[k], total[k], atol=2e-5 * np.abs(total[k]).max(), err_msg=k
+        )
 
 
 def test_error_feedback_identity_on_average():
@@ -127,14 +136,15 @@ def test_error_feedback_identity_on_average():
   # local approximations are the output: mean(g + e_old) = out + mean(e).
   runner = _runner(acp.acpsgd(rank=1))
   rng = np.random.default_rng(3)
-  error = {n: 0.0 for n in MATRICES}
+  error = dict.fromkeys(MATRICES, 0.0)
   for _ in range(4):
     g = stacked(rng, SHAPES, 4)
     out, state = runner.step(g)
     for j, n in enumerate(MATRICES):
       new = state.error[j].reshape((4,) + SHAPES[n])
-      np.testing.assert_allclose((g[n] + error[n]).mean(0),
-                                 out[n][0] + new.mean(0), atol=2e-5)
+      np.testing.assert_allclose(
+        (g[n] + error[n]).mean(0), out[n][0] + new.mean(0), atol=2e-5
+      )
       error[n] = new
     np.testing.assert_allclose(out["b"][0], g["b"].mean(0), atol=1e-6)
 
@@ -179,21 +189,29 @@ def test_wire_bytes_are_one_factor_per_step():
   q_step = sum(m * 4 for _, m in mats) + vectors
   # §8.4: 4 sum(n r) (P-step) or 4 sum(m r) (Q-step) + 4 x the vectors, in
   # one all-reduce each; both branches of the parity cond are compiled in.
-  sizes = sorted(c.elements for c in hlo.collectives(compiled.as_text())
-                 if c.op == "all-reduce")
+  sizes = sorted(
+    c.elements
+    for c in hlo.collectives(compiled.as_text())
+    if c.op == "all-reduce"
+  )
   assert sizes == sorted([p_step, q_step])
   report = gqsgd_jax.wire_report(compiled)
   assert report.total_bytes == 4 * (p_step + q_step)
 
 
 def test_dtypes_and_empty_leaves():
-  params = {"w": jnp.zeros((16, 8), jnp.bfloat16), "e": jnp.zeros((0, 4)),
-            "v": jnp.zeros((5,), jnp.float16)}
+  params = {
+    "w": jnp.zeros((16, 8), jnp.bfloat16),
+    "e": jnp.zeros((0, 4)),
+    "v": jnp.zeros((5,), jnp.float16),
+  }
   runner = Runner(acp.acpsgd(rank=2), params, 2)
   rng = np.random.default_rng(6)
-  g = {"w": jnp.asarray(rng.standard_normal((2, 16, 8)), jnp.bfloat16),
-       "e": jnp.zeros((2, 0, 4)),
-       "v": jnp.asarray(rng.standard_normal((2, 5)), jnp.float16)}
+  g = {
+    "w": jnp.asarray(rng.standard_normal((2, 16, 8)), jnp.bfloat16),
+    "e": jnp.zeros((2, 0, 4)),
+    "v": jnp.asarray(rng.standard_normal((2, 5)), jnp.float16),
+  }
   out, _ = runner.step(g)
   assert out["w"].dtype == jnp.bfloat16 and out["v"].dtype == np.float16
   assert out["e"].shape == (2, 0, 4)
@@ -201,11 +219,16 @@ def test_dtypes_and_empty_leaves():
   np.testing.assert_allclose(out["v"][0], want, rtol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(rank=0), "rank"), (dict(rank=2.0), "rank"),
+@pytest.mark.parametrize(
+  "kwargs,name",
+  [
+    (dict(rank=0), "rank"),
+    (dict(rank=2.0), "rank"),
     (dict(orthogonalization_epsilon=-1.0), "orthogonalization_epsilon"),
-    (dict(key=jnp.zeros(3)), "key"), (dict(error_feedback=0), "error_feedback"),
-])
+    (dict(key=jnp.zeros(3)), "key"),
+    (dict(error_feedback=0), "error_feedback"),
+  ],
+)
 def test_bad_arguments_are_named(kwargs, name):
   with pytest.raises(ValueError, match=name):
     acp.acpsgd(**kwargs)
@@ -225,7 +248,8 @@ def test_matrix_count():
   assert [q.shape for q in state.q] == [(36, 4), (40, 3), (16, 4), (16, 4)]
   assert [p.shape for p in state.p] == [(8, 4), (3, 3), (24, 4), (24, 4)]
   assert [e.shape for e in state.error] == [
-      (math.prod(SHAPES[n]),) for n in MATRICES]
+    (math.prod(SHAPES[n]),) for n in MATRICES
+  ]
 
 
 def test_a_nonfinite_step_gives_nan_and_keeps_the_memory():
@@ -240,8 +264,9 @@ def test_a_nonfinite_step_gives_nan_and_keeps_the_memory():
     assert np.isnan(out["w1"]).all()  # every worker, every coordinate
     assert np.isfinite(out["w2"]).all()
     for field in ("error", "p", "q"):
-      np.testing.assert_array_equal(getattr(after, field)[j],
-                                    getattr(before, field)[j])
+      np.testing.assert_array_equal(
+        getattr(after, field)[j], getattr(before, field)[j]
+      )
     before = after
   out, state = runner.step(stacked(rng, SHAPES, 4))
   for leaf in jax.tree.leaves((out, state)):

@@ -14,6 +14,7 @@ import gqsgd_jax
 from gqsgd_jax._src import global_quantize as gq
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import wire
+
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -33,8 +34,10 @@ def _block_scales(n, block_size, seed=0):
   # Scales spread over 2^-30..2^30, so a wrong block index shows.
   rng = np.random.default_rng(seed)
   blocks = ops.num_scale_blocks(n, block_size)
-  return jnp.asarray(2.0**rng.integers(-30, 30, blocks) *
-                     rng.uniform(0.5, 1.0, blocks), jnp.float32)
+  return jnp.asarray(
+    2.0 ** rng.integers(-30, 30, blocks) * rng.uniform(0.5, 1.0, blocks),
+    jnp.float32,
+  )
 
 
 _SIZES = [0, 1, 31, 33, 257, 1000]
@@ -42,8 +45,9 @@ _SIZES = [0, 1, 31, 33, 257, 1000]
 
 @needs_ffi
 @pytest.mark.parametrize("block_size", [32, 256])
-@pytest.mark.parametrize("bits,signed", [(8, True), (4, False), (3, False),
-                                         (8, False)])
+@pytest.mark.parametrize(
+  "bits,signed", [(8, True), (4, False), (3, False), (8, False)]
+)
 def test_quantize_dequantize_ffi_matches_twin(block_size, bits, signed):
   levels = 15 if signed else wire.max_levels(bits)
   offset = 0 if signed else levels
@@ -54,13 +58,24 @@ def test_quantize_dequantize_ffi_matches_twin(block_size, bits, signed):
       # x * scale is far outside [-levels, levels] for most blocks: the clamp
       # is exercised as well as the rounding.
       x = (x / jnp.repeat(scale, block_size)[:n].astype(dtype)).astype(dtype)
-      q = functools.partial(ops.quantize, levels=levels, bits=bits,
-                            signed_codes=signed, block_size=block_size)
+      q = functools.partial(
+        ops.quantize,
+        levels=levels,
+        bits=bits,
+        signed_codes=signed,
+        block_size=block_size,
+      )
       a = jax.jit(functools.partial(q, impl="ffi"))(x, scale, _SEED)
       b = jax.jit(functools.partial(q, impl="xla"))(x, scale, _SEED)
       np.testing.assert_array_equal(_bits_of(a), _bits_of(b))
-      d = functools.partial(ops.dequantize, n=n, bits=bits, offset=offset,
-                            signed_codes=signed, block_size=block_size)
+      d = functools.partial(
+        ops.dequantize,
+        n=n,
+        bits=bits,
+        offset=offset,
+        signed_codes=signed,
+        block_size=block_size,
+      )
       da = jax.jit(functools.partial(d, impl="ffi"))(a, scale)
       db = jax.jit(functools.partial(d, impl="xla"))(a, scale)
       np.testing.assert_array_equal(_bits_of(da), _bits_of(db))
@@ -74,16 +89,17 @@ def test_large_odd_buffer_ffi_matches_twin(block_size):
   x = jax.random.normal(jax.random.PRNGKey(1), (n,))
   scale = _block_scales(n, block_size, 1) * 0 + jnp.float32(7 / 5)
   scale = scale * jnp.linspace(0.5, 2.0, scale.shape[0], dtype=jnp.float32)
-  q = functools.partial(ops.quantize, levels=7, bits=4,
-                        block_size=block_size)
+  q = functools.partial(ops.quantize, levels=7, bits=4, block_size=block_size)
   a = jax.jit(functools.partial(q, impl="ffi"))(x, scale, _SEED)
   b = jax.jit(functools.partial(q, impl="xla"))(x, scale, _SEED)
   np.testing.assert_array_equal(_bits_of(a), _bits_of(b))
-  d = functools.partial(ops.dequantize, n=n, bits=4, offset=7,
-                        block_size=block_size)
+  d = functools.partial(
+    ops.dequantize, n=n, bits=4, offset=7, block_size=block_size
+  )
   np.testing.assert_array_equal(
-      _bits_of(jax.jit(functools.partial(d, impl="ffi"))(a, scale)),
-      _bits_of(jax.jit(functools.partial(d, impl="xla"))(a, scale)))
+    _bits_of(jax.jit(functools.partial(d, impl="ffi"))(a, scale)),
+    _bits_of(jax.jit(functools.partial(d, impl="xla"))(a, scale)),
+  )
 
 
 @needs_ffi
@@ -93,15 +109,17 @@ def test_exponential_ffi_matches_twin(block_size):
     for dtype in (jnp.float32, jnp.bfloat16):
       x = jax.random.normal(jax.random.PRNGKey(n), (n,)).astype(dtype)
       scale = _block_scales(n, block_size, n) * jnp.float32(2.0**-20)
-      e = functools.partial(ops.exp_encode, floor_code=100,
-                            block_size=block_size)
+      e = functools.partial(
+        ops.exp_encode, floor_code=100, block_size=block_size
+      )
       a = jax.jit(functools.partial(e, impl="ffi"))(x, scale, _SEED)
       b = jax.jit(functools.partial(e, impl="xla"))(x, scale, _SEED)
       np.testing.assert_array_equal(_bits_of(a), _bits_of(b))
       d = functools.partial(ops.exp_decode, block_size=block_size)
       np.testing.assert_array_equal(
-          _bits_of(jax.jit(functools.partial(d, impl="ffi"))(a, scale)),
-          _bits_of(jax.jit(functools.partial(d, impl="xla"))(a, scale)))
+        _bits_of(jax.jit(functools.partial(d, impl="ffi"))(a, scale)),
+        _bits_of(jax.jit(functools.partial(d, impl="xla"))(a, scale)),
+      )
 
 
 def test_block_scale_operand_is_checked():
@@ -124,26 +142,29 @@ def _grads(num_workers, seed=0):
   # Magnitudes vary by 10^4 along the dense leaf: block scales matter.
   ramp = jnp.logspace(-4, 0, 37 * 9).reshape(37, 9)
   return {
-      "dense": jax.random.normal(k1, (num_workers, 37, 9)) * ramp,
-      "bias": jax.random.normal(k2, (num_workers, 70)).astype(jnp.bfloat16),
-      "scale": jax.random.normal(k3, (num_workers, 3)).astype(jnp.float16),
+    "dense": jax.random.normal(k1, (num_workers, 37, 9)) * ramp,
+    "bias": jax.random.normal(k2, (num_workers, 70)).astype(jnp.bfloat16),
+    "scale": jax.random.normal(k3, (num_workers, 3)).astype(jnp.float16),
   }
 
 
 _CONFIGS = [
-    (3, dict(bits=4, reduction="butterfly", block_size=32,
-             scale_format="e8m0")),
-    (4, dict(bits=8, reduction="psum", block_size=64, scale_format="f32")),
-    (5, dict(bits=8, dithering="exponential", block_size=32,
-             scale_format="bf16")),
-    (8, dict(bits=4, reduction="auto", block_size=128, scale_format="e8m0")),
-    (2, dict(bits=6, reduction="psum", block_size=32, scale_format="bf16")),
+  (3, dict(bits=4, reduction="butterfly", block_size=32, scale_format="e8m0")),
+  (4, dict(bits=8, reduction="psum", block_size=64, scale_format="f32")),
+  (
+    5,
+    dict(bits=8, dithering="exponential", block_size=32, scale_format="bf16"),
+  ),
+  (8, dict(bits=4, reduction="auto", block_size=128, scale_format="e8m0")),
+  (2, dict(bits=6, reduction="psum", block_size=32, scale_format="bf16")),
 ]
 
 
-@pytest.mark.parametrize("num_workers,kwargs", _CONFIGS,
-                         ids=[f"W{w}-{'-'.join(map(str, k.values()))}"
-                              for w, k in _CONFIGS])
+@pytest.mark.parametrize(
+  "num_workers,kwargs",
+  _CONFIGS,
+  ids=[f"W{w}-{'-'.join(map(str, k.values()))}" for w, k in _CONFIGS],
+)
 def test_replicas_identical_across_modes_and_impls(num_workers, kwargs):
   grads = _grads(num_workers)
   results = {}
@@ -176,14 +197,21 @@ def _monte_carlo(tx, stacked, keys):
   @jax.shard_map(mesh=mesh, in_specs=(P("data"), P()), out_specs=P())
   def run(g, keys):
     return jax.vmap(
-        lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0])(keys)
+      lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0]
+    )(keys)
 
   return np.asarray(run(stacked, keys), np.float64)
 
 
-@pytest.mark.parametrize("reduction,bits,fmt", [
-    ("psum", 8, "e8m0"), ("butterfly", 4, "e8m0"), ("psum", 8, "f32"),
-    ("butterfly", 4, "bf16")])
+@pytest.mark.parametrize(
+  "reduction,bits,fmt",
+  [
+    ("psum", 8, "e8m0"),
+    ("butterfly", 4, "e8m0"),
+    ("psum", 8, "f32"),
+    ("butterfly", 4, "bf16"),
+  ],
+)
 def test_block_scales_are_unbiased(reduction, bits, fmt):
   # 4 blocks of 16 whose magnitudes differ by 10^3: each coordinate's
   # Monte-Carlo mean is within 5 standard errors of the true mean, the
@@ -193,9 +221,13 @@ def test_block_scales_are_unbiased(reduction, bits, fmt):
   w, block, count = 4, 16, 3000
   mags = np.repeat(np.array([1e-3, 1.0, 3e-2, 7.0]), block)
   g = jax.random.normal(jax.random.PRNGKey(5), (w, 4 * block)) * mags
-  tx = gqsgd_jax.global_quantize(bits=bits, reduction=reduction,
-                                 granularity="block", block_size=block,
-                                 scale_format=fmt)
+  tx = gqsgd_jax.global_quantize(
+    bits=bits,
+    reduction=reduction,
+    granularity="block",
+    block_size=block,
+    scale_format=fmt,
+  )
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(count))
   est = _monte_carlo(tx, g, keys)
   g64 = np.asarray(g, np.float64)
@@ -216,12 +248,16 @@ def test_block_scales_are_unbiased(reduction, bits, fmt):
 _M = [2.0**-3, 2.0**4, 1.0, 2.0**10]  # per-block max-abs, exact in e8m0
 
 
-@pytest.mark.parametrize("num_workers,kwargs", [
+@pytest.mark.parametrize(
+  "num_workers,kwargs",
+  [
     (8, dict(bits=8, reduction="psum")),
     (2, dict(bits=4, reduction="psum")),
     (8, dict(bits=4, reduction="butterfly")),
     (3, dict(bits=2, reduction="butterfly")),
-], ids=["W8-8-psum", "W2-4-psum", "W8-4-butterfly", "W3-2-butterfly"])
+  ],
+  ids=["W8-8-psum", "W2-4-psum", "W8-4-butterfly", "W3-2-butterfly"],
+)
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "e8m0"])
 def test_block_extremes_never_overflow(num_workers, kwargs, fmt):
   # Every worker holds ±M_b and a hair below on every coordinate of block b:
@@ -230,8 +266,9 @@ def test_block_extremes_never_overflow(num_workers, kwargs, fmt):
   row = np.array([1, -1, 1 - 2**-20, -(1 - 2**-20)], np.float32)
   x = np.concatenate([np.tile(row, block // 4) * m for m in _M])
   g = jnp.asarray(np.tile(x, (num_workers, 1)))
-  tx = gqsgd_jax.global_quantize(**kwargs, granularity="block",
-                                 block_size=block, scale_format=fmt)
+  tx = gqsgd_jax.global_quantize(
+    **kwargs, granularity="block", block_size=block, scale_format=fmt
+  )
   for seed in range(2):
     per_worker, _ = sharded_update(tx, g, tx.init(seed))
     out = np.asarray(per_worker[0])
@@ -240,15 +277,19 @@ def test_block_extremes_never_overflow(num_workers, kwargs, fmt):
     np.testing.assert_allclose(np.abs(out[1::4]), np.abs(x[1::4]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     dict(bits=8, reduction="psum", scale_format="f32"),
     dict(bits=4, reduction="butterfly", scale_format="e8m0"),
-    dict(bits=8, dithering="exponential", scale_format="bf16")],
-    ids=["psum8-f32", "butterfly4-e8m0", "exponential-bf16"])
+    dict(bits=8, dithering="exponential", scale_format="bf16"),
+  ],
+  ids=["psum8-f32", "butterfly4-e8m0", "exponential-bf16"],
+)
 def test_zero_blocks_exact_and_nonfinite_poisons_its_bucket(kwargs):
   w, block = 4, 32
   clean = np.linspace(-1, 1, 3 * block + 5).astype(np.float32)
-  clean[block:2 * block] = 0.0  # a whole zero block between others
+  clean[block : 2 * block] = 0.0  # a whole zero block between others
   # 5000 elements: XLA:CPU's max drops NaN from 4096 elements on.
   sizes = {"a_first": 70, "b_middle": 100, "c_last": 5000}
   positions = {"a_first": 0, "b_middle": 50, "c_last": 4999}
@@ -259,21 +300,22 @@ def test_zero_blocks_exact_and_nonfinite_poisons_its_bucket(kwargs):
       leaf[w - 1, positions[name]] = bad  # one worker only
       grads[name] = jnp.asarray(leaf)
     # One bucket per leaf (leaves are 4-byte aligned, buckets up to 20 KiB).
-    tx = gqsgd_jax.global_quantize(**kwargs, granularity="block",
-                                   block_size=block, bucket_bytes=1)
+    tx = gqsgd_jax.global_quantize(
+      **kwargs, granularity="block", block_size=block, bucket_bytes=1
+    )
     per_worker, _ = sharded_update(tx, grads, tx.init(0))
     assert_replicas_equal(per_worker)
     out = jax.tree.map(lambda x: np.asarray(x[0]), per_worker)
     for name in sizes:
       assert np.all(np.isnan(out[name])), (bad, name)
-    zeros = out["clean"][block:2 * block]
-    assert np.array_equal(zeros, np.zeros(block)) and not np.signbit(
-        zeros).any()
+    zeros = out["clean"][block : 2 * block]
+    assert (
+      np.array_equal(zeros, np.zeros(block)) and not np.signbit(zeros).any()
+    )
     assert np.all(np.isfinite(out["clean"]))
 
 
 class _Mlp(nnx.Module):
-
   def __init__(self, rngs):
     self.hidden = nnx.Linear(64, 250, rngs=rngs)
     self.out = nnx.Linear(250, 10, rngs=rngs)
@@ -293,8 +335,9 @@ def _compiled_step(compressor, workers=8):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
-                 out_specs=(P(), P()))
+  @jax.shard_map(
+    mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P())
+  )
   def step(params, opt_state, x, y):
     grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -315,7 +358,6 @@ def test_default_wire_bytes_and_only_scales_are_float(bits):
   assert len(scales) == 1  # one max-reduction for all blocks of all buckets
   config = gq.default_config(bits)
   fmt = config["scale_format"]
-  per_scale = {"f32": 4, "bf16": 2, "e8m0": 1}[fmt]
   assert scales[0].dtype == {"f32": "f32", "bf16": "u16", "e8m0": "u8"}[fmt]
   if config["granularity"] == "block":
     assert scales[0].elements == -(-n // config["block_size"])
@@ -330,8 +372,10 @@ def test_default_wire_bytes_and_only_scales_are_float(bits):
 
 
 def test_e8m0_and_bf16_scales_round_up_and_are_monotone():
-  m = jnp.asarray([0.0, 1e-40, 2.0**-126, 1.0, 1.5, 3.0, 4.0, 2.0**127,
-                   3e38, np.inf], jnp.float32)
+  m = jnp.asarray(
+    [0.0, 1e-40, 2.0**-126, 1.0, 1.5, 3.0, 4.0, 2.0**127, 3e38, np.inf],
+    jnp.float32,
+  )
   for fmt in ("e8m0", "bf16"):
     enc, dec = gq._SCALE_CODECS[fmt]
     words = np.asarray(enc(m))
@@ -340,8 +384,7 @@ def test_e8m0_and_bf16_scales_round_up_and_are_monotone():
     finite = np.isfinite(back)
     assert np.all(back[finite] >= np.asarray(m)[finite])  # never below max
     assert back[0] == 0 and back[-1] == np.inf
-  e = np.asarray(gq._SCALE_CODECS["e8m0"][1](
-      gq._SCALE_CODECS["e8m0"][0](m)))
+  e = np.asarray(gq._SCALE_CODECS["e8m0"][1](gq._SCALE_CODECS["e8m0"][0](m)))
   np.testing.assert_array_equal(e[3:7], [1.0, 2.0, 4.0, 4.0])
 
 
@@ -350,9 +393,15 @@ def test_default_scales_fit_the_byte_budget(bits):
   # Scale bytes at most 2% of the code bytes, for every bit width.
   config = gq.default_config(bits)
   assert config["granularity"] == "block"
-  scale_bits = 8 * {"f32": 4, "bf16": 2, "e8m0": 1}[
-      config["scale_format"]] / config["block_size"]
+  scale_bits = (
+    8
+    * {"f32": 4, "bf16": 2, "e8m0": 1}[config["scale_format"]]
+    / config["block_size"]
+  )
   assert scale_bits <= 0.02 * wire.wire_bits_per_element(bits)
   # global_quantize(bits) with no other argument is that configuration.
   assert gq._resolve_scales(bits, None, None, None) == (
-      "block", config["block_size"], config["scale_format"])
+    "block",
+    config["block_size"],
+    config["scale_format"],
+  )

@@ -14,6 +14,7 @@ import gqsgd_jax
 from gqsgd_jax._src import dgc as dgc_lib
 from gqsgd_jax._src import hlo
 from gqsgd_jax._src.worker_state import worker_state_specs
+
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -23,26 +24,36 @@ _W = 4
 
 def _stack(tree, num_workers):
   return jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)), tree)
+    lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)), tree
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step(tx, num_workers, mode):
   """One compiled step per (tx, W, mode); state stacked per worker."""
   mesh = data_mesh(num_workers)
   if mode == "pmap":
-    return jax.pmap(tx.update, axis_name="data", in_axes=(0, 0),
-                    out_axes=(0, 0), devices=list(mesh.devices.flat))
+    return jax.pmap(
+      tx.update,
+      axis_name="data",
+      in_axes=(0, 0),
+      out_axes=(0, 0),
+      devices=list(mesh.devices.flat),
+    )
   first = lambda t: jax.tree.map(lambda x: x[0], t)
   lead = lambda t: jax.tree.map(lambda x: x[None], t)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")),
-                 out_specs=(P(), P("data"), P("data")))
+  @jax.shard_map(
+    mesh=mesh,
+    in_specs=(P("data"), P("data")),
+    out_specs=(P(), P("data"), P("data")),
+  )
   def step(g, s):
     u, s = tx.update(first(g), first(s))
     # out_specs P() type-checks that the updates are replicated.
     return u, lead(u), lead(s)
+
   return lambda g, s: step(g, s)[1:]
 
 
@@ -55,20 +66,20 @@ def _run(tx, grads, state, *, mode="shard_map"):
 
 
 def _init(tx, grads):
-  return _stack(tx.init(jax.tree.map(lambda x: x[0], grads)),
-                jax.tree.leaves(grads)[0].shape[0])
+  return _stack(
+    tx.init(jax.tree.map(lambda x: x[0], grads)),
+    jax.tree.leaves(grads)[0].shape[0],
+  )
 
 
 def _grads(num_workers, seed=0):
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   return {
-      "conv": jax.random.normal(ks[0], (num_workers, 3, 3, 8, 16)),
-      "half": jax.random.normal(ks[1], (num_workers, 40, 30)).astype(
-          jnp.float16),
-      "bias": jax.random.normal(ks[2], (num_workers, 33)).astype(
-          jnp.bfloat16),
-      "scalar": jax.random.normal(ks[3], (num_workers,)),
-      "empty": jnp.zeros((num_workers, 0, 4)),
+    "conv": jax.random.normal(ks[0], (num_workers, 3, 3, 8, 16)),
+    "half": jax.random.normal(ks[1], (num_workers, 40, 30)).astype(jnp.float16),
+    "bias": jax.random.normal(ks[2], (num_workers, 33)).astype(jnp.bfloat16),
+    "scalar": jax.random.normal(ks[3], (num_workers,)),
+    "empty": jnp.zeros((num_workers, 0, 4)),
   }
 
 
@@ -108,8 +119,9 @@ def _oracle(grads_seq, *, density, momentum):
 
 def test_matches_numpy_dgc_over_three_steps():
   density, momentum = 0.02, 0.9
-  tx = dgc_lib.dgc(density=density, momentum=momentum, min_size=512,
-                   value_dtype=jnp.float32)
+  tx = dgc_lib.dgc(
+    density=density, momentum=momentum, min_size=512, value_dtype=jnp.float32
+  )
   seq = [_grads(_W, seed) for seed in range(3)]
   state = _init(tx, seq[0])
   want, u, v = _oracle(seq, density=density, momentum=momentum)
@@ -119,8 +131,12 @@ def test_matches_numpy_dgc_over_three_steps():
       assert leaf.dtype == grads[k].dtype
       tol = 1e-5 if leaf.dtype == np.float32 else 1e-2  # f16/bf16 output
       np.testing.assert_allclose(
-          leaf[0].reshape(-1).astype(np.float32), expect[k], rtol=tol,
-          atol=tol, err_msg=k)
+        leaf[0].reshape(-1).astype(np.float32),
+        expect[k],
+        rtol=tol,
+        atol=tol,
+        err_msg=k,
+      )
   # Momentum-factor masking: u and v are zero exactly where values left.
   for k, i in (("conv", _CONV), ("half", _HALF)):
     np.testing.assert_allclose(state.momentum[i], u[k], rtol=1e-5, atol=1e-6)
@@ -159,13 +175,13 @@ def test_replicas_identical_and_bf16_rounding_stays_in_velocity():
     idx = np.argsort(-np.abs(g[i]), kind="stable")[:k]
     sent = g[i][idx].astype(jnp.bfloat16).astype(np.float32)
     total[idx] += sent
-    np.testing.assert_array_equal(state1.velocity[_CONV][i][idx],
-                                  g[i][idx] - sent)
+    np.testing.assert_array_equal(
+      state1.velocity[_CONV][i][idx], g[i][idx] - sent
+    )
     assert np.all(state1.momentum[_CONV][i][idx] == 0)
     rest = np.setdiff1d(np.arange(g.shape[1]), idx)
     np.testing.assert_array_equal(state1.momentum[_CONV][i][rest], g[i][rest])
-  np.testing.assert_allclose(out["conv"][0].reshape(-1), total / _W,
-                             rtol=1e-6)
+  np.testing.assert_allclose(out["conv"][0].reshape(-1), total / _W, rtol=1e-6)
 
 
 def test_nonfinite_zeros_and_dtypes():
@@ -174,8 +190,11 @@ def test_nonfinite_zeros_and_dtypes():
   out, state = _run(_TX, zeros, _init(_TX, zeros))
   for k, leaf in out.items():
     assert leaf.dtype == grads[k].dtype and np.all(leaf == 0)
-  bad = {**grads, "conv": grads["conv"].at[1, 0, 0, 0, 3].set(jnp.nan),
-         "half": grads["half"].at[2, 7, 7].set(jnp.inf)}
+  bad = {
+    **grads,
+    "conv": grads["conv"].at[1, 0, 0, 0, 3].set(jnp.nan),
+    "half": grads["half"].at[2, 7, 7].set(jnp.inf),
+  }
   out, state = _run(_TX, bad, _init(_TX, bad))
   # Non-finite values rank first, so they reach the output ...
   assert np.isnan(out["conv"][0, 0, 0, 0, 3])
@@ -195,12 +214,11 @@ def test_sampled_threshold_sends_a_prefix_of_the_top_k():
     idx, valid = select(v, jax.random.PRNGKey(seed))
     chosen = np.asarray(idx)[np.asarray(valid)]
     assert 0.5 * k <= chosen.size <= k
-    assert set(chosen.tolist()) == set(order[:chosen.size].tolist())
+    assert set(chosen.tolist()) == set(order[: chosen.size].tolist())
 
 
 def _mlp_step(compressor, num_workers):
   class Mlp(nnx.Module):
-
     def __init__(self, rngs):
       self.hidden = nnx.Linear(64, 256, rngs=rngs)
       self.out = nnx.Linear(256, 10, rngs=rngs)
@@ -212,16 +230,20 @@ def _mlp_step(compressor, num_workers):
   tx = optax.chain(compressor, optax.sgd(0.1))
   mesh = data_mesh(num_workers)
   specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                    out_specs=specs))(params)
+  opt_state = jax.jit(
+    jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)
+  )(params)
 
   def loss_fn(params, x, y):
     logits = nnx.merge(graphdef, params)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
-                 out_specs=(P(), specs))
+  @jax.shard_map(
+    mesh=mesh,
+    in_specs=(P(), specs, P("data"), P("data")),
+    out_specs=(P(), specs),
+  )
   def step(params, opt_state, x, y):
     grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -235,20 +257,20 @@ def _mlp_step(compressor, num_workers):
 def test_hlo_wire_bytes_are_k_index_value_pairs():
   w, density = 8, 0.01
   compiled, params = _mlp_step(dgc_lib.dgc(density=density), w)
-  k = (dgc_lib.num_selected(64 * 256, density) +
-       dgc_lib.num_selected(256 * 10, density))
+  k = dgc_lib.num_selected(64 * 256, density) + dgc_lib.num_selected(
+    256 * 10, density
+  )
   assert k == 164 + 26
   report = gqsgd_jax.wire_report(compiled)
-  coll = {(c.op, c.dtype): c.bytes
-          for c in hlo.collectives(compiled.as_text())}
+  coll = {(c.op, c.dtype): c.bytes for c in hlo.collectives(compiled.as_text())}
   # all_gather results: W × k int32 indices and W × k bf16 values (as
   # uint16 bits); the biases' f32 momentum goes through one all-reduce.
   assert coll[("all-gather", "s32")] == w * k * 4
   assert coll[("all-gather", "u16")] == w * k * 2
-  assert report.by_op == {"all-gather": w * k * 6,
-                          "all-reduce": 4 * (256 + 10)}
+  assert report.by_op == {"all-gather": w * k * 6, "all-reduce": 4 * (256 + 10)}
   assert dgc_lib.dgc_wire_bytes(params, density=density) == dict(
-      sparse_bytes=k * 6, dense_bytes=4 * (256 + 10))
+    sparse_bytes=k * 6, dense_bytes=4 * (256 + 10)
+  )
 
 
 def test_least_squares_converges_close_to_momentum_sgd():
@@ -265,12 +287,11 @@ def test_least_squares_converges_close_to_momentum_sgd():
   mesh = data_mesh(num_workers)
 
   def loss(x, a, b):
-    return 0.5 * jnp.mean(jnp.sum((a @ x - b)**2, axis=-1))
+    return 0.5 * jnp.mean(jnp.sum((a @ x - b) ** 2, axis=-1))
 
   def train(tx, per_worker_state):
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")),
-                   out_specs=P())
+    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
     def run(a, b):
       a, b = a[0], b[0]
       x = jnp.zeros((d, d))
@@ -286,13 +307,16 @@ def test_least_squares_converges_close_to_momentum_sgd():
         state = gqsgd_jax.varying(state, "data")
       (x, _), _ = jax.lax.scan(body, (x, state), None, length=steps)
       return x
+
     x = run(a, b)
     return float(jnp.mean(jax.vmap(loss, (None, 0, 0))(x, a, b)))
 
-  reference = train(optax.chain(gqsgd_jax.psum_mean(),
-                                optax.sgd(lr, momentum=0.9)), False)
-  compressed = train(optax.chain(dgc_lib.dgc(density=0.05, momentum=0.9),
-                                 optax.sgd(lr)), True)
+  reference = train(
+    optax.chain(gqsgd_jax.psum_mean(), optax.sgd(lr, momentum=0.9)), False
+  )
+  compressed = train(
+    optax.chain(dgc_lib.dgc(density=0.05, momentum=0.9), optax.sgd(lr)), True
+  )
   print(f"loss: momentum SGD {reference:.4f} DGC {compressed:.4f}")
   assert compressed <= reference * 1.05
 
@@ -323,8 +347,14 @@ def test_bad_arguments_name_the_argument():
   with pytest.raises(ValueError, match="axis_name='data' is not bound"):
     jax.jit(tx.update)(grads, tx.init(grads))
   with pytest.raises(ValueError, match="DGCState does not match"):
-    _run(tx, {"w": jnp.ones((2, 64, 32))},
-         _stack(tx.init({"w": jnp.ones((32, 60))}), 2))
+    _run(
+      tx,
+      {"w": jnp.ones((2, 64, 32))},
+      _stack(tx.init({"w": jnp.ones((32, 60))}), 2),
+    )
   with pytest.raises(TypeError, match=r"\['n'\].*int32"):
-    _run(tx, {"n": jnp.ones((2, 3), jnp.int32)},
-         _stack(tx.init({"n": jnp.ones(3, jnp.int32)}), 2))
+    _run(
+      tx,
+      {"n": jnp.ones((2, 3), jnp.int32)},
+      _stack(tx.init({"n": jnp.ones(3, jnp.int32)}), 2),
+    )

@@ -17,7 +17,8 @@ from _utils import assert_trees_bitwise_equal
 emulation = ffi_lib.host_emulation
 
 pytestmark = pytest.mark.skipif(
-    emulation is None, reason="the _gqsgd_cpu module is not built")
+  emulation is None, reason="the _gqsgd_cpu module is not built"
+)
 
 # (blocks, threads). A single thread; a warp-sized grid; an odd grid whose
 # stride divides nothing; and one with more threads than any work below but
@@ -69,11 +70,12 @@ def _quantize_inputs(n: int, levels: int):
   m = np.float32(1.75)
   x = (rng.uniform(-1.0, 1.0, n) * m).astype(np.float32)
   # Subnormals quantize to 0 with or without flush-to-zero, so they stay.
-  specials = np.array([m, -m, np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40,
-                       -1e-40, 3e38], np.float32)
+  specials = np.array(
+    [m, -m, np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 3e38], np.float32
+  )
   k = min(n, specials.size)
   x[:k] = specials[:k]
-  x[n - k:] = specials[:k][::-1]
+  x[n - k :] = specials[:k][::-1]
   # One ulp up: |x| == M lands above the top level and must clamp.
   scale = np.nextafter(np.float32(levels) / m, np.float32(np.inf))
   return x, np.float32(scale)
@@ -84,8 +86,9 @@ def _quantize_expected(code, n):
   bits, signed = code
   levels = wire.max_levels(bits, signed)
   x, scale = _quantize_inputs(n, levels)
-  fn = functools.partial(ops.quantize, levels=levels, bits=bits,
-                         signed_codes=signed)
+  fn = functools.partial(
+    ops.quantize, levels=levels, bits=bits, signed_codes=signed
+  )
   return x, scale, levels, _ffi_and_twin(fn, x, scale, SEED)
 
 
@@ -96,10 +99,12 @@ def test_emulated_quantize(code, n, grid):
   bits, signed = code
   x, scale, levels, expected = _quantize_expected(code, n)
   # Poisoned output: every word must be written, padding lanes zeroed.
-  codes = np.full(wire.num_words(n, bits, signed), 0xA5,
-                  np.uint8).astype(wire.word_dtype(bits, signed))
-  emulation.emulate_quantize(x, float(scale), SEED, codes, levels, bits,
-                             signed, *grid)
+  codes = np.full(wire.num_words(n, bits, signed), 0xA5, np.uint8).astype(
+    wire.word_dtype(bits, signed)
+  )
+  emulation.emulate_quantize(
+    x, float(scale), SEED, codes, levels, bits, signed, *grid
+  )
   _assert_all_equal(codes, expected)
 
 
@@ -135,8 +140,9 @@ def _dequantize_expected(code, words):
     n = max(0, words * lanes - (lanes > 1))
     offset = wire.max_levels(bits)
   scale = np.float32(0.37)
-  fn = functools.partial(ops.dequantize, n=n, bits=bits, offset=offset,
-                         signed_codes=signed)
+  fn = functools.partial(
+    ops.dequantize, n=n, bits=bits, offset=offset, signed_codes=signed
+  )
   return codes, scale, n, offset, _ffi_and_twin(fn, codes, scale)
 
 
@@ -147,15 +153,23 @@ def test_emulated_dequantize(code, grid):
   for words in WORD_SIZES:
     codes, scale, n, offset, expected = _dequantize_expected(code, words)
     out = np.full(n, np.nan, np.float32)
-    emulation.emulate_dequantize(codes, float(scale), out, bits, signed,
-                                 offset, *grid)
+    emulation.emulate_dequantize(
+      codes, float(scale), out, bits, signed, offset, *grid
+    )
     _assert_all_equal(out, expected)
 
 
 # (n_a, n_b): a plain pair, the fold of an extra worker into a pair, unequal
 # halves, and large counts up to the limit n_a + n_b = 2^16.
-COUNTS = [(1, 1), (2, 1), (3, 5), (64, 64), (150, 150), (1, 2**16 - 1),
-          (2**15, 2**15)]
+COUNTS = [
+  (1, 1),
+  (2, 1),
+  (3, 5),
+  (64, 64),
+  (150, 150),
+  (1, 2**16 - 1),
+  (2**15, 2**15),
+]
 
 
 @functools.cache
@@ -183,13 +197,11 @@ def test_emulated_average(bits, grid):
 def test_emulated_average_rejects_bad_arguments():
   a = np.zeros(4, np.uint8)
   with pytest.raises(ValueError, match="n_a and n_b"):
-    emulation.emulate_average(a, a, 2**15, 2**15 + 1, SEED, a.copy(), 4, 1,
-                              1)
+    emulation.emulate_average(a, a, 2**15, 2**15 + 1, SEED, a.copy(), 4, 1, 1)
   with pytest.raises(ValueError, match="n_a and n_b"):
     emulation.emulate_average(a, a, 0, 1, SEED, a.copy(), 4, 1, 1)
   with pytest.raises(ValueError, match="same length"):
-    emulation.emulate_average(a, a, 1, 1, SEED, np.zeros(3, np.uint8), 4, 1,
-                              1)
+    emulation.emulate_average(a, a, 1, 1, SEED, np.zeros(3, np.uint8), 4, 1, 1)
   with pytest.raises(ValueError, match="same length"):
     emulation.emulate_average(a, a, 1, 1, SEED, a.copy(), 3, 1, 1)
   with pytest.raises(ValueError, match="bits"):
@@ -209,11 +221,24 @@ def _exp_inputs(n: int):
   rng = np.random.default_rng(n + 1)
   mag = np.exp2(rng.uniform(-126.0, 2.0, n)).astype(np.float32)
   x = np.where(rng.random(n) < 0.5, -mag, mag).astype(np.float32)
-  specials = np.array([0.5, -0.5, 4.0, np.nan, -np.inf, 0.0, -0.0, 2.0**-100,
-                       -(2.0**-126), 1.5 * 2.0**-126], np.float32)
+  specials = np.array(
+    [
+      0.5,
+      -0.5,
+      4.0,
+      np.nan,
+      -np.inf,
+      0.0,
+      -0.0,
+      2.0**-100,
+      -(2.0**-126),
+      1.5 * 2.0**-126,
+    ],
+    np.float32,
+  )
   k = min(n, specials.size)
   x[:k] = specials[:k]
-  x[n - k:] = specials[:k][::-1]
+  x[n - k :] = specials[:k][::-1]
   return x
 
 
@@ -233,8 +258,7 @@ def _exp_encode_expected(floor_code, n, scale):
 @pytest.mark.parametrize("grid", _grid_params())
 @pytest.mark.parametrize("n", _size_params())
 @pytest.mark.parametrize("scale", EXP_SCALES, ids=["scale1", "scale2^-40"])
-@pytest.mark.parametrize("floor_code", FLOOR_CODES,
-                         ids=lambda c: f"floor{c}")
+@pytest.mark.parametrize("floor_code", FLOOR_CODES, ids=lambda c: f"floor{c}")
 def test_emulated_exp_encode(floor_code, scale, n, grid):
   x, expected = _exp_encode_expected(floor_code, n, scale)
   codes = np.full(n, 0xA5, np.uint8)
@@ -250,8 +274,9 @@ def test_emulated_exp_encode_subnormal_x():
   codes = np.zeros(x.shape[0], np.uint8)
   emulation.emulate_exp_encode(x, 1.0, SEED, codes, 127, 7, 5)
   assert not codes.any()
-  _assert_all_equal(codes, _ffi_and_twin(ops.exp_encode, x, np.float32(1.0),
-                                         SEED))
+  _assert_all_equal(
+    codes, _ffi_and_twin(ops.exp_encode, x, np.float32(1.0), SEED)
+  )
 
 
 def _subnormal_product_inputs(n: int):
@@ -268,11 +293,11 @@ def test_emulated_exp_encode_subnormal_products_are_unbiased():
   emulation.emulate_exp_encode(x, float(scale), SEED, codes, 127, 3, 32)
   nonzero = codes != 0
   assert 0 < np.mean(nonzero) < 1, "v must round between 0 and a level"
-  np.testing.assert_array_equal(codes[nonzero] >> 7,
-                                np.arange(n)[nonzero] % 2)
+  np.testing.assert_array_equal(codes[nonzero] >> 7, np.arange(n)[nonzero] % 2)
   # E|decoded| = |v|; the standard error of the mean is about 1% here.
-  magnitude = np.where(nonzero, np.exp2(-(codes & 0x7F).astype(np.float64)),
-                       0.0)
+  magnitude = np.where(
+    nonzero, np.exp2(-(codes & 0x7F).astype(np.float64)), 0.0
+  )
   assert abs(np.mean(magnitude) / v - 1) < 0.05
 
 
@@ -325,8 +350,13 @@ def _block_quantize_expected(code, n, block):
   rng = np.random.default_rng(n + block)
   x = rng.uniform(-1.0, 1.0, n).astype(np.float32)
   scales = _block_scales(n, block, rng, levels)
-  fn = functools.partial(ops.quantize, levels=levels, bits=bits,
-                         signed_codes=signed, block_size=block)
+  fn = functools.partial(
+    ops.quantize,
+    levels=levels,
+    bits=bits,
+    signed_codes=signed,
+    block_size=block,
+  )
   return x, scales, levels, _ffi_and_twin(fn, x, scales, SEED)
 
 
@@ -336,10 +366,20 @@ def test_emulated_quantize_block_scales(code, grid):
   bits, signed = code
   for n, block in BLOCK_CASES:
     x, scales, levels, expected = _block_quantize_expected(code, n, block)
-    codes = np.full(wire.num_words(n, bits, signed), 0xA5,
-                    np.uint8).astype(wire.word_dtype(bits, signed))
-    emulation.emulate_quantize(x, scales, SEED, codes, levels, bits, signed,
-                               *grid, scale_shift=block.bit_length() - 1)
+    codes = np.full(wire.num_words(n, bits, signed), 0xA5, np.uint8).astype(
+      wire.word_dtype(bits, signed)
+    )
+    emulation.emulate_quantize(
+      x,
+      scales,
+      SEED,
+      codes,
+      levels,
+      bits,
+      signed,
+      *grid,
+      scale_shift=block.bit_length() - 1,
+    )
     _assert_all_equal(codes, expected)
 
 
@@ -353,8 +393,14 @@ def _block_dequantize_expected(code, n, block):
   else:
     codes, offset = _random_words(words, bits, rng), wire.max_levels(bits)
   scales = _block_scales(n, block, rng, 0.37)
-  fn = functools.partial(ops.dequantize, n=n, bits=bits, offset=offset,
-                         signed_codes=signed, block_size=block)
+  fn = functools.partial(
+    ops.dequantize,
+    n=n,
+    bits=bits,
+    offset=offset,
+    signed_codes=signed,
+    block_size=block,
+  )
   return codes, scales, offset, _ffi_and_twin(fn, codes, scales)
 
 
@@ -363,11 +409,18 @@ def _block_dequantize_expected(code, n, block):
 def test_emulated_dequantize_block_scales(code, grid):
   bits, signed = code
   for n, block in BLOCK_CASES:
-    codes, scales, offset, expected = _block_dequantize_expected(code, n,
-                                                                 block)
+    codes, scales, offset, expected = _block_dequantize_expected(code, n, block)
     out = np.full(n, np.nan, np.float32)
-    emulation.emulate_dequantize(codes, scales, out, bits, signed, offset,
-                                 *grid, scale_shift=block.bit_length() - 1)
+    emulation.emulate_dequantize(
+      codes,
+      scales,
+      out,
+      bits,
+      signed,
+      offset,
+      *grid,
+      scale_shift=block.bit_length() - 1,
+    )
     _assert_all_equal(out, expected)
 
 
@@ -386,8 +439,9 @@ def test_emulated_exp_encode_block_scales(grid):
   for n, block in BLOCK_CASES:
     x, scales, expected = _block_exp_encode_expected(n, block)
     codes = np.full(n, 0xA5, np.uint8)
-    emulation.emulate_exp_encode(x, scales, SEED, codes, 127, *grid,
-                                 scale_shift=block.bit_length() - 1)
+    emulation.emulate_exp_encode(
+      x, scales, SEED, codes, 127, *grid, scale_shift=block.bit_length() - 1
+    )
     _assert_all_equal(codes, expected)
 
 
@@ -413,8 +467,9 @@ def test_emulated_exp_decode(grid):
     if block is None:
       emulation.emulate_exp_decode(codes, float(scales), out, *grid)
     else:
-      emulation.emulate_exp_decode(codes, scales, out, *grid,
-                                   scale_shift=block.bit_length() - 1)
+      emulation.emulate_exp_decode(
+        codes, scales, out, *grid, scale_shift=block.bit_length() - 1
+      )
     _assert_all_equal(out, expected)
 
 
@@ -422,18 +477,25 @@ def test_emulation_rejects_short_block_scales():
   x = np.ones(33, np.float32)
   codes = np.zeros(33, np.uint8)
   with pytest.raises(ValueError, match="fewer elements than blocks"):
-    emulation.emulate_exp_encode(x, np.ones(2, np.float32), SEED, codes, 127,
-                                 1, 1, scale_shift=4)
+    emulation.emulate_exp_encode(
+      x, np.ones(2, np.float32), SEED, codes, 127, 1, 1, scale_shift=4
+    )
   with pytest.raises(ValueError, match="scale_shift"):
-    emulation.emulate_exp_encode(x, np.ones(3, np.float32), SEED, codes, 127,
-                                 1, 1, scale_shift=63)
+    emulation.emulate_exp_encode(
+      x, np.ones(3, np.float32), SEED, codes, 127, 1, 1, scale_shift=63
+    )
 
 
 def test_emulated_exp_reduce_all_pairs():
   # Every (a, b) byte pair once, against the handler and the twin.
-  a, b = (v.reshape(-1) for v in np.meshgrid(
-      np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8),
-      indexing="ij"))
+  a, b = (
+    v.reshape(-1)
+    for v in np.meshgrid(
+      np.arange(256, dtype=np.uint8),
+      np.arange(256, dtype=np.uint8),
+      indexing="ij",
+    )
+  )
   out = np.zeros_like(a)
   emulation.emulate_exp_reduce(a, b, SEED, out, 7, 5)
   _assert_all_equal(out, _ffi_and_twin(ops.exp_reduce, a, b, SEED))
@@ -489,21 +551,22 @@ RUN = 37  # crosses 2^31 and 2^32 from the starts just below them
 def test_random_bits_at_matches_numpy_model(start, stream, grid):
   out = np.zeros(RUN, np.uint32)
   emulation.random_bits_at(SEED, start, stream, out, *grid)
-  np.testing.assert_array_equal(out, _np_random_bits(SEED, start, RUN,
-                                                     stream))
+  np.testing.assert_array_equal(out, _np_random_bits(SEED, start, RUN, stream))
 
 
 @pytest.mark.parametrize("stream", STREAMS, ids=lambda s: f"stream{s}")
-@pytest.mark.parametrize("start", [s for s in STARTS if s < 2**32],
-                         ids=lambda s: f"start{s}")
+@pytest.mark.parametrize(
+  "start", [s for s in STARTS if s < 2**32], ids=lambda s: f"start{s}"
+)
 def test_random_bits_at_matches_twin_below_2_32(start, stream):
   # The twin has no hi word: it covers indices < 2^32 only.
   run = min(RUN, 2**32 - start)
   out = np.zeros(run, np.uint32)
   emulation.random_bits_at(SEED, start, stream, out)
   # XLA fuses the slice into the iota, so only `run` elements are computed.
-  twin = jax.jit(lambda s: reference.random_bits(s, start + run,
-                                                 stream=stream)[start:])
+  twin = jax.jit(
+    lambda s: reference.random_bits(s, start + run, stream=stream)[start:]
+  )
   np.testing.assert_array_equal(out, np.asarray(twin(SEED)))
 
 
@@ -529,8 +592,9 @@ def test_random_bits_streams_differ():
 # Argument checking of the emulation entry points.
 
 
-@pytest.mark.parametrize("grid", [(0, 1), (1, 0), (-1, 32)],
-                         ids=["blocks0", "threads0", "blocks-1"])
+@pytest.mark.parametrize(
+  "grid", [(0, 1), (1, 0), (-1, 32)], ids=["blocks0", "threads0", "blocks-1"]
+)
 def test_emulation_rejects_empty_grid(grid):
   out = np.zeros(4, np.uint8)
   with pytest.raises(ValueError, match="blocks and threads must be >= 1"):
@@ -540,13 +604,14 @@ def test_emulation_rejects_empty_grid(grid):
 def test_emulation_rejects_wrong_output():
   x = np.ones(7, np.float32)
   with pytest.raises(ValueError, match="codes has the wrong size or dtype"):
-    emulation.emulate_quantize(x, 1.0, SEED, np.zeros(3, np.uint8), 7, 4,
-                               False, 1, 1)
+    emulation.emulate_quantize(
+      x, 1.0, SEED, np.zeros(3, np.uint8), 7, 4, False, 1, 1
+    )
   with pytest.raises(ValueError, match="codes has the wrong size or dtype"):
-    emulation.emulate_quantize(x, 1.0, SEED, np.zeros(4, np.uint32), 7, 4,
-                               False, 1, 1)
+    emulation.emulate_quantize(
+      x, 1.0, SEED, np.zeros(4, np.uint32), 7, 4, False, 1, 1
+    )
   with pytest.raises(ValueError, match="codes must match x"):
-    emulation.emulate_exp_encode(x, 1.0, SEED, np.zeros(6, np.uint8), 127,
-                                 1, 1)
+    emulation.emulate_exp_encode(x, 1.0, SEED, np.zeros(6, np.uint8), 127, 1, 1)
   with pytest.raises(ValueError, match="start must be >= 0"):
     emulation.random_bits_at(SEED, -1, 0, np.zeros(4, np.uint32))

@@ -19,6 +19,7 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import reference
+
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -36,11 +37,13 @@ def _monte_carlo(tx, stacked, count, salt=0):
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(count) + salt)
 
   @jax.jit
-  @jax.shard_map(mesh=data_mesh(stacked.shape[0]), in_specs=(P("data"), P()),
-                 out_specs=P())
+  @jax.shard_map(
+    mesh=data_mesh(stacked.shape[0]), in_specs=(P("data"), P()), out_specs=P()
+  )
   def run(g, keys):
-    return jax.vmap(lambda k: tx.update(
-        g[0], gqsgd_jax.GlobalQuantizeState(k))[0])(keys)
+    return jax.vmap(
+      lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0]
+    )(keys)
 
   return np.asarray(run(stacked, keys), np.float64)
 
@@ -97,7 +100,7 @@ def _variance_bound(g: np.ndarray) -> np.ndarray:
   total = np.zeros(g.shape[1])
   for workers, height in _tree(num_workers):
     v = g[list(workers)].sum(0)
-    total += (9 / 8)**height * v**2 / 8
+    total += (9 / 8) ** height * v**2 / 8
   return total / num_workers**2
 
 
@@ -106,11 +109,11 @@ def _butterfly_root(stacked, combine):
   num_workers = stacked.shape[0]
 
   @jax.jit
-  @jax.shard_map(mesh=data_mesh(num_workers), in_specs=P("data"),
-                 out_specs=P())
+  @jax.shard_map(mesh=data_mesh(num_workers), in_specs=P("data"), out_specs=P())
   def run(x):
     return collectives.butterfly_allreduce(
-        x[0], combine, axis_name="data", num_workers=num_workers)
+      x[0], combine, axis_name="data", num_workers=num_workers
+    )
 
   return np.asarray(run(stacked))
 
@@ -123,26 +126,30 @@ def test_variance_bound_follows_the_library_butterfly(num_workers):
   # from leaves (g, g^2 / 8), returns W^2 * _variance_bound(g) at the root
   # only if every node sums the workers _tree says at the height it says.
   d = 13  # not a multiple of the blocks: the padding takes part too
-  g = np.asarray(jax.random.normal(jax.random.PRNGKey(num_workers),
-                                   (num_workers, d)), np.float64)
+  g = np.asarray(
+    jax.random.normal(jax.random.PRNGKey(num_workers), (num_workers, d)),
+    np.float64,
+  )
 
   def bound_combine(a, b, n_a, n_b, stage):
     del n_a, n_b, stage
     v = a.real + b.real
     return jax.lax.complex(v, 9 / 8 * (a.imag + b.imag) + v * v / 8)
 
-  root = _butterfly_root((g + 1j * g**2 / 8).astype(np.complex64),
-                         bound_combine)
+  root = _butterfly_root(
+    (g + 1j * g**2 / 8).astype(np.complex64), bound_combine
+  )
   np.testing.assert_allclose(root.real, g.sum(0), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(root.imag, _variance_bound(g) * num_workers**2,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    root.imag, _variance_bound(g) * num_workers**2, rtol=1e-5
+  )
+
   # The counts handed to the combine are the workers behind each operand.
   def count_combine(a, b, n_a, n_b, stage):
     del stage
     return jnp.where((a == n_a) & (b == n_b), a + b, jnp.nan)
 
-  counts = _butterfly_root(np.ones((num_workers, d), np.float32),
-                           count_combine)
+  counts = _butterfly_root(np.ones((num_workers, d), np.float32), count_combine)
   np.testing.assert_array_equal(counts, np.full(d, num_workers, np.float32))
   heights = [h for _, h in _tree(num_workers)]
   assert max(heights) == collectives.tree_depth(num_workers)
@@ -174,8 +181,10 @@ def test_unbiased_and_within_the_variance_bound(num_workers):
   if num_workers > 1:
     assert var.sum() > 0
   rel = var[1:].sum() / bound[1:].sum()
-  print(f"W={num_workers}: var {var.sum():.4g} bound {bound.sum():.4g} "
-        f"(ratio {rel:.2f})")
+  print(
+    f"W={num_workers}: var {var.sum():.4g} bound {bound.sum():.4g} "
+    f"(ratio {rel:.2f})"
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -190,6 +199,7 @@ def _overflow_to_zero(original):
   kernel's random event and zeroes exactly those elements, so an overflow
   would show as a zero (or a lost sign) in the transform's output.
   """
+
   def exp_reduce(a, b, seed, *, impl="auto"):
     out = original(a, b, seed, impl=impl)
     n = a.shape[0]
@@ -198,10 +208,13 @@ def _overflow_to_zero(original):
     same = (ua & 0x80) == (ub & 0x80)
     e_big, e_small = jnp.minimum(ea, eb), jnp.maximum(ea, eb)
     event = reference.geometric_tail(
-        e_small - e_big, reference.random_bits(seed, n, 0),
-        reference.random_bits(seed, n, 1))
+      e_small - e_big,
+      reference.random_bits(seed, n, 0),
+      reference.random_bits(seed, n, 1),
+    )
     overflow = (ea > 0) & (eb > 0) & same & (e_big == 1) & event
     return jnp.where(overflow, jnp.uint8(0), out)
+
   return exp_reduce
 
 
@@ -210,12 +223,12 @@ def _adversarial(num_workers, big_m=3.0):
   elsewhere, alternating +-M, all +M/2."""
   w = np.arange(num_workers)
   cols = [
-      np.full(num_workers, big_m),
-      np.full(num_workers, -big_m),
-      np.full(num_workers, big_m * (1 - 2**-20)),
-      np.where(w == 0, big_m, 1e-3),
-      np.where(w % 2, -big_m, big_m),
-      np.full(num_workers, big_m / 2),
+    np.full(num_workers, big_m),
+    np.full(num_workers, -big_m),
+    np.full(num_workers, big_m * (1 - 2**-20)),
+    np.where(w == 0, big_m, 1e-3),
+    np.where(w % 2, -big_m, big_m),
+    np.full(num_workers, big_m / 2),
   ]
   return np.stack(cols, 1).astype(F32)
 
@@ -234,7 +247,7 @@ def test_adversarial_inputs_never_overflow(num_workers, monkeypatch):
     assert np.all(np.sign(est[:, c]) == np.sign(mean[c])), c
   # Root codes: |g^| = 2^-e S / W with e in [1, 127] (S = 2^(D+1) M).
   depth = collectives.tree_depth(num_workers)
-  dec = F32(F32(2.0**(depth + 1) * F32(3.0)) / F32(num_workers))
+  dec = F32(F32(2.0 ** (depth + 1) * F32(3.0)) / F32(num_workers))
   nz = est[est != 0]
   e = -np.log2(np.abs(nz) / np.float64(dec))
   assert np.all(e == np.round(e)) and e.min() >= 1 and e.max() <= 127
@@ -255,8 +268,9 @@ def test_one_level_less_headroom_would_overflow(num_workers, monkeypatch):
   # The control for the test above: with S = 2^D M (one doubling short)
   # the same inputs overflow, which the wrapper turns into zeros.
   monkeypatch.setattr(ops, "exp_reduce", _overflow_to_zero(ops.exp_reduce))
-  monkeypatch.setattr(collectives, "tree_depth",
-                      lambda w: math.ceil(math.log2(w)) - 1)
+  monkeypatch.setattr(
+    collectives, "tree_depth", lambda w: math.ceil(math.log2(w)) - 1
+  )
   g = jnp.asarray(_adversarial(num_workers)[:, :1])
   est = _monte_carlo(_tx(), g, 64)
   assert np.any(est[:, 0] == 0)
@@ -269,10 +283,11 @@ def test_one_level_less_headroom_would_overflow(num_workers, monkeypatch):
 @pytest.mark.parametrize("num_workers", [5])
 def test_replicas_identical_across_modes_and_impls(num_workers):
   k1, k2 = jax.random.split(jax.random.PRNGKey(num_workers))
-  grads = {"w": jax.random.normal(k1, (num_workers, 19, 7)),
-           "b": jax.random.normal(k2, (num_workers, 5)).astype(jnp.float16)}
-  impls = ["xla"] + (["ffi"] if gqsgd_jax.HAS_CPU or gqsgd_jax.HAS_CUDA
-                     else [])
+  grads = {
+    "w": jax.random.normal(k1, (num_workers, 19, 7)),
+    "b": jax.random.normal(k2, (num_workers, 5)).astype(jnp.float16),
+  }
+  impls = ["xla"] + (["ffi"] if gqsgd_jax.HAS_CPU or gqsgd_jax.HAS_CUDA else [])
   results = {}
   for impl in impls:
     tx = _tx(impl=impl)
@@ -299,7 +314,9 @@ def test_torch_parity_of_the_whole_reduction(num_workers):
   # gradients make g / (2 W M) exact in float32.
   torch = pytest.importorskip("torch")
   import torch_parity_test as tp  # pylint: disable=g-import-not-at-top
+
   import torch_reference as ref  # pylint: disable=g-import-not-at-top
+
   # pylint: disable=protected-access
   grid, bits = tp._grid_gradient, tp._bits
   exp_uniforms, reduce_uniforms = tp._exp_uniforms, tp._reduce_uniforms
@@ -318,23 +335,27 @@ def test_torch_parity_of_the_whole_reduction(num_workers):
     seed = ops.seed_from_key(prng.fold(step_key, 0, 0, i))
     v = torch.from_numpy(g[i]) / (2 * num_workers * norm)
     codes = ref.exp_compress(v, exp_uniforms(seed, n))
-    chunks.append(torch.cat([codes, torch.zeros((-n) % num_workers,
-                                                dtype=torch.uint8)]))
+    chunks.append(
+      torch.cat([codes, torch.zeros((-n) % num_workers, dtype=torch.uint8)])
+    )
   levels = num_workers.bit_length() - 1
   for level in range(levels):
     new = []
     for i in range(num_workers):
       half = chunks[i].shape[0] // 2
       bit = (i >> level) & 1
-      keep = chunks[i][bit * half:(bit + 1) * half]
-      theirs = chunks[i ^ (1 << level)][bit * half:(bit + 1) * half]
+      keep = chunks[i][bit * half : (bit + 1) * half]
+      theirs = chunks[i ^ (1 << level)][bit * half : (bit + 1) * half]
       seed = ops.seed_from_key(prng.fold(node_key, level + 1, i))
-      new.append(ref.exp_reduce(keep, theirs,
-                                reduce_uniforms(bits(seed, half, 0))))
+      new.append(
+        ref.exp_reduce(keep, theirs, reduce_uniforms(bits(seed, half, 0)))
+      )
     chunks = new
   # Worker i ends with block bitreverse(i) of the buffer.
-  root = torch.cat([chunks[_bit_reverse(j, levels)]
-                    for j in range(num_workers)])[:n]
-  np.testing.assert_array_equal(per_worker[0],
-                                ref.exp_decompress(root, norm).numpy())
+  root = torch.cat(
+    [chunks[_bit_reverse(j, levels)] for j in range(num_workers)]
+  )[:n]
+  np.testing.assert_array_equal(
+    per_worker[0], ref.exp_decompress(root, norm).numpy()
+  )
   assert np.count_nonzero(root.numpy()) > n // 2

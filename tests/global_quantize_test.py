@@ -11,6 +11,7 @@ import gqsgd_jax
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import global_quantize as gq
 from gqsgd_jax._src import wire
+
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -21,32 +22,33 @@ def _grads(num_workers, seed=0):
   """Per-worker gradients of mixed shapes and dtypes (leading axis = W)."""
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
   return {
-      "dense": jax.random.normal(k1, (num_workers, 37, 5)),
-      "bias": jax.random.normal(k2, (num_workers, 11)).astype(jnp.bfloat16),
-      "scale": jax.random.normal(k3, (num_workers,)).astype(jnp.float16),
-      "empty": jnp.zeros((num_workers, 0, 3)),
+    "dense": jax.random.normal(k1, (num_workers, 37, 5)),
+    "bias": jax.random.normal(k2, (num_workers, 11)).astype(jnp.bfloat16),
+    "scale": jax.random.normal(k3, (num_workers,)).astype(jnp.float16),
+    "empty": jnp.zeros((num_workers, 0, 3)),
   }
 
 
 # (W, kwargs): every strategy, powers of two and not, psum and packed lanes.
 _CONFIGS = [
-    (2, dict(bits=8, reduction="psum")),
-    (3, dict(bits=4, reduction="butterfly")),
-    (5, dict(bits=3, reduction="butterfly")),
-    (6, dict(bits=8, dithering="exponential")),
-    (8, dict(bits=2, reduction="auto")),
-    (7, dict(bits=6, reduction="psum", granularity="leaf")),
+  (2, dict(bits=8, reduction="psum")),
+  (3, dict(bits=4, reduction="butterfly")),
+  (5, dict(bits=3, reduction="butterfly")),
+  (6, dict(bits=8, dithering="exponential")),
+  (8, dict(bits=2, reduction="auto")),
+  (7, dict(bits=6, reduction="psum", granularity="leaf")),
 ]
 
 
-@pytest.mark.parametrize("num_workers,kwargs", _CONFIGS,
-                         ids=[f"W{w}-{'-'.join(map(str, k.values()))}"
-                              for w, k in _CONFIGS])
+@pytest.mark.parametrize(
+  "num_workers,kwargs",
+  _CONFIGS,
+  ids=[f"W{w}-{'-'.join(map(str, k.values()))}" for w, k in _CONFIGS],
+)
 def test_replicas_identical_across_modes_and_impls(num_workers, kwargs):
   grads = _grads(num_workers)
   results = {}
-  impls = ["xla"] + (["ffi"] if gqsgd_jax.HAS_CPU or gqsgd_jax.HAS_CUDA
-                     else [])
+  impls = ["xla"] + (["ffi"] if gqsgd_jax.HAS_CPU or gqsgd_jax.HAS_CUDA else [])
   for impl in impls:
     tx = gqsgd_jax.global_quantize(**kwargs, impl=impl)
     for mode in ("shard_map", "pmap"):
@@ -58,7 +60,9 @@ def test_replicas_identical_across_modes_and_impls(num_workers, kwargs):
     assert_trees_bitwise_equal(first, other)
   out = jax.tree.map(lambda x: x[0], first[0])
   for name, leaf in out.items():
-    assert leaf.dtype == grads[name].dtype and leaf.shape == grads[name].shape[1:]
+    assert (
+      leaf.dtype == grads[name].dtype and leaf.shape == grads[name].shape[1:]
+    )
     assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
 
 
@@ -75,7 +79,8 @@ def _monte_carlo(tx, stacked, keys):
   @jax.shard_map(mesh=mesh, in_specs=(P("data"), P()), out_specs=P())
   def run(g, keys):
     return jax.vmap(
-        lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0])(keys)
+      lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0]
+    )(keys)
 
   return np.asarray(run(stacked, keys), np.float64)
 
@@ -93,7 +98,7 @@ def test_psum_unbiased_with_exact_variance(num_workers):
   s = wire.psum_levels(8, num_workers, signed_codes=True)
   y = np.asarray(g * np.float32(s / np.float32(big_m)), np.float64)
   frac = y - np.floor(y)
-  var = (big_m / (s * num_workers))**2 * (frac * (1 - frac)).sum(0)
+  var = (big_m / (s * num_workers)) ** 2 * (frac * (1 - frac)).sum(0)
   # Unbiased: each coordinate's MC mean within 5 standard errors.
   se = np.sqrt(var / count) + 1e-12
   bias = est.mean(0) - g64.mean(0)
@@ -152,8 +157,10 @@ def _butterfly_root_moments(y: np.ndarray, levels: int):
     else:
       nodes.append((leaf(y[j]), 1))
   while len(nodes) > 1:
-    nodes = [(combine(a, n_a, b, n_b), n_a + n_b)
-             for (a, n_a), (b, n_b) in zip(nodes[::2], nodes[1::2])]
+    nodes = [
+      (combine(a, n_a, b, n_b), n_a + n_b)
+      for (a, n_a), (b, n_b) in zip(nodes[::2], nodes[1::2])
+    ]
   dist = nodes[0][0]
   codes = np.arange(width)
   mean = dist @ codes
@@ -168,13 +175,13 @@ def test_butterfly_unbiased_with_exact_variance(num_workers):
   # multiplies the leaves' share up to W-fold) fits in it, so the measured
   # variance must also match the exact variance of independent dither.
   d, count = 48, 2000
-  g = jax.random.normal(jax.random.PRNGKey(100 + num_workers),
-                        (num_workers, d))
+  g = jax.random.normal(jax.random.PRNGKey(100 + num_workers), (num_workers, d))
   bits = 4
   # f32 scales: the exact variance below needs the exact max-abs M (the
   # 4-bit default rounds the scale up to bfloat16).
-  tx = gqsgd_jax.global_quantize(bits=bits, reduction="butterfly",
-                                 scale_format="f32")
+  tx = gqsgd_jax.global_quantize(
+    bits=bits, reduction="butterfly", scale_format="f32"
+  )
   est = _monte_carlo(tx, g, _keys(count))
   g64 = np.asarray(g, np.float64)
   big_m = np.abs(g64).max()
@@ -196,8 +203,9 @@ def test_butterfly_unbiased_with_exact_variance(num_workers):
   assert measured <= bound * (1 + 6 * np.sqrt(2 / (count * d)))
 
 
-def _wire_sum_is_exact(code: int, num_workers: int, bits: int,
-                       signed: bool) -> bool:
+def _wire_sum_is_exact(
+  code: int, num_workers: int, bits: int, signed: bool
+) -> bool:
   """Whether W words full of ``code`` add up lane by lane on the wire.
 
   The sum is taken as the psum does, in the word dtype with wrap-around,
@@ -211,11 +219,14 @@ def _wire_sum_is_exact(code: int, num_workers: int, bits: int,
     total = np.sum(np.full(num_workers, code, np.int8), dtype=np.int8)
     return int(total) == num_workers * code
   word = sum(code << (bits * k) for k in range(lanes))
-  total = np.sum(np.full(num_workers, word, np.uint64)) % (1 << 8 *
-                                                             dtype.itemsize)
+  total = np.sum(np.full(num_workers, word, np.uint64)) % (
+    1 << 8 * dtype.itemsize
+  )
   mask = (1 << bits) - 1
-  return all((int(total) >> (bits * k)) & mask == num_workers * code
-             for k in range(lanes))
+  return all(
+    (int(total) >> (bits * k)) & mask == num_workers * code
+    for k in range(lanes)
+  )
 
 
 def test_psum_levels_are_the_most_that_never_overflow_the_wire():
@@ -234,25 +245,28 @@ def test_psum_levels_are_the_most_that_never_overflow_the_wire():
 
 
 _ADVERSARIAL = [
-    (2, dict(bits=8, reduction="psum")),
-    (4, dict(bits=8, reduction="psum")),
-    (8, dict(bits=8, reduction="psum")),
-    (2, dict(bits=4, reduction="psum")),
-    (3, dict(bits=5, reduction="psum")),
-    (8, dict(bits=4, reduction="butterfly")),
-    (3, dict(bits=2, reduction="butterfly")),
+  (2, dict(bits=8, reduction="psum")),
+  (4, dict(bits=8, reduction="psum")),
+  (8, dict(bits=8, reduction="psum")),
+  (2, dict(bits=4, reduction="psum")),
+  (3, dict(bits=5, reduction="psum")),
+  (8, dict(bits=4, reduction="butterfly")),
+  (3, dict(bits=2, reduction="butterfly")),
 ]
 
 
-@pytest.mark.parametrize("num_workers,kwargs", _ADVERSARIAL,
-                         ids=[f"W{w}-{k['bits']}-{k['reduction']}"
-                              for w, k in _ADVERSARIAL])
+@pytest.mark.parametrize(
+  "num_workers,kwargs",
+  _ADVERSARIAL,
+  ids=[f"W{w}-{k['bits']}-{k['reduction']}" for w, k in _ADVERSARIAL],
+)
 def test_adversarial_inputs_never_overflow(num_workers, kwargs):
   # Every worker holds +M or -M on the same coordinates (the largest codes,
   # summed W times), and values a hair below M that round up almost surely.
   big_m = np.float32(3.0)
-  row = np.array([big_m, -big_m, big_m * (1 - 2**-20), -big_m * (1 - 2**-20)],
-                 np.float32)
+  row = np.array(
+    [big_m, -big_m, big_m * (1 - 2**-20), -big_m * (1 - 2**-20)], np.float32
+  )
   g = jnp.asarray(np.tile(row, (num_workers, 8)))
   tx = gqsgd_jax.global_quantize(**kwargs)
   for seed in range(3):
@@ -276,14 +290,13 @@ def test_least_squares_converges_like_uncompressed():
   mesh = data_mesh(num_workers)
 
   def loss(x, a, b):
-    return 0.5 * jnp.mean((a @ x - b)**2)
+    return 0.5 * jnp.mean((a @ x - b) ** 2)
 
   def train(compressor):
     tx = optax.chain(compressor, optax.sgd(0.05))
 
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")),
-                   out_specs=P())
+    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
     def run(a, b):
       a, b = a[0], b[0]
       x = jnp.zeros(d)
@@ -296,14 +309,16 @@ def test_least_squares_converges_like_uncompressed():
 
       (x, _), _ = jax.lax.scan(body, (x, tx.init(x)), None, length=steps)
       return x
+
     x = run(a, b)
     return float(jnp.mean(jax.vmap(loss, (None, 0, 0))(x, a, b)))
 
   reference = train(gqsgd_jax.psum_mean())
-  for compressor in (gqsgd_jax.global_quantize(bits=4),
-                     gqsgd_jax.global_quantize(bits=8),
-                     gqsgd_jax.global_quantize(bits=8,
-                                               dithering="exponential")):
+  for compressor in (
+    gqsgd_jax.global_quantize(bits=4),
+    gqsgd_jax.global_quantize(bits=8),
+    gqsgd_jax.global_quantize(bits=8, dithering="exponential"),
+  ):
     assert train(compressor) <= reference * 1.02
 
 
@@ -339,30 +354,35 @@ def _scalar_tolerance(kwargs, num_workers, big_m):
   if kwargs.get("dithering") == "exponential":
     return 0.0
   if gq.choose_reduction("auto", kwargs["bits"], num_workers) == "psum":
-    return big_m / wire.psum_levels(kwargs["bits"], num_workers,
-                                    signed_codes=kwargs["bits"] == 8)
-  return big_m / wire.max_levels(kwargs["bits"]) * (3 - 2.0**(1 - depth))
+    return big_m / wire.psum_levels(
+      kwargs["bits"], num_workers, signed_codes=kwargs["bits"] == 8
+    )
+  return big_m / wire.max_levels(kwargs["bits"]) * (3 - 2.0 ** (1 - depth))
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=8), dict(bits=4),
-                                    dict(bits=8, dithering="exponential")],
-                         ids=["psum8", "butterfly4", "exponential"])
+@pytest.mark.parametrize(
+  "kwargs",
+  [dict(bits=8), dict(bits=4), dict(bits=8, dithering="exponential")],
+  ids=["psum8", "butterfly4", "exponential"],
+)
 def test_zeros_nonfinite_empty_and_scalar_leaves(kwargs):
   w = 4
   grads = {
-      "zeros": jnp.zeros((w, 9)),
-      "nan": jnp.ones((w, 5)).at[2, 3].set(jnp.nan),
-      "inf": jnp.ones((w, 6)).at[1, 0].set(-jnp.inf),
-      "fine": jnp.full((w, 7), 0.5),
-      "empty": jnp.zeros((w, 0)),
-      "scalar": jnp.array([1.0, 1.0, 2.0, 0.0]),
+    "zeros": jnp.zeros((w, 9)),
+    "nan": jnp.ones((w, 5)).at[2, 3].set(jnp.nan),
+    "inf": jnp.ones((w, 6)).at[1, 0].set(-jnp.inf),
+    "fine": jnp.full((w, 7), 0.5),
+    "empty": jnp.zeros((w, 0)),
+    "scalar": jnp.array([1.0, 1.0, 2.0, 0.0]),
   }
   # One bucket per leaf, so a non-finite leaf only poisons its own bucket.
   tx = gqsgd_jax.global_quantize(**kwargs, granularity="leaf")
   per_worker, _ = sharded_update(tx, grads, tx.init(0))
   out = jax.tree.map(lambda x: np.asarray(x[0]), per_worker)
-  assert np.array_equal(out["zeros"], np.zeros(9)) and not np.signbit(
-      out["zeros"]).any()
+  assert (
+    np.array_equal(out["zeros"], np.zeros(9))
+    and not np.signbit(out["zeros"]).any()
+  )
   assert np.all(np.isnan(out["nan"]))  # never laundered into numbers
   assert not np.any(np.isfinite(out["inf"]))
   # Every worker holds M = 0.5 itself: the top level, exactly, in each method.
@@ -389,8 +409,7 @@ def test_bad_arguments_name_the_argument():
   with pytest.raises(ValueError, match="bits"):
     gqsgd_jax.global_quantize(bits=4, dithering="exponential")
   with pytest.raises(ValueError, match="reduction"):
-    gqsgd_jax.global_quantize(bits=8, dithering="exponential",
-                              reduction="psum")
+    gqsgd_jax.global_quantize(bits=8, dithering="exponential", reduction="psum")
   with pytest.raises(ValueError, match="granularity"):
     gqsgd_jax.global_quantize(granularity="layer")
   with pytest.raises(ValueError, match="bucket_bytes"):
@@ -410,8 +429,12 @@ def test_unbound_or_wrong_axis_name_is_a_clear_error():
     tx.update(grads, tx.init(grads))
   wrong = gqsgd_jax.global_quantize(bits=4, axis_name="batch")
   mesh = data_mesh(2)
-  step = jax.shard_map(lambda g: wrong.update(g, wrong.init(g))[0], mesh=mesh,
-                       in_specs=P(), out_specs=P())
+  step = jax.shard_map(
+    lambda g: wrong.update(g, wrong.init(g))[0],
+    mesh=mesh,
+    in_specs=P(),
+    out_specs=P(),
+  )
   with pytest.raises(ValueError, match="axis_name='batch'"):
     step(grads)
 
@@ -441,12 +464,22 @@ def test_auto_rule():
 
 
 def test_bucket_plan_is_reverse_order_capped_and_single_dtype():
-  leaves = [jnp.zeros(10), jnp.zeros(20), jnp.zeros(5, jnp.bfloat16),
-            jnp.zeros(0), jnp.zeros(30), jnp.zeros(1000)]
+  leaves = [
+    jnp.zeros(10),
+    jnp.zeros(20),
+    jnp.zeros(5, jnp.bfloat16),
+    jnp.zeros(0),
+    jnp.zeros(30),
+    jnp.zeros(1000),
+  ]
   plan = bucketing.plan_buckets(leaves, bucket_bytes=200)
   assert [b.leaf_ids for b in plan] == [(5,), (4,), (2,), (1, 0)]
-  assert [b.dtype for b in plan] == [np.float32, np.float32, jnp.bfloat16,
-                                     np.float32]
+  assert [b.dtype for b in plan] == [
+    np.float32,
+    np.float32,
+    jnp.bfloat16,
+    np.float32,
+  ]
   per_leaf = bucketing.plan_buckets(leaves, bucket_bytes=10**9, per_leaf=True)
   assert [b.leaf_ids for b in per_leaf] == [(5,), (4,), (2,), (1,), (0,)]
 

@@ -22,19 +22,25 @@ AXES = ("host", "local")
 
 def _mesh(hosts, local):
   devices = require_devices(hosts * local)
-  return jax.sharding.Mesh(np.array(devices).reshape(hosts, local), AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.sharding.Mesh(
+    np.array(devices).reshape(hosts, local),
+    AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
 
 
 def _step(tx, mesh):
   """jit(shard_map(update)): (replicated updates, every device's copy,
   state) from per-device gradients with a leading device axis."""
+
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(AXES), P()),
-                 out_specs=(P(), P(AXES), P()))
+  @jax.shard_map(
+    mesh=mesh, in_specs=(P(AXES), P()), out_specs=(P(), P(AXES), P())
+  )
   def step(g, s):
     u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
     return u, jax.tree.map(lambda x: x[None], u), s
+
   return step
 
 
@@ -55,8 +61,10 @@ def _run(tx, grads, mesh, steps=1):
 def _grads(devices, seed=0, dtypes=(jnp.float32,) * 3):
   rng = np.random.default_rng(seed)
   shapes = {"w": (37,), "b": (3, 5), "s": ()}  # 53 elements: uneven
-  return {k: jnp.asarray(rng.standard_normal((devices,) + shape), dtype)
-          for (k, shape), dtype in zip(shapes.items(), dtypes)}
+  return {
+    k: jnp.asarray(rng.standard_normal((devices,) + shape), dtype)
+    for (k, shape), dtype in zip(shapes.items(), dtypes)
+  }
 
 
 def _tx(inner, **kwargs):
@@ -72,18 +80,26 @@ _PAIRS = re.compile(r"source_target_pairs=\{([\d,{}]*)\}")
 @pytest.mark.parametrize("reduction", ["psum", "butterfly"])
 @pytest.mark.parametrize("wire_dtype", [None, jnp.bfloat16])
 def test_floats_cross_only_local_links_integers_only_host_links(
-    reduction, wire_dtype):
+  reduction, wire_dtype
+):
   hosts, local = 4, 2  # distinct group sizes: 4 = host axis, 2 = local axis
   mesh = _mesh(hosts, local)
-  tx = optax.chain(_tx(gqsgd_jax.global_quantize(
-      bits=8 if reduction == "psum" else 4, axis_name="host",
-      reduction=reduction), wire_dtype=wire_dtype), optax.sgd(0.1))
+  tx = optax.chain(
+    _tx(
+      gqsgd_jax.global_quantize(
+        bits=8 if reduction == "psum" else 4,
+        axis_name="host",
+        reduction=reduction,
+      ),
+      wire_dtype=wire_dtype,
+    ),
+    optax.sgd(0.1),
+  )
   grads = {"w": jnp.ones((8, 1000, 3)), "b": jnp.ones((8, 3))}
   params = jax.tree.map(lambda x: x[0], grads)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P(AXES)),
-                 out_specs=(P(), P()))
+  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P(AXES)), out_specs=(P(), P()))
   def step(p, s, g):
     u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
     return optax.apply_updates(p, u), s
@@ -96,22 +112,25 @@ def test_floats_cross_only_local_links_integers_only_host_links(
   assert {c.op for c in floats} == {"all-to-all", "all-gather"}, found
   assert all(c.group_size == local for c in floats), floats
   assert ints, found
-  assert all(c.group_size == hosts for c in ints
-             if c.op != "collective-permute"), ints
+  assert all(
+    c.group_size == hosts for c in ints if c.op != "collective-permute"
+  ), ints
   # Float collectives across hosts: only the max-abs scales (one per
   # bucket or block of >= 256 elements), never gradient values.
   block = 3003 // local
-  assert all(c.op == "all-reduce" and c.elements <= block // 128
-             for c in found
-             if c.dtype.startswith(("f", "bf")) and c.group_size != local
-             ), found
+  assert all(
+    c.op == "all-reduce" and c.elements <= block // 128
+    for c in found
+    if c.dtype.startswith(("f", "bf")) and c.group_size != local
+  ), found
   # The butterfly's permutes pair devices of the same local index (device
   # h * local + l), i.e. they run over host links only.
   for line in text.splitlines():
     if " collective-permute" in line and "source_target_pairs" in line:
       pairs = re.findall(r"\{(\d+),(\d+)\}", _PAIRS.search(line).group(1))
-      assert pairs and all(int(a) % local == int(b) % local
-                           for a, b in pairs), line
+      assert pairs and all(
+        int(a) % local == int(b) % local for a, b in pairs
+      ), line
   report = gqsgd_jax.wire_report(text)
   assert report.sent_bytes > 0
 
@@ -127,8 +146,7 @@ def _reference(grads, hosts, local, bits, reduction, steps):
   names.sort()
   x = {k: np.asarray(grads[k]) for k in names}
   dtype = x[names[0]].dtype
-  flat = np.concatenate(
-      [x[k].reshape(hosts, local, -1) for k in names], axis=2)
+  flat = np.concatenate([x[k].reshape(hosts, local, -1) for k in names], axis=2)
   # The local mean: g / L in the leaf dtype, summed in f32 in local-index
   # order, cast back (what the all-to-all exchange computes).
   means = (flat.astype(np.float32) / np.float32(local)).astype(dtype)
@@ -139,8 +157,9 @@ def _reference(grads, hosts, local, bits, reduction, steps):
   n = mean.shape[1]
   mean = np.pad(mean, ((0, 0), (0, (-n) % local)))
   blocks = np.split(mean, local, axis=1)  # [local] x (hosts, n / L)
-  inner = gqsgd_jax.global_quantize(bits=bits, axis_name="data",
-                                    reduction=reduction)
+  inner = gqsgd_jax.global_quantize(
+    bits=bits, axis_name="data", reduction=reduction
+  )
   mesh = data_mesh(hosts)
 
   @jax.jit
@@ -159,20 +178,31 @@ def _reference(grads, hosts, local, bits, reduction, steps):
     state = new_state
     full = np.concatenate(outs)[:n]
     sizes = np.cumsum([0] + [x[k][0].size for k in names])
-    results.append({k: full[sizes[i]:sizes[i + 1]].reshape(x[k].shape[1:])
-                    for i, k in enumerate(names)})
+    results.append(
+      {
+        k: full[sizes[i] : sizes[i + 1]].reshape(x[k].shape[1:])
+        for i, k in enumerate(names)
+      }
+    )
   return results
 
 
-@pytest.mark.parametrize("reduction,bits,dtype,local", [
-    ("psum", 4, jnp.float32, 2), ("butterfly", 4, jnp.bfloat16, 2),
-    ("psum", 8, jnp.bfloat16, 4)])
-def test_equals_global_quantize_of_the_local_means(reduction, bits, dtype,
-                                                    local):
+@pytest.mark.parametrize(
+  "reduction,bits,dtype,local",
+  [
+    ("psum", 4, jnp.float32, 2),
+    ("butterfly", 4, jnp.bfloat16, 2),
+    ("psum", 8, jnp.bfloat16, 4),
+  ],
+)
+def test_equals_global_quantize_of_the_local_means(
+  reduction, bits, dtype, local
+):
   hosts = 2
   grads = _grads(hosts * local, seed=1, dtypes=(dtype,) * 3)
-  tx = _tx(gqsgd_jax.global_quantize(bits=bits, axis_name="host",
-                                     reduction=reduction))
+  tx = _tx(
+    gqsgd_jax.global_quantize(bits=bits, axis_name="host", reduction=reduction)
+  )
   outs, _ = _run(tx, grads, _mesh(hosts, local), steps=2)
   expected = _reference(grads, hosts, local, bits, reduction, steps=2)
   for out, ref in zip(outs, expected):
@@ -182,17 +212,23 @@ def test_equals_global_quantize_of_the_local_means(reduction, bits, dtype,
 @pytest.mark.parametrize("hosts,local", [(2, 4), (3, 3)])
 def test_psum_mean_inner_is_the_flat_mean(hosts, local):
   grads = _grads(hosts * local, seed=2)
-  (out,), _ = _run(_tx(gqsgd_jax.psum_mean(axis_name="host")), grads,
-                   _mesh(hosts, local))
+  (out,), _ = _run(
+    _tx(gqsgd_jax.psum_mean(axis_name="host")), grads, _mesh(hosts, local)
+  )
   for k, g in grads.items():
-    np.testing.assert_allclose(out[k], np.mean(np.asarray(g), 0), rtol=1e-6,
-                               atol=1e-7)
-  (out16,), _ = _run(_tx(gqsgd_jax.psum_mean(axis_name="host"),
-                         wire_dtype=jnp.bfloat16), grads, _mesh(hosts, local))
+    np.testing.assert_allclose(
+      out[k], np.mean(np.asarray(g), 0), rtol=1e-6, atol=1e-7
+    )
+  (out16,), _ = _run(
+    _tx(gqsgd_jax.psum_mean(axis_name="host"), wire_dtype=jnp.bfloat16),
+    grads,
+    _mesh(hosts, local),
+  )
   for k, g in grads.items():
     assert out16[k].dtype == g.dtype
-    np.testing.assert_allclose(out16[k], np.mean(np.asarray(g), 0),
-                               rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(
+      out16[k], np.mean(np.asarray(g), 0), rtol=2e-2, atol=2e-2
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -205,8 +241,9 @@ def test_unbiased_with_the_variance_of_a_psum_over_hosts():
   # estimate's variance is within the bound of a psum over the 2 hosts.
   hosts, local, d, count = 2, 4, 24, 2000
   g = jax.random.normal(jax.random.PRNGKey(7), (hosts * local, d))
-  tx = _tx(gqsgd_jax.global_quantize(bits=4, axis_name="host",
-                                     reduction="psum"))
+  tx = _tx(
+    gqsgd_jax.global_quantize(bits=4, axis_name="host", reduction="psum")
+  )
   mesh = _mesh(hosts, local)
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(count))
 
@@ -216,6 +253,7 @@ def test_unbiased_with_the_variance_of_a_psum_over_hosts():
     def one(k):
       state = gqsgd_jax.HierarchicalState(gqsgd_jax.GlobalQuantizeState(k))
       return tx.update(g[0], state)[0]
+
     return jax.vmap(one)(keys)
 
   est = np.asarray(run(g, keys), np.float64)
@@ -225,7 +263,7 @@ def test_unbiased_with_the_variance_of_a_psum_over_hosts():
   s = wire.psum_levels(4, hosts, signed_codes=False)
   assert s == 3
   # Spec §1.5 with W = hosts: var <= (M / (s W))^2 * W / 4 per coordinate.
-  bound = (big_m / (s * hosts))**2 * hosts / 4
+  bound = (big_m / (s * hosts)) ** 2 * hosts / 4
   measured = est.var(0, ddof=1)
   se = np.sqrt(measured / count) + 1e-9
   bias = est.mean(0) - g64.mean(0)
@@ -240,8 +278,9 @@ def test_unbiased_with_the_variance_of_a_psum_over_hosts():
 def test_mixed_dtypes_keep_each_leaf_dtype_and_shape():
   grads = _grads(4, seed=3, dtypes=(jnp.float32, jnp.bfloat16, jnp.float16))
   for wire_dtype in (None, jnp.bfloat16):
-    tx = _tx(gqsgd_jax.global_quantize(bits=4, axis_name="host"),
-             wire_dtype=wire_dtype)
+    tx = _tx(
+      gqsgd_jax.global_quantize(bits=4, axis_name="host"), wire_dtype=wire_dtype
+    )
     (out,), _ = _run(tx, grads, _mesh(2, 2))
     for k, g in grads.items():
       assert out[k].dtype == g.dtype and out[k].shape == g.shape[1:]
@@ -256,14 +295,19 @@ def test_nonfinite_anywhere_makes_every_update_nan_everywhere():
   for leaf in jax.tree.leaves(out):
     assert np.all(np.isnan(np.asarray(leaf)))
   # The inner state still advanced (as global_quantize's does).
-  assert not np.array_equal(state.inner_state.key,
-                            tx.init(None).inner_state.key)
+  assert not np.array_equal(
+    state.inner_state.key, tx.init(None).inner_state.key
+  )
 
 
 def test_apply_if_finite_over_both_axes_skips_on_every_device():
   tx = gqsgd_jax.apply_if_finite(
-      optax.chain(_tx(gqsgd_jax.global_quantize(bits=4, axis_name="host")),
-                  optax.sgd(0.1)), 2, axis_name=AXES)
+    optax.chain(
+      _tx(gqsgd_jax.global_quantize(bits=4, axis_name="host")), optax.sgd(0.1)
+    ),
+    2,
+    axis_name=AXES,
+  )
   grads = {"w": jnp.ones((4, 10)).at[1, 3].set(jnp.inf)}
   (out,), state = _run(tx, grads, _mesh(2, 2))
   np.testing.assert_array_equal(out["w"], np.zeros(10))
@@ -294,8 +338,12 @@ def test_bad_arguments_name_the_argument():
     stateful.init({"w": jnp.zeros((4, 4))})
   tx = _tx(gqsgd_jax.psum_mean(axis_name="host"))
   with pytest.raises(ValueError, match="local"):
-    jax.shard_map(lambda g: tx.update(g, tx.init(g))[0], mesh=data_mesh(2),
-                  in_specs=P("data"), out_specs=P("data"))(jnp.zeros(4))
+    jax.shard_map(
+      lambda g: tx.update(g, tx.init(g))[0],
+      mesh=data_mesh(2),
+      in_specs=P("data"),
+      out_specs=P("data"),
+    )(jnp.zeros(4))
   mesh = _mesh(2, 2)
   with pytest.raises(TypeError, match=r"\['i'\]"):
     _run(tx, {"i": jnp.zeros((4, 3), jnp.int32)}, mesh)
@@ -317,13 +365,16 @@ def test_trains_with_optax_chain():
     def run(a, b):
       def body(carry, _):
         x, s = carry
-        grad = jax.grad(lambda x: 0.5 * jnp.mean((a[0] @ x - b[0])**2))(
-            gqsgd_jax.varying(x, AXES))
+        grad = jax.grad(lambda x: 0.5 * jnp.mean((a[0] @ x - b[0]) ** 2))(
+          gqsgd_jax.varying(x, AXES)
+        )
         u, s = tx.update(grad, s, x)
         return (optax.apply_updates(x, u), s), None
+
       x = jnp.zeros(d)
       (x, _), _ = jax.lax.scan(body, (x, tx.init(x)), None, length=100)
       return x
+
     return np.asarray(run(a, b))
 
   x = train(gqsgd_jax.global_quantize(bits=4, axis_name="host"))
@@ -337,29 +388,48 @@ def test_trains_with_optax_chain():
 def test_benchmark_classifies_collectives_by_link():
   import os  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
-                                  "benchmarks"))
+
+  sys.path.insert(
+    0, os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+  )
   import cluster_hierarchical as ch  # pylint: disable=g-import-not-at-top
+
   groups = ch.replica_groups("x replica_groups={{0,1},{2,3}}, y", 4)
   assert groups == [[0, 1], [2, 3]]
   assert ch.link_class(groups, 2) == "intra"
-  assert ch.replica_groups("replica_groups=[2,2]<=[4], z", 4) == [[0, 1],
-                                                                  [2, 3]]
+  assert ch.replica_groups("replica_groups=[2,2]<=[4], z", 4) == [
+    [0, 1],
+    [2, 3],
+  ]
   assert ch.replica_groups("replica_groups=[2,2]<=[2,2]T(1,0), z", 4) == [
-      [0, 2], [1, 3]]
+    [0, 2],
+    [1, 3],
+  ]
   assert ch.link_class([[0, 2], [1, 3]], 2) == "inter"
   assert ch.replica_groups("source_target_pairs={{0,2},{2,0}}", 4) == [
-      [0, 2], [2, 0]]
+    [0, 2],
+    [2, 0],
+  ]
   assert ch.replica_groups("replica_groups={}", 4) == [[0, 1, 2, 3]]
   # A compiled hierarchical step on 2 x 2 devices: floats intra-host only.
   mesh = _mesh(2, 2)
-  tx = _tx(gqsgd_jax.global_quantize(bits=8, axis_name="host",
-                                     reduction="psum"))
+  tx = _tx(
+    gqsgd_jax.global_quantize(bits=8, axis_name="host", reduction="psum")
+  )
   grads = {"w": jnp.ones((4, 1000))}
-  text = jax.jit(jax.shard_map(
-      lambda g, s: tx.update(jax.tree.map(lambda x: x[0], g), s)[0],
-      mesh=mesh, in_specs=(P(AXES), P()), out_specs=P())).lower(
-          grads, tx.init(None)).compile().as_text()
+  text = (
+    jax.jit(
+      jax.shard_map(
+        lambda g, s: tx.update(jax.tree.map(lambda x: x[0], g), s)[0],
+        mesh=mesh,
+        in_specs=(P(AXES), P()),
+        out_specs=P(),
+      )
+    )
+    .lower(grads, tx.init(None))
+    .compile()
+    .as_text()
+  )
   by_link = ch.hlo_bytes_by_link(text, 4, 2)
   # Sends: all-to-all of 4000 B and all-gather of 4000 B over groups of
   # 2, (1/2) x 4000 each; the int8 psum of 500 codes over 2

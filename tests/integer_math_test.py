@@ -30,7 +30,8 @@ SEED = np.array([0x0BADF00D, 0x5EED1234], np.uint32)
 MAX = ops.MAX_AVERAGE_COUNT
 on_cpu_ffi = ffi_lib.HAS_CPU and jax.default_backend() == "cpu"
 requires_ffi = pytest.mark.skipif(
-    not on_cpu_ffi, reason="needs the CPU FFI module on the CPU backend")
+  not on_cpu_ffi, reason="needs the CPU FFI module on the CPU backend"
+)
 
 
 def _impls():
@@ -53,11 +54,13 @@ def test_float_floor_is_exact_for_every_count():
     num = k[None, :] * den[:, None] + den[:, None] - 1
     assert num.max() < 2**24  # exact in float32
     q = np.float32(num) / np.float32(den)[:, None]
-    np.testing.assert_array_equal(q.astype(np.int32),
-                                  np.broadcast_to(k, q.shape))
+    np.testing.assert_array_equal(
+      q.astype(np.int32), np.broadcast_to(k, q.shape)
+    )
     top = 255 * den  # a = b = 255: an exact integer quotient
     np.testing.assert_array_equal(
-        (np.float32(top) / np.float32(den)).astype(np.int32), 255)
+      (np.float32(top) / np.float32(den)).astype(np.int32), 255
+    )
 
 
 def _exact_average(a, b, n_a, n_b, random):
@@ -71,9 +74,13 @@ def _exact_average(a, b, n_a, n_b, random):
 
 def _twin_average(a, b, n_a, n_b, random):
   fn = jax.jit(reference.rounded_average)
-  out = fn(jnp.asarray(a, jnp.uint32), jnp.asarray(b, jnp.uint32),
-           jnp.asarray(n_a, jnp.int32), jnp.asarray(n_b, jnp.int32),
-           jnp.asarray(random, jnp.uint32))
+  out = fn(
+    jnp.asarray(a, jnp.uint32),
+    jnp.asarray(b, jnp.uint32),
+    jnp.asarray(n_a, jnp.int32),
+    jnp.asarray(n_b, jnp.int32),
+    jnp.asarray(random, jnp.uint32),
+  )
   return np.asarray(out, np.int64)
 
 
@@ -84,8 +91,11 @@ def test_twin_rounds_up_exactly_below_the_threshold(split):
   # exactly, whatever the low 8 bits of the word.
   rng = np.random.default_rng(len(split))
   den = np.arange(2, MAX + 1, dtype=np.int64)
-  n_a = {"one": np.ones_like(den), "half": den // 2,
-         "random": rng.integers(1, den, dtype=np.int64)}[split]
+  n_a = {
+    "one": np.ones_like(den),
+    "half": den // 2,
+    "random": rng.integers(1, den, dtype=np.int64),
+  }[split]
   n_b = den - n_a
   a = rng.integers(0, 256, den.size)
   b = rng.integers(0, 256, den.size)
@@ -96,11 +106,11 @@ def test_twin_rounds_up_exactly_below_the_threshold(split):
   for r24 in (t - 1, t, np.zeros_like(t), np.full_like(t, 2**24 - 1)):
     r24 = np.clip(r24, 0, 2**24 - 1)
     random = (r24 << 8) | junk
-    got = _twin_average(a, b, n_a.astype(np.int32), n_b.astype(np.int32),
-                        random)
+    got = _twin_average(
+      a, b, n_a.astype(np.int32), n_b.astype(np.int32), random
+    )
     np.testing.assert_array_equal(got, fl + (r24 < t))
-    np.testing.assert_array_equal(got, _exact_average(a, b, n_a, n_b,
-                                                      random))
+    np.testing.assert_array_equal(got, _exact_average(a, b, n_a, n_b, random))
 
 
 def _words_and_codes(rng, n: int, bits: int):
@@ -113,8 +123,15 @@ def _words_and_codes(rng, n: int, bits: int):
   return packed, codes.reshape(-1)
 
 
-LARGE_COUNTS = [(150, 150), (1, MAX - 1), (MAX - 1, 1), (MAX // 2, MAX // 2),
-                (40503, 25033), (257, 3), (1000, 3000)]
+LARGE_COUNTS = [
+  (150, 150),
+  (1, MAX - 1),
+  (MAX - 1, 1),
+  (MAX // 2, MAX // 2),
+  (40503, 25033),
+  (257, 3),
+  (1000, 3000),
+]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -125,21 +142,24 @@ def test_average_matches_exact_model_for_large_counts(bits):
   a, ca = _words_and_codes(rng, 5000, bits)
   b, cb = _words_and_codes(rng, 5000, bits)
   random = np.asarray(reference.random_bits(SEED, ca.size))
-  run = jax.jit(lambda *args: tuple(
-      ops.average(*args, bits=bits, impl=i) for i in _impls()))
+  run = jax.jit(
+    lambda *args: tuple(ops.average(*args, bits=bits, impl=i) for i in _impls())
+  )
   shifts = bits * np.arange(wire.lanes_per_word(bits) - 1, -1, -1)
   for n_a, n_b in LARGE_COUNTS:
     outs = run(a, b, n_a, n_b, SEED)
     for out in outs[1:]:
       assert_trees_bitwise_equal(outs[0], out)
     got = (np.asarray(outs[0]).astype(np.int64)[:, None] >> shifts) & (
-        (1 << bits) - 1)
+      (1 << bits) - 1
+    )
     want = _exact_average(ca, cb, n_a, n_b, random)
     np.testing.assert_array_equal(got.reshape(-1), want)
 
 
-@pytest.mark.parametrize("n_a,n_b", [(150, 150), (MAX // 2, MAX // 2),
-                                     (3000, 1000), (1, MAX - 1)])
+@pytest.mark.parametrize(
+  "n_a,n_b", [(150, 150), (MAX // 2, MAX // 2), (3000, 1000), (1, MAX - 1)]
+)
 def test_average_is_unbiased_for_large_counts(n_a, n_b):
   # E[out] = (n_a a + n_b b) / (n_a + n_b) up to 2^-24. With 32-bit
   # products (r * den wrapping from den >= 256) n_a = n_b = 150 rounds 0|1
@@ -149,11 +169,13 @@ def test_average_is_unbiased_for_large_counts(n_a, n_b):
   a = rng.integers(0, 256, n).astype(np.uint8)
   b = np.where(rng.random(n) < 0.5, a, a ^ 1).astype(np.uint8)
   exact = (n_a * a.astype(np.float64) + n_b * b.astype(np.float64)) / (
-      n_a + n_b)
+    n_a + n_b
+  )
   frac = exact - np.floor(exact)
   sigma = np.sqrt(np.sum(frac * (1 - frac))) / n
-  run = jax.jit(lambda *args: tuple(
-      ops.average(*args, bits=8, impl=i) for i in _impls()))
+  run = jax.jit(
+    lambda *args: tuple(ops.average(*args, bits=8, impl=i) for i in _impls())
+  )
   for out in run(a, b, n_a, n_b, SEED):
     out = np.asarray(out, np.float64)
     bias = np.mean(out - exact)
@@ -168,13 +190,17 @@ def test_average_is_unbiased_for_large_counts(n_a, n_b):
 # Count validation.
 
 
-@pytest.mark.parametrize("n_a,n_b", [(0, 1), (1, 0), (-3, 5),
-                                     (MAX // 2, MAX // 2 + 1), (MAX, 1)])
+@pytest.mark.parametrize(
+  "n_a,n_b", [(0, 1), (1, 0), (-3, 5), (MAX // 2, MAX // 2 + 1), (MAX, 1)]
+)
 def test_average_rejects_static_counts_out_of_range(n_a, n_b):
   a = np.zeros(4, np.uint8)
   for impl in ops.IMPLS:
-    with pytest.raises(ValueError, match=r"n_a and n_b must be >= 1 with "
-                       r"n_a \+ n_b <= 65536, got n_a="):
+    with pytest.raises(
+      ValueError,
+      match=r"n_a and n_b must be >= 1 with "
+      r"n_a \+ n_b <= 65536, got n_a=",
+    ):
       ops.average(a, a, n_a, n_b, SEED, bits=4, impl=impl)
 
 
@@ -197,8 +223,11 @@ def test_average_accepts_the_largest_counts():
 def test_cpu_handler_rejects_traced_counts_out_of_range():
   a = np.zeros(4, np.uint8)
   run = jax.jit(functools.partial(ops.average, bits=4, impl="ffi"))
-  with pytest.raises(Exception, match=r"n_a \+ n_b <= 65536.*"
-                     r"got n_a=32768, n_b=32769"):
+  with pytest.raises(
+    Exception,
+    match=r"n_a \+ n_b <= 65536.*"
+    r"got n_a=32768, n_b=32769",
+  ):
     jax.block_until_ready(run(a, a, MAX // 2, MAX // 2 + 1, SEED))
 
 
@@ -214,14 +243,22 @@ def test_auto_serves_every_worker_count_up_to_the_limit(bits):
     assert gq.choose_reduction("butterfly", bits, w) == "butterfly"
   psum_limit = 127 if bits == 8 else (2**bits - 1) // 2
   assert gq.choose_reduction("psum", bits, psum_limit) == "psum"
-  with pytest.raises(ValueError, match=f"reduction='psum' with bits={bits} "
-                     f"cannot serve {psum_limit + 1} workers"):
+  with pytest.raises(
+    ValueError,
+    match=f"reduction='psum' with bits={bits} "
+    f"cannot serve {psum_limit + 1} workers",
+  ):
     gq.choose_reduction("psum", bits, psum_limit + 1)
-  with pytest.raises(ValueError, match=f"reduction='auto' with bits={bits} "
-                     f"cannot serve {MAX + 1} workers"):
+  with pytest.raises(
+    ValueError,
+    match=f"reduction='auto' with bits={bits} cannot serve {MAX + 1} workers",
+  ):
     gq.choose_reduction("auto", bits, MAX + 1)
-  with pytest.raises(ValueError, match=f"reduction='butterfly' with "
-                     f"bits={bits} supports at most {MAX} workers"):
+  with pytest.raises(
+    ValueError,
+    match=f"reduction='butterfly' with "
+    f"bits={bits} supports at most {MAX} workers",
+  ):
     gq.choose_reduction("butterfly", bits, MAX + 1)
 
 
@@ -236,11 +273,13 @@ def test_choose_reduction_rejects_no_workers():
 
 def _mix32_inverse(y: int) -> int:
   """Inverse of math.h Mix32 (lowbias32), on a Python int."""
+
   def unxorshift(y, s):
     x = y
     for _ in range(32 // s + 1):
       x = y ^ (x >> s)
     return x & 0xFFFFFFFF
+
   y = unxorshift(y, 15)
   y = (y * pow(0x735A2D97, -1, 2**32)) & 0xFFFFFFFF
   y = unxorshift(y, 15)
@@ -296,8 +335,9 @@ def test_stream_key_is_a_bijection_of_the_seed():
       a, b = (int(v) for v in reference.stream_key(seed, stream))
       mult_a = (0x9E3779B9 * (stream + 1)) & 0xFFFFFFFF
       mult_b = (0x7FEB352D * (stream + 1)) & 0xFFFFFFFF
-      s1 = (_mix32_inverse((_mix32_inverse(b) - a) & 0xFFFFFFFF) - mult_b
-            ) & 0xFFFFFFFF
+      s1 = (
+        _mix32_inverse((_mix32_inverse(b) - a) & 0xFFFFFFFF) - mult_b
+      ) & 0xFFFFFFFF
       s0 = (_mix32_inverse(_mix32_inverse(a) ^ s1) - mult_a) & 0xFFFFFFFF
       assert (s0, s1) == (int(seed[0]), int(seed[1]))
 
@@ -308,24 +348,26 @@ def test_quantize_streams_differ_for_seeds_sharing_a_key_word():
   other = _seed_with_same_first_word(SEED)
   x = np.full(2048, 0.5, np.float32)
   for impl in _impls():
-    q = [np.asarray(ops.quantize(x, 1.0, s, levels=7, bits=4, impl=impl))
-         for s in (SEED, other)]
+    q = [
+      np.asarray(ops.quantize(x, 1.0, s, levels=7, bits=4, impl=impl))
+      for s in (SEED, other)
+    ]
     assert np.mean(q[0] != q[1]) > 0.5
 
 
 STARTS = [0, 5, 2**32 - 5, 2**32, 2**32 + 7, 5 * 2**32 - 3, 2**63 - 40]
 
 
-@pytest.mark.skipif(ffi_lib.host_emulation is None,
-                    reason="the _gqsgd_cpu module is not built")
+@pytest.mark.skipif(
+  ffi_lib.host_emulation is None, reason="the _gqsgd_cpu module is not built"
+)
 @pytest.mark.parametrize("start", STARTS, ids=lambda s: f"start{s}")
 def test_twin_random_bits_match_cpp_at_64_bit_indices(start):
   # The twin's indices carry the high word as C++'s do, also across 2^32.
   run = 37
   out = np.zeros(run, np.uint32)
   ffi_lib.host_emulation.random_bits_at(SEED, start, 1, out)
-  twin = jax.jit(lambda s: reference.random_bits(s, run, stream=1,
-                                                 start=start))
+  twin = jax.jit(lambda s: reference.random_bits(s, run, stream=1, start=start))
   np.testing.assert_array_equal(np.asarray(twin(SEED)), out)
 
 
@@ -335,22 +377,24 @@ def test_twin_random_bits_up_to_the_last_index():
   a, b = (int(v) for v in reference.stream_key(SEED, 0))
   idx = [start + j for j in range(run)]
   lo = np.array([i & 0xFFFFFFFF for i in idx], np.uint32)
-  hi_term = np.array([((i >> 32) * 0x9E3779B9) & 0xFFFFFFFF for i in idx],
-                     np.uint32)
+  hi_term = np.array(
+    [((i >> 32) * 0x9E3779B9) & 0xFFFFFFFF for i in idx], np.uint32
+  )
   inner = np.asarray(reference.mix32(jnp.asarray(lo ^ np.uint32(a))))
   want = reference.mix32(jnp.asarray(inner + (np.uint32(b) ^ hi_term)))
   got = reference.random_bits(SEED, run, start=start)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.skipif(ffi_lib.host_emulation is None,
-                    reason="the _gqsgd_cpu module is not built")
+@pytest.mark.skipif(
+  ffi_lib.host_emulation is None, reason="the _gqsgd_cpu module is not built"
+)
 def test_twin_random_bits_of_a_buffer_beyond_2_32_elements():
   # A buffer of 2^32 + 40 elements: XLA computes only the sliced tail (no
   # 16 GiB buffer). A uint32 iota over the whole buffer would wrap and
   # repeat elements 0.. from element 2^32 on.
   n = 2**32 + 40
-  fn = jax.jit(lambda s: reference.random_bits(s, n)[2**32 - 3:])
+  fn = jax.jit(lambda s: reference.random_bits(s, n)[2**32 - 3 :])
   assert fn.lower(SEED).compile().memory_analysis().temp_size_in_bytes < 2**20
   out = np.zeros(43, np.uint32)
   ffi_lib.host_emulation.random_bits_at(SEED, 2**32 - 3, 0, out)
@@ -426,14 +470,18 @@ _LARGE_W_SCRIPT = textwrap.dedent("""
 # any width; the script checks that it raises), FFI and twin side by side
 # where bit identity is checked.
 _LARGE_W_CONFIGS = {
-    129: [("butterfly-3", dict(bits=3, reduction="butterfly", impl="ffi")),
-          ("butterfly-3", dict(bits=3, reduction="butterfly", impl="xla")),
-          ("auto-8", dict(bits=8, reduction="auto", impl="ffi")),
-          ("exponential", dict(bits=8, dithering="exponential", impl="ffi"))],
-    256: [("butterfly-4", dict(bits=4, reduction="butterfly", impl="ffi")),
-          ("butterfly-4", dict(bits=4, reduction="butterfly", impl="xla")),
-          ("auto-2", dict(bits=2, reduction="auto", impl="ffi")),
-          ("exponential", dict(bits=8, dithering="exponential", impl="xla"))],
+  129: [
+    ("butterfly-3", dict(bits=3, reduction="butterfly", impl="ffi")),
+    ("butterfly-3", dict(bits=3, reduction="butterfly", impl="xla")),
+    ("auto-8", dict(bits=8, reduction="auto", impl="ffi")),
+    ("exponential", dict(bits=8, dithering="exponential", impl="ffi")),
+  ],
+  256: [
+    ("butterfly-4", dict(bits=4, reduction="butterfly", impl="ffi")),
+    ("butterfly-4", dict(bits=4, reduction="butterfly", impl="xla")),
+    ("auto-2", dict(bits=2, reduction="auto", impl="ffi")),
+    ("exponential", dict(bits=8, dithering="exponential", impl="xla")),
+  ],
 }
 
 
@@ -443,8 +491,13 @@ def test_global_quantize_beyond_128_workers(num_workers):
   # (|z| < 5 per coordinate); psum raises a clear error for every width.
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   args = [str(num_workers), "64", repr(_LARGE_W_CONFIGS[num_workers])]
-  proc = subprocess.run([sys.executable, "-c", _LARGE_W_SCRIPT, *args],
-                        env=env, capture_output=True, text=True, timeout=600,
-                        check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", _LARGE_W_SCRIPT, *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   assert proc.stdout.strip().endswith("done"), proc.stdout

@@ -14,6 +14,7 @@ import gqsgd_jax
 from gqsgd_jax._src import jointsq as jsq
 from gqsgd_jax._src import prng
 from gqsgd_jax._src.worker_state import worker_state_specs
+
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -21,7 +22,8 @@ from _utils import data_mesh
 
 def _stack(tree, num_workers):
   return jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)), tree)
+    lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)), tree
+  )
 
 
 def _run(tx, grads, state, *, mode="shard_map"):
@@ -39,22 +41,31 @@ def _run(tx, grads, state, *, mode="shard_map"):
   return jax.block_until_ready(step(host(grads), host(state)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step(tx, num_workers, mode):
   """One compiled step per (tx, W, mode), reused across calls."""
   mesh = data_mesh(num_workers)
   if mode == "pmap":
-    return jax.pmap(tx.update, axis_name="data", in_axes=(0, 0),
-                    out_axes=(0, 0), devices=list(mesh.devices.flat))
+    return jax.pmap(
+      tx.update,
+      axis_name="data",
+      in_axes=(0, 0),
+      out_axes=(0, 0),
+      devices=list(mesh.devices.flat),
+    )
   first = lambda t: jax.tree.map(lambda x: x[0], t)
   lead = lambda t: jax.tree.map(lambda x: x[None], t)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")),
-                 out_specs=(P(), P("data"), P("data")))
+  @jax.shard_map(
+    mesh=mesh,
+    in_specs=(P("data"), P("data")),
+    out_specs=(P(), P("data"), P("data")),
+  )
   def step(g, s):
     u, s = tx.update(first(g), first(s))
     return u, lead(u), lead(s)
+
   return lambda g, s: step(g, s)[1:]
 
 
@@ -78,16 +89,23 @@ def _values(n, seed, kind="normal"):
 
 
 # Encode/decode compiled once per static layout, shared by the tests.
-_encode = jax.jit(jsq.encode, static_argnums=1,
-                  static_argnames=("selection", "sample_ratio"))
+_encode = jax.jit(
+  jsq.encode, static_argnums=1, static_argnames=("selection", "sample_ratio")
+)
 _decode = jax.jit(jsq.decode, static_argnums=1)
-_select = jax.jit(jsq.select, static_argnums=1,
-                  static_argnames=("selection", "sample_ratio"))
+_select = jax.jit(
+  jsq.select, static_argnums=1, static_argnames=("selection", "sample_ratio")
+)
 _KEY = jax.random.PRNGKey(5)
 
-_GREEDY = [(1, 0.5, "normal"), (7, 0.3, "ties"), (100, 0.032, "normal"),
-           (1000, 0.01, "ties"), (50, 1.0, "ties"),
-           (4096, 0.032, "normal")]
+_GREEDY = [
+  (1, 0.5, "normal"),
+  (7, 0.3, "ties"),
+  (100, 0.032, "normal"),
+  (1000, 0.01, "ties"),
+  (50, 1.0, "ties"),
+  (4096, 0.032, "normal"),
+]
 
 
 def test_greedy_equals_lp_greedy_on_sorted_profits():
@@ -96,7 +114,7 @@ def test_greedy_equals_lp_greedy_on_sorted_profits():
     layout = jsq.make_layout(n, ratio)
     profits = np.asarray(jax.jit(jsq.item_profits)(v))
     m = np.abs(np.asarray(v)).max()
-    want = np.asarray(jsq.PROFIT_DENSITY)[:, None] * (np.asarray(v) / m)**2
+    want = np.asarray(jsq.PROFIT_DENSITY)[:, None] * (np.asarray(v) / m) ** 2
     np.testing.assert_allclose(profits, want.reshape(-1), rtol=1e-6)
     cls = np.asarray(_select(v, layout, _KEY))
     oracle, _, _ = _oracle_classes(profits, n, layout.budget_bits)
@@ -128,11 +146,19 @@ def test_sampled_selection_is_a_prefix_of_the_exact_order():
     layout = jsq.make_layout(n, ratio)
     _, order, exact_items = _oracle_classes(profits, n, layout.budget_bits)
     for seed in range(3):
-      cls = np.asarray(_select(v, layout, jax.random.PRNGKey(seed),
-                               selection="sampled", sample_ratio=0.01))
+      cls = np.asarray(
+        _select(
+          v,
+          layout,
+          jax.random.PRNGKey(seed),
+          selection="sampled",
+          sample_ratio=0.01,
+        )
+      )
       taken = int(cls.sum())
-      items = set(int(t) * n + j for j in np.flatnonzero(cls)
-                  for t in range(cls[j]))
+      items = {
+        int(t) * n + j for j in np.flatnonzero(cls) for t in range(cls[j])
+      }
       assert items == set(order[:taken].tolist())
       bits = np.asarray(jsq.CLASS_BITS)[cls].sum()
       assert bits <= layout.budget_bits
@@ -141,15 +167,20 @@ def test_sampled_selection_is_a_prefix_of_the_exact_order():
 
 
 _FORMATS = [
-    ("positions", 37, 0.2, jnp.float32), ("bitmap", 1001, 0.01, jnp.float32),
-    ("classmap", 333, 0.05, jnp.bfloat16),
-    ("positions", 70001, 0.001, jnp.float32), ("bitmap", 9, 1.0, jnp.float16),
-    ("classmap", 4099, 0.032, jnp.float32)]
+  ("positions", 37, 0.2, jnp.float32),
+  ("bitmap", 1001, 0.01, jnp.float32),
+  ("classmap", 333, 0.05, jnp.bfloat16),
+  ("positions", 70001, 0.001, jnp.float32),
+  ("bitmap", 9, 1.0, jnp.float16),
+  ("classmap", 4099, 0.032, jnp.float32),
+]
 
 
-@pytest.mark.parametrize("fmt,n,ratio,dtype", _FORMATS,
-                         ids=[f"{f}-n{n}-r{r}-{np.dtype(d).name}"
-                              for f, n, r, d in _FORMATS])
+@pytest.mark.parametrize(
+  "fmt,n,ratio,dtype",
+  _FORMATS,
+  ids=[f"{f}-n{n}-r{r}-{np.dtype(d).name}" for f, n, r, d in _FORMATS],
+)
 def test_decode_reproduces_the_dequantized_selection(fmt, n, ratio, dtype):
   layout = jsq.make_layout(n, ratio, fmt)
   v = (_values(n, 11) * 3).astype(dtype)
@@ -162,10 +193,10 @@ def test_decode_reproduces_the_dequantized_selection(fmt, n, ratio, dtype):
   assert bits["code_bits"] == 8 * k8 + 4 * k4 + 2 * k2 <= layout.budget_bits
   assert bits["code_bits"] < bits["with_index_bits"] <= bits["payload_bits"]
   # Each class sits on its signed grid of its own norm, one step from v.
-  cls, _, _ = _oracle_classes(jax.jit(jsq.item_profits)(v), n,
-                              layout.budget_bits)
-  np.testing.assert_array_equal([np.sum(cls == c) for c in (3, 2, 1)],
-                                counts)
+  cls, _, _ = _oracle_classes(
+    jax.jit(jsq.item_profits)(v), n, layout.budget_bits
+  )
+  np.testing.assert_array_equal([np.sum(cls == c) for c in (3, 2, 1)], counts)
   x, x_hat = np.asarray(v, np.float32), np.asarray(x_hat)
   assert np.all(x_hat[cls == 0] == 0)
   for c in (1, 2, 3):
@@ -175,19 +206,24 @@ def test_decode_reproduces_the_dequantized_selection(fmt, n, ratio, dtype):
     norm = np.abs(x[sel]).max()
     step = norm / jsq.levels(jsq.CLASS_BITS[c])
     assert np.all(np.abs(x_hat[sel] - x[sel]) <= step * (1 + 1e-6))
-    np.testing.assert_allclose(x_hat[sel] / step, np.round(x_hat[sel] / step),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+      x_hat[sel] / step, np.round(x_hat[sel] / step), atol=1e-4
+    )
 
 
 def test_layout_accounting_and_auto_index_format():
-  for n, ratio, want in [(100000, 0.001, "positions"),
-                         (100000, 0.01, "bitmap"),
-                         (100000, 0.032, "classmap"),
-                         (100000, 0.0045, "bitmap")]:
+  for n, ratio, want in [
+    (100000, 0.001, "positions"),
+    (100000, 0.01, "bitmap"),
+    (100000, 0.032, "classmap"),
+    (100000, 0.0045, "bitmap"),
+  ]:
     layout = jsq.make_layout(n, ratio)
     assert layout.index_format == want
-    cost = {f: jsq.make_layout(n, ratio, f).payload_bytes
-            for f in ("positions", "bitmap", "classmap")}
+    cost = {
+      f: jsq.make_layout(n, ratio, f).payload_bytes
+      for f in ("positions", "bitmap", "classmap")
+    }
     assert layout.payload_bytes == min(cost.values())
   assert jsq.budget_bits(1000, 0.032) == 1024  # decimal ρ, no float ceil
   # The code stream's capacity holds every (k8, k4, k2) the budget allows,
@@ -232,22 +268,22 @@ def test_empty_zero_and_single_class_payloads():
 def _grads(num_workers, seed=0):
   ks = jax.random.split(jax.random.PRNGKey(seed), 6)
   return {
-      "conv": jax.random.normal(ks[0], (num_workers, 3, 3, 8, 16)),
-      # Same layout as conv: the two are encoded together (vmap).
-      "conv2": jax.random.normal(ks[5], (num_workers, 3, 3, 8, 16)) * 0.1,
-      "dense": jax.random.normal(ks[1], (num_workers, 20, 21)),  # < min_size
-      "half": jax.random.normal(ks[2], (num_workers, 64, 32)).astype(
-          jnp.float16),
-      "bias": jax.random.normal(ks[3], (num_workers, 33)).astype(
-          jnp.bfloat16),
-      "scalar": jax.random.normal(ks[4], (num_workers,)),
-      "empty": jnp.zeros((num_workers, 0, 4)),
+    "conv": jax.random.normal(ks[0], (num_workers, 3, 3, 8, 16)),
+    # Same layout as conv: the two are encoded together (vmap).
+    "conv2": jax.random.normal(ks[5], (num_workers, 3, 3, 8, 16)) * 0.1,
+    "dense": jax.random.normal(ks[1], (num_workers, 20, 21)),  # < min_size
+    "half": jax.random.normal(ks[2], (num_workers, 64, 32)).astype(jnp.float16),
+    "bias": jax.random.normal(ks[3], (num_workers, 33)).astype(jnp.bfloat16),
+    "scalar": jax.random.normal(ks[4], (num_workers,)),
+    "empty": jnp.zeros((num_workers, 0, 4)),
   }
 
 
 def _init(tx, grads):
-  return _stack(tx.init(jax.tree.map(lambda x: x[0], grads)),
-                jax.tree.leaves(grads)[0].shape[0])
+  return _stack(
+    tx.init(jax.tree.map(lambda x: x[0], grads)),
+    jax.tree.leaves(grads)[0].shape[0],
+  )
 
 
 # One transform for the W = 4 transform tests, so they share compilations.
@@ -276,10 +312,10 @@ def test_replicas_identical_under_shard_map_and_pmap_and_state_stable():
     assert leaf.shape == grads[name].shape[1:]
     assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
   # Uncompressed leaves are the exact mean.
-  np.testing.assert_allclose(out["scalar"], grads["scalar"].mean(),
-                             rtol=1e-6)
-  np.testing.assert_allclose(out["dense"], grads["dense"].mean(0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["scalar"], grads["scalar"].mean(), rtol=1e-6)
+  np.testing.assert_allclose(
+    out["dense"], grads["dense"].mean(0), rtol=1e-5, atol=1e-6
+  )
   # State: same tree and dtypes, fresh key, counts per compressed leaf.
   assert isinstance(state1, jsq.JointSQState)
   assert jax.tree.structure(state1) == jax.tree.structure(state)
@@ -287,21 +323,25 @@ def test_replicas_identical_under_shard_map_and_pmap_and_state_stable():
   assert state1.counts.dtype == jnp.int32
   assert not np.array_equal(state1.key, state.key)
   # Uncompressed leaves: an unused f32[1] (orbax saves no zero-size array).
-  assert [e.shape[1] for e in state1.error] == [1, 1152, 1152, 1, 1, 2048,
-                                                1]
+  assert [e.shape[1] for e in state1.error] == [1, 1152, 1152, 1, 1, 2048, 1]
   assert not np.array_equal(out2["conv"], results["pmap"][0]["conv"])
   # Bits of each worker's step, with and without the index.
   params = jax.tree.map(lambda x: x[0], grads)
   for i in range(_W):
-    bits = jsq.jointsq_bits(params, state1.counts[i], compression_ratio=0.05,
-                            min_size=512)
+    bits = jsq.jointsq_bits(
+      params, state1.counts[i], compression_ratio=0.05, min_size=512
+    )
     assert 0 < bits["code_bits"] <= bits["budget_bits"]
     assert bits["code_bits"] < bits["with_index_bits"]
     assert bits["with_index_bits"] <= bits["payload_bits"]
     if i == 0:
-      n = sum(lay.numel for lay in jax.tree.leaves(
+      n = sum(
+        lay.numel
+        for lay in jax.tree.leaves(
           jsq.jointsq_layouts(params, compression_ratio=0.05, min_size=512),
-          is_leaf=lambda x: isinstance(x, jsq.JointSQLayout)))
+          is_leaf=lambda x: isinstance(x, jsq.JointSQLayout),
+        )
+      )
       print({k: round(v / n, 3) for k, v in bits.items()}, "bits/element")
 
 
@@ -314,21 +354,21 @@ def test_error_feedback_identity_and_mean_of_decoded_payloads():
     error[i] = jax.random.normal(k, error[i].shape) * 0.1
   state = state._replace(error=tuple(error))
   out, new_state = _run(_TX, grads, state)
-  layouts = jsq.jointsq_layouts(jax.tree.map(lambda x: x[0], grads),
-                                compression_ratio=0.05, min_size=512)
+  layouts = jsq.jointsq_layouts(
+    jax.tree.map(lambda x: x[0], grads), compression_ratio=0.05, min_size=512
+  )
   step_key = jax.random.split(prng.canonical_key(9))[1]
   for layer, (name, leaf) in enumerate(_LEAF.items()):
     layout = layouts[name]
     total = np.zeros(layout.numel, np.float32)
     for i in range(_W):
-      v = (state.error[leaf][i] +
-           grads[name][i].reshape(-1).astype(jnp.float32))
-      payload, x_hat, counts = _encode(v, layout,
-                                       prng.fold(step_key, layer, i))
+      v = state.error[leaf][i] + grads[name][i].reshape(-1).astype(jnp.float32)
+      payload, x_hat, counts = _encode(v, layout, prng.fold(step_key, layer, i))
       # EF identity: the memory is exactly what was not sent.
       np.testing.assert_array_equal(new_state.error[leaf][i], v - x_hat)
       np.testing.assert_array_equal(
-          new_state.counts[i, 3 * layer:3 * layer + 3], counts)
+        new_state.counts[i, 3 * layer : 3 * layer + 3], counts
+      )
       total = total + np.asarray(_decode(payload, layout))
     want = (total / np.float32(_W)).astype(grads[name].dtype)
     for i in range(_W):
@@ -343,8 +383,11 @@ def test_nonfinite_zeros_and_dtypes():
     assert leaf.dtype == grads[name].dtype
     assert np.all(np.asarray(leaf, np.float32) == 0)
   assert np.all(np.asarray(state.counts) == 0)
-  bad = {**grads, "conv": grads["conv"].at[2, 0, 0, 0, 0].set(jnp.nan),
-         "half": grads["half"].at[1, 5, 5].set(jnp.inf)}
+  bad = {
+    **grads,
+    "conv": grads["conv"].at[2, 0, 0, 0, 0].set(jnp.nan),
+    "half": grads["half"].at[1, 5, 5].set(jnp.inf),
+  }
   out, state = _run(_TX, bad, _init(_TX, bad))
   assert np.all(np.isnan(np.asarray(out["conv"])))
   assert np.all(np.isnan(np.asarray(out["half"], np.float32)))
@@ -352,13 +395,13 @@ def test_nonfinite_zeros_and_dtypes():
   # The memory drops the non-finite entries and keeps the finite values.
   for leaf in jax.tree.leaves(state.error):
     assert np.all(np.isfinite(np.asarray(leaf)))
-  np.testing.assert_array_equal(state.error[_LEAF["conv"]][2][1:],
-                                grads["conv"][2].reshape(-1)[1:])
+  np.testing.assert_array_equal(
+    state.error[_LEAF["conv"]][2][1:], grads["conv"][2].reshape(-1)[1:]
+  )
 
 
 def _mlp_step(compressor, num_workers):
   class Mlp(nnx.Module):
-
     def __init__(self, rngs):
       self.hidden = nnx.Linear(64, 256, rngs=rngs)
       self.out = nnx.Linear(256, 10, rngs=rngs)
@@ -371,16 +414,20 @@ def _mlp_step(compressor, num_workers):
   mesh = data_mesh(num_workers)
   # As a user would: per-worker memories sharded, the rest replicated.
   specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  opt_state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                    out_specs=specs))(params)
+  opt_state = jax.jit(
+    jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)
+  )(params)
 
   def loss_fn(params, x, y):
     logits = nnx.merge(graphdef, params)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
-                 out_specs=(P(), specs))
+  @jax.shard_map(
+    mesh=mesh,
+    in_specs=(P(), specs, P("data"), P("data")),
+    out_specs=(P(), specs),
+  )
   def step(params, opt_state, x, y):
     grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -399,19 +446,23 @@ def test_hlo_wire_bytes_equal_the_format_accounting(ratio, fmt):
   w = 8
   compiled, params = _mlp_step(jsq.jointsq(compression_ratio=ratio), w)
   layouts = jax.tree.leaves(
-      jsq.jointsq_layouts(params, compression_ratio=ratio),
-      is_leaf=lambda x: isinstance(x, jsq.JointSQLayout))
+    jsq.jointsq_layouts(params, compression_ratio=ratio),
+    is_leaf=lambda x: isinstance(x, jsq.JointSQLayout),
+  )
   # The two kernels, in the cheapest format; the biases go dense.
   assert [lay.index_format for lay in layouts] == [fmt, fmt]
   payload = sum(lay.payload_bytes for lay in layouts)
   report = gqsgd_jax.wire_report(compiled)
   # all_gather result: W payloads; all-reduce: the f32 biases (256 + 10).
-  assert report.by_op == {"all-gather": w * payload,
-                          "all-reduce": 4 * (256 + 10)}
+  assert report.by_op == {
+    "all-gather": w * payload,
+    "all-reduce": 4 * (256 + 10),
+  }
   assert report.float_payload_bytes == 4 * (256 + 10)  # every bias
   dense_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
-  print(f"ratio={ratio} {fmt}: "
-        f"payload {payload} B/worker vs {dense_bytes} B f32")
+  print(
+    f"ratio={ratio} {fmt}: payload {payload} B/worker vs {dense_bytes} B f32"
+  )
 
 
 def test_least_squares_converges_close_to_uncompressed():
@@ -427,14 +478,13 @@ def test_least_squares_converges_close_to_uncompressed():
   mesh = data_mesh(num_workers)
 
   def loss(x, a, b):
-    return 0.5 * jnp.mean(jnp.sum((a @ x - b)**2, axis=-1))
+    return 0.5 * jnp.mean(jnp.sum((a @ x - b) ** 2, axis=-1))
 
   def train(compressor):
     tx = optax.chain(compressor, optax.sgd(0.1))
 
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")),
-                   out_specs=P())
+    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
     def run(a, b):
       a, b = a[0], b[0]
       x = jnp.zeros((d, d))
@@ -449,15 +499,19 @@ def test_least_squares_converges_close_to_uncompressed():
       state = gqsgd_jax.varying(tx.init(x), "data")
       (x, _), _ = jax.lax.scan(body, (x, state), None, length=steps)
       return x
+
     x = run(a, b)
     return float(jnp.mean(jax.vmap(loss, (None, 0, 0))(x, a, b)))
 
-  initial = float(jnp.mean(jax.vmap(loss, (None, 0, 0))(
-      jnp.zeros((d, d)), a, b)))
+  initial = float(
+    jnp.mean(jax.vmap(loss, (None, 0, 0))(jnp.zeros((d, d)), a, b))
+  )
   reference = train(gqsgd_jax.psum_mean())
   compressed = train(jsq.jointsq(compression_ratio=0.032))
-  print(f"loss: initial {initial:.4f} uncompressed {reference:.4f} "
-        f"jointsq {compressed:.4f}")
+  print(
+    f"loss: initial {initial:.4f} uncompressed {reference:.4f} "
+    f"jointsq {compressed:.4f}"
+  )
   assert compressed <= reference * 1.05
 
 
@@ -487,16 +541,25 @@ def test_bad_arguments_name_the_argument():
     jax.jit(tx.update)(grads, tx.init(grads))
   # Memory from another model; integer leaves.
   with pytest.raises(ValueError, match=r"JointSQState does not match"):
-    _run(tx, {"w": jnp.ones((2, 64, 32))},
-         _stack(tx.init({"w": jnp.ones((32, 60))}), 2))
+    _run(
+      tx,
+      {"w": jnp.ones((2, 64, 32))},
+      _stack(tx.init({"w": jnp.ones((32, 60))}), 2),
+    )
   with pytest.raises(TypeError, match=r"\['n'\].*int32"):
-    _run(tx, {"n": jnp.ones((2, 3), jnp.int32)},
-         _stack(tx.init({"n": jnp.ones(3, jnp.int32)}), 2))
+    _run(
+      tx,
+      {"n": jnp.ones((2, 3), jnp.int32)},
+      _stack(tx.init({"n": jnp.ones(3, jnp.int32)}), 2),
+    )
 
 
 def test_reference_predicate_compresses_conv_kernels_only():
-  params = {"conv": jnp.zeros((3, 3, 4, 8)), "fc": jnp.zeros((300, 10)),
-            "b": jnp.zeros(10)}
+  params = {
+    "conv": jnp.zeros((3, 3, 4, 8)),
+    "fc": jnp.zeros((300, 10)),
+    "b": jnp.zeros(10),
+  }
   ref = jsq.jointsq_layouts(params, predicate="reference")
   assert ref["conv"] is not None and ref["fc"] is None and ref["b"] is None
   default = jsq.jointsq_layouts(params, min_size=100)

@@ -23,8 +23,13 @@ def _launch(tmp_path, fail_rank=-1, **kwargs):
   script.write_text(_CHILD)
   out = io.StringIO()
   code = gqsgd_jax.launch_local(
-      [sys.executable, str(script), str(fail_rank)], 3, stdout=out,
-      grace_seconds=5, timeout_seconds=60, **kwargs)
+    [sys.executable, str(script), str(fail_rank)],
+    3,
+    stdout=out,
+    grace_seconds=5,
+    timeout_seconds=60,
+    **kwargs,
+  )
   return code, out.getvalue().splitlines()
 
 
@@ -41,14 +46,16 @@ def test_quiet_mode_shows_rank_0_and_one_line_per_other_rank(tmp_path):
   for rank in range(3):
     log = (tmp_path / "logs" / f"rank{rank}.log").read_text().splitlines()
     assert log == [f"detail {i} of rank {rank}" for i in range(5)] + [
-        f"DONE rank {rank}"]
+      f"DONE rank {rank}"
+    ]
 
 
 def test_quiet_mode_shows_the_last_lines_of_a_failed_rank(tmp_path):
   code, lines = _launch(tmp_path, fail_rank=2, verbose=False)
   assert code == 3
   assert [line for line in lines if line.startswith("[2] detail")] == [
-      f"[2] detail {i} of rank 2" for i in range(5)]
+    f"[2] detail {i} of rank 2" for i in range(5)
+  ]
   assert "[launch] FAILED: process 2 exited with code 3" in lines
 
 

@@ -11,6 +11,7 @@ import gqsgd_jax
 from gqsgd_jax._src import hlo
 from gqsgd_jax._src import lgreco as lg
 from gqsgd_jax._src import powersgd as psgd
+
 from _lowrank_utils import compiled_flax_step
 from _lowrank_utils import Runner
 from _lowrank_utils import zeros_like_params
@@ -27,8 +28,11 @@ def _brute_force(errors, sizes, budget, k):
     e, s = errors[rows, combo], sizes[rows, combo]
     if not (np.isfinite(e).all() and np.isfinite(s).all()):
       continue
-    cost = np.ceil(e / width).sum() if width > 0 else (
-        0 if (e == 0).all() else np.inf)
+    cost = (
+      np.ceil(e / width).sum()
+      if width > 0
+      else (0 if (e == 0).all() else np.inf)
+    )
     if cost <= k:
       best = min(best, (s.sum(), cost))
   return best
@@ -82,8 +86,11 @@ def test_choose_ranks_falls_back_to_uniform_ranks():
   # other feasible choice is larger: still the uniform ranks.
   errors = np.tile([[9.0, 9.0, 1.0, 0.0, 0.0, 0.0, 0.0]], (3, 1))
   dims = [(64, 48), (32, 32), (40, 40)]
-  assert lg.choose_ranks(errors, dims, CANDS, 4,
-                         num_buckets=10).tolist() == [4, 4, 4]
+  assert lg.choose_ranks(errors, dims, CANDS, 4, num_buckets=10).tolist() == [
+    4,
+    4,
+    4,
+  ]
   # NaN errors are not allowed candidates (the reference discarded its
   # nan_to_num); ranks stay candidates in [1, min(n, m)].
   errors = np.tile(np.linspace(1.0, 0.1, len(CANDS)), (3, 1))
@@ -101,8 +108,7 @@ def test_choose_ranks_trades_rank_between_layers():
   cands = np.arange(1, 9)
   flat = np.sqrt(np.maximum(32 - cands, 0.0))
   low = np.where(cands >= 2, 0.0, 1.0)
-  ranks = lg.choose_ranks(np.stack([low, flat]), [(64, 64), (32, 32)], cands,
-                          4)
+  ranks = lg.choose_ranks(np.stack([low, flat]), [(64, 64), (32, 32)], cands, 4)
   assert ranks.tolist()[0] == 2 and ranks[1] >= 4
   sizes = ranks * np.array([128, 64])
   assert sizes.sum() < 4 * (128 + 64)
@@ -116,18 +122,28 @@ def _grads(rng, step, num_workers):
   u = np.linspace(1, 2, 24)[:, None]
   v = np.cos(np.arange(20))[None, :]
   low = np.broadcast_to((1 + step % 3) * u * v, (num_workers, 24, 20))
-  return {"low": low.astype(np.float32),
-          "full": rng.standard_normal((num_workers, 24, 20)).astype(
-              np.float32),
-          "zero": np.zeros((num_workers, 16, 12), np.float32),
-          "b": rng.standard_normal((num_workers, 20)).astype(np.float32)}
+  return {
+    "low": low.astype(np.float32),
+    "full": rng.standard_normal((num_workers, 24, 20)).astype(np.float32),
+    "zero": np.zeros((num_workers, 16, 12), np.float32),
+    "b": rng.standard_normal((num_workers, 20)).astype(np.float32),
+  }
 
 
-@pytest.mark.parametrize("mode,method,inputs", [
-    ("shard_map", "power", "worker0"), ("pmap", "svd", "mean")])
+@pytest.mark.parametrize(
+  "mode,method,inputs",
+  [("shard_map", "power", "worker0"), ("pmap", "svd", "mean")],
+)
 def test_ranks_adapt_without_recompiling(mode, method, inputs):
-  tx = lg.lgreco(rank=2, start_iter=1, adjust_every=3, acc_iters=2,
-                 error_method=method, inputs=inputs, key=3)
+  tx = lg.lgreco(
+    rank=2,
+    start_iter=1,
+    adjust_every=3,
+    acc_iters=2,
+    error_method=method,
+    inputs=inputs,
+    key=3,
+  )
   runner = Runner(tx, zeros_like_params(SHAPES), 4, mode)
   rng = np.random.default_rng(0)
   error = 0.0
@@ -166,13 +182,17 @@ def test_wire_never_exceeds_uniform_rank_powersgd(start_iter):
   # The compiled program holds every step: warm-up (start_iter > 0), the
   # compressed steps and the rank decision.
   compiled = compiled_flax_step(lg.lgreco(rank=2, start_iter=start_iter))
-  uniform = compiled_flax_step(gqsgd_jax.powersgd(rank=2,
-                                                  start_iter=start_iter))
+  uniform = compiled_flax_step(
+    gqsgd_jax.powersgd(rank=2, start_iter=start_iter)
+  )
   p = (64 + 256) * 2  # the live columns, packed to the uniform ranks' size
   q = (256 + 10) * 2
   vectors = 256 + 10
-  sums = sorted(c.elements for c in hlo.collectives(compiled.as_text())
-                if c.op == "all-reduce" and c.reducer == "sum")
+  sums = sorted(
+    c.elements
+    for c in hlo.collectives(compiled.as_text())
+    if c.op == "all-reduce" and c.reducer == "sum"
+  )
   warmup = [64 * 256 + 256 * 10 + vectors] if start_iter else []
   assert sums == sorted([p, q, vectors] + warmup)
   report = gqsgd_jax.wire_report(compiled)
@@ -182,30 +202,44 @@ def test_wire_never_exceeds_uniform_rank_powersgd(start_iter):
 
 
 def test_rank_choices_that_overflow_a_side_fall_back_to_uniform():
-  mats = [psgd.Matrix(0, 100, 10, 4, np.dtype(np.float32)),
-          psgd.Matrix(1, 10, 100, 4, np.dtype(np.float32))]
+  mats = [
+    psgd.Matrix(0, 100, 10, 4, np.dtype(np.float32)),
+    psgd.Matrix(1, 10, 100, 4, np.dtype(np.float32)),
+  ]
   # Same total size as the uniform ranks (2, 2), but the Ps need 310 > 220.
   assert not lg.fits_wire(np.array([3, 1]), mats, 2)
   assert lg.fits_wire(np.array([2, 2]), mats, 2)
   assert lg.fits_wire(np.array([1, 3]), mats[:1] + [mats[0]], 2)
   # Ranks beyond the static width count at the width.
-  assert lg.fits_wire(np.array([2, 9]), mats[:1] + [
-      psgd.Matrix(1, 10, 100, 2, np.dtype(np.float32))], 2)
+  assert lg.fits_wire(
+    np.array([2, 9]),
+    mats[:1] + [psgd.Matrix(1, 10, 100, 2, np.dtype(np.float32))],
+    2,
+  )
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(rank=0), "rank"), (dict(adjust_every=0), "adjust_every"),
-    (dict(gamma=0.0 - 1), "gamma"), (dict(gamma=1.5), "gamma"),
-    (dict(beta=0.5), "beta"), (dict(alpha=0), "alpha"),
+@pytest.mark.parametrize(
+  "kwargs,name",
+  [
+    (dict(rank=0), "rank"),
+    (dict(adjust_every=0), "adjust_every"),
+    (dict(gamma=0.0 - 1), "gamma"),
+    (dict(gamma=1.5), "gamma"),
+    (dict(beta=0.5), "beta"),
+    (dict(alpha=0), "alpha"),
     (dict(alpha=float("nan")), "alpha"),
     (dict(error_method="qr"), "error_method"),
-    (dict(aggregation="l1"), "aggregation"), (dict(inputs="all"), "inputs"),
-    (dict(acc_iters=200), "acc_iters"), (dict(power_iters=0), "power_iters"),
-    (dict(num_buckets=0), "num_buckets"), (dict(start_iter=-2), "start_iter"),
+    (dict(aggregation="l1"), "aggregation"),
+    (dict(inputs="all"), "inputs"),
+    (dict(acc_iters=200), "acc_iters"),
+    (dict(power_iters=0), "power_iters"),
+    (dict(num_buckets=0), "num_buckets"),
+    (dict(start_iter=-2), "start_iter"),
     (dict(min_compression_rate=-1), "min_compression_rate"),
     (dict(orthogonalization_epsilon=-1), "orthogonalization_epsilon"),
     (dict(warm_start="no"), "warm_start"),
-])
+  ],
+)
 def test_bad_arguments_are_named(kwargs, name):
   with pytest.raises(ValueError, match=name):
     lg.lgreco(**kwargs)
@@ -213,8 +247,11 @@ def test_bad_arguments_are_named(kwargs, name):
 
 def test_state_layout():
   tx = lg.lgreco(rank=4, gamma=0.25, beta=4)  # candidates 1..16
-  params = {"a": jnp.zeros((64, 48)), "b": jnp.zeros((12, 200)),
-            "c": jnp.zeros((8,))}
+  params = {
+    "a": jnp.zeros((64, 48)),
+    "b": jnp.zeros((12, 200)),
+    "c": jnp.zeros((8,)),
+  }
   state = tx.init(params)
   assert [q.shape for q in state.q] == [(48, 16), (200, 12)]
   assert state.ranks.tolist() == [4, 4]

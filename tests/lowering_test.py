@@ -17,21 +17,37 @@ WORDS = np.arange(7, dtype=np.uint8)
 # op -> (target name, fn(*args, impl), args). The lowering only needs shapes,
 # but concrete arrays keep the signatures honest.
 CASES = {
-    "quantize": ("gqsgd_quantize", functools.partial(
-        ops.quantize, levels=7, bits=4), (X, np.float32(7.0), SEED)),
-    "quantize_int8": ("gqsgd_quantize", functools.partial(
-        ops.quantize, levels=127, bits=8, signed_codes=True),
-                      (X, np.float32(127.0), SEED)),
-    "dequantize": ("gqsgd_dequantize", functools.partial(
-        ops.dequantize, n=13, bits=4, offset=7), (WORDS, np.float32(0.5))),
-    "average": ("gqsgd_average", functools.partial(ops.average, bits=4),
-                (WORDS, WORDS[::-1].copy(), np.int32(1), np.int32(3), SEED)),
-    "exp_encode": ("gqsgd_exp_encode", ops.exp_encode,
-                   (X, np.float32(0.25), SEED)),
-    "exp_decode": ("gqsgd_exp_decode", ops.exp_decode,
-                   (WORDS, np.float32(2.0))),
-    "exp_reduce": ("gqsgd_exp_reduce", ops.exp_reduce,
-                   (WORDS, WORDS[::-1].copy(), SEED)),
+  "quantize": (
+    "gqsgd_quantize",
+    functools.partial(ops.quantize, levels=7, bits=4),
+    (X, np.float32(7.0), SEED),
+  ),
+  "quantize_int8": (
+    "gqsgd_quantize",
+    functools.partial(ops.quantize, levels=127, bits=8, signed_codes=True),
+    (X, np.float32(127.0), SEED),
+  ),
+  "dequantize": (
+    "gqsgd_dequantize",
+    functools.partial(ops.dequantize, n=13, bits=4, offset=7),
+    (WORDS, np.float32(0.5)),
+  ),
+  "average": (
+    "gqsgd_average",
+    functools.partial(ops.average, bits=4),
+    (WORDS, WORDS[::-1].copy(), np.int32(1), np.int32(3), SEED),
+  ),
+  "exp_encode": (
+    "gqsgd_exp_encode",
+    ops.exp_encode,
+    (X, np.float32(0.25), SEED),
+  ),
+  "exp_decode": ("gqsgd_exp_decode", ops.exp_decode, (WORDS, np.float32(2.0))),
+  "exp_reduce": (
+    "gqsgd_exp_reduce",
+    ops.exp_reduce,
+    (WORDS, WORDS[::-1].copy(), SEED),
+  ),
 }
 OPS = list(CASES)
 
@@ -39,16 +55,17 @@ OPS = list(CASES)
 def _lower(op: str, impl: str, platforms: tuple[str, ...]) -> str:
   _, fn, args = CASES[op]
   f = functools.partial(fn, impl=impl)
-  return jax.jit(f).trace(*args).lower(
-      lowering_platforms=platforms).as_text()
+  return jax.jit(f).trace(*args).lower(lowering_platforms=platforms).as_text()
 
 
 requires_cuda_module = pytest.mark.skipif(
-    not ffi_lib.HAS_CUDA,
-    reason="gqsgd_jax was built without the CUDA module (_gqsgd_cuda), so "
-    "impl='auto' lowers to the pure-XLA twin for CUDA")
+  not ffi_lib.HAS_CUDA,
+  reason="gqsgd_jax was built without the CUDA module (_gqsgd_cuda), so "
+  "impl='auto' lowers to the pure-XLA twin for CUDA",
+)
 requires_cpu_module = pytest.mark.skipif(
-    not ffi_lib.HAS_CPU, reason="gqsgd_jax was built without _gqsgd_cpu")
+  not ffi_lib.HAS_CPU, reason="gqsgd_jax was built without _gqsgd_cpu"
+)
 
 
 @requires_cuda_module
@@ -100,8 +117,9 @@ def test_xla_impl_is_one_portable_program(op):
 @pytest.mark.parametrize("op", OPS)
 def test_auto_without_modules_lowers_to_twin_for_cuda(op, monkeypatch):
   # A CPU-only wheel on a GPU host: no CUDA handler, so no custom call.
-  monkeypatch.setattr(ffi_lib, "REGISTERED_PLATFORMS",
-                      ffi_lib.REGISTERED_PLATFORMS - {"cuda"})
+  monkeypatch.setattr(
+    ffi_lib, "REGISTERED_PLATFORMS", ffi_lib.REGISTERED_PLATFORMS - {"cuda"}
+  )
   hlo = _lower(op, "auto", ("cuda",))
   assert "custom_call" not in hlo
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import gqsgd_jax
+
 from _methods import METHODS
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -36,8 +37,14 @@ BAD_VALUES = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}
 # makes every coordinate of its leaf's mean NaN. The others (plain psums,
 # sparsifiers, low-rank factors) must give at least one non-finite
 # coordinate (a psum's mean of +inf and numbers is +inf, as it should be).
-WHOLE_LEAF_NAN = {"gq8_psum", "gq4_butterfly",
-                  "gq3_butterfly_leaf", "gq_exponential", "thc", "qsgd"}
+WHOLE_LEAF_NAN = {
+  "gq8_psum",
+  "gq4_butterfly",
+  "gq3_butterfly_leaf",
+  "gq_exponential",
+  "thc",
+  "qsgd",
+}
 
 
 def _grads(shape, bad=None, position=0):
@@ -66,17 +73,18 @@ def _step(method, shape, mode):
     stacked = jax.tree.map(lambda x: jnp.stack([x] * NUM_WORKERS), params)
     devices = jax.devices()[:NUM_WORKERS]
     state = jax.pmap(tx.init, axis_name="data", devices=devices)(stacked)
-    update = jax.pmap(lambda g, s: tx.update(g, s)[0], axis_name="data",
-                      devices=devices)
+    update = jax.pmap(
+      lambda g, s: tx.update(g, s)[0], axis_name="data", devices=devices
+    )
     return lambda g: update(g, state)
   mesh = data_mesh(NUM_WORKERS)
   specs = gqsgd_jax.worker_state_specs(jax.eval_shape(tx.init, params))
-  state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                out_specs=specs))(params)
+  state = jax.jit(
+    jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)
+  )(params)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P("data"), specs),
-                 out_specs=P("data"))
+  @jax.shard_map(mesh=mesh, in_specs=(P("data"), specs), out_specs=P("data"))
   def update(g, s):
     u, _ = tx.update(jax.tree.map(lambda x: x[0], g), s)
     return jax.tree.map(lambda x: x[None], u)
@@ -87,22 +95,26 @@ def _step(method, shape, mode):
 def _check(method, out, label):
   out = jax.tree.map(np.asarray, out)
   for w in range(1, NUM_WORKERS):
-    assert_trees_bitwise_equal(jax.tree.map(lambda x: x[0], out),
-                               jax.tree.map(lambda x, w=w: x[w], out))
+    assert_trees_bitwise_equal(
+      jax.tree.map(lambda x: x[0], out), jax.tree.map(lambda x, w=w: x[w], out)
+    )
   m = out["m"].astype(np.float32)
   for w in range(NUM_WORKERS):
     if method in WHOLE_LEAF_NAN:
       assert np.isnan(m[w]).all(), (
-          f"{method} {label}: worker {w} has {np.isfinite(m[w]).sum()} "
-          "finite values in the mean of a leaf holding a non-finite value")
+        f"{method} {label}: worker {w} has {np.isfinite(m[w]).sum()} "
+        "finite values in the mean of a leaf holding a non-finite value"
+      )
     else:
       assert not np.isfinite(m[w]).all(), (
-          f"{method} {label}: worker {w}'s mean is finite although one "
-          "worker's gradient holds a non-finite value")
+        f"{method} {label}: worker {w}'s mean is finite although one "
+        "worker's gradient holds a non-finite value"
+      )
 
 
 CASES = [(size, "shard_map") for size in sorted(SHAPES)] + [
-    (size, "pmap") for size in sorted(PMAP_SIZES)]
+  (size, "pmap") for size in sorted(PMAP_SIZES)
+]
 
 
 @pytest.mark.parametrize(("size", "mode"), CASES)
@@ -112,8 +124,9 @@ def test_non_finite_gradient_gives_non_finite_mean(method, size, mode):
   step = _step(method, shape, mode)
   clean = step(_grads(shape))
   # The control: finite input gives a finite mean (so the test can fail).
-  assert all(np.isfinite(np.asarray(x, np.float32)).all()
-             for x in jax.tree.leaves(clean)), f"{method}: clean input"
+  assert all(
+    np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(clean)
+  ), f"{method}: clean input"
   positions = sorted({0, size // 2, size - 1})
   for name, bad in BAD_VALUES.items():
     for pos in positions:

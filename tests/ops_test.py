@@ -25,21 +25,23 @@ def _ffi_platform() -> str:
 
 
 requires_ffi = pytest.mark.skipif(
-    _ffi_platform() not in ffi_lib.REGISTERED_PLATFORMS,
-    reason="no gqsgd_jax FFI module is registered for the default backend")
+  _ffi_platform() not in ffi_lib.REGISTERED_PLATFORMS,
+  reason="no gqsgd_jax FFI module is registered for the default backend",
+)
 
 DTYPES = [
-    pytest.param(np.dtype(np.float32), id="float32"),
-    pytest.param(np.dtype(jnp.bfloat16), id="bfloat16"),
-    pytest.param(np.dtype(np.float16), id="float16"),
+  pytest.param(np.dtype(np.float32), id="float32"),
+  pytest.param(np.dtype(jnp.bfloat16), id="bfloat16"),
+  pytest.param(np.dtype(np.float16), id="float16"),
 ]
 LARGE = 2**20 + 1
 # 2**16 + 3: several CPU chunks (2**15 words each) and a ragged tail.
 SMALL_SIZES = (0, 1, 7, 2**16 + 3)
 # Tail handling does not depend on the input dtype: the degenerate sizes run
 # for float32 only, which keeps the compile count (and runtime) down.
-DTYPE_SIZES = [(d, n) for d in DTYPES for n in SMALL_SIZES
-               if d.id == "float32" or n > 1]
+DTYPE_SIZES = [
+  (d, n) for d in DTYPES for n in SMALL_SIZES if d.id == "float32" or n > 1
+]
 # (bits, signed_codes): every packed width plus the int8 wire.
 CODES = [(bits, False) for bits in range(2, 9)] + [(8, True)]
 SEED = np.array([0x12345678, 0x9ABCDEF0], np.uint32)
@@ -76,8 +78,9 @@ def _np_unpack(words, bits: int, n: int) -> np.ndarray:
   return codes.reshape(-1).astype(np.int64)
 
 
-def _signed_levels(codes, n: int, *, bits: int, signed: bool,
-                   levels: int) -> np.ndarray:
+def _signed_levels(
+  codes, n: int, *, bits: int, signed: bool, levels: int
+) -> np.ndarray:
   """The quantized integers q in [-levels, levels] of a code buffer."""
   if signed:
     return np.asarray(codes).astype(np.int64)
@@ -108,12 +111,26 @@ def _max_abs_and_scale(dtype, levels: int) -> tuple[np.float32, np.float32]:
 
 def _specials(dtype, m) -> np.ndarray:
   fi = jnp.finfo(dtype)
-  return np.array([
-      m, -m, np.nan, np.inf, -np.inf, 0.0, float(fi.smallest_subnormal),
-      -float(fi.smallest_subnormal), float(fi.max), -float(fi.max), -0.0,
-      0.5 * m, -0.5 * m, 4 * float(fi.smallest_subnormal),
-      float(fi.smallest_normal)
-  ], np.float32)
+  return np.array(
+    [
+      m,
+      -m,
+      np.nan,
+      np.inf,
+      -np.inf,
+      0.0,
+      float(fi.smallest_subnormal),
+      -float(fi.smallest_subnormal),
+      float(fi.max),
+      -float(fi.max),
+      -0.0,
+      0.5 * m,
+      -0.5 * m,
+      4 * float(fi.smallest_subnormal),
+      float(fi.smallest_normal),
+    ],
+    np.float32,
+  )
 
 
 def _with_specials(x: np.ndarray, specials: np.ndarray) -> np.ndarray:
@@ -122,7 +139,7 @@ def _with_specials(x: np.ndarray, specials: np.ndarray) -> np.ndarray:
   k = min(n, specials.shape[0])
   x = x.copy()
   x[:k] = specials[:k].astype(x.dtype)
-  x[n - k:] = specials[:k][::-1].astype(x.dtype)
+  x[n - k :] = specials[:k][::-1].astype(x.dtype)
   return x
 
 
@@ -169,21 +186,34 @@ def _log_uniform(rng, n: int, dtype) -> np.ndarray:
 def _quantize_case_params():
   params = []
   for (dtype, n), code in itertools.product(DTYPE_SIZES, CODES):
-    params.append(pytest.param(dtype.values[0], code, n,
-                               id=f"{dtype.id}-{_code_id(code)}-n{n}"))
+    params.append(
+      pytest.param(
+        dtype.values[0], code, n, id=f"{dtype.id}-{_code_id(code)}-n{n}"
+      )
+    )
   # The largest size for a subset only: uint8 and uint32 words, int8 codes.
   for code in [(3, False), (4, False), (8, True)]:
-    params.append(pytest.param(np.dtype(np.float32), code, LARGE,
-                               id=f"float32-{_code_id(code)}-n{LARGE}"))
-  params.append(pytest.param(np.dtype(jnp.bfloat16), (4, False), LARGE,
-                             id=f"bfloat16-bits4-n{LARGE}"))
+    params.append(
+      pytest.param(
+        np.dtype(np.float32),
+        code,
+        LARGE,
+        id=f"float32-{_code_id(code)}-n{LARGE}",
+      )
+    )
+  params.append(
+    pytest.param(
+      np.dtype(jnp.bfloat16), (4, False), LARGE, id=f"bfloat16-bits4-n{LARGE}"
+    )
+  )
   return params
 
 
 def _check_quantize(x, scale, *, levels, bits, signed, seed=SEED):
   n = x.shape[0]
-  fn = functools.partial(ops.quantize, levels=levels, bits=bits,
-                         signed_codes=signed)
+  fn = functools.partial(
+    ops.quantize, levels=levels, bits=bits, signed_codes=signed
+  )
   codes = _assert_impls_agree(fn, x, scale, seed)
   assert codes.dtype == wire.word_dtype(bits, signed)
   assert codes.shape == (wire.num_words(n, bits, signed),)
@@ -218,8 +248,7 @@ def test_quantize_clamps_to_levels(code):
   x = np.tile(np.float32([m, -m, 2 * m, -np.inf]), 1024)
   scale = np.float32(levels / m * (1 + 2**-6))
   codes = _check_quantize(x, scale, levels=levels, bits=bits, signed=signed)
-  q = _signed_levels(codes, x.shape[0], bits=bits, signed=signed,
-                     levels=levels)
+  q = _signed_levels(codes, x.shape[0], bits=bits, signed=signed, levels=levels)
   np.testing.assert_array_equal(q, np.sign(x) * levels)
 
 
@@ -228,8 +257,9 @@ def _psum_params():
   for code, workers in itertools.product(CODES, (2, 8)):
     bits, signed = code
     if wire.psum_levels(bits, workers, signed) >= 1:
-      params.append(pytest.param(code, workers,
-                                 id=f"{_code_id(code)}-W{workers}"))
+      params.append(
+        pytest.param(code, workers, id=f"{_code_id(code)}-W{workers}")
+      )
   return params
 
 
@@ -244,8 +274,11 @@ def test_quantize_psum_levels_sum_without_carry(code, workers):
   seeds = [SEED + np.uint32(7 * w) for w in range(workers)]
   # Worker 0 through all paths; the others reuse the compiled FFI call.
   codes = [_check_quantize(x, scale, levels=levels, bits=bits, signed=signed)]
-  quantize = jax.jit(functools.partial(ops.quantize, levels=levels, bits=bits,
-                                       signed_codes=signed, impl="ffi"))
+  quantize = jax.jit(
+    functools.partial(
+      ops.quantize, levels=levels, bits=bits, signed_codes=signed, impl="ffi"
+    )
+  )
   codes += [np.asarray(quantize(x, scale, s)) for s in seeds[1:]]
   if signed:
     total = np.sum([c.astype(np.int64) for c in codes], axis=0)
@@ -253,7 +286,7 @@ def test_quantize_psum_levels_sum_without_carry(code, workers):
     return
   # The word sum a psum computes (no wrap: it must fit the word) ...
   total = np.sum([c.astype(np.uint64) for c in codes], axis=0)
-  assert np.all(total < 2**(8 * codes[0].itemsize))
+  assert np.all(total < 2 ** (8 * codes[0].itemsize))
   # ... unpacks to the lane-wise sum of the codes: no carry between lanes.
   lane_sum = np.sum([_np_unpack(c, bits, n) for c in codes], axis=0)
   np.testing.assert_array_equal(_np_unpack(total, bits, n), lane_sum)
@@ -267,8 +300,9 @@ def test_packed_layout_element_zero_in_high_lane(bits):
   n = 2 * wire.lanes_per_word(bits) + 1  # odd, and a partial last word
   q = (np.arange(n) % (2 * levels + 1)) - levels
   x = q.astype(np.float32)
-  codes = _check_quantize(x, np.float32(1.0), levels=levels, bits=bits,
-                          signed=False)
+  codes = _check_quantize(
+    x, np.float32(1.0), levels=levels, bits=bits, signed=False
+  )
   np.testing.assert_array_equal(_np_unpack(codes, bits, n)[:n], q + levels)
   if bits == 4:
     # The reference's nibble order: byte k = c[2k] << 4 | c[2k + 1].
@@ -276,8 +310,7 @@ def test_packed_layout_element_zero_in_high_lane(bits):
     np.testing.assert_array_equal(codes[0], (c[0] << 4) | c[1])
     np.testing.assert_array_equal(codes[-1], c[-1] << 4)
   # Dequantize trims the padding lanes and inverts exactly.
-  dequantize = functools.partial(ops.dequantize, n=n, bits=bits,
-                                 offset=levels)
+  dequantize = functools.partial(ops.dequantize, n=n, bits=bits, offset=levels)
   for out in _run_impls(dequantize, codes, np.float32(1.0)):
     np.testing.assert_array_equal(np.asarray(out), x)
 
@@ -305,8 +338,17 @@ def _dequantize_params():
 
 # Operands, so one compilation covers them all. Includes a subnormal, an
 # overflowing and non-finite scales.
-DEQUANTIZE_SCALES = [0.3712, 1.0, 3.0e-3 / 7, 1e-40, 3e38, 0.0, np.inf,
-                     np.nan, -2.5]
+DEQUANTIZE_SCALES = [
+  0.3712,
+  1.0,
+  3.0e-3 / 7,
+  1e-40,
+  3e38,
+  0.0,
+  np.inf,
+  np.nan,
+  -2.5,
+]
 
 
 @requires_ffi
@@ -317,28 +359,46 @@ def test_dequantize_matches_twin(code, n):
   # A psum offset (W = 4 workers' offsets) on all lane values, padding too.
   offset = 4 * levels
   codes = _random_words(np.random.default_rng(n), n, bits, signed)
-  fn = jax.jit(lambda c, s: tuple(ops.dequantize(
-      c, s, n=n, bits=bits, offset=offset, signed_codes=signed, impl=i)
-                                  for i in ops.IMPLS))
+  fn = jax.jit(
+    lambda c, s: tuple(
+      ops.dequantize(
+        c, s, n=n, bits=bits, offset=offset, signed_codes=signed, impl=i
+      )
+      for i in ops.IMPLS
+    )
+  )
   for scale in DEQUANTIZE_SCALES:
     ffi_out, auto_out, xla_out = fn(codes, np.float32(scale))
     assert_trees_bitwise_equal(ffi_out, xla_out)
     assert_trees_bitwise_equal(auto_out, xla_out)
     assert ffi_out.shape == (n,) and ffi_out.dtype == np.float32
   raw = codes.astype(np.int64) if signed else _np_unpack(codes, bits, n)[:n]
-  np.testing.assert_array_equal(np.asarray(fn(codes, np.float32(1.0))[0]),
-                                raw - offset)
+  np.testing.assert_array_equal(
+    np.asarray(fn(codes, np.float32(1.0))[0]), raw - offset
+  )
 
 
 # (n_a, n_b) operand pairs up to the n_a + n_b <= 2^16 limit.
-COUNTS = [(1, 1), (1, 3), (5, 2), (64, 64), (1, 127), (127, 1), (150, 150),
-          (2**15, 2**15), (1, 2**16 - 1), (40503, 25033)]
+COUNTS = [
+  (1, 1),
+  (1, 3),
+  (5, 2),
+  (64, 64),
+  (1, 127),
+  (127, 1),
+  (150, 150),
+  (2**15, 2**15),
+  (1, 2**16 - 1),
+  (40503, 25033),
+]
 
 
 def _average_params():
-  params = [pytest.param(bits, n, id=f"bits{bits}-n{n}")
-            for bits, n in itertools.product(range(2, 9), SMALL_SIZES)
-            if n > 1 or bits in (3, 4)]
+  params = [
+    pytest.param(bits, n, id=f"bits{bits}-n{n}")
+    for bits, n in itertools.product(range(2, 9), SMALL_SIZES)
+    if n > 1 or bits in (3, 4)
+  ]
   params.append(pytest.param(4, LARGE, id=f"bits4-n{LARGE}"))
   return params
 
@@ -349,8 +409,11 @@ def test_average_matches_twin(bits, n):
   rng = np.random.default_rng(n + bits)
   a = _random_words(rng, n, bits, False)
   b = _random_words(rng, n, bits, False)
-  fn = jax.jit(lambda *args: tuple(ops.average(*args, bits=bits, impl=i)
-                                   for i in ops.IMPLS))
+  fn = jax.jit(
+    lambda *args: tuple(
+      ops.average(*args, bits=bits, impl=i) for i in ops.IMPLS
+    )
+  )
   ca, cb = _np_unpack(a, bits, 0), _np_unpack(b, bits, 0)
   for n_a, n_b in COUNTS:
     ffi_out, auto_out, xla_out = fn(a, b, n_a, n_b, SEED)
@@ -364,16 +427,18 @@ def test_average_matches_twin(bits, n):
 @requires_ffi
 def test_average_of_equal_codes_is_exact():
   x, scale = _quantize_inputs(1001, np.float32, 7)
-  a = jax.jit(functools.partial(ops.quantize, levels=7, bits=4))(x, scale,
-                                                                SEED)
+  a = jax.jit(functools.partial(ops.quantize, levels=7, bits=4))(x, scale, SEED)
   average = functools.partial(ops.average, bits=4)
   for out in _run_impls(average, a, a, 3, 5, SEED + 1):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(a))
 
 
 @requires_ffi
-@pytest.mark.parametrize(("n_a", "n_b"), [(2**15, 2**15 + 1), (0, 1), (1, 0)],
-                         ids=["sum65537", "n_a0", "n_b0"])
+@pytest.mark.parametrize(
+  ("n_a", "n_b"),
+  [(2**15, 2**15 + 1), (0, 1), (1, 0)],
+  ids=["sum65537", "n_a0", "n_b0"],
+)
 def test_average_ffi_rejects_bad_counts(n_a, n_b):
   # Traced counts reach the handler, which checks them at run time.
   a = np.zeros(4, np.uint8)
@@ -390,10 +455,24 @@ def _exp_inputs(n: int, dtype):
   rng = np.random.default_rng(n + 1)
   x = _log_uniform(rng, n, dtype)
   fi = jnp.finfo(dtype)
-  specials = np.array([
-      np.nan, -np.inf, np.inf, 0.0, -0.0, 1.0, -1.0, 0.5, 2.0**-10, 3.0,
-      float(fi.smallest_subnormal), -float(fi.smallest_normal), 1000.0
-  ], np.float32)
+  specials = np.array(
+    [
+      np.nan,
+      -np.inf,
+      np.inf,
+      0.0,
+      -0.0,
+      1.0,
+      -1.0,
+      0.5,
+      2.0**-10,
+      3.0,
+      float(fi.smallest_subnormal),
+      -float(fi.smallest_normal),
+      1000.0,
+    ],
+    np.float32,
+  )
   return _with_specials(x, specials)
 
 
@@ -418,13 +497,22 @@ EXP_SCALE_KINDS = ("global", "tiny", "huge")
 def _exp_encode_params():
   params = []
   for (dtype, n), floor in itertools.product(DTYPE_SIZES, FLOOR_CODES):
-    params.append(pytest.param(dtype.values[0], floor, n,
-                               id=f"{dtype.id}-floor{floor}-n{n}"))
+    params.append(
+      pytest.param(
+        dtype.values[0], floor, n, id=f"{dtype.id}-floor{floor}-n{n}"
+      )
+    )
   # 126: where the f32 subnormal floor min(c, 126) stops differing from c.
-  params.append(pytest.param(np.dtype(np.float32), 126, 2**16 + 3,
-                             id="float32-floor126-n65539"))
-  params.append(pytest.param(np.dtype(np.float32), 127, LARGE,
-                             id=f"float32-floor127-n{LARGE}"))
+  params.append(
+    pytest.param(
+      np.dtype(np.float32), 126, 2**16 + 3, id="float32-floor126-n65539"
+    )
+  )
+  params.append(
+    pytest.param(
+      np.dtype(np.float32), 127, LARGE, id=f"float32-floor127-n{LARGE}"
+    )
+  )
   return params
 
 
@@ -433,8 +521,12 @@ def _exp_encode_params():
 def test_exp_encode_matches_twin(dtype, floor_code, n):
   x = _exp_inputs(n, dtype)
   xf = np.asarray(x).astype(np.float32)
-  fn = jax.jit(lambda x, s, seed: tuple(ops.exp_encode(
-      x, s, seed, floor_code=floor_code, impl=i) for i in ops.IMPLS))
+  fn = jax.jit(
+    lambda x, s, seed: tuple(
+      ops.exp_encode(x, s, seed, floor_code=floor_code, impl=i)
+      for i in ops.IMPLS
+    )
+  )
   for kind in EXP_SCALE_KINDS:
     scale = _exp_scale(kind, x)
     ffi_out, auto_out, xla_out = fn(x, scale, SEED)
@@ -451,8 +543,9 @@ def test_exp_encode_matches_twin(dtype, floor_code, n):
     # |v| >= 1/2 clamps to 1/2 = code 1 (never wraps to zero).
     np.testing.assert_array_equal(e[np.abs(v) >= 0.5], 1)
     nonzero = e > 0
-    np.testing.assert_array_equal(codes[nonzero] >> 7,
-                                  np.signbit(v[nonzero]).astype(np.uint8))
+    np.testing.assert_array_equal(
+      codes[nonzero] >> 7, np.signbit(v[nonzero]).astype(np.uint8)
+    )
 
 
 def _byte_codes(n: int) -> np.ndarray:
@@ -461,16 +554,26 @@ def _byte_codes(n: int) -> np.ndarray:
 
 # Scales as operands: realistic, one whose low codes leave the normal range,
 # subnormal, zero, non-finite, negative (the sign of a scale is ignored).
-EXP_DECODE_SCALES = [2.0 * 0.731 / 8, 1.0, 2.0**-100, 1e-40, 0.0, 3e38,
-                     np.inf, np.nan, -0.25]
+EXP_DECODE_SCALES = [
+  2.0 * 0.731 / 8,
+  1.0,
+  2.0**-100,
+  1e-40,
+  0.0,
+  3e38,
+  np.inf,
+  np.nan,
+  -0.25,
+]
 
 
 @requires_ffi
 @pytest.mark.parametrize("n", _size_params((0, 1, 7, 256, 2**16 + 3, LARGE)))
 def test_exp_decode_matches_twin(n):
   codes = _byte_codes(n)
-  fn = jax.jit(lambda c, s: tuple(ops.exp_decode(c, s, impl=i)
-                                  for i in ops.IMPLS))
+  fn = jax.jit(
+    lambda c, s: tuple(ops.exp_decode(c, s, impl=i) for i in ops.IMPLS)
+  )
   for scale in EXP_DECODE_SCALES:
     ffi_out, auto_out, xla_out = fn(codes, np.float32(scale))
     assert_trees_bitwise_equal(ffi_out, xla_out)
@@ -486,28 +589,31 @@ def test_exp_decode_matches_twin(n):
 
 
 def _all_pairs():
-  a, b = np.meshgrid(np.arange(256, dtype=np.uint8),
-                     np.arange(256, dtype=np.uint8), indexing="ij")
+  a, b = np.meshgrid(
+    np.arange(256, dtype=np.uint8),
+    np.arange(256, dtype=np.uint8),
+    indexing="ij",
+  )
   return a.reshape(-1), b.reshape(-1)
 
 
 @requires_ffi
-@pytest.mark.parametrize("n", _size_params((0, 1, 7, 2**16, 2**16 + 3,
-                                            LARGE)))
+@pytest.mark.parametrize("n", _size_params((0, 1, 7, 2**16, 2**16 + 3, LARGE)))
 def test_exp_reduce_matches_twin_and_is_symmetric(n):
   if n == 2**16:
     a, b = _all_pairs()  # every pair of bytes once
   else:
     rng = np.random.default_rng(n)
-    a, b = (rng.integers(0, 256, (2, n)).astype(np.uint8))
+    a, b = rng.integers(0, 256, (2, n)).astype(np.uint8)
   out = _assert_impls_agree(ops.exp_reduce, a, b, SEED)
   # Symmetric in (a, b): two devices computing one node agree (§0.3).
   swapped = jax.jit(functools.partial(ops.exp_reduce, impl="ffi"))(b, a, SEED)
   np.testing.assert_array_equal(np.asarray(swapped), out)
   # A zero operand returns the other one exactly.
   zero_a = (a & 0x7F) == 0
-  np.testing.assert_array_equal(out[zero_a & ((b & 0x7F) != 0)],
-                                b[zero_a & ((b & 0x7F) != 0)])
+  np.testing.assert_array_equal(
+    out[zero_a & ((b & 0x7F) != 0)], b[zero_a & ((b & 0x7F) != 0)]
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -520,8 +626,9 @@ def _row_quantize(x, seed, *, impl, bits=4, signed=False):
   # The scale comes from the row itself, as in the transforms.
   levels = wire.max_levels(bits, signed)
   scale = levels / jnp.max(jnp.abs(x))
-  return ops.quantize(x, scale, seed, levels=levels, bits=bits,
-                      signed_codes=signed, impl=impl)
+  return ops.quantize(
+    x, scale, seed, levels=levels, bits=bits, signed_codes=signed, impl=impl
+  )
 
 
 def _row_exp_encode(x, seed, *, impl):
@@ -530,16 +637,18 @@ def _row_exp_encode(x, seed, *, impl):
 
 
 def _batched_seeds(batch=BATCH) -> np.ndarray:
-  return (SEED[None, :] + np.arange(batch, dtype=np.uint32)[:, None] *
-          np.uint32(0x9E3779B9))
+  return SEED[None, :] + np.arange(batch, dtype=np.uint32)[:, None] * np.uint32(
+    0x9E3779B9
+  )
 
 
 def _vmap_cases():
   """name -> (fn(*row_args, impl), batched args)."""
   rng = np.random.default_rng(0)
   # Rows on very different scales: a scale shared across rows would clamp.
-  x = (rng.normal(size=(BATCH, ROW)) *
-       10.0**np.arange(BATCH)[:, None]).astype(np.float32)
+  x = (
+    rng.normal(size=(BATCH, ROW)) * 10.0 ** np.arange(BATCH)[:, None]
+  ).astype(np.float32)
   seeds = _batched_seeds()
   words = np.stack([_random_words(rng, ROW, 4, False) for _ in range(BATCH)])
   other = np.stack([_random_words(rng, ROW, 4, False) for _ in range(BATCH)])
@@ -547,17 +656,22 @@ def _vmap_cases():
   bytes_b = rng.integers(0, 256, (BATCH, ROW)).astype(np.uint8)
   scales = np.float32([0.5, 3.0, 1e-3, 7.0])
   return {
-      "quantize": (_row_quantize, (x, seeds)),
-      "quantize_int8": (functools.partial(_row_quantize, bits=8,
-                                          signed=True), (x, seeds)),
-      "dequantize": (functools.partial(ops.dequantize, n=ROW, bits=4,
-                                       offset=7), (words, scales)),
-      "average": (functools.partial(ops.average, bits=4),
-                  (words, other, np.int32([1, 2, 3, 64]),
-                   np.int32([1, 5, 1, 64]), seeds)),
-      "exp_encode": (_row_exp_encode, (x, seeds)),
-      "exp_decode": (ops.exp_decode, (bytes_a, scales)),
-      "exp_reduce": (ops.exp_reduce, (bytes_a, bytes_b, seeds)),
+    "quantize": (_row_quantize, (x, seeds)),
+    "quantize_int8": (
+      functools.partial(_row_quantize, bits=8, signed=True),
+      (x, seeds),
+    ),
+    "dequantize": (
+      functools.partial(ops.dequantize, n=ROW, bits=4, offset=7),
+      (words, scales),
+    ),
+    "average": (
+      functools.partial(ops.average, bits=4),
+      (words, other, np.int32([1, 2, 3, 64]), np.int32([1, 5, 1, 64]), seeds),
+    ),
+    "exp_encode": (_row_exp_encode, (x, seeds)),
+    "exp_decode": (ops.exp_decode, (bytes_a, scales)),
+    "exp_reduce": (ops.exp_reduce, (bytes_a, bytes_b, seeds)),
   }
 
 
@@ -588,13 +702,15 @@ def test_vmap_matches_loop_over_rows(op):
 def test_vmap_row_scale_with_shared_seed(impl):
   """The per-row max-abs scale must not be broadcast across the batch."""
   fn, (x, _) = _vmap_cases()["quantize"]
-  out = jax.jit(jax.vmap(functools.partial(fn, impl=impl),
-                         in_axes=(0, None)))(x, SEED)
+  out = jax.jit(jax.vmap(functools.partial(fn, impl=impl), in_axes=(0, None)))(
+    x, SEED
+  )
   want = _row_loop(fn, (x, SEED), in_axes=(0, None))
   assert_trees_bitwise_equal(np.asarray(out), want)
   # Row 0's scale on the larger rows would saturate them; the loop does not.
-  q = np.stack([_signed_levels(r, ROW, bits=4, signed=False, levels=7)
-                for r in want])
+  q = np.stack(
+    [_signed_levels(r, ROW, bits=4, signed=False, levels=7) for r in want]
+  )
   assert np.all(np.mean(np.abs(q) == 7, axis=1) < 0.5)
 
 
@@ -603,10 +719,12 @@ def test_vmap_row_scale_with_shared_seed(impl):
 def test_vmap_batched_seed_gives_each_row_its_stream(impl):
   x = np.tile(np.linspace(-1, 1, 1001, dtype=np.float32), (BATCH, 1))
   out = jax.jit(jax.vmap(functools.partial(_row_quantize, impl=impl)))(
-      x, _batched_seeds())
+    x, _batched_seeds()
+  )
   out = np.asarray(out)
-  assert_trees_bitwise_equal(out, _row_loop(_row_quantize,
-                                            (x, _batched_seeds())))
+  assert_trees_bitwise_equal(
+    out, _row_loop(_row_quantize, (x, _batched_seeds()))
+  )
   # Same data, different seeds: different draws in every row.
   for i in range(1, BATCH):
     assert not np.array_equal(out[i], out[0])
@@ -619,8 +737,9 @@ def test_eager_ffi_matches_twin(op):
   # from 1 to 1000, counts up to 64) must give the twin's bits. Eager
   # against jitted FFI alone would compare the kernel with itself.
   fn, args = _vmap_cases()[op]
-  eager = np.stack([np.asarray(fn(*[a[i] for a in args], impl="ffi"))
-                    for i in range(BATCH)])
+  eager = np.stack(
+    [np.asarray(fn(*[a[i] for a in args], impl="ffi")) for i in range(BATCH)]
+  )
   assert_trees_bitwise_equal(eager, _row_loop(fn, args))
 
 
@@ -636,27 +755,43 @@ def _per_device(x, seed, *, axis, impl):
   """The Global-QSGD step on one device's shard; returns all intermediates."""
   seed = seed.reshape(2)
   m = jax.lax.pmax(jnp.max(jnp.abs(x)), axis)
-  codes = ops.quantize(x, PSUM_LEVELS / m, seed, levels=PSUM_LEVELS, bits=8,
-                       impl=impl)
+  codes = ops.quantize(
+    x, PSUM_LEVELS / m, seed, levels=PSUM_LEVELS, bits=8, impl=impl
+  )
   total = jax.lax.psum(codes, axis)  # lanes never carry at psum levels
-  mean = ops.dequantize(total, m / (PSUM_LEVELS * DEVICES), n=x.shape[0],
-                        bits=8, offset=PSUM_LEVELS * DEVICES, impl=impl)
+  mean = ops.dequantize(
+    total,
+    m / (PSUM_LEVELS * DEVICES),
+    n=x.shape[0],
+    bits=8,
+    offset=PSUM_LEVELS * DEVICES,
+    impl=impl,
+  )
   exp = ops.exp_encode(x, 1.0 / (16.0 * m), seed, impl=impl)
   # Butterfly partner i ^ 1, reduced with the pair's shared seed.
   pairs = [(i, i ^ 1) for i in range(DEVICES)]
   partner = jax.lax.ppermute(exp, axis, pairs)
   pair_seed = jnp.asarray(SEED) + (jax.lax.axis_index(axis) // 2).astype(
-      jnp.uint32)
+    jnp.uint32
+  )
   reduced = ops.exp_reduce(exp, partner, pair_seed, impl=impl)
-  avg = ops.average(codes, jax.lax.ppermute(codes, axis, pairs), 1, 1,
-                    pair_seed, bits=8, impl=impl)
+  avg = ops.average(
+    codes,
+    jax.lax.ppermute(codes, axis, pairs),
+    1,
+    1,
+    pair_seed,
+    bits=8,
+    impl=impl,
+  )
   return codes, mean, exp, reduced, avg
 
 
 def _spmd_inputs():
   rng = np.random.default_rng(8)
-  x = (rng.normal(size=(DEVICES, LOCAL)) *
-       np.linspace(0.1, 2.0, DEVICES)[:, None]).astype(np.float32)
+  x = (
+    rng.normal(size=(DEVICES, LOCAL)) * np.linspace(0.1, 2.0, DEVICES)[:, None]
+  ).astype(np.float32)
   return x, _batched_seeds(DEVICES)
 
 
@@ -664,18 +799,27 @@ def _twin_per_device(x, seeds):
   """The same step from per-device twin calls; returns [device][output]."""
   m = np.float32(np.max(np.abs(x)))
   xla = dict(impl="xla")
-  quantize = jax.jit(functools.partial(ops.quantize, levels=PSUM_LEVELS,
-                                       bits=8, **xla))
+  quantize = jax.jit(
+    functools.partial(ops.quantize, levels=PSUM_LEVELS, bits=8, **xla)
+  )
   exp_encode = jax.jit(functools.partial(ops.exp_encode, **xla))
   exp_reduce = jax.jit(functools.partial(ops.exp_reduce, **xla))
   average = jax.jit(functools.partial(ops.average, bits=8, **xla))
   codes = [quantize(x[d], PSUM_LEVELS / m, seeds[d]) for d in range(DEVICES)]
-  exp = [exp_encode(x[d], np.float32(1.0) / (np.float32(16.0) * m), seeds[d])
-         for d in range(DEVICES)]
+  exp = [
+    exp_encode(x[d], np.float32(1.0) / (np.float32(16.0) * m), seeds[d])
+    for d in range(DEVICES)
+  ]
   # The psum of the words, lane sums fit: plain integer addition.
   total = np.sum([np.asarray(c, np.uint64) for c in codes], axis=0)
-  mean = ops.dequantize(total.astype(np.uint8), m / (PSUM_LEVELS * DEVICES),
-                        n=LOCAL, bits=8, offset=PSUM_LEVELS * DEVICES, **xla)
+  mean = ops.dequantize(
+    total.astype(np.uint8),
+    m / (PSUM_LEVELS * DEVICES),
+    n=LOCAL,
+    bits=8,
+    offset=PSUM_LEVELS * DEVICES,
+    **xla,
+  )
   out = []
   for d in range(DEVICES):
     pair_seed = SEED + np.uint32(d // 2)
@@ -698,24 +842,36 @@ def _assert_per_device_equal(got, want):
 @pytest.mark.parametrize("impl", ["ffi", "auto"])
 def test_shard_map_matches_per_device_twin(impl):
   devices = require_devices(DEVICES)
-  mesh = jax.make_mesh((DEVICES,), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  mesh = jax.make_mesh(
+    (DEVICES,),
+    ("data",),
+    axis_types=(jax.sharding.AxisType.Auto,),
+    devices=devices,
+  )
   x, seeds = _spmd_inputs()
-  step = jax.jit(jax.shard_map(
-      functools.partial(_per_device, axis="data", impl=impl), mesh=mesh,
-      in_specs=(P("data"), P("data")), out_specs=P("data")))
+  step = jax.jit(
+    jax.shard_map(
+      functools.partial(_per_device, axis="data", impl=impl),
+      mesh=mesh,
+      in_specs=(P("data"), P("data")),
+      out_specs=P("data"),
+    )
+  )
   outs = step(x.reshape(-1), seeds)
-  got = [[np.split(np.asarray(o), DEVICES)[d] for o in outs]
-         for d in range(DEVICES)]
+  got = [
+    [np.split(np.asarray(o), DEVICES)[d] for o in outs] for d in range(DEVICES)
+  ]
   _assert_per_device_equal(got, _twin_per_device(x, seeds))
 
 
 @requires_ffi
 def test_pmap_matches_per_device_twin():
   x, seeds = _spmd_inputs()
-  step = jax.pmap(functools.partial(_per_device, axis="data", impl="ffi"),
-                  axis_name="data", devices=require_devices(DEVICES))
+  step = jax.pmap(
+    functools.partial(_per_device, axis="data", impl="ffi"),
+    axis_name="data",
+    devices=require_devices(DEVICES),
+  )
   outs = step(x, seeds)
   got = [[np.asarray(o)[d] for o in outs] for d in range(DEVICES)]
   _assert_per_device_equal(got, _twin_per_device(x, seeds))
@@ -733,8 +889,9 @@ def test_bad_bits_value(bits):
   with pytest.raises(ValueError, match=r"bits must be in \[2, 8\]"):
     ops.dequantize(np.zeros(8, np.uint8), 1.0, n=8, bits=bits, offset=0)
   with pytest.raises(ValueError, match=r"bits must be in \[2, 8\]"):
-    ops.average(np.zeros(8, np.uint8), np.zeros(8, np.uint8), 1, 1, SEED,
-                bits=bits)
+    ops.average(
+      np.zeros(8, np.uint8), np.zeros(8, np.uint8), 1, 1, SEED, bits=bits
+    )
 
 
 @pytest.mark.parametrize("bits", [4.0, True, "4", None])
@@ -743,43 +900,69 @@ def test_bad_bits_type(bits):
     ops.quantize(np.ones(8, np.float32), 1.0, SEED, levels=1, bits=bits)
 
 
-@pytest.mark.parametrize(("bits", "signed", "levels", "limit"), [
-    (4, False, 0, 7), (4, False, 8, 7), (2, False, 2, 1), (3, False, 4, 3),
-    (8, False, 128, 127), (8, True, 128, 127), (8, True, -1, 127)
-])
+@pytest.mark.parametrize(
+  ("bits", "signed", "levels", "limit"),
+  [
+    (4, False, 0, 7),
+    (4, False, 8, 7),
+    (2, False, 2, 1),
+    (3, False, 4, 3),
+    (8, False, 128, 127),
+    (8, True, 128, 127),
+    (8, True, -1, 127),
+  ],
+)
 def test_bad_levels(bits, signed, levels, limit):
-  with pytest.raises(ValueError, match=(rf"levels must be in \[1, {limit}\] "
-                                        rf"for bits={bits}, got {levels}")):
-    ops.quantize(np.ones(8, np.float32), 1.0, SEED, levels=levels, bits=bits,
-                 signed_codes=signed)
+  with pytest.raises(
+    ValueError,
+    match=(
+      rf"levels must be in \[1, {limit}\] "
+      rf"for bits={bits}, got {levels}"
+    ),
+  ):
+    ops.quantize(
+      np.ones(8, np.float32),
+      1.0,
+      SEED,
+      levels=levels,
+      bits=bits,
+      signed_codes=signed,
+    )
 
 
 def test_signed_codes_need_bits_8():
   with pytest.raises(ValueError, match="signed_codes needs bits=8"):
-    ops.quantize(np.ones(8, np.float32), 1.0, SEED, levels=1, bits=4,
-                 signed_codes=True)
+    ops.quantize(
+      np.ones(8, np.float32), 1.0, SEED, levels=1, bits=4, signed_codes=True
+    )
 
 
 SEEDED_OPS = {
-    "quantize": lambda s: ops.quantize(np.ones(8, np.float32), 1.0, s,
-                                       levels=7, bits=4),
-    "average": lambda s: ops.average(np.zeros(4, np.uint8),
-                                     np.zeros(4, np.uint8), 1, 1, s, bits=4),
-    "exp_encode": lambda s: ops.exp_encode(np.ones(8, np.float32), 0.25, s),
-    "exp_reduce": lambda s: ops.exp_reduce(np.zeros(8, np.uint8),
-                                           np.zeros(8, np.uint8), s),
+  "quantize": lambda s: ops.quantize(
+    np.ones(8, np.float32), 1.0, s, levels=7, bits=4
+  ),
+  "average": lambda s: ops.average(
+    np.zeros(4, np.uint8), np.zeros(4, np.uint8), 1, 1, s, bits=4
+  ),
+  "exp_encode": lambda s: ops.exp_encode(np.ones(8, np.float32), 0.25, s),
+  "exp_reduce": lambda s: ops.exp_reduce(
+    np.zeros(8, np.uint8), np.zeros(8, np.uint8), s
+  ),
 }
 
 
 @pytest.mark.parametrize("op", list(SEEDED_OPS))
-@pytest.mark.parametrize("seed", [
+@pytest.mark.parametrize(
+  "seed",
+  [
     pytest.param(np.array([1, 2], np.int32), id="int32"),
     pytest.param(np.array([1, 2], np.float32), id="float32"),
     pytest.param(np.array([1, 2, 3], np.uint32), id="len3"),
     pytest.param(np.array([[1, 2]], np.uint32), id="1x2"),
     pytest.param(np.uint32(1), id="scalar"),
     pytest.param(jax.random.key(0), id="prng_key"),
-])
+  ],
+)
 def test_bad_seed(op, seed):
   with pytest.raises(ValueError, match=r"seed must be uint32\[2\]"):
     SEEDED_OPS[op](seed)
@@ -788,26 +971,48 @@ def test_bad_seed(op, seed):
 @pytest.mark.parametrize("dtype", [np.int32, np.int8, np.uint8, np.bool_])
 def test_non_float_input(dtype):
   x = np.ones(8, dtype)
-  with pytest.raises(TypeError, match=(
-      f"x must be float32, bfloat16 or float16, got {np.dtype(dtype)}")):
+  with pytest.raises(
+    TypeError,
+    match=(f"x must be float32, bfloat16 or float16, got {np.dtype(dtype)}"),
+  ):
     ops.quantize(x, 1.0, SEED, levels=7, bits=4)
   with pytest.raises(TypeError, match="x must be float32, bfloat16"):
     ops.exp_encode(x, 1.0, SEED)
 
 
-@pytest.mark.parametrize(("codes", "kwargs", "match"), [
-    (np.zeros(4, np.uint32), dict(n=7, bits=4),
-     r"codes must be uint8\[4\] for n=7, bits=4, got uint32\[4\]"),
-    (np.zeros(5, np.uint8), dict(n=7, bits=4),
-     r"codes must be uint8\[4\] for n=7, bits=4, got uint8\[5\]"),
-    (np.zeros(1, np.uint8), dict(n=7, bits=3),
-     r"codes must be uint32\[1\] for n=7, bits=3, got uint8\[1\]"),
-    (np.zeros(7, np.uint8), dict(n=7, bits=8, signed_codes=True),
-     r"codes must be int8\[7\]"),
-    (np.zeros(7, np.int8), dict(n=7, bits=8),
-     r"codes must be uint8\[7\]"),
-], ids=["uint32_for_bits4", "too_long", "uint8_for_bits3", "uint8_for_int8",
-        "int8_for_bits8"])
+@pytest.mark.parametrize(
+  ("codes", "kwargs", "match"),
+  [
+    (
+      np.zeros(4, np.uint32),
+      dict(n=7, bits=4),
+      r"codes must be uint8\[4\] for n=7, bits=4, got uint32\[4\]",
+    ),
+    (
+      np.zeros(5, np.uint8),
+      dict(n=7, bits=4),
+      r"codes must be uint8\[4\] for n=7, bits=4, got uint8\[5\]",
+    ),
+    (
+      np.zeros(1, np.uint8),
+      dict(n=7, bits=3),
+      r"codes must be uint32\[1\] for n=7, bits=3, got uint8\[1\]",
+    ),
+    (
+      np.zeros(7, np.uint8),
+      dict(n=7, bits=8, signed_codes=True),
+      r"codes must be int8\[7\]",
+    ),
+    (np.zeros(7, np.int8), dict(n=7, bits=8), r"codes must be uint8\[7\]"),
+  ],
+  ids=[
+    "uint32_for_bits4",
+    "too_long",
+    "uint8_for_bits3",
+    "uint8_for_int8",
+    "int8_for_bits8",
+  ],
+)
 def test_dequantize_code_dtype_mismatch(codes, kwargs, match):
   with pytest.raises(ValueError, match=match):
     ops.dequantize(codes, 1.0, offset=0, **kwargs)
@@ -815,8 +1020,9 @@ def test_dequantize_code_dtype_mismatch(codes, kwargs, match):
 
 def test_average_code_dtype_mismatch():
   u8, u32 = np.zeros(4, np.uint8), np.zeros(4, np.uint32)
-  with pytest.raises(ValueError, match="packed words for bits=4 are uint8, "
-                     "got uint32"):
+  with pytest.raises(
+    ValueError, match="packed words for bits=4 are uint8, got uint32"
+  ):
     ops.average(u32, u32, 1, 1, SEED, bits=4)
   with pytest.raises(ValueError, match="a and b must be 1-D packed buffers"):
     ops.average(u8, u32, 1, 1, SEED, bits=4)
@@ -852,9 +1058,13 @@ def test_no_module_ffi_raises_and_auto_falls_back(op, monkeypatch):
   row = [a[0] for a in args]
   twin = np.asarray(jax.jit(functools.partial(fn, impl="xla"))(*row))
   monkeypatch.setattr(ffi_lib, "REGISTERED_PLATFORMS", set())
-  with pytest.raises(RuntimeError, match=(
+  with pytest.raises(
+    RuntimeError,
+    match=(
       "impl='ffi' was requested, but no gqsgd_jax FFI module is registered "
-      r"for the '\w+' backend \(registered: none\)")):
+      r"for the '\w+' backend \(registered: none\)"
+    ),
+  ):
     fn(*row, impl="ffi")
   auto = functools.partial(fn, impl="auto")
   lowered = jax.jit(auto).trace(*row).lower()
@@ -871,8 +1081,8 @@ def test_seed_from_key():
   assert not np.array_equal(seed, ops.seed_from_key(jax.random.key(4)))
   # Usable directly as the seed operand, under jit too.
   x = np.linspace(-1, 1, 64, dtype=np.float32)
-  q = jax.jit(lambda k: ops.quantize(x, 7.0, ops.seed_from_key(k), levels=7,
-                                     bits=4))(jax.random.key(3))
-  twin = jax.jit(functools.partial(ops.quantize, levels=7, bits=4,
-                                   impl="xla"))
+  q = jax.jit(
+    lambda k: ops.quantize(x, 7.0, ops.seed_from_key(k), levels=7, bits=4)
+  )(jax.random.key(3))
+  twin = jax.jit(functools.partial(ops.quantize, levels=7, bits=4, impl="xla"))
   assert_trees_bitwise_equal(q, twin(x, 7.0, seed))

@@ -15,6 +15,7 @@ from gqsgd_jax._src import hlo
 from gqsgd_jax._src import orthogonalize as orth
 from gqsgd_jax._src import powersgd as psgd
 from gqsgd_jax._src.worker_state import worker_state_specs
+
 from _lowrank_utils import compiled_flax_step
 from _lowrank_utils import low_rank_steps
 from _lowrank_utils import np_orthogonalize
@@ -27,8 +28,14 @@ from _utils import data_mesh
 
 # A conv kernel, two same-shaped matrices (batched), a vector, a scalar and
 # a matrix too small to compress.
-SHAPES = {"conv": (8, 4, 3, 3), "w1": (24, 16), "w2": (24, 16), "b": (16,),
-          "s": (), "small": (2, 2)}
+SHAPES = {
+  "conv": (8, 4, 3, 3),
+  "w1": (24, 16),
+  "w2": (24, 16),
+  "b": (16,),
+  "s": (),
+  "small": (2, 2),
+}
 COMPRESSED = ("conv", "w1", "w2")
 
 
@@ -39,16 +46,20 @@ def _mean(g):
 def _assert_close_to(out, target, rtol=2e-5):
   for k, v in target.items():
     scale = max(np.abs(v).max(), 1e-30)
-    np.testing.assert_allclose(out[k][0], v, rtol=0, atol=rtol * scale,
-                               err_msg=k)
+    np.testing.assert_allclose(
+      out[k][0], v, rtol=0, atol=rtol * scale, err_msg=k
+    )
 
 
-@pytest.mark.parametrize("rank,warm_start", [(1, True), (4, True),
-                                             (2, False)],
-                         ids=["r1-gs", "r4-qr", "r2-cold"])
+@pytest.mark.parametrize(
+  "rank,warm_start",
+  [(1, True), (4, True), (2, False)],
+  ids=["r1-gs", "r4-qr", "r2-cold"],
+)
 def test_exact_recovery_when_the_mean_has_rank_at_most_r(rank, warm_start):
-  tx = psgd.powersgd(rank=rank, start_iter=0, warm_start=warm_start,
-                     min_compression_rate=1)
+  tx = psgd.powersgd(
+    rank=rank, start_iter=0, warm_start=warm_start, min_compression_rate=1
+  )
   runner = Runner(tx, zeros_like_params(SHAPES), 4)
   steps = low_rank_steps(SHAPES, COMPRESSED, rank, 4, rank)
   for _ in range(3):
@@ -85,11 +96,16 @@ def test_error_feedback_identity_and_warm_up():
   assert runner.traces == 1  # warm-up and compression: one program
 
 
-@pytest.mark.parametrize("rank,epsilon", [(2, 0.0), (4, 1e-8)],
-                         ids=["r2-eps0", "r4-qr"])
+@pytest.mark.parametrize(
+  "rank,epsilon", [(2, 0.0), (4, 1e-8)], ids=["r2-eps0", "r4-qr"]
+)
 def test_zero_layers_give_no_nan_and_recover(rank, epsilon):
-  tx = psgd.powersgd(rank=rank, start_iter=0, min_compression_rate=1,
-                     orthogonalization_epsilon=epsilon)
+  tx = psgd.powersgd(
+    rank=rank,
+    start_iter=0,
+    min_compression_rate=1,
+    orthogonalization_epsilon=epsilon,
+  )
   runner = Runner(tx, zeros_like_params(SHAPES), 2)
   steps = low_rank_steps(SHAPES, COMPRESSED, 1, 2, rank)
   for step in range(6):
@@ -150,8 +166,9 @@ def test_batched_variant_matches_the_spec_model():
   rng = np.random.default_rng(4)
   params = zeros_like_params(SHAPES)
   bucket_bytes = 1200  # a few buckets
-  tx = psgd.powersgd(rank=2, start_iter=1, batched=True,
-                     bucket_bytes=bucket_bytes)
+  tx = psgd.powersgd(
+    rank=2, start_iter=1, batched=True, bucket_bytes=bucket_bytes
+  )
   leaves = jax.tree.leaves(params)
   buckets, sides = _bucket_matrices(leaves, bucket_bytes)
   assert len(buckets) > 2
@@ -166,36 +183,44 @@ def test_batched_variant_matches_the_spec_model():
       continue
     flat_out = [None] * len(names)
     for b, (bucket, side) in enumerate(zip(buckets, sides)):
-      x = np.concatenate([g[names[i]].reshape(2, -1) for i in bucket.leaf_ids],
-                         axis=1).astype(np.float64)
+      x = np.concatenate(
+        [g[names[i]].reshape(2, -1) for i in bucket.leaf_ids], axis=1
+      ).astype(np.float64)
       x = np.pad(x, ((0, 0), (0, side * side - x.shape[1]))) + error[b]
-      approx, q[b] = np_power_round(x.reshape(2, side, side), q[b],
-                                    orth.DEFAULT_EPSILON)
+      approx, q[b] = np_power_round(
+        x.reshape(2, side, side), q[b], orth.DEFAULT_EPSILON
+      )
       approx = approx.reshape(-1)
       error[b] = x - approx
       np.testing.assert_allclose(state.error[b], error[b], atol=2e-5)
       offset = 0
       for i, size in zip(bucket.leaf_ids, bucket.sizes):
-        flat_out[i] = approx[offset:offset + size]
+        flat_out[i] = approx[offset : offset + size]
         offset += size
     for i, n in enumerate(names):
-      np.testing.assert_allclose(out[n][0].reshape(-1), flat_out[i],
-                                 atol=2e-5, err_msg=n)
+      np.testing.assert_allclose(
+        out[n][0].reshape(-1), flat_out[i], atol=2e-5, err_msg=n
+      )
 
 
 def test_dtypes_and_state_structure_are_stable():
-  params = {"w": jnp.zeros((32, 16), jnp.bfloat16),
-            "v": jnp.zeros((16,), jnp.float32)}
+  params = {
+    "w": jnp.zeros((32, 16), jnp.bfloat16),
+    "v": jnp.zeros((16,), jnp.float32),
+  }
   tx = psgd.powersgd(rank=2, start_iter=0)
   runner = Runner(tx, params, 2)
   rng = np.random.default_rng(5)
-  g = {"w": jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.bfloat16),
-       "v": jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)}
+  g = {
+    "w": jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.bfloat16),
+    "v": jnp.asarray(rng.standard_normal((2, 16)), jnp.float32),
+  }
   out, state = runner.step(g)
   assert out["w"].dtype == jnp.bfloat16 and out["v"].dtype == np.float32
   init = jax.eval_shape(tx.init, params)
   assert jax.tree.structure(init) == jax.tree.structure(
-      jax.tree.map(lambda x: x[0], state))
+    jax.tree.map(lambda x: x[0], state)
+  )
   assert state.error[1].dtype == jnp.bfloat16  # residual in the leaf dtype
 
 
@@ -208,18 +233,21 @@ def test_converges_on_a_quadratic_with_error_feedback():
   tx = optax.chain(psgd.powersgd(rank=1, start_iter=0), optax.sgd(0.1))
   mesh = data_mesh(4)
   specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  state = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(),
-                                out_specs=specs))(params)
+  state = jax.jit(
+    jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)
+  )(params)
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P(), specs, P("data")),
-                 out_specs=(P(), specs))
+  @jax.shard_map(
+    mesh=mesh, in_specs=(P(), specs, P("data")), out_specs=(P(), specs)
+  )
   def train(params, state, target):
     def body(carry, _):
       params, state = carry
       grads = {"w": gqsgd_jax.varying(params, "data")["w"] - target[0]}
       updates, state = tx.update(grads, state)
       return (optax.apply_updates(params, updates), state), None
+
     return jax.lax.scan(body, (params, state), None, length=150)[0]
 
   params, _ = train(params, state, targets)
@@ -227,8 +255,11 @@ def test_converges_on_a_quadratic_with_error_feedback():
 
 
 def _all_reduce_sizes(compiled):
-  return sorted(c.elements for c in hlo.collectives(compiled.as_text())
-                if c.op == "all-reduce")
+  return sorted(
+    c.elements
+    for c in hlo.collectives(compiled.as_text())
+    if c.op == "all-reduce"
+  )
 
 
 @pytest.mark.parametrize("rank", [1, 4])
@@ -252,27 +283,34 @@ def test_wire_bytes_with_warm_up_and_batched():
   # mean (4 N bytes) and the compressed step.
   compiled = compiled_flax_step(psgd.powersgd(rank=1, start_iter=5))
   assert gqsgd_jax.wire_report(compiled).total_bytes == 4 * (
-      n + 64 + 256 + 256 + 10 + 266)
+    n + 64 + 256 + 256 + 10 + 266
+  )
   # Batched: one bucket, a side x side square, P and Q of side x r.
   side = math.isqrt(n - 1) + 1
-  compiled = compiled_flax_step(psgd.powersgd(rank=2, start_iter=0,
-                                               batched=True))
+  compiled = compiled_flax_step(
+    psgd.powersgd(rank=2, start_iter=0, batched=True)
+  )
   assert _all_reduce_sizes(compiled) == [2 * side, 2 * side]
   assert gqsgd_jax.wire_report(compiled).total_bytes == 4 * 2 * side * 2
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(rank=0), "rank"), (dict(rank=1.5), "rank"),
-    (dict(start_iter=-1), "start_iter"), (dict(start_iter=True), "start_iter"),
+@pytest.mark.parametrize(
+  "kwargs,name",
+  [
+    (dict(rank=0), "rank"),
+    (dict(rank=1.5), "rank"),
+    (dict(start_iter=-1), "start_iter"),
+    (dict(start_iter=True), "start_iter"),
     (dict(min_compression_rate=0), "min_compression_rate"),
     (dict(orthogonalization_epsilon=-1e-8), "orthogonalization_epsilon"),
-    (dict(orthogonalization_epsilon=float("nan")),
-     "orthogonalization_epsilon"),
+    (dict(orthogonalization_epsilon=float("nan")), "orthogonalization_epsilon"),
     (dict(bucket_bytes=0), "bucket_bytes"),
     (dict(error_feedback="yes"), "error_feedback"),
-    (dict(warm_start=None), "warm_start"), (dict(batched=1), "batched"),
+    (dict(warm_start=None), "warm_start"),
+    (dict(batched=1), "batched"),
     (dict(key=jnp.zeros(3)), "key"),
-])
+  ],
+)
 def test_bad_arguments_are_named(kwargs, name):
   with pytest.raises(ValueError, match=name):
     psgd.powersgd(**kwargs)
@@ -287,8 +325,9 @@ def test_bad_updates_and_state_are_reported():
   mesh = data_mesh(2)
 
   def run(updates, state):
-    f = jax.shard_map(tx.update, mesh=mesh, in_specs=P(), out_specs=P(),
-                      check_vma=False)
+    f = jax.shard_map(
+      tx.update, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False
+    )
     return jax.eval_shape(f, updates, state)
 
   with pytest.raises(ValueError, match="PowerSGDState does not match"):
@@ -303,8 +342,11 @@ def test_a_nonfinite_step_gives_nan_and_keeps_the_memory(rank):
   runner = Runner(tx, zeros_like_params(SHAPES), 4)
   rng = np.random.default_rng(6)
   w1, b = sorted(SHAPES).index("w1"), sorted(SHAPES).index("b")
-  mats, _ = psgd.plan_matrices(jax.tree.leaves(zeros_like_params(SHAPES)),
-                               rank=rank, min_compression_rate=2)
+  mats, _ = psgd.plan_matrices(
+    jax.tree.leaves(zeros_like_params(SHAPES)),
+    rank=rank,
+    min_compression_rate=2,
+  )
   j = [m.index for m in mats].index(w1)
   _, before = runner.step(stacked(rng, SHAPES, 4))
   for bad in (np.inf, -np.inf, np.nan):
@@ -319,8 +361,7 @@ def test_a_nonfinite_step_gives_nan_and_keeps_the_memory(rank):
     # The bad matrix's Q and residual, and the bad coordinate's, stay.
     np.testing.assert_array_equal(after.q[j], before.q[j])
     np.testing.assert_array_equal(after.error[w1], before.error[w1])
-    np.testing.assert_array_equal(after.error[b][:, -1],
-                                  before.error[b][:, -1])
+    np.testing.assert_array_equal(after.error[b][:, -1], before.error[b][:, -1])
     before = after
   out, state = runner.step(stacked(rng, SHAPES, 4))
   for leaf in jax.tree.leaves((out, state)):

@@ -64,6 +64,7 @@ def _batch(step: int, rank: int):
 def _layout(names, tensors, rank, min_rate):
   """Names of the compressed tensors in the hook's P/Q memory order."""
   from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
   groups = {}
   for name, t in zip(names, tensors):
     n = t.shape[0]
@@ -75,8 +76,7 @@ def _layout(names, tensors, rank, min_rate):
   return [entry for group in groups.values() for entry in group]
 
 
-def _recording_hook(ps, names: dict, mrank: int, q_init: dict,
-                    record: dict):
+def _recording_hook(ps, names: dict, mrank: int, q_init: dict, record: dict):
   """torch's PowerSGD hook, recording each step's local and averaged
   gradients and Q memories into ``record``; our initial Q is injected at
   the first compressed step."""
@@ -93,11 +93,10 @@ def _recording_hook(ps, names: dict, mrank: int, q_init: dict,
       # Inject our initial Q: with warm start the hook then only
       # orthogonalises the Q memory it finds instead of drawing one.
       idx = bucket.index()
-      st.p_memory_dict[idx] = torch.empty(sum(n * r for _, n, _, r in
-                                              layout))
-      st.q_memory_dict[idx] = torch.cat([
-          torch.from_numpy(q_init[name]).reshape(-1)
-          for name, *_ in layout])
+      st.p_memory_dict[idx] = torch.empty(sum(n * r for _, n, _, r in layout))
+      st.q_memory_dict[idx] = torch.cat(
+        [torch.from_numpy(q_init[name]).reshape(-1) for name, *_ in layout]
+      )
     fut = ps.powerSGD_hook(st, bucket)
 
     def capture(f):
@@ -105,17 +104,21 @@ def _recording_hook(ps, names: dict, mrank: int, q_init: dict,
       offset = 0
       for name, size in zip(pnames, sizes):
         record[f"{step}/avg/{name}"] = (
-            out[offset:offset + size].detach().clone().numpy())
+          out[offset : offset + size].detach().clone().numpy()
+        )
         offset += size
       if step >= st.start_powerSGD_iter:
         qmem = st.q_memory_dict[bucket.index()]
         offset = 0
         for name, _, m, r in layout:
           record[f"{step}/q/{name}"] = (
-              qmem[offset:offset + m * r].detach().clone().numpy())
+            qmem[offset : offset + m * r].detach().clone().numpy()
+          )
           offset += m * r
       return out
+
     return fut.then(capture)
+
   return hook
 
 
@@ -123,9 +126,11 @@ def _worker(rank: int, port: int, outdir: pathlib.Path) -> None:
   import torch.distributed as dist  # pylint: disable=g-import-not-at-top
   from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
   from torch.nn.parallel import DistributedDataParallel as DDP
+
   torch.set_num_threads(1)
-  dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                          rank=rank, world_size=WORLD)
+  dist.init_process_group(
+    "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+  )
   for c, (mrank, eps) in enumerate(CONFIGS):
     q_init = dict(np.load(outdir / f"q_init_{c}.npz"))
     torch.manual_seed(0)
@@ -135,13 +140,18 @@ def _worker(rank: int, port: int, outdir: pathlib.Path) -> None:
     # mismatch in torch 2.13.
     ddp = DDP(model, bucket_cap_mb=1000)
     state = ps.PowerSGDState(
-        process_group=None, matrix_approximation_rank=mrank,
-        start_powerSGD_iter=START_ITER, orthogonalization_epsilon=eps,
-        use_error_feedback=True, warm_start=True)
+      process_group=None,
+      matrix_approximation_rank=mrank,
+      start_powerSGD_iter=START_ITER,
+      orthogonalization_epsilon=eps,
+      use_error_feedback=True,
+      warm_start=True,
+    )
     record = {}
 
-    ddp.register_comm_hook(state, _recording_hook(ps, names, mrank, q_init,
-                                                  record))
+    ddp.register_comm_hook(
+      state, _recording_hook(ps, names, mrank, q_init, record)
+    )
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     for step in range(STEPS):
       x, y = _batch(step, rank)
@@ -170,10 +180,25 @@ def _param_shapes() -> dict:
 def _start_torch(outdir: pathlib.Path) -> list[subprocess.Popen]:
   port = _free_port()
   env = dict(os.environ, OMP_NUM_THREADS="1")
-  return [subprocess.Popen(
-      [sys.executable, __file__, "--worker", str(r), "--port", str(port),
-       "--outdir", str(outdir)], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(r),
+        "--port",
+        str(port),
+        "--outdir",
+        str(outdir),
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for r in range(WORLD)
+  ]
 
 
 def _wait_torch(procs, timeout: float = 180) -> None:
@@ -193,21 +218,31 @@ def _wait_torch(procs, timeout: float = 180) -> None:
 
 def _compare(ours, state, theirs, torch_q, f64, mats, names, step) -> dict:
   """Differences of one step (max over leaves)."""
+
   def worst(a, b):
     return max(float(np.abs(a[n] - b[n]).max()) for n in names)
+
   ours = {n: ours[n][0] for n in names}  # worker 0 (replicas are checked)
   scale = max(float(np.abs(theirs[n]).max()) for n in names)
   q_rel = 0.0
   if torch_q:
     for mat, q in zip(mats, state.q):
       q_theirs = torch_q[names[mat.index]].reshape(q[0].shape)
-      q_rel = max(q_rel, float(np.abs(q[0] - q_theirs).max() /
-                               np.abs(q_theirs).max()))
+      q_rel = max(
+        q_rel, float(np.abs(q[0] - q_theirs).max() / np.abs(q_theirs).max())
+      )
   err = worst(ours, theirs)
-  return dict(step=step, abs=err, rel=err / scale, scale=scale, q_rel=q_rel,
-              # Each implementation's own fp32 error against float64.
-              torch_f64=worst(theirs, f64), ours_f64=worst(ours, f64),
-              compressed=bool(torch_q))
+  return dict(
+    step=step,
+    abs=err,
+    rel=err / scale,
+    scale=scale,
+    q_rel=q_rel,
+    # Each implementation's own fp32 error against float64.
+    torch_f64=worst(theirs, f64),
+    ours_f64=worst(ours, f64),
+    compressed=bool(torch_q),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -230,15 +265,24 @@ def parity(tmp_path_factory):
   names = sorted(shapes)  # the dict's leaf order
   runs = []
   for c, (mrank, eps) in enumerate(CONFIGS):
-    tx = psgd.powersgd(rank=mrank, start_iter=START_ITER,
-                       orthogonalization_epsilon=eps, key=c)
-    mats, _ = psgd.plan_matrices(jax.tree.leaves(params), rank=mrank,
-                                 min_compression_rate=2)
+    tx = psgd.powersgd(
+      rank=mrank, start_iter=START_ITER, orthogonalization_epsilon=eps, key=c
+    )
+    mats, _ = psgd.plan_matrices(
+      jax.tree.leaves(params), rank=mrank, min_compression_rate=2
+    )
     q0 = jax.jit(tx.init)(params).q
     q0 = {names[mat.index]: np.asarray(q) for mat, q in zip(mats, q0)}
     np.savez(outdir / f"q_init_{c}.npz", **q0)
-    runs.append((tx, mats, lr.PowerSGDReference(
-        q0, start_iter=START_ITER, epsilon=eps, num_workers=WORLD)))
+    runs.append(
+      (
+        tx,
+        mats,
+        lr.PowerSGDReference(
+          q0, start_iter=START_ITER, epsilon=eps, num_workers=WORLD
+        ),
+      )
+    )
   procs = _start_torch(outdir)
   try:
     # Compile while torch runs.
@@ -251,36 +295,53 @@ def parity(tmp_path_factory):
 
   results = []
   for c, ((_, mats, exact), runner) in enumerate(zip(runs, runners)):
-    ref = [dict(np.load(outdir / f"torch_{c}_rank{r}.npz"))
-           for r in range(WORLD)]
+    ref = [
+      dict(np.load(outdir / f"torch_{c}_rank{r}.npz")) for r in range(WORLD)
+    ]
     steps = []
     for step in range(STEPS):
+
       def get(kind, r=0, step=step, ref=ref):
-        return {n: ref[r][f"{step}/{kind}/{n}"] for n in names
-                if f"{step}/{kind}/{n}" in ref[r]}
-      local = {n: np.stack([get("local", r)[n].reshape(shapes[n])
-                            for r in range(WORLD)]) for n in names}
+        return {
+          n: ref[r][f"{step}/{kind}/{n}"]
+          for n in names
+          if f"{step}/{kind}/{n}" in ref[r]
+        }
+
+      local = {
+        n: np.stack(
+          [get("local", r)[n].reshape(shapes[n]) for r in range(WORLD)]
+        )
+        for n in names
+      }
       ours, state = runner.step(local)
       _utils.assert_replicas_equal(ours)
       theirs = {n: v.reshape(shapes[n]) for n, v in get("avg").items()}
-      res = _compare(ours, state, theirs, get("q"), exact.step(local), mats,
-                     names, step)
+      res = _compare(
+        ours, state, theirs, get("q"), exact.step(local), mats, names, step
+      )
       res["torch_consistent"] = all(
-          np.array_equal(a, b) for a, b in zip(get("avg", 0).values(),
-                                               get("avg", 1).values()))
+        np.array_equal(a, b)
+        for a, b in zip(get("avg", 0).values(), get("avg", 1).values())
+      )
       steps.append(res)
     results.append(steps)
   for (mrank, eps), steps in zip(CONFIGS, results):
-    print(f"\nrank={mrank} eps={eps:g}: step max|ours-torch| rel "
-          "|torch-f64| |ours-f64| Q-rel")
+    print(
+      f"\nrank={mrank} eps={eps:g}: step max|ours-torch| rel "
+      "|torch-f64| |ours-f64| Q-rel"
+    )
     for r in steps:
-      print(f"  {r['step']} {r['abs']:.3g} {r['rel']:.3g} {r['torch_f64']:.3g}"
-            f" {r['ours_f64']:.3g} {r['q_rel']:.3g}")
+      print(
+        f"  {r['step']} {r['abs']:.3g} {r['rel']:.3g} {r['torch_f64']:.3g}"
+        f" {r['ours_f64']:.3g} {r['q_rel']:.3g}"
+      )
   return results
 
 
-@pytest.mark.parametrize("config", range(len(CONFIGS)),
-                         ids=[f"rank{r}-eps{e:g}" for r, e in CONFIGS])
+@pytest.mark.parametrize(
+  "config", range(len(CONFIGS)), ids=[f"rank{r}-eps{e:g}" for r, e in CONFIGS]
+)
 def test_averaged_gradients_match_torch_step_by_step(parity, config):
   for step, res in enumerate(parity[config]):
     assert res["torch_consistent"], f"torch replicas differ at step {step}"

@@ -13,6 +13,7 @@ from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import qsgd as qsgd_lib
 from gqsgd_jax._src import reference
+
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -25,29 +26,38 @@ F32 = np.float32
 def _grads(num_workers, seed=0):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
   return {
-      "dense": jax.random.normal(k1, (num_workers, 37, 5)),
-      "bias": jax.random.normal(k2, (num_workers, 11)).astype(jnp.bfloat16),
-      "scale": jax.random.normal(k3, (num_workers,)).astype(jnp.float16),
-      "empty": jnp.zeros((num_workers, 0, 3)),
+    "dense": jax.random.normal(k1, (num_workers, 37, 5)),
+    "bias": jax.random.normal(k2, (num_workers, 11)).astype(jnp.bfloat16),
+    "scale": jax.random.normal(k3, (num_workers,)).astype(jnp.float16),
+    "empty": jnp.zeros((num_workers, 0, 3)),
   }
 
 
 def _monte_carlo(tx, stacked, keys):
   """tx.update for every key in one compiled program: (K, d) estimates."""
+
   @jax.jit
-  @jax.shard_map(mesh=data_mesh(stacked.shape[0]), in_specs=(P("data"), P()),
-                 out_specs=P())
+  @jax.shard_map(
+    mesh=data_mesh(stacked.shape[0]), in_specs=(P("data"), P()), out_specs=P()
+  )
   def run(g, keys):
-    return jax.vmap(
-        lambda k: tx.update(g[0], qsgd_lib.QsgdState(k))[0])(keys)
+    return jax.vmap(lambda k: tx.update(g[0], qsgd_lib.QsgdState(k))[0])(keys)
 
   return np.asarray(run(stacked, keys), np.float64)
 
 
-@pytest.mark.parametrize("num_workers,norm,ref", [
-    (1, "linf", False), (2, "linf", False), (3, "l2", False),
-    (8, "linf", False), (16, "l2", False), (4, "linf", True),
-], ids=["W1", "W2", "W3-l2", "W8", "W16-l2", "W4-ref"])
+@pytest.mark.parametrize(
+  "num_workers,norm,ref",
+  [
+    (1, "linf", False),
+    (2, "linf", False),
+    (3, "l2", False),
+    (8, "linf", False),
+    (16, "l2", False),
+    (4, "linf", True),
+  ],
+  ids=["W1", "W2", "W3-l2", "W8", "W16-l2", "W4-ref"],
+)
 def test_unbiased_with_exact_variance_within_bound(num_workers, norm, ref):
   # Worker i rounds y_i = g_i s_i / n_i (s_i = s, or 127 / W for the
   # reference): per coordinate var = sum_i (n_i / (s_i W))^2 f_i (1 - f_i).
@@ -68,30 +78,43 @@ def test_unbiased_with_exact_variance_within_bound(num_workers, norm, ref):
   y = (g32 * (F32(s) / norms)[:, None]).astype(np.float64)
   frac = y - np.floor(y)
   n64 = norms.astype(np.float64)
-  var = ((n64 / (s * num_workers))[:, None]**2 * frac * (1 - frac)).sum(0)
+  var = ((n64 / (s * num_workers))[:, None] ** 2 * frac * (1 - frac)).sum(0)
   g64 = g32.astype(np.float64)
   se = np.sqrt(var / count) + 1e-12
   bias = est.mean(0) - g64.mean(0)
   assert np.all(np.abs(bias) <= 5 * se + 1e-6), np.max(np.abs(bias) / se)
   measured = est.var(0, ddof=1)
-  assert abs(measured.mean() - var.mean()) <= 6 * np.sqrt(
-      2 / (count * d)) * var.mean() + 1e-12
+  assert (
+    abs(measured.mean() - var.mean())
+    <= 6 * np.sqrt(2 / (count * d)) * var.mean() + 1e-12
+  )
   if norm == "linf":
-    bound = sum(min(d * n**2 / (4 * s**2), n * np.abs(gi).sum() / s)
-                for n, gi in zip(n64, g64)) / num_workers**2
+    bound = (
+      sum(
+        min(d * n**2 / (4 * s**2), n * np.abs(gi).sum() / s)
+        for n, gi in zip(n64, g64)
+      )
+      / num_workers**2
+    )
     assert measured.sum() <= bound * (1 + 6 * np.sqrt(2 / (count * d)))
-    print(f"W={num_workers} ref={ref}: var {measured.sum():.4g} exact "
-          f"{var.sum():.4g} bound {bound:.4g}")
+    print(
+      f"W={num_workers} ref={ref}: var {measured.sum():.4g} exact "
+      f"{var.sum():.4g} bound {bound:.4g}"
+    )
 
 
-@pytest.mark.parametrize("num_workers,kwargs", [
-    (2, dict()), (5, dict(norm="l2", granularity="leaf")),
+@pytest.mark.parametrize(
+  "num_workers,kwargs",
+  [
+    (2, dict()),
+    (5, dict(norm="l2", granularity="leaf")),
     (8, dict(reference_compatible=True, granularity="global")),
-], ids=["W2", "W5-l2-leaf", "W8-ref-global"])
+  ],
+  ids=["W2", "W5-l2-leaf", "W8-ref-global"],
+)
 def test_replicas_identical_across_modes_and_impls(num_workers, kwargs):
   grads = _grads(num_workers)
-  impls = ["xla"] + (["ffi"] if gqsgd_jax.HAS_CPU or gqsgd_jax.HAS_CUDA
-                     else [])
+  impls = ["xla"] + (["ffi"] if gqsgd_jax.HAS_CPU or gqsgd_jax.HAS_CUDA else [])
   results = {}
   for impl in impls:
     tx = qsgd(**kwargs, impl=impl)
@@ -119,12 +142,13 @@ def test_reference_compatible_matches_the_torch_model(num_workers):
   # apart would differ by m_i / 127, far above the f32 round-off allowed.
   torch = pytest.importorskip("torch")
   import torch_reference as ref  # pylint: disable=g-import-not-at-top
+
   n = 301
   rng = np.random.default_rng(num_workers)
   norms = [2.0**-3, 2.0**1, 1.0, 2.0**-5][:num_workers]
   g = []
   for m in norms:  # grid values: g * 127 / (W m) is exact in float32
-    j = rng.integers(-2**16, 2**16 + 1, n)
+    j = rng.integers(-(2**16), 2**16 + 1, n)
     j[0] = 2**16
     g.append((j * (m / 2**16)).astype(F32))
   g = np.stack(g)
@@ -141,14 +165,16 @@ def test_reference_compatible_matches_the_torch_model(num_workers):
     codes = ref.sd8_encode(torch.from_numpy(g[i]), m, num_workers, u)
     assert codes.abs().max() <= math.ceil(127 / num_workers)
     total += ref.sd8_decode(codes, m).to(torch.float64)
-  np.testing.assert_allclose(per_worker[0], total.numpy(), rtol=0,
-                             atol=1e-3 * min(norms) / 127)
+  np.testing.assert_allclose(
+    per_worker[0], total.numpy(), rtol=0, atol=1e-3 * min(norms) / 127
+  )
 
 
 def _compiled_step(tx, num_workers, params):
   @jax.jit
-  @jax.shard_map(mesh=data_mesh(num_workers), in_specs=(P("data"), P()),
-                 out_specs=(P(), P()))
+  @jax.shard_map(
+    mesh=data_mesh(num_workers), in_specs=(P("data"), P()), out_specs=(P(), P())
+  )
   def step(g, s):
     return tx.update(jax.tree.map(lambda x: x[0], g), s)
 
@@ -158,8 +184,12 @@ def _compiled_step(tx, num_workers, params):
 
 @pytest.mark.parametrize("granularity", ["bucket", "leaf"])
 def test_hlo_wire_bytes_grow_with_workers_as_the_formula(granularity):
-  params = {"w1": jnp.zeros((64, 256)), "b1": jnp.zeros(256),
-            "w2": jnp.zeros((256, 10)), "b2": jnp.zeros(10)}
+  params = {
+    "w1": jnp.zeros((64, 256)),
+    "b1": jnp.zeros(256),
+    "w2": jnp.zeros((256, 10)),
+    "b2": jnp.zeros(10),
+  }
   sizes = [p.size for p in jax.tree.leaves(params)]
   n = sum(sizes)
   tx = qsgd(granularity=granularity)
@@ -174,8 +204,10 @@ def test_hlo_wire_bytes_grow_with_workers_as_the_formula(granularity):
     # The int8 codes: W n bytes gathered; floats only in the norms.
     assert report.float_payload_bytes <= 4 * w * len(sizes)
     sent[w] = report.sent_bytes
-    print(f"{granularity} W={w}: result {report.total_bytes} B, sent "
-          f"{report.sent_bytes:.0f} B for {n} elements")
+    print(
+      f"{granularity} W={w}: result {report.total_bytes} B, sent "
+      f"{report.sent_bytes:.0f} B for {n} elements"
+    )
   # (W - 1) n: 1, 3, 7 times the int8 payload.
   assert np.isclose(sent[8] / sent[2], 7) and np.isclose(sent[4] / sent[2], 3)
 
@@ -183,20 +215,22 @@ def test_hlo_wire_bytes_grow_with_workers_as_the_formula(granularity):
 def test_zeros_nonfinite_empty_and_scalar_leaves():
   w = 4
   grads = {
-      "zeros": jnp.zeros((w, 9)),
-      "nan": jnp.ones((w, 5)).at[2, 3].set(jnp.nan),
-      "inf": jnp.ones((w, 6)).at[1, 0].set(-jnp.inf),
-      "fine": jnp.full((w, 7), 0.5),
-      "empty": jnp.zeros((w, 0)),
-      "scalar": jnp.arange(w, dtype=jnp.float32),
+    "zeros": jnp.zeros((w, 9)),
+    "nan": jnp.ones((w, 5)).at[2, 3].set(jnp.nan),
+    "inf": jnp.ones((w, 6)).at[1, 0].set(-jnp.inf),
+    "fine": jnp.full((w, 7), 0.5),
+    "empty": jnp.zeros((w, 0)),
+    "scalar": jnp.arange(w, dtype=jnp.float32),
   }
   for norm in ("linf", "l2"):
     tx = qsgd(norm=norm, granularity="leaf")
     for mode in ("shard_map", "pmap"):
       per_worker, _ = sharded_update(tx, grads, tx.init(0), mode=mode)
       out = jax.tree.map(lambda x: np.asarray(x[0]), per_worker)
-      assert np.array_equal(out["zeros"], np.zeros(9)) and not np.signbit(
-          out["zeros"]).any()
+      assert (
+        np.array_equal(out["zeros"], np.zeros(9))
+        and not np.signbit(out["zeros"]).any()
+      )
       assert np.all(np.isnan(out["nan"]))  # never laundered into numbers
       assert np.all(np.isnan(out["inf"]))
       # 0.5 is exactly the top level of every worker with max-abs norms.

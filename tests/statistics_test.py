@@ -37,8 +37,10 @@ def _two_point(x, lo, hi, p, target, bias):
   """
   x = np.asarray(x, np.float64)
   n = x.shape[0]
-  lo, hi, p, target = (np.broadcast_to(np.asarray(v, np.float64), x.shape[1:])
-                       for v in (lo, hi, p, target))
+  lo, hi, p, target = (
+    np.broadcast_to(np.asarray(v, np.float64), x.shape[1:])
+    for v in (lo, hi, p, target)
+  )
   on_support = (x == lo) | ((x == hi) & (p > 0))
   bad = np.flatnonzero(~on_support.all(0))
   assert bad.size == 0, f"values off the two-point support at {bad[:5]}"
@@ -48,13 +50,15 @@ def _two_point(x, lo, hi, p, target, bias):
   mean_tol = Z * width * np.sqrt(bern / n) + bias + 1e-12 * np.abs(target)
   bad = np.flatnonzero(mean_err > mean_tol)
   assert bad.size == 0, (
-      f"biased at {bad[:5]}: err {mean_err[bad[:5]]}, tol {mean_tol[bad[:5]]}")
-  var = ((x - (lo + p * (hi - lo)))**2).mean(0)
+    f"biased at {bad[:5]}: err {mean_err[bad[:5]]}, tol {mean_tol[bad[:5]]}"
+  )
+  var = ((x - (lo + p * (hi - lo))) ** 2).mean(0)
   exact = width**2 * bern
-  var_tol = Z * width**2 * np.sqrt(bern * (1 - 2 * p)**2 / n) + 1e-12
+  var_tol = Z * width**2 * np.sqrt(bern * (1 - 2 * p) ** 2 / n) + 1e-12
   bad = np.flatnonzero(np.abs(var - exact) > var_tol)
   assert bad.size == 0, (
-      f"variance off at {bad[:5]}: {var[bad[:5]]} vs exact {exact[bad[:5]]}")
+    f"variance off at {bad[:5]}: {var[bad[:5]]} vs exact {exact[bad[:5]]}"
+  )
   return var
 
 
@@ -65,11 +69,19 @@ def _two_point(x, lo, hi, p, target, bias):
 @functools.partial(jax.jit, static_argnames=("levels", "bits", "signed"))
 def _sr_codes(x, scale, seeds, *, levels, bits, signed):
   def one(seed):
-    words = ops.quantize(x, scale, seed, levels=levels, bits=bits,
-                         signed_codes=signed, impl="xla")
-    return ops.dequantize(words, 1.0, n=x.shape[0], bits=bits,
-                          offset=0 if signed else levels, signed_codes=signed,
-                          impl="xla")
+    words = ops.quantize(
+      x, scale, seed, levels=levels, bits=bits, signed_codes=signed, impl="xla"
+    )
+    return ops.dequantize(
+      words,
+      1.0,
+      n=x.shape[0],
+      bits=bits,
+      offset=0 if signed else levels,
+      signed_codes=signed,
+      impl="xla",
+    )
+
   return jax.vmap(one)(seeds)
 
 
@@ -77,10 +89,25 @@ def _sr_inputs(levels: int, norm: float, rng) -> tuple[np.ndarray, float]:
   """x in [-M, M]: +-M, 0, exact levels, half-steps, tiny and random values."""
   scale = np.float32(levels / norm)
   step = norm / levels
-  y = np.concatenate([
-      [levels, -levels, 0, 1, -1, 0.5, -0.5, levels - 0.5, 1e-3, -1e-3,
-       1 / 3, -1 / 3],
-      rng.uniform(-levels, levels, 52)])
+  y = np.concatenate(
+    [
+      [
+        levels,
+        -levels,
+        0,
+        1,
+        -1,
+        0.5,
+        -0.5,
+        levels - 0.5,
+        1e-3,
+        -1e-3,
+        1 / 3,
+        -1 / 3,
+      ],
+      rng.uniform(-levels, levels, 52),
+    ]
+  )
   x = (y * step).astype(np.float32)
   x[:2] = [norm, -norm]  # x * fl(s / M) may overshoot s by an ulp: clamped
   return x, scale
@@ -96,17 +123,34 @@ def _sr_exact(x: np.ndarray, scale, levels: int):
 
 
 @pytest.mark.parametrize(
-    "bits,levels,signed",
-    [(8, 127, True), (8, 31, True), (8, 1, True), (8, 127, False),
-     (5, 15, False), (4, 7, False), (4, 3, False), (3, 3, False),
-     (2, 1, False)],
-    ids=lambda v: str(v))
+  "bits,levels,signed",
+  [
+    (8, 127, True),
+    (8, 31, True),
+    (8, 1, True),
+    (8, 127, False),
+    (5, 15, False),
+    (4, 7, False),
+    (4, 3, False),
+    (3, 3, False),
+    (2, 1, False),
+  ],
+  ids=lambda v: str(v),
+)
 def test_quantize_unbiased_variance_within_bound(bits, levels, signed):
   rng = np.random.default_rng(bits * 1000 + levels)
   norm = 1.7
   x, scale = _sr_inputs(levels, norm, rng)
-  q = np.asarray(_sr_codes(x, scale, _seeds(N_SEEDS, bits + levels),
-                           levels=levels, bits=bits, signed=signed))
+  q = np.asarray(
+    _sr_codes(
+      x,
+      scale,
+      _seeds(N_SEEDS, bits + levels),
+      levels=levels,
+      bits=bits,
+      signed=signed,
+    )
+  )
   y, fl, p = _sr_exact(x, scale, levels)
   # The kernel's P(up) is frac rounded to a multiple of 2^-24: bias < 2^-24.
   var = _two_point(q, fl, fl + 1, p, y, bias=2.0**-24)
@@ -117,8 +161,9 @@ def test_quantize_unbiased_variance_within_bound(bits, levels, signed):
   # +-M (clamped where x * fl(s / M) overshoots s by an ulp) and 0 are
   # exact levels: deterministic codes.
   assert np.all(p[:3] == 0)
-  np.testing.assert_array_equal(q[:, :3], np.broadcast_to(
-      [levels, -levels, 0], (N_SEEDS, 3)))
+  np.testing.assert_array_equal(
+    q[:, :3], np.broadcast_to([levels, -levels, 0], (N_SEEDS, 3))
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -136,9 +181,11 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("bits",))
 def _average_codes(a, b, n_a, n_b, seeds, *, bits):
   n = a.shape[0] * (8 // bits)
+
   def one(seed):
     words = ops.average(a, b, n_a, n_b, seed, bits=bits, impl="xla")
     return ops.dequantize(words, 1.0, n=n, bits=bits, offset=0, impl="xla")
+
   return jax.vmap(one)(seeds)
 
 
@@ -153,9 +200,16 @@ def test_average_unbiased_variance_within_bound(n_a, n_b, bits):
     rng = np.random.default_rng(n_a * 100 + n_b)
     a, b = rng.integers(0, top + 1, (2, 256))
     a[:4], b[:4] = [0, top, 0, top], [0, top, top, 0]
-  q = np.asarray(_average_codes(_pack(a, bits), _pack(b, bits), n_a, n_b,
-                                _seeds(N_SEEDS, n_a * 7 + n_b + bits),
-                                bits=bits))
+  q = np.asarray(
+    _average_codes(
+      _pack(a, bits),
+      _pack(b, bits),
+      n_a,
+      n_b,
+      _seeds(N_SEEDS, n_a * 7 + n_b + bits),
+      bits=bits,
+    )
+  )
   num = n_a * a + n_b * b
   den = n_a + n_b
   fl, rem = num // den, num % den
@@ -180,8 +234,9 @@ def _decode(codes) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("floor_code",))
 def _exp_codes(x, scale, seeds, *, floor_code):
-  return jax.vmap(lambda s: ops.exp_encode(x, scale, s, floor_code=floor_code,
-                                           impl="xla"))(seeds)
+  return jax.vmap(
+    lambda s: ops.exp_encode(x, scale, s, floor_code=floor_code, impl="xla")
+  )(seeds)
 
 
 def _exp_exact(v: np.ndarray, floor_code: int):
@@ -206,16 +261,20 @@ def test_exp_encode_unbiased_relative_variance_within_bound(floor_code):
   # values below the floor (normal floats: the floor path is reachable).
   k = np.repeat(np.arange(1, 40, 3), 16)
   j = np.tile(np.arange(16), k.size // 16)
-  mags = [np.ldexp(1 + j / 16, -k), np.ldexp(4 / 3, -np.arange(2, 30, 4)),
-          [0.5, 0.25, 2.0**-60]]
+  mags = [
+    np.ldexp(1 + j / 16, -k),
+    np.ldexp(4 / 3, -np.arange(2, 30, 4)),
+    [0.5, 0.25, 2.0**-60],
+  ]
   if floor_code < 127:
     mags.append(np.exp2(rng.uniform(-26, -floor_code, 32)))
   mag = np.concatenate(mags)
   v = (mag * rng.choice([-1, 1], mag.size)).astype(np.float32)
   v = v[np.abs(v) <= 0.5]
   scale = 2.0**-3  # x = 8 v: the product x * scale is exact
-  codes = _exp_codes(v * 8, scale, _seeds(N_SEEDS, floor_code),
-                     floor_code=floor_code)
+  codes = _exp_codes(
+    v * 8, scale, _seeds(N_SEEDS, floor_code), floor_code=floor_code
+  )
   lo, hi, p = _exp_exact(v, floor_code)
   a = np.abs(v.astype(np.float64))
   sign = np.sign(v.astype(np.float64))
@@ -226,13 +285,13 @@ def test_exp_encode_unbiased_relative_variance_within_bound(floor_code):
   var = _two_point(rel, lo / a, hi / a, p, 1.0, bias=bias)
   normal = a >= 2.0**-floor_code
   # Natural compression bound: Var <= |v|^2 / 8, peaking at p = 1/3.
-  exact = p * (1 - p) * ((hi - lo) / a)**2
+  exact = p * (1 - p) * ((hi - lo) / a) ** 2
   assert np.all(exact[normal] <= 1 / 8 + 1e-12)
   assert np.all(var[normal] <= 1 / 8 + Z * np.sqrt(1 / 8 / N_SEEDS))
   assert exact[normal].max() > 0.124  # the 1/8 peak is exercised
   # Floor path: the floor term |v| (2^-c - |v|) instead of |v|^2 / 8 (up to
   # the 2^-32 truncation of P(hi); below 2^-32 of the floor it is 0).
-  floor_term = hi / a - 1 + (hi / a)**2 * 2.0**-32
+  floor_term = hi / a - 1 + (hi / a) ** 2 * 2.0**-32
   assert np.all(exact[~normal] <= floor_term[~normal])
   assert (~normal).any() == (floor_code < 127)
 
@@ -267,9 +326,9 @@ def test_exp_reduce_equals_exact_add_then_natural_rounding():
   # pairs (both signs equal, one operand 1/2) are deterministic 1/2.
   over = np.abs(z) > 0.5
   np.testing.assert_array_equal(out[:, zero], 0.0)
-  np.testing.assert_array_equal(out[:, over],
-                                np.broadcast_to(np.sign(z[over]) * 0.5,
-                                                out[:, over].shape))
+  np.testing.assert_array_equal(
+    out[:, over], np.broadcast_to(np.sign(z[over]) * 0.5, out[:, over].shape)
+  )
   ok = ~zero & ~over
   lo, hi, p = _natural_rounding(z[ok])
   zs = np.abs(z[ok])
@@ -280,8 +339,9 @@ def test_exp_reduce_equals_exact_add_then_natural_rounding():
   # Per-outcome binomial check of the count of `hi` (same as the mean, but
   # stated as counts: N p within Z sqrt(N p (1 - p))).
   count = (np.abs(out[:, ok]) == hi).sum(0)
-  assert np.all(np.abs(count - N_SEEDS * p)
-                <= Z * np.sqrt(N_SEEDS * p * (1 - p)) + 1e-9)
+  assert np.all(
+    np.abs(count - N_SEEDS * p) <= Z * np.sqrt(N_SEEDS * p * (1 - p)) + 1e-9
+  )
   # Variance of one reduce relative to z^2 (spec §3.3), r = 2^-t.
   ea, eb = a[ok] & 0x7F, b[ok] & 0x7F
   same = (a[ok] & 0x80) == (b[ok] & 0x80)
@@ -289,12 +349,18 @@ def test_exp_reduce_equals_exact_add_then_natural_rounding():
   # np.where evaluates both branches: the opposite-sign one divides by zero
   # on the equal same-sign pairs, whose value it then discards.
   with np.errstate(divide="ignore", invalid="ignore"):
-    formula = np.where(same, r * (1 - r) / (1 + r)**2,
-                       r * (1 - 2 * r) / (2 * (1 - r)**2))
-  np.testing.assert_allclose(p * (1 - p) * ((hi - lo) / zs)**2, formula,
-                             rtol=1e-12, atol=1e-15)
-  tol = Z * ((hi - lo) / zs)**2 * np.sqrt(
-      p * (1 - p) * (1 - 2 * p)**2 / N_SEEDS) + 1e-12
+    formula = np.where(
+      same, r * (1 - r) / (1 + r) ** 2, r * (1 - 2 * r) / (2 * (1 - r) ** 2)
+    )
+  np.testing.assert_allclose(
+    p * (1 - p) * ((hi - lo) / zs) ** 2, formula, rtol=1e-12, atol=1e-15
+  )
+  tol = (
+    Z
+    * ((hi - lo) / zs) ** 2
+    * np.sqrt(p * (1 - p) * (1 - 2 * p) ** 2 / N_SEEDS)
+    + 1e-12
+  )
   assert np.all(np.abs(var - formula) <= tol)
   assert np.all(formula <= 1 / 8)
   np.testing.assert_allclose(formula[same].max(), 3 / 25)  # t = 2
@@ -309,8 +375,9 @@ def test_exp_reduce_symmetric_bitwise(impl):
   a, b = (x.reshape(-1) for x in np.meshgrid(c, c, indexing="ij"))
   f = jax.jit(functools.partial(ops.exp_reduce, impl=impl))
   for seed in _seeds(8, 2):
-    np.testing.assert_array_equal(np.asarray(f(a, b, seed)),
-                                  np.asarray(f(b, a, seed)))
+    np.testing.assert_array_equal(
+      np.asarray(f(a, b, seed)), np.asarray(f(b, a, seed))
+    )
 
 
 @pytest.mark.parametrize("impl", ["xla", "ffi"])
@@ -323,17 +390,20 @@ def test_exp_reduce_exact_cases(impl):
   for seed in _seeds(16, 3):
     # A zero operand returns the other operand unchanged.
     for z in (zero, neg_zero):
-      np.testing.assert_array_equal(np.asarray(f(c, z, seed)),
-                                    np.where(c & 0x7F, c, 0))
+      np.testing.assert_array_equal(
+        np.asarray(f(c, z, seed)), np.where(c & 0x7F, c, 0)
+      )
     # Equal codes, same sign: exact doubling (code 1 saturates, B-GQ-3).
     for s in (0, 0x80):
-      np.testing.assert_array_equal(np.asarray(f(e | s, e | s, seed)),
-                                    np.maximum(e - 1, 1) | s)
+      np.testing.assert_array_equal(
+        np.asarray(f(e | s, e | s, seed)), np.maximum(e - 1, 1) | s
+      )
     # Equal exponents, opposite signs: exact cancellation to zero.
     np.testing.assert_array_equal(np.asarray(f(e, e | 0x80, seed)), 0)
     # Opposite signs one apart: a - a/2 = a/2 exactly, the smaller operand.
-    np.testing.assert_array_equal(np.asarray(f(e[:-1], e[1:] | 0x80, seed)),
-                                  e[1:])
+    np.testing.assert_array_equal(
+      np.asarray(f(e[:-1], e[1:] | 0x80, seed)), e[1:]
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -350,14 +420,18 @@ def _half_chance_inputs():
   avg_a = _pack(np.zeros(n, np.int64), 4)  # (0 + 1) / 2 per lane
   avg_b = _pack(np.ones(n, np.int64), 4)
   return {
-      "quantize": lambda s, impl: ops.quantize(half, 1.0, s, levels=7,
-                                               bits=4, impl=impl),
-      "average": lambda s, impl: ops.average(avg_a, avg_b, 1, 1, s, bits=4,
-                                             impl=impl),
-      "exp_encode": lambda s, impl: ops.exp_encode(three_quarters, 1.0, s,
-                                                   impl=impl),
-      "exp_reduce": lambda s, impl: ops.exp_reduce(same_t1_a, same_t1_b, s,
-                                                   impl=impl),
+    "quantize": lambda s, impl: ops.quantize(
+      half, 1.0, s, levels=7, bits=4, impl=impl
+    ),
+    "average": lambda s, impl: ops.average(
+      avg_a, avg_b, 1, 1, s, bits=4, impl=impl
+    ),
+    "exp_encode": lambda s, impl: ops.exp_encode(
+      three_quarters, 1.0, s, impl=impl
+    ),
+    "exp_reduce": lambda s, impl: ops.exp_reduce(
+      same_t1_a, same_t1_b, s, impl=impl
+    ),
   }
 
 
@@ -372,16 +446,18 @@ def _lagged_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   y = y.astype(np.float64) - y.mean()
   n = x.size
   size = 2 * n  # zero padding: a linear, not circular, correlation
-  full = np.fft.irfft(np.fft.rfft(x, size) * np.conj(np.fft.rfft(y, size)),
-                      size)
+  full = np.fft.irfft(
+    np.fft.rfft(x, size) * np.conj(np.fft.rfft(y, size)), size
+  )
   lags = np.arange(-(n // 2) + 1, n // 2)
   overlap = n - np.abs(lags)
   return full[lags] / (overlap * x.std() * y.std())
 
 
 @pytest.mark.parametrize("impl", ["xla", "ffi"])
-@pytest.mark.parametrize("kernel", ["quantize", "average", "exp_encode",
-                                    "exp_reduce"])
+@pytest.mark.parametrize(
+  "kernel", ["quantize", "average", "exp_encode", "exp_reduce"]
+)
 def test_same_seed_same_output_other_seed_independent(kernel, impl):
   fn = jax.jit(functools.partial(_half_chance_inputs()[kernel], impl=impl))
   s1, s2 = _seeds(2, 4)
@@ -419,8 +495,15 @@ def test_ffi_path_unbiased_over_elements(kernel):
   seed = _seeds(1, 5)[0]
   if kernel == "quantize":
     y = 0.3  # codes 0 / 1, P(1) = floor(0.3f * 2^24) / 2^24
-    out = ops.quantize(np.full(n, y, np.float32), 1.0, seed, levels=1,
-                       bits=8, signed_codes=True, impl="ffi")
+    out = ops.quantize(
+      np.full(n, y, np.float32),
+      1.0,
+      seed,
+      levels=1,
+      bits=8,
+      signed_codes=True,
+      impl="ffi",
+    )
     x, target, p = np.asarray(out, np.float64), np.float32(y), 0.3
   elif kernel == "exp_encode":
     v = 0.3  # in [1/4, 1/2): 1/4 or 1/2, p = 0.2

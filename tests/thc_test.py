@@ -14,6 +14,7 @@ import gqsgd_jax
 from gqsgd_jax._src import hadamard
 from gqsgd_jax._src import thc as thc_lib
 from gqsgd_jax._src.worker_state import worker_state_specs
+
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
@@ -26,25 +27,39 @@ def _local(tree):
 def _init(tx, params, num_workers, mode="shard_map"):
   """Per-worker states: (W * size) memories under shard_map, (W, ...) pmap."""
   if mode == "pmap":
-    return jax.pmap(lambda _: tx.init(params), axis_name="data",
-                    devices=jax.devices()[:num_workers])(
-                        jnp.arange(num_workers))
+    return jax.pmap(
+      lambda _: tx.init(params),
+      axis_name="data",
+      devices=jax.devices()[:num_workers],
+    )(jnp.arange(num_workers))
   specs = worker_state_specs(tx.init(params))
-  init = jax.shard_map(lambda: tx.init(params), mesh=data_mesh(num_workers),
-                       in_specs=(), out_specs=specs)
+  init = jax.shard_map(
+    lambda: tx.init(params),
+    mesh=data_mesh(num_workers),
+    in_specs=(),
+    out_specs=specs,
+  )
   return jax.jit(init)()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stepper(tx, num_workers, mode, specs):
   """A compiled per-worker tx.update, cached so repeated steps reuse it."""
   if mode == "pmap":
-    return jax.pmap(tx.update, axis_name="data", in_axes=(0, 0),
-                    out_axes=(0, 0), devices=jax.devices()[:num_workers])
+    return jax.pmap(
+      tx.update,
+      axis_name="data",
+      in_axes=(0, 0),
+      out_axes=(0, 0),
+      devices=jax.devices()[:num_workers],
+    )
 
   @jax.jit
-  @jax.shard_map(mesh=data_mesh(num_workers), in_specs=(P("data"), specs),
-                 out_specs=(P(), P("data"), specs))
+  @jax.shard_map(
+    mesh=data_mesh(num_workers),
+    in_specs=(P("data"), specs),
+    out_specs=(P(), P("data"), specs),
+  )
   def step(g, s):
     u, s = tx.update(_local(g), s)
     # out_specs P() checks the updates are typed replicated.
@@ -78,11 +93,13 @@ def test_hadamard_matches_matrix_orthonormal_and_self_inverse(d):
   h = scipy.linalg.hadamard(d) / np.sqrt(d)
   y = _fwht(x)
   assert y.dtype == x.dtype and y.shape == x.shape
-  np.testing.assert_allclose(y, np.asarray(x, np.float64) @ h, rtol=0,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    y, np.asarray(x, np.float64) @ h, rtol=0, atol=1e-5
+  )
   np.testing.assert_allclose(_fwht(y), x, atol=1e-5)
-  np.testing.assert_allclose(np.linalg.norm(y, axis=-1),
-                             np.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5
+  )
   # The rows of the transform are orthonormal: H H^T = I.
   hh = np.asarray(_fwht(jnp.eye(d)), np.float64)
   np.testing.assert_allclose(hh @ hh.T, np.eye(d), atol=1e-5)
@@ -97,17 +114,20 @@ def test_randomized_hadamard_inverse_and_blocks(block_log2):
   signs = hadamard.random_signs(jax.random.PRNGKey(1), d)
   assert set(np.unique(signs).tolist()) == {-1.0, 1.0}
   fwd = jax.jit(hadamard.randomized_hadamard, static_argnames="block_log2")
-  inv = jax.jit(hadamard.inverse_randomized_hadamard,
-                static_argnames="block_log2")
+  inv = jax.jit(
+    hadamard.inverse_randomized_hadamard, static_argnames="block_log2"
+  )
   y = fwd(x, signs, block_log2=block_log2)
   back = inv(y, signs, block_log2=block_log2)
   np.testing.assert_allclose(back, x, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(y), np.linalg.norm(x), rtol=1e-5)
   block = d if block_log2 is None else 2**block_log2
-  h = scipy.linalg.block_diag(*[scipy.linalg.hadamard(block) / np.sqrt(block)]
-                              * (d // block))
-  np.testing.assert_allclose(y, h @ (np.asarray(signs) * np.asarray(x)),
-                             atol=1e-5)
+  h = scipy.linalg.block_diag(
+    *[scipy.linalg.hadamard(block) / np.sqrt(block)] * (d // block)
+  )
+  np.testing.assert_allclose(
+    y, h @ (np.asarray(signs) * np.asarray(x)), atol=1e-5
+  )
 
 
 def test_hadamard_rejects_bad_lengths():
@@ -171,14 +191,16 @@ def test_wire_dtype_is_the_smallest_that_cannot_overflow():
 def _rotated(x, signs, block):
   """Numpy RHT of the rows of x (float64)."""
   d = x.shape[-1]
-  h = scipy.linalg.block_diag(*[scipy.linalg.hadamard(block) / np.sqrt(block)]
-                              * (d // block))
+  h = scipy.linalg.block_diag(
+    *[scipy.linalg.hadamard(block) / np.sqrt(block)] * (d // block)
+  )
   return (x * signs) @ h.T, h
 
 
-@pytest.mark.parametrize("num_workers,block_log2",
-                         [(1, None), (2, None), (3, None), (5, 3), (8, None),
-                          (16, None)])
+@pytest.mark.parametrize(
+  "num_workers,block_log2",
+  [(1, None), (2, None), (3, None), (5, 3), (8, None), (16, None)],
+)
 def test_unbiased_without_clipping_with_exact_variance(num_workers, block_log2):
   # overflow_prob=0: t = N >= |x~_j|, nothing clips. In the rotated domain
   # each worker's coordinate j has variance delta^2 f_ij (1 - f_ij) (SR of
@@ -188,28 +210,34 @@ def test_unbiased_without_clipping_with_exact_variance(num_workers, block_log2):
   d, count, levels = 64, 2000, 16
   g = jax.random.normal(jax.random.PRNGKey(num_workers), (num_workers, d))
   g = g.at[:, 5].set(0.0).at[0, 7].set(4.0)
-  tx = thc_lib.thc(levels=levels, overflow_prob=0.0, error_feedback=False,
-                     block_log2=block_log2)
+  tx = thc_lib.thc(
+    levels=levels,
+    overflow_prob=0.0,
+    error_feedback=False,
+    block_log2=block_log2,
+  )
   state = tx.init(None)
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(count) + 1000)
 
   @jax.jit
-  @jax.shard_map(mesh=data_mesh(num_workers), in_specs=(P("data"), P()),
-                 out_specs=P())
+  @jax.shard_map(
+    mesh=data_mesh(num_workers), in_specs=(P("data"), P()), out_specs=P()
+  )
   def run(g, keys):
     return jax.vmap(lambda k: tx.update(g[0], state._replace(key=k))[0])(keys)
 
   est = np.asarray(run(g, keys), np.float64)
   g64 = np.asarray(g, np.float64)
-  signs = np.asarray(thc_lib.chunk_signs(state.rotation_key, 0, 0, d),
-                     np.float64)
+  signs = np.asarray(
+    thc_lib.chunk_signs(state.rotation_key, 0, 0, d), np.float64
+  )
   block = d if block_log2 is None else 2**block_log2
   rot, _ = _rotated(g64, signs, block)
   t = np.linalg.norm(g64, axis=1).max()
   delta = 2 * t / (levels - 1)
   y = (rot + t) / delta
   frac = y - np.floor(y)
-  per_rot = (delta / num_workers)**2 * (frac * (1 - frac)).sum(0)
+  per_rot = (delta / num_workers) ** 2 * (frac * (1 - frac)).sum(0)
   var = per_rot.reshape(-1, block).mean(1).repeat(block)
   bound = delta**2 / (4 * num_workers)
   assert np.all(var <= bound * (1 + 1e-9))
@@ -219,8 +247,9 @@ def test_unbiased_without_clipping_with_exact_variance(num_workers, block_log2):
   measured = est.var(0, ddof=1).mean()
   exact = var.mean()
   assert abs(measured - exact) <= 6 * np.sqrt(2 / (count * d)) * exact
-  print(f"W={num_workers}: var {measured:.4g} exact {exact:.4g} bound "
-        f"{bound:.4g}")
+  print(
+    f"W={num_workers}: var {measured:.4g} exact {exact:.4g} bound {bound:.4g}"
+  )
 
 
 def _unrotated(errors, state):
@@ -252,8 +281,7 @@ def test_error_feedback_identity_with_clipping():
     new = _unrotated(_errors(state, w)[0], state)
     lhs = np.asarray(g[step], np.float64).sum(0) + old[:, :n].sum(0)
     rhs = w * np.asarray(out[0], np.float64) + new[:, :n].sum(0)
-    np.testing.assert_allclose(rhs, lhs, rtol=0,
-                               atol=2e-5 * np.abs(lhs).max())
+    np.testing.assert_allclose(rhs, lhs, rtol=0, atol=2e-5 * np.abs(lhs).max())
     clipped |= np.abs(new).max() > 1.0  # more than rounding error
     assert np.any(new[:, n:] != 0)  # the padding carries memory too
   assert clipped
@@ -273,15 +301,14 @@ def test_error_feedback_converges_on_least_squares():
   mesh = data_mesh(num_workers)
 
   def loss(x, a, b):
-    return 0.5 * jnp.mean((a @ x - b)**2)
+    return 0.5 * jnp.mean((a @ x - b) ** 2)
 
   def train(compressor):
     tx = optax.chain(compressor, optax.sgd(0.05))
     x0 = jnp.zeros(d)
 
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")),
-                   out_specs=P())
+    @jax.shard_map(mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
     def run(a, b):
       a, b = a[0], b[0]
 
@@ -293,6 +320,7 @@ def test_error_feedback_converges_on_least_squares():
 
       (x, _), _ = jax.lax.scan(body, (x0, tx.init(x0)), None, length=steps)
       return x
+
     x = run(a, b)
     return float(jnp.mean(jax.vmap(loss, (None, 0, 0))(x, a, b)))
 
@@ -308,17 +336,21 @@ def test_error_feedback_converges_on_least_squares():
 def _grads(num_workers, seed=0):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
   return {
-      "dense": jax.random.normal(k1, (num_workers, 37, 41)),
-      "bias": jax.random.normal(k2, (num_workers, 11)).astype(jnp.bfloat16),
-      "scale": jax.random.normal(k3, (num_workers,)).astype(jnp.float16),
-      "empty": jnp.zeros((num_workers, 0, 3)),
+    "dense": jax.random.normal(k1, (num_workers, 37, 41)),
+    "bias": jax.random.normal(k2, (num_workers, 11)).astype(jnp.bfloat16),
+    "scale": jax.random.normal(k3, (num_workers,)).astype(jnp.float16),
+    "empty": jnp.zeros((num_workers, 0, 3)),
   }
 
 
-@pytest.mark.parametrize("num_workers,kwargs", [
+@pytest.mark.parametrize(
+  "num_workers,kwargs",
+  [
     (3, dict(granularity="leaf", block_log2=4)),
     (8, dict(levels=4, chunk_size=1024)),
-], ids=["W3-leaf-partial", "W8-q4-chunks"])
+  ],
+  ids=["W3-leaf-partial", "W8-q4-chunks"],
+)
 def test_replicas_identical_under_shard_map_and_pmap(num_workers, kwargs):
   grads = _grads(num_workers)
   tx = thc_lib.thc(**kwargs)
@@ -329,8 +361,12 @@ def test_replicas_identical_under_shard_map_and_pmap(num_workers, kwargs):
     out, state = _update(tx, grads, state, mode)
     out2, state = _update(tx, grads, state, mode)  # with memories
     assert_replicas_equal((out, out2))
-    results[mode] = (out, out2, _errors(state, num_workers),
-                     state.key.reshape(-1, 2)[0])
+    results[mode] = (
+      out,
+      out2,
+      _errors(state, num_workers),
+      state.key.reshape(-1, 2)[0],
+    )
   assert_trees_bitwise_equal(results["shard_map"], results["pmap"])
   out = _local(results["pmap"][0])
   for name, leaf in out.items():
@@ -342,11 +378,15 @@ def test_replicas_identical_under_shard_map_and_pmap(num_workers, kwargs):
   assert not np.array_equal(errors[0], errors[1])
 
 
-@pytest.mark.parametrize("num_workers,levels,dtype", [
+@pytest.mark.parametrize(
+  "num_workers,levels,dtype",
+  [
     (17, 16, np.uint8),  # W (q - 1) = 255
     (16, 129, np.float16),  # 2048
     (4, 1000, np.int32),  # 3996
-], ids=["u8-255", "f16-2048", "i32"])
+  ],
+  ids=["u8-255", "f16-2048", "i32"],
+)
 def test_integer_sum_at_the_wire_dtype_limit(num_workers, levels, dtype):
   # Every worker sends the top code q - 1 on every coordinate: its rotated
   # vector is the constant c and z = 0.25 < 1 clips it to t. The sum is
@@ -359,12 +399,19 @@ def test_integer_sum_at_the_wire_dtype_limit(num_workers, levels, dtype):
   signs = thc_lib.chunk_signs(state.rotation_key, 0, 0, d)
   x = hadamard.inverse_randomized_hadamard(jnp.full(d, 0.5), signs)
   stacked = jnp.broadcast_to(x, (num_workers, d))
-  per_worker, _ = _update(tx, stacked, jax.tree.map(
-      lambda s: jnp.broadcast_to(s, (num_workers,) + s.shape), state), "pmap")
+  per_worker, _ = _update(
+    tx,
+    stacked,
+    jax.tree.map(
+      lambda s: jnp.broadcast_to(s, (num_workers,) + s.shape), state
+    ),
+    "pmap",
+  )
   assert_replicas_equal(per_worker)
   t = 0.5 * np.sqrt(d) * thc_lib.clip_quantile(0.4) / np.sqrt(d)
-  expected = np.asarray(hadamard.inverse_randomized_hadamard(
-      jnp.full(d, t, jnp.float32), signs))
+  expected = np.asarray(
+    hadamard.inverse_randomized_hadamard(jnp.full(d, t, jnp.float32), signs)
+  )
   np.testing.assert_allclose(per_worker[0], expected, rtol=1e-5, atol=1e-6)
   assert np.all(np.sign(per_worker[0]) == np.sign(np.asarray(x)))
 
@@ -376,12 +423,14 @@ def test_integer_sum_at_the_wire_dtype_limit(num_workers, levels, dtype):
 def _compiled_thc_step(tx, num_workers, params):
   mesh = data_mesh(num_workers)
   specs = worker_state_specs(tx.init(params))
-  state = jax.jit(jax.shard_map(lambda: tx.init(params), mesh=mesh,
-                                in_specs=(), out_specs=specs))()
+  state = jax.jit(
+    jax.shard_map(
+      lambda: tx.init(params), mesh=mesh, in_specs=(), out_specs=specs
+    )
+  )()
 
   @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P("data"), specs),
-                 out_specs=(P(), specs))
+  @jax.shard_map(mesh=mesh, in_specs=(P("data"), specs), out_specs=(P(), specs))
   def step(g, s):
     return tx.update(_local(g), s)
 
@@ -389,17 +438,28 @@ def _compiled_thc_step(tx, num_workers, params):
   return step.lower(grads, state).compile()
 
 
-@pytest.mark.parametrize("num_workers,levels,granularity", [
-    (8, 16, "fused"), (4, 16, "leaf"), (8, 256, "fused"),
-], ids=["u8", "u8-leaf", "f16"])
+@pytest.mark.parametrize(
+  "num_workers,levels,granularity",
+  [
+    (8, 16, "fused"),
+    (4, 16, "leaf"),
+    (8, 256, "fused"),
+  ],
+  ids=["u8", "u8-leaf", "f16"],
+)
 def test_hlo_wire_bytes_match_the_formula(num_workers, levels, granularity):
-  params = {"w1": jnp.zeros((64, 256)), "b1": jnp.zeros(256),
-            "w2": jnp.zeros((256, 10)), "b2": jnp.zeros(10)}
+  params = {
+    "w1": jnp.zeros((64, 256)),
+    "b1": jnp.zeros(256),
+    "w2": jnp.zeros((256, 10)),
+    "b2": jnp.zeros(10),
+  }
   tx = thc_lib.thc(levels=levels, granularity=granularity)
   report = gqsgd_jax.wire_report(_compiled_thc_step(tx, num_workers, params))
   sizes = [p.size for p in jax.tree.leaves(params)]
-  expected = thc_lib.wire_bytes(sizes, num_workers, levels=levels,
-                                granularity=granularity)
+  expected = thc_lib.wire_bytes(
+    sizes, num_workers, levels=levels, granularity=granularity
+  )
   assert set(report.by_op) == {"all-reduce"}  # the psum and the norm pmax
   assert report.total_bytes == expected.result
   assert np.isclose(report.sent_bytes, expected.sent)
@@ -407,12 +467,17 @@ def test_hlo_wire_bytes_match_the_formula(num_workers, levels, granularity):
   itemsize = thc_lib.wire_dtype(num_workers, levels).itemsize
   n = sum(sizes)
   # Padding stays below MIN_CHUNK elements per buffer.
-  assert n * itemsize <= report.payload_bytes < (
-      n + thc_lib.MIN_CHUNK * (1 if granularity == "fused" else 4)) * itemsize
+  assert (
+    n * itemsize
+    <= report.payload_bytes
+    < (n + thc_lib.MIN_CHUNK * (1 if granularity == "fused" else 4)) * itemsize
+  )
   if itemsize == 1:
     assert report.float_payload_bytes == 0
-  print(f"W={num_workers} q={levels} {granularity}: {report.total_bytes} B "
-        f"for {n} elements")
+  print(
+    f"W={num_workers} q={levels} {granularity}: {report.total_bytes} B "
+    f"for {n} elements"
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -423,14 +488,14 @@ def test_hlo_wire_bytes_match_the_formula(num_workers, levels, granularity):
 def test_zeros_nonfinite_empty_scalar_and_dtypes(mode):
   w = 4
   grads = {
-      "zeros": jnp.zeros((w, 9)),
-      "nan": jnp.ones((w, 5)).at[2, 3].set(jnp.nan),
-      "inf": jnp.ones((w, 6)).at[1, 0].set(-jnp.inf),
-      "fine": jnp.full((w, 8), 0.5),
-      "empty": jnp.zeros((w, 0)),
-      "scalar": jnp.arange(w, dtype=jnp.float32),
-      "bf16": jnp.full((w, 4), 0.25, jnp.bfloat16),
-      "f16": jnp.full((w, 2, 2), -1.5, jnp.float16),
+    "zeros": jnp.zeros((w, 9)),
+    "nan": jnp.ones((w, 5)).at[2, 3].set(jnp.nan),
+    "inf": jnp.ones((w, 6)).at[1, 0].set(-jnp.inf),
+    "fine": jnp.full((w, 8), 0.5),
+    "empty": jnp.zeros((w, 0)),
+    "scalar": jnp.arange(w, dtype=jnp.float32),
+    "bf16": jnp.full((w, 4), 0.25, jnp.bfloat16),
+    "f16": jnp.full((w, 2, 2), -1.5, jnp.float16),
   }
   # One buffer per leaf, so a non-finite leaf only poisons its own buffer.
   tx = thc_lib.thc(granularity="leaf")
@@ -438,8 +503,10 @@ def test_zeros_nonfinite_empty_scalar_and_dtypes(mode):
   out, new_state = _update(tx, grads, state, mode)
   assert_replicas_equal(out)
   out = jax.tree.map(lambda x: np.asarray(x[0]), out)
-  assert np.array_equal(out["zeros"], np.zeros(9)) and not np.signbit(
-      out["zeros"]).any()
+  assert (
+    np.array_equal(out["zeros"], np.zeros(9))
+    and not np.signbit(out["zeros"]).any()
+  )
   assert np.all(np.isnan(out["nan"]))  # never laundered into numbers
   assert np.all(np.isnan(out["inf"]))
   assert out["empty"].shape == (0,)
@@ -447,8 +514,9 @@ def test_zeros_nonfinite_empty_scalar_and_dtypes(mode):
   for name in ("bf16", "f16"):
     assert out[name].dtype == grads[name].dtype
     assert out[name].shape == grads[name].shape[1:]
-  errors = dict(zip(sorted(k for k in grads if k != "empty"),
-                    _errors(new_state, w)))
+  errors = dict(
+    zip(sorted(k for k in grads if k != "empty"), _errors(new_state, w))
+  )
   # Values of the finite leaves, constant and one-element ones included
   # (sizes 1, 4, 8: no padding, so each leaf is exactly one chunk).
   # (1) Error feedback is exact: each worker's decoded x^ = x - e_new with
@@ -469,12 +537,14 @@ def test_zeros_nonfinite_empty_scalar_and_dtypes(mode):
     lost = np.linalg.norm(g.mean(0) - got)
     kept = np.linalg.norm(e.mean(0))
     assert abs(lost - kept) <= np.sqrt(d_pad) * (
-        max(eps, 1e-5) * np.abs(got).max() + 1e-6), (name, lost, kept)
+      max(eps, 1e-5) * np.abs(got).max() + 1e-6
+    ), (name, lost, kept)
     if d_pad <= z**2:
       big_n = np.linalg.norm(g, axis=1).max()
       delta = 2 * big_n / (16 - 1)
       assert np.linalg.norm(got - g.mean(0)) <= (
-          np.sqrt(d_pad) * delta * (1 + eps)), name
+        np.sqrt(d_pad) * delta * (1 + eps)
+      ), name
   # A non-finite step leaves those memories untouched (zeros here), so the
   # next finite step is not poisoned; zeros keep zero memories.
   for name in ("nan", "inf", "zeros"):
@@ -515,12 +585,17 @@ def test_unbound_axis_state_mismatch_and_integer_leaves():
     tx.update(grads, tx.init(grads))
   mesh = data_mesh(2)
   other = tx.init({"w": jnp.ones(5000)})
-  step = jax.shard_map(lambda g: tx.update(g, other)[0], mesh=mesh,
-                       in_specs=P(), out_specs=P())
+  step = jax.shard_map(
+    lambda g: tx.update(g, other)[0], mesh=mesh, in_specs=P(), out_specs=P()
+  )
   with pytest.raises(ValueError, match="state.error"):
     step(grads)
   ints = thc_lib.thc(error_feedback=False)
-  step = jax.shard_map(lambda g: ints.update(g, ints.init(None))[0],
-                       mesh=mesh, in_specs=P(), out_specs=P())
+  step = jax.shard_map(
+    lambda g: ints.update(g, ints.init(None))[0],
+    mesh=mesh,
+    in_specs=P(),
+    out_specs=P(),
+  )
   with pytest.raises(TypeError, match=r"\['count'\].*int32"):
     step({"count": jnp.ones(3, jnp.int32)})

@@ -98,8 +98,8 @@ def _grid_gradient(rng, n: int, norm: float) -> np.ndarray:
   g * 127 / (W M) and our g * (s / M) give the same float when W M is a power
   of two; the tests then compare the rounding, not the arithmetic order.
   """
-  j = rng.integers(-2**16, 2**16 + 1, n)
-  j[: min(n, 3)] = [2**16, -2**16, 0][: min(n, 3)]
+  j = rng.integers(-(2**16), 2**16 + 1, n)
+  j[: min(n, 3)] = [2**16, -(2**16), 0][: min(n, 3)]
   return (j * (norm / 2**16)).astype(F32)
 
 
@@ -113,9 +113,10 @@ def test_sr_uniform_correspondence_is_exact():
   rng = np.random.default_rng(0)
   n = 1 << 16
   y = rng.uniform(-127, 127, n).astype(F32)
-  y[: n // 4] = (np.exp2(rng.uniform(-40, 0, n // 4))
-                 * rng.choice([-1, 1], n // 4)).astype(F32)
-  y[: 64] = np.arange(-32, 32)
+  y[: n // 4] = (
+    np.exp2(rng.uniform(-40, 0, n // 4)) * rng.choice([-1, 1], n // 4)
+  ).astype(F32)
+  y[:64] = np.arange(-32, 32)
   y[64:66] = [0.0, -0.0]
   seed = _seed(1)
   bits = _bits(seed, n)
@@ -134,10 +135,12 @@ def test_sr_naive_uniforms_differ_only_below_2pow24_granularity():
   k = _bits(seed, n) >> 8
   hit = k < 2**23  # (k + 1/2) 2^-24 < 1/2 is exact in float32
   y = np.where(hit, (k + 0.5) * 2.0**-24, 0.25).astype(F32)
-  ours = _op(reference.stochastic_round, y, 1.0, levels=1,
-             random=_bits(seed, n))
-  naive = ref.random_round(torch.from_numpy(y),
-                           torch.from_numpy((k * 2.0**-24).astype(F32)))
+  ours = _op(
+    reference.stochastic_round, y, 1.0, levels=1, random=_bits(seed, n)
+  )
+  naive = ref.random_round(
+    torch.from_numpy(y), torch.from_numpy((k * 2.0**-24).astype(F32))
+  )
   naive = naive.numpy().astype(np.int32)
   frac24 = y.astype(np.float64) * 2**24
   boundary = (k == np.floor(frac24)) & (frac24 != np.floor(frac24))
@@ -159,10 +162,19 @@ def test_sd8_codes_match_ref_scale(workers, impl):
   norm = 2.0**-3
   g = _grid_gradient(rng, 1001, norm)
   seed = _seed(workers)
-  ours = _op(ops.quantize, g, 127.0 / (workers * norm), seed, levels=127,
-             bits=8, signed_codes=True, impl=impl)
-  theirs = ref.sd8_encode(torch.from_numpy(g), norm, workers,
-                          _sr_uniforms(seed, g.size))
+  ours = _op(
+    ops.quantize,
+    g,
+    127.0 / (workers * norm),
+    seed,
+    levels=127,
+    bits=8,
+    signed_codes=True,
+    impl=impl,
+  )
+  theirs = ref.sd8_encode(
+    torch.from_numpy(g), norm, workers, _sr_uniforms(seed, g.size)
+  )
   np.testing.assert_array_equal(ours, theirs.numpy())
 
 
@@ -179,22 +191,41 @@ def test_sd8_equals_ref_when_127_over_w_is_integer(workers, impl):
   for w in range(workers):
     g = _grid_gradient(rng, n, norm)
     seed = _seed(100 + w)
-    ours.append(_op(ops.quantize, g, levels / norm, seed, levels=levels,
-                    bits=8, signed_codes=True, impl=impl))
-    theirs.append(ref.sd8_encode(torch.from_numpy(g), norm, workers,
-                                 _sr_uniforms(seed, n)))
+    ours.append(
+      _op(
+        ops.quantize,
+        g,
+        levels / norm,
+        seed,
+        levels=levels,
+        bits=8,
+        signed_codes=True,
+        impl=impl,
+      )
+    )
+    theirs.append(
+      ref.sd8_encode(torch.from_numpy(g), norm, workers, _sr_uniforms(seed, n))
+    )
     np.testing.assert_array_equal(ours[-1], theirs[-1].numpy())
   total = np.sum(ours, axis=0)
   assert np.abs(total).max() <= 127  # W * s = 127: never wraps
   ref_total = ref.int8_allreduce(theirs)
   np.testing.assert_array_equal(total.astype(np.int8), ref_total.numpy())
-  decoded = _op(ops.dequantize, total.astype(np.int8),
-                norm / (levels * workers), n=n, bits=8, offset=0,
-                signed_codes=True, impl=impl)
+  decoded = _op(
+    ops.dequantize,
+    total.astype(np.int8),
+    norm / (levels * workers),
+    n=n,
+    bits=8,
+    offset=0,
+    signed_codes=True,
+    impl=impl,
+  )
   # REF computes Q * M / 127, we Q * fl(M / (s W)): one extra rounding of
   # the scale, so the two may differ by one float32 ulp.
-  np.testing.assert_allclose(decoded, ref.sd8_decode(ref_total, norm),
-                             rtol=2.0**-22, atol=0)
+  np.testing.assert_allclose(
+    decoded, ref.sd8_decode(ref_total, norm), rtol=2.0**-22, atol=0
+  )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -219,21 +250,48 @@ def test_sd8_bgq1_ref_overflows_ours_does_not(workers, impl):
 
   levels = 127 // workers
   scale = levels / norm
-  same = _op(ops.quantize, g, scale, seed, levels=levels, bits=8,
-             signed_codes=True, impl=impl)
+  same = _op(
+    ops.quantize,
+    g,
+    scale,
+    seed,
+    levels=levels,
+    bits=8,
+    signed_codes=True,
+    impl=impl,
+  )
   np.testing.assert_array_equal(same, np.where(g > 0, levels, -levels))
   assert workers * levels <= 127
   total = (same.astype(np.int32) * workers).astype(np.int8)
-  decoded = _op(ops.dequantize, total, norm / (levels * workers), n=n,
-                bits=8, offset=0, signed_codes=True, impl=impl)
+  decoded = _op(
+    ops.dequantize,
+    total,
+    norm / (levels * workers),
+    n=n,
+    bits=8,
+    offset=0,
+    signed_codes=True,
+    impl=impl,
+  )
   np.testing.assert_allclose(decoded, g, rtol=2.0**-22)
 
   # Independent seeds and arbitrary gradients in [-M, M]: still bounded.
   rng = np.random.default_rng(workers)
-  codes = np.stack([
-      _op(ops.quantize, rng.uniform(-norm, norm, n).astype(F32), scale,
-          _seed(200 + w), levels=levels, bits=8, signed_codes=True,
-          impl=impl) for w in range(workers)]).astype(np.int64)
+  codes = np.stack(
+    [
+      _op(
+        ops.quantize,
+        rng.uniform(-norm, norm, n).astype(F32),
+        scale,
+        _seed(200 + w),
+        levels=levels,
+        bits=8,
+        signed_codes=True,
+        impl=impl,
+      )
+      for w in range(workers)
+    ]
+  ).astype(np.int64)
   assert np.abs(codes).max() <= levels
   assert np.abs(codes.sum(0)).max() <= 127
 
@@ -260,8 +318,9 @@ def test_sd4_ref_bytes_and_decode(n, impl):
 
   # B-GQ-2: REF decodes 2 * ceil(n/2) values; an odd length gets an extra
   # element (the zero padding nibble, decoded to -M). Ours trims to n.
-  decoded = _op(ops.dequantize, ours, norm / 3.0, n=n, bits=4, offset=3,
-                impl=impl)
+  decoded = _op(
+    ops.dequantize, ours, norm / 3.0, n=n, bits=4, offset=3, impl=impl
+  )
   ref_decoded = ref.sd4_decode(theirs, norm).numpy()
   assert decoded.shape == (n,)
   assert ref_decoded.shape == (n + n % 2,)
@@ -276,8 +335,9 @@ def test_sd4_ref_bytes_and_decode(n, impl):
 def test_nibbles_packed_by_ref_unpack_with_ours(impl):
   codes = np.random.default_rng(5).integers(0, 16, 999)
   packed = ref.pack_nibbles(torch.from_numpy(codes)).numpy()
-  got = _op(ops.dequantize, packed, 1.0, n=codes.size, bits=4, offset=0,
-            impl=impl)
+  got = _op(
+    ops.dequantize, packed, 1.0, n=codes.size, bits=4, offset=0, impl=impl
+  )
   np.testing.assert_array_equal(got, codes.astype(F32))
 
 
@@ -289,8 +349,9 @@ def _exp_gradient(rng, n: int, norm: float) -> np.ndarray:
   """|g| / M log-uniform over [2^-100, 1], both signs, zeros, +-M, 2^-j M."""
   g = np.exp2(rng.uniform(-100, 0, n)) * rng.choice([-1, 1], n) * norm
   g[:4] = [norm, -norm, 0.0, -0.0]
-  g[4:40] = norm * np.exp2(-np.arange(36.0)) * np.where(np.arange(36) % 2,
-                                                          -1, 1)
+  g[4:40] = (
+    norm * np.exp2(-np.arange(36.0)) * np.where(np.arange(36) % 2, -1, 1)
+  )
   return g.astype(F32)
 
 
@@ -312,7 +373,8 @@ def test_exp_encode_decode_parity(workers, impl):
   np.testing.assert_array_equal(ours, theirs)
   decoded = _op(ops.exp_decode, ours, 2.0 * norm, impl=impl)
   np.testing.assert_array_equal(
-      decoded, ref.exp_decompress(torch.from_numpy(ours), norm).numpy())
+    decoded, ref.exp_decompress(torch.from_numpy(ours), norm).numpy()
+  )
   # Per-worker headroom: the largest code is log2(W) + 1 (|v| <= 1/(2W)).
   e = ours & 0x7F
   assert e[e > 0].min() == int(np.log2(workers)) + 1
@@ -330,19 +392,22 @@ def test_ref_model_clamps_tiny_values_up():
   # is 2^-127 > |v| (biased up); in [2^-127, 2^-126) it dithers 126/127.
   rng = np.random.default_rng(7)
   v = _subnormals(rng, 4096)
-  theirs = ref.exp_compress(torch.from_numpy(v),
-                            _exp_uniforms(_seed(7), v.size)).numpy()
+  theirs = ref.exp_compress(
+    torch.from_numpy(v), _exp_uniforms(_seed(7), v.size)
+  ).numpy()
   below = np.abs(v.astype(np.float64)) < 2.0**-127
   assert below.sum() > 1000 and (~below).sum() > 100
-  np.testing.assert_array_equal(theirs[below], 127 | np.where(
-      v[below] < 0, 0x80, 0))
+  np.testing.assert_array_equal(
+    theirs[below], 127 | np.where(v[below] < 0, 0x80, 0)
+  )
   assert np.all(np.isin(theirs[~below] & 0x7F, [126, 127]))
 
 
 def _floor_oracle(v: np.ndarray, code: int, bits: np.ndarray) -> np.ndarray:
   """Our floor rule: code iff r < floor(|v| 2^code 2^32), else 0 (zero)."""
-  up = bits.astype(np.float64) < np.floor(np.abs(v.astype(np.float64))
-                                          * 2.0**(code + 32))
+  up = bits.astype(np.float64) < np.floor(
+    np.abs(v.astype(np.float64)) * 2.0 ** (code + 32)
+  )
   return np.where(up, code | np.where(v < 0, 0x80, 0), 0)
 
 
@@ -354,15 +419,13 @@ def test_exp_encode_bgq4_floor_rounds_stochastically(impl):
   # no floor and keeps dithering between powers of two down to 2^-127.
   rng = np.random.default_rng(11)
   n = 4096
-  v = (np.exp2(rng.uniform(-126, -120, n))
-       * rng.choice([-1, 1], n)).astype(F32)
+  v = (np.exp2(rng.uniform(-126, -120, n)) * rng.choice([-1, 1], n)).astype(F32)
   seed = _seed(11)
   ours = _op(ops.exp_encode, v, 1.0, seed, floor_code=120, impl=impl)
   expected = _floor_oracle(v, 120, _bits(seed, n))
   np.testing.assert_array_equal(ours, expected)
   assert 0 < np.count_nonzero(ours) < n
-  theirs = ref.exp_compress(torch.from_numpy(v),
-                            _exp_uniforms(seed, n)).numpy()
+  theirs = ref.exp_compress(torch.from_numpy(v), _exp_uniforms(seed, n)).numpy()
   assert np.all((theirs & 0x7F) >= 120)
 
 
@@ -385,8 +448,9 @@ def test_exp_encode_bgq4_default_floor_below_normal_range(impl):
   mant = np.abs(v) * 2.0**127  # in [2^-3, 2)
   upper = (bits >> 9).astype(np.float64) < np.floor((mant - 1) * 2.0**23)
   above = np.where(upper, 126, 127) | sign
-  below = np.where(bits.astype(np.float64) < np.floor(mant * 2.0**32),
-                   127 | sign, 0)
+  below = np.where(
+    bits.astype(np.float64) < np.floor(mant * 2.0**32), 127 | sign, 0
+  )
   np.testing.assert_array_equal(ours, np.where(mant >= 1, above, below))
   assert np.any(ours[mant < 1] == 0) and np.any(ours[mant < 1] != 0)
   # Unbiased on average: the decoded codes' mean matches v's mean.
@@ -427,8 +491,8 @@ def test_exp_decode_flushes_below_normal_range(impl):
   theirs = ref.exp_decompress(torch.from_numpy(codes), 0.5).numpy()
   np.testing.assert_array_equal(ours, [2.0**-125, 2.0**-126, 0, 0, 0, 0])
   np.testing.assert_array_equal(
-      theirs, np.array([2.0**-125, 2.0**-126, 2.0**-127, -2.0**-127, 0, 0],
-                       F32))
+    theirs, np.array([2.0**-125, 2.0**-126, 2.0**-127, -(2.0**-127), 0, 0], F32)
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -457,8 +521,9 @@ def test_exp_reduce_parity_every_code_pair(seed_id, impl):
   seed = _seed(seed_id)
   r0 = _bits(seed, n, 0)
   ours = _op(ops.exp_reduce, a, b, seed, impl=impl)
-  theirs = ref.exp_reduce(torch.from_numpy(a), torch.from_numpy(b),
-                          _reduce_uniforms(r0)).numpy()
+  theirs = ref.exp_reduce(
+    torch.from_numpy(a), torch.from_numpy(b), _reduce_uniforms(r0)
+  ).numpy()
   tt, same, e_big = _tail_length(a, b)
   nonzero = ((a & 0x7F) > 0) & ((b & 0x7F) > 0)
   # B-GQ-4: beyond t = 24 REF's float r fires with probability 2^-24 (J = 0)
@@ -485,9 +550,11 @@ def test_exp_reduce_bgq4_float_uniform_tail():
   r0 = np.full(t.size, 1 << 24, np.uint32)  # J = 0, 24 trailing zeros
   r1 = np.full(t.size, 0xFFFFFFFF, np.uint32)
   ours = _op(reference.exp_reduce_codes, a, b, r0, r1)
-  theirs = ref.exp_reduce(torch.from_numpy(a.astype(np.uint8)),
-                          torch.from_numpy(b.astype(np.uint8)),
-                          _reduce_uniforms(r0)).numpy()
+  theirs = ref.exp_reduce(
+    torch.from_numpy(a.astype(np.uint8)),
+    torch.from_numpy(b.astype(np.uint8)),
+    _reduce_uniforms(r0),
+  ).numpy()
   np.testing.assert_array_equal(theirs, np.full(t.size, 9))
   np.testing.assert_array_equal(ours, np.where(t <= 24, 9, 10))
 
@@ -502,12 +569,18 @@ def test_exp_reduce_tail_probability_is_exact_2pow_minus_t():
   # Force long runs of zeros so that every t in 0..70 is exercised.
   z = rng.integers(0, 72, n)
   word = (r1.astype(np.uint64) << np.uint64(32)) | r0.astype(np.uint64)
-  word = np.where(z >= 64, 0, word >> np.minimum(z, 63).astype(np.uint64)
-                  << np.minimum(z, 63).astype(np.uint64)).astype(np.uint64)
+  word = np.where(
+    z >= 64,
+    0,
+    word
+    >> np.minimum(z, 63).astype(np.uint64)
+    << np.minimum(z, 63).astype(np.uint64),
+  ).astype(np.uint64)
   r0 = (word & np.uint64(0xFFFFFFFF)).astype(np.uint32)
   r1 = (word >> np.uint64(32)).astype(np.uint32)
-  tz = np.array([64 if w == 0 else (int(w) & -int(w)).bit_length() - 1
-                 for w in word])
+  tz = np.array(
+    [64 if w == 0 else (int(w) & -int(w)).bit_length() - 1 for w in word]
+  )
   for t in range(71):
     got = _op(reference.geometric_tail, np.full(n, t, np.uint32), r0, r1)
     np.testing.assert_array_equal(got, (tz >= t) & (t <= 64), err_msg=f"{t}")
@@ -518,5 +591,5 @@ def test_exp_reduce_tail_probability_is_exact_2pow_minus_t():
   r1 = rng.integers(0, 2**32, m, dtype=np.uint64).astype(np.uint32)
   for t in range(24, 30):
     got = _op(reference.geometric_tail, np.full(m, t, np.uint32), r0, r1)
-    p = 2.0**-(t - 24)
+    p = 2.0 ** -(t - 24)
     assert abs(got.mean() - p) <= 5 * np.sqrt(p * (1 - p) / m) + 1e-12, t

@@ -21,8 +21,9 @@ def random_round(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
   return torch.where(u < frac, torch.ceil(y), torch.floor(y))
 
 
-def sd8_encode(g: torch.Tensor, norm: float, num_workers: int,
-               u: torch.Tensor) -> torch.Tensor:
+def sd8_encode(
+  g: torch.Tensor, norm: float, num_workers: int, u: torch.Tensor
+) -> torch.Tensor:
   """8-bit hook steps 3-4: SR(g * 127 / (W * M)) as int8, levels 127/W."""
   y = g * 127.0 / (num_workers * norm)
   return random_round(y, u).to(torch.int8)
@@ -115,8 +116,9 @@ def geometric_k(r: torch.Tensor) -> torch.Tensor:
   return (1 - big_e).to(torch.int64)
 
 
-def exp_reduce(a: torch.Tensor, b: torch.Tensor,
-               r: torch.Tensor) -> torch.Tensor:
+def exp_reduce(
+  a: torch.Tensor, b: torch.Tensor, r: torch.Tensor
+) -> torch.Tensor:
   """REF exponential_dithering_reduce, the case table of §3.3.
 
   Same sign: exponent e_big - 1 if k > t else e_big. Opposite signs:
@@ -139,6 +141,7 @@ def exp_reduce(a: torch.Tensor, b: torch.Tensor,
   e_res = torch.where(same, e_same, e_opp)
   general = s_big | e_res  # e_res = 0 (overflow) reads as zero
   general = torch.where(~same & (t == 0), 0, general)  # exact cancellation
-  out = torch.where(ea == 0, torch.where(eb == 0, 0, b),
-                    torch.where(eb == 0, a, general))
+  out = torch.where(
+    ea == 0, torch.where(eb == 0, 0, b), torch.where(eb == 0, a, general)
+  )
   return out.to(torch.uint8)

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
-                                "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import wire_model as wm
 
 
@@ -40,8 +39,10 @@ def test_butterfly_and_hierarchical_by_hand():
   assert across.inter == pytest.approx(8 * 1.5 * s / 8)
   t = wm.step_time("hier_gq4bfly", n, hosts, local)
   assert t == pytest.approx(
-      2 * (intra.intra * 8 / wm.INTRA_BPS + 7 * wm.ALPHA_INTRA)
-      + across.inter * 8 / wm.INTER_BPS + (2 + 3) * wm.ALPHA_INTER)
+    2 * (intra.intra * 8 / wm.INTRA_BPS + 7 * wm.ALPHA_INTRA)
+    + across.inter * 8 / wm.INTER_BPS
+    + (2 + 3) * wm.ALPHA_INTER
+  )
 
 
 def test_psum_serves_only_the_worker_counts_its_levels_allow():
@@ -60,10 +61,8 @@ def test_model_matches_the_emulated_cluster():
   for r in rows:
     # Kernel counters add IP/TCP headers (and the scales) to the model's
     # payload: a few percent more, never less.
-    assert r["model_inter"] <= r["measured_inter"] <= 1.08 * r[
-        "model_inter"], r
-    assert r["model_intra"] <= r["measured_intra"] <= 1.08 * r[
-        "model_intra"], r
+    assert r["model_inter"] <= r["measured_inter"] <= 1.08 * r["model_inter"], r
+    assert r["model_intra"] <= r["measured_intra"] <= 1.08 * r["model_intra"], r
     # The slow link's share of the step follows the bytes (timing noise on
     # a shared machine: a wide band).
     assert 0.8 <= r["measured_wire_s"] / r["model_wire_s"] <= 1.5, r

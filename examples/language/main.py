@@ -17,8 +17,11 @@ from examples import common
 
 def _add_args(parser) -> None:
   parser.add_argument("--seq-len", type=int, help="bytes of context")
-  parser.add_argument("--data", help="a UTF-8 text file, its last 10%% held "
-                      "out (default: CPython's pydoc_data topics)")
+  parser.add_argument(
+    "--data",
+    help="a UTF-8 text file, its last 10%% held "
+    "out (default: CPython's pydoc_data topics)",
+  )
 
 
 def main(argv=None) -> None:

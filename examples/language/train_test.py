@@ -14,9 +14,19 @@ from examples.vision.train_test import _require_devices
 
 def _tiny_config(**kwargs) -> default.Config:
   config = dataclasses.replace(
-      default.get_config(), embed_dim=32, num_heads=2, num_layers=1,
-      seq_len=16, batch_size=32, steps=40, warmup_steps=5,
-      learning_rate=1e-2, eval_every=1000, eval_windows=64, progress=False)
+    default.get_config(),
+    embed_dim=32,
+    num_heads=2,
+    num_layers=1,
+    seq_len=16,
+    batch_size=32,
+    steps=40,
+    warmup_steps=5,
+    learning_rate=1e-2,
+    eval_every=1000,
+    eval_windows=64,
+    progress=False,
+  )
   return dataclasses.replace(config, **kwargs)
 
 
@@ -24,13 +34,17 @@ def _tiny_config(**kwargs) -> default.Config:
 RUNS = [("gqsgd", 4, 4)]
 
 
-@pytest.mark.parametrize("compressor,bits,workers", RUNS,
-                         ids=[f"{c}-{b}bit-{w}dev" for c, b, w in RUNS])
+@pytest.mark.parametrize(
+  "compressor,bits,workers",
+  RUNS,
+  ids=[f"{c}-{b}bit-{w}dev" for c, b, w in RUNS],
+)
 def test_train_and_evaluate(tmp_path, compressor, bits, workers):
   _require_devices(workers)
   log = tmp_path / "run.json"
-  config = _tiny_config(compressor=compressor, bits=bits, workers=workers,
-                        log=str(log))
+  config = _tiny_config(
+    compressor=compressor, bits=bits, workers=workers, log=str(log)
+  )
   final = train.train_and_evaluate(config)
 
   record = common.read_log(log)
@@ -38,8 +52,7 @@ def test_train_and_evaluate(tmp_path, compressor, bits, workers):
   assert len(losses) == config.steps and np.all(np.isfinite(losses))
   # From ~log(256) = 5.5 nats (uniform bytes) down to the unigram level.
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
-  assert final["test_perplexity"] == pytest.approx(
-      math.exp(final["test_loss"]))
+  assert final["test_perplexity"] == pytest.approx(math.exp(final["test_loss"]))
   assert final["test_perplexity"] < 40
   assert final["workers"] == workers and final["processes"] == 1
   assert record["example"] == "language"
@@ -54,7 +67,7 @@ def test_pydoc_corpus_holds_out_a_tenth_of_every_topic():
   assert 0.08 < len(corpus.test) / total < 0.12
   assert corpus.train.dtype == np.uint8
   # English prose: mostly lowercase letters and spaces.
-  assert np.mean((corpus.train >= ord("a")) & (corpus.train <= ord("z"))) > .5
+  assert np.mean((corpus.train >= ord("a")) & (corpus.train <= ord("z"))) > 0.5
 
 
 def test_user_text_and_windows(tmp_path):
@@ -64,7 +77,7 @@ def test_user_text_and_windows(tmp_path):
   assert len(corpus.train) + len(corpus.test) == 13 * 100
   windows = train.eval_windows(corpus.test, 8, limit=5)
   assert windows.shape == (5, 9) and windows.dtype == np.int32
-  batch, = next(train.batches(corpus.train, 4, 8, np.random.default_rng(0)))
+  (batch,) = next(train.batches(corpus.train, 4, 8, np.random.default_rng(0)))
   assert batch.shape == (4, 9)
   text = bytes(corpus.train.tobytes())
   for row in batch:  # real windows of the text

@@ -17,9 +17,12 @@ from examples import common
 
 
 def _add_args(parser) -> None:
-  parser.add_argument("--data", help="a Criteo-format TSV (label, 13 "
-                      "integer and 26 hex categorical fields), its last 10%% "
-                      "held out (default: synthetic clicks)")
+  parser.add_argument(
+    "--data",
+    help="a Criteo-format TSV (label, 13 "
+    "integer and 26 hex categorical fields), its last 10%% "
+    "held out (default: synthetic clicks)",
+  )
   parser.add_argument("--max-rows", type=int, help="rows of --data to read")
 
 

@@ -10,17 +10,51 @@ from examples.recommendation import train
 from examples.recommendation.configs import default
 from examples.vision.train_test import _require_devices
 
-_SMALL_CARDINALITIES = (50, 7, 200, 200, 30, 3, 200, 60, 3, 200, 200, 200,
-                        100, 5, 200, 200, 4, 200, 100, 2, 200, 5, 4, 200,
-                        20, 200)
+_SMALL_CARDINALITIES = (
+  50,
+  7,
+  200,
+  200,
+  30,
+  3,
+  200,
+  60,
+  3,
+  200,
+  200,
+  200,
+  100,
+  5,
+  200,
+  200,
+  4,
+  200,
+  100,
+  2,
+  200,
+  5,
+  4,
+  200,
+  20,
+  200,
+)
 
 
 def _tiny_config(**kwargs) -> default.Config:
   config = dataclasses.replace(
-      default.get_config(), cardinalities=_SMALL_CARDINALITIES,
-      num_train=8192, num_test=2048, hidden=(16,), embed_dim=4, steps=40,
-      batch_size=256, learning_rate=1e-2, warmup_steps=2, eval_every=1000,
-      progress=False)
+    default.get_config(),
+    cardinalities=_SMALL_CARDINALITIES,
+    num_train=8192,
+    num_test=2048,
+    hidden=(16,),
+    embed_dim=4,
+    steps=40,
+    batch_size=256,
+    learning_rate=1e-2,
+    warmup_steps=2,
+    eval_every=1000,
+    progress=False,
+  )
   return dataclasses.replace(config, **kwargs)
 
 
@@ -28,13 +62,17 @@ def _tiny_config(**kwargs) -> default.Config:
 RUNS = [("gqsgd", 4, 4)]
 
 
-@pytest.mark.parametrize("compressor,bits,workers", RUNS,
-                         ids=[f"{c}-{b}bit-{w}dev" for c, b, w in RUNS])
+@pytest.mark.parametrize(
+  "compressor,bits,workers",
+  RUNS,
+  ids=[f"{c}-{b}bit-{w}dev" for c, b, w in RUNS],
+)
 def test_train_and_evaluate(tmp_path, compressor, bits, workers):
   _require_devices(workers)
   log = tmp_path / "run.json"
-  config = _tiny_config(compressor=compressor, bits=bits, workers=workers,
-                        log=str(log))
+  config = _tiny_config(
+    compressor=compressor, bits=bits, workers=workers, log=str(log)
+  )
   final = train.train_and_evaluate(config)
 
   losses = [r["train_loss"] for r in common.read_log(log)["history"]]
@@ -58,9 +96,11 @@ def test_synthetic_data_is_criteo_shaped_and_learnable():
 
 
 def test_scores_match_hand_computed_auc_and_logloss():
-  got = train.scores(np.array([0., 0., 1., 1.]), np.array([.1, .6, .4, .9]))
+  got = train.scores(
+    np.array([0.0, 0.0, 1.0, 1.0]), np.array([0.1, 0.6, 0.4, 0.9])
+  )
   assert got["auc"] == pytest.approx(0.75)
-  want = -np.mean(np.log([.9, .4, .4, .9]))
+  want = -np.mean(np.log([0.9, 0.4, 0.4, 0.9]))
   assert got["logloss"] == pytest.approx(want)
 
 
@@ -75,8 +115,9 @@ def test_load_criteo_tsv(tmp_path):
   data = train.load_criteo_tsv(str(path), hash_buckets=100)
   assert len(data.y_train) == 9 and len(data.y_test) == 1
   assert data.cardinalities == (100,) * 26
-  np.testing.assert_allclose(data.dense_train[0, :3], [0, np.log(4), 0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    data.dense_train[0, :3], [0, np.log(4), 0], rtol=1e-6
+  )
   assert np.all(data.cat_train[:, 0] == 0)  # missing
   assert np.all((data.cat_train >= 1)[:, 1:])
   assert np.all(data.cat_train < 100)

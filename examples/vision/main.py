@@ -14,8 +14,11 @@ from examples import common
 
 
 def _add_args(parser) -> None:
-  parser.add_argument("--data", help=".npz with x_train/y_train/x_test/y_test "
-                      "(default: scikit-learn's digits)")
+  parser.add_argument(
+    "--data",
+    help=".npz with x_train/y_train/x_test/y_test "
+    "(default: scikit-learn's digits)",
+  )
 
 
 def main(argv=None) -> None:

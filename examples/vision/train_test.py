@@ -14,8 +14,14 @@ from examples.vision.configs import default
 
 def _tiny_config(**kwargs) -> default.Config:
   config = dataclasses.replace(
-      default.get_config(), widths=(8, 16), steps=100, batch_size=64,
-      learning_rate=0.3, eval_every=1000, progress=False)
+    default.get_config(),
+    widths=(8, 16),
+    steps=100,
+    batch_size=64,
+    learning_rate=0.3,
+    eval_every=1000,
+    progress=False,
+  )
   return dataclasses.replace(config, **kwargs)
 
 
@@ -31,22 +37,29 @@ def _require_devices(n: int) -> None:
 # (compressor, bits, reduction, workers). With 2 workers "auto" picks the
 # integer psum for 8 bits, so the wire is one int8 all-reduce.
 RUNS = [
-    ("f32", 32, "auto", 2),
-    ("gqsgd", 4, "psum", 2),
-    ("gqsgd", 8, "auto", 2),
-    ("gqsgd", 4, "auto", 8),  # 4 bits on 8 workers: the butterfly
-    ("gqsgd_exp", 8, "auto", 4),
+  ("f32", 32, "auto", 2),
+  ("gqsgd", 4, "psum", 2),
+  ("gqsgd", 8, "auto", 2),
+  ("gqsgd", 4, "auto", 8),  # 4 bits on 8 workers: the butterfly
+  ("gqsgd_exp", 8, "auto", 4),
 ]
 
 
 @pytest.mark.parametrize(
-    "compressor,bits,reduction,workers", RUNS,
-    ids=[f"{c}-{b}bit-{r}-{w}dev" for c, b, r, w in RUNS])
+  "compressor,bits,reduction,workers",
+  RUNS,
+  ids=[f"{c}-{b}bit-{r}-{w}dev" for c, b, r, w in RUNS],
+)
 def test_train_and_evaluate(tmp_path, compressor, bits, reduction, workers):
   _require_devices(workers)
   log = tmp_path / "run.json"
-  config = _tiny_config(compressor=compressor, bits=bits, reduction=reduction,
-                        workers=workers, log=str(log))
+  config = _tiny_config(
+    compressor=compressor,
+    bits=bits,
+    reduction=reduction,
+    workers=workers,
+    log=str(log),
+  )
   final = train.train_and_evaluate(config)
 
   losses = [r["train_loss"] for r in common.read_log(log)["history"]]
@@ -68,8 +81,7 @@ def test_train_and_evaluate(tmp_path, compressor, bits, reduction, workers):
   assert final["float_payload_bytes"] == 0
   if reduction == "psum" or (bits == 8 and workers == 2):
     # One integer all-reduce of packed codes: bits/8 bytes per element.
-    np.testing.assert_allclose(final["payload_bytes"], bits / 8 * n,
-                               rtol=0.01)
+    np.testing.assert_allclose(final["payload_bytes"], bits / 8 * n, rtol=0.01)
   else:
     # Butterfly: bits/8 per element each way, (W-1)/W of it sent per phase
     # (plus a full buffer from each extra worker when W is not 2^k).
@@ -80,10 +92,13 @@ def test_train_and_evaluate(tmp_path, compressor, bits, reduction, workers):
 def test_load_npz_normalises_mnist_shapes(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / "mnist.npz"
-  np.savez(path, x_train=rng.integers(0, 256, (16, 28, 28), np.uint8),
-           y_train=rng.integers(0, 10, 16), x_test=np.zeros((4, 28, 28),
-                                                            np.uint8),
-           y_test=np.arange(4).reshape(4, 1))
+  np.savez(
+    path,
+    x_train=rng.integers(0, 256, (16, 28, 28), np.uint8),
+    y_train=rng.integers(0, 10, 16),
+    x_test=np.zeros((4, 28, 28), np.uint8),
+    y_test=np.arange(4).reshape(4, 1),
+  )
   data = train.load_npz(str(path))
   assert data.x_train.shape == (16, 28, 28, 1)
   assert data.x_train.dtype == np.float32 and data.x_train.max() <= 1.0

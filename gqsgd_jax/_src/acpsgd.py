@@ -20,6 +20,7 @@ The initial Q comes from a key shared by all workers (the reference draws it
 from each process's unseeded device RNG, so replicas can drift: B-ACP-1).
 """
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -31,26 +32,44 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import orthogonalize as orth
 from gqsgd_jax._src import powersgd as psgd
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import transform
+from gqsgd_jax._src import worker_state
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _INIT, _DRAWS = range(2)
 
 
+# (outs, rest_means, errors, ps, qs) of one P- or Q-step.
+_HalfStep = tuple[
+  list[jax.Array],
+  list[jax.Array],
+  list[jax.Array],
+  tuple[jax.Array, ...],
+  tuple[jax.Array, ...],
+]
+
+
+@worker_state.per_worker("error")
 class AcpSgdState(NamedTuple):
   """State of ``acpsgd``: EF memories, P and Q per matrix, step, key."""
+
   # Per worker (see worker_state_specs): flat residual X_i - local
   # approximation per compressed matrix, in the leaf dtype; () without EF.
   error: tuple
   p: tuple  # f32[n, r] per matrix: last all-reduced (or orthonormal) P
   q: tuple  # f32[m, r] per matrix: last orthonormal (or all-reduced) Q
-  count: jax.Array  # int32 scalar: steps taken; even = P-step, odd = Q-step
+  # int32 scalar: steps taken; even = P-step, odd = Q-step. The field
+  # shadows tuple.count, as in optax's states (mypy flags the override).
+  count: jax.Array  # type: ignore[assignment]
   key: jax.Array  # uint32[2] shared PRNG key
-  per_worker_fields = ("error",)
 
 
-def plan(leaves, rank: int):
+def plan(
+  leaves: Sequence[jax.Array], rank: int
+) -> tuple[list[psgd.Matrix], list[int]]:
   """Compressed matrices (ndim >= 2, non-empty) and the other leaves."""
-  mats, rest = [], []
+  mats: list[psgd.Matrix] = []
+  rest: list[int] = []
   for i, leaf in enumerate(leaves):
     n, m = psgd.matrix_view(leaf.shape)
     if leaf.ndim >= 2 and n * m > 0:
@@ -61,12 +80,12 @@ def plan(leaves, rank: int):
 
 
 def acpsgd(
-    *,
-    axis_name="data",
-    rank: int = 4,
-    error_feedback: bool = True,
-    orthogonalization_epsilon: float = orth.DEFAULT_EPSILON,
-    key=0,
+  *,
+  axis_name: collectives.AxisName = "data",
+  rank: int = 4,
+  error_feedback: bool = True,
+  orthogonalization_epsilon: float = orth.DEFAULT_EPSILON,
+  key: jax.typing.ArrayLike = 0,
 ) -> optax.GradientTransformation:
   """ACP-SGD: alternating P/Q low-rank mean, one all-reduce per step.
 
@@ -94,7 +113,7 @@ def acpsgd(
   epsilon = orth.validate_epsilon(orthogonalization_epsilon)
   init_key = prng.canonical_key(key)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> AcpSgdState:
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(params)]
     mats, _ = plan(leaves, rank)
     total = sum(mat.m * mat.r for mat in mats)
@@ -102,19 +121,32 @@ def acpsgd(
     q = psgd.split_draw(flat, [(mat.m, mat.r) for mat in mats])
     error = tuple(jnp.zeros((mat.n * mat.m,), mat.dtype) for mat in mats)
     return AcpSgdState(
-        error=error if error_feedback else (),
-        p=tuple(jnp.zeros((mat.n, mat.r), jnp.float32) for mat in mats),
-        q=tuple(q), count=jnp.zeros((), jnp.int32), key=init_key)
+      error=error if error_feedback else (),
+      p=tuple(jnp.zeros((mat.n, mat.r), jnp.float32) for mat in mats),
+      q=tuple(q),
+      count=jnp.zeros((), jnp.int32),
+      key=init_key,
+    )
 
-  def half_step(xs, rest, state, mats, *, q_step, num_workers):
+  def half_step(
+    xs: Sequence[jax.Array],
+    rest: Sequence[jax.Array],
+    state: AcpSgdState,
+    mats: list[psgd.Matrix],
+    *,
+    q_step: bool,
+    num_workers: int,
+  ) -> _HalfStep:
     """One P- or Q-step; returns (outs, rest_means, errors, ps, qs)."""
     old_errors = [e.astype(jnp.float32) for e in state.error] or [
-        jnp.zeros(mat.n * mat.m, jnp.float32) for mat in mats]
+      jnp.zeros(mat.n * mat.m, jnp.float32) for mat in mats
+    ]
     groups = psgd.group_matrices(mats)
-    shapes = [(len(ids), mats[ids[0]].n if q_step else mats[ids[0]].m,
-               mats[ids[0]].r) for ids in groups]
-    noise = psgd.draw_uniform(prng.fold(state.key, _DRAWS, state.count),
-                              shapes)
+    shapes = [
+      (len(ids), mats[ids[0]].n if q_step else mats[ids[0]].m, mats[ids[0]].r)
+      for ids in groups
+    ]
+    noise = psgd.draw_uniform(prng.fold(state.key, _DRAWS, state.count), shapes)
     fixed, sent = [], []
     for g, ids in enumerate(groups):
       mat = mats[ids[0]]
@@ -122,16 +154,18 @@ def acpsgd(
       # The factor kept from the last step, orthonormalised (all-zero
       # columns, e.g. after a zero gradient, re-drawn from the shared key).
       old = jnp.stack([(state.p if q_step else state.q)[j] for j in ids])
-      f = orth.orthogonalize(orth.refresh_zero_columns(old, noise[g]),
-                             epsilon)
+      f = orth.orthogonalize(orth.refresh_zero_columns(old, noise[g]), epsilon)
       xt = jnp.swapaxes(x, 1, 2) if q_step else x
       fixed.append(f)
       sent.append(jnp.matmul(xt, f, precision=_HIGHEST).astype(mat.dtype))
     summed = psgd.psum_packed(sent + list(rest), axis_name)
-    rest_means = [jnp.where(jnp.isfinite(s), s / num_workers, jnp.nan
-                            ).astype(r.dtype)
-                  for s, r in zip(summed[len(sent):], rest)]
-    outs, errors = [None] * len(mats), [None] * len(mats)
+    rest_means = [
+      jnp.where(jnp.isfinite(s), s / num_workers, jnp.nan).astype(r.dtype)
+      for s, r in zip(summed[len(sent) :], rest)
+    ]
+    # Every matrix is in one group: all entries are set below.
+    outs: list[jax.Array] = [jnp.zeros(0)] * len(mats)
+    errors: list[jax.Array] = [jnp.zeros(0)] * len(mats)
     ps, qs = list(state.p), list(state.q)
     for g, ids in enumerate(groups):
       f, local, total = fixed[g], sent[g].astype(jnp.float32), summed[g]
@@ -155,8 +189,9 @@ def acpsgd(
         # poison every later step.
         ok = finite[k]
         outs[j] = out[k]
-        errors[j] = jnp.where(ok, (xs[j] - approx[k]).reshape(-1),
-                              old_errors[j])
+        errors[j] = jnp.where(
+          ok, (xs[j] - approx[k]).reshape(-1), old_errors[j]
+        )
         if q_step:
           new_p, new_q = f[k], total[k]
         else:
@@ -165,45 +200,70 @@ def acpsgd(
         qs[j] = jnp.where(ok, new_q, qs[j])
     return outs, rest_means, errors, tuple(ps), tuple(qs)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates,
+    state: AcpSgdState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, AcpSgdState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
     for leaf, (path, _) in zip(leaves, paths_leaves):
       if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise TypeError(f"gradient leaf {jax.tree_util.keystr(path)} has "
-                        f"dtype {leaf.dtype}; ACP-SGD needs floats")
+        raise TypeError(
+          f"gradient leaf {jax.tree_util.keystr(path)} has "
+          f"dtype {leaf.dtype}; ACP-SGD needs floats"
+        )
     mats, rest = plan(leaves, rank)
     if [q.shape for q in state.q] != [(m.m, m.r) for m in mats]:
-      raise ValueError("AcpSgdState does not match the updates (was init "
-                       "called with parameters of these shapes?)")
-    xs = [leaves[mat.index].astype(jnp.float32).reshape(mat.n, mat.m)
-          for mat in mats]
+      raise ValueError(
+        "AcpSgdState does not match the updates (was init "
+        "called with parameters of these shapes?)"
+      )
+    xs = [
+      leaves[mat.index].astype(jnp.float32).reshape(mat.n, mat.m)
+      for mat in mats
+    ]
     if error_feedback:
-      xs = [x + e.astype(jnp.float32).reshape(x.shape)
-            for x, e in zip(xs, state.error)]
+      xs = [
+        x + e.astype(jnp.float32).reshape(x.shape)
+        for x, e in zip(xs, state.error)
+      ]
     rest_leaves = [leaves[i] for i in rest if leaves[i].size]
 
-    def branch(q_step):
-      def run(operands):
+    Operands = tuple[list[jax.Array], list[jax.Array], AcpSgdState]
+
+    def branch(q_step: bool) -> Callable[[Operands], _HalfStep]:
+      def run(operands: Operands) -> _HalfStep:
         xs, rest_leaves, state = operands
-        return half_step(xs, rest_leaves, state, mats, q_step=q_step,
-                         num_workers=num_workers)
+        return half_step(
+          xs, rest_leaves, state, mats, q_step=q_step, num_workers=num_workers
+        )
+
       return run
 
     outs, rest_means, errors, ps, qs = jax.lax.cond(
-        state.count % 2 == 1, branch(True), branch(False),
-        (xs, rest_leaves, state))
+      state.count % 2 == 1,
+      branch(True),
+      branch(False),
+      (xs, rest_leaves, state),
+    )
     new = [jnp.zeros(x.shape, x.dtype) for x in leaves]
     for mat, out in zip(mats, outs):
       new[mat.index] = out.reshape(leaves[mat.index].shape).astype(
-          leaves[mat.index].dtype)
+        leaves[mat.index].dtype
+      )
     for i, mean in zip([i for i in rest if leaves[i].size], rest_means):
       new[i] = mean
     error = tuple(e.astype(mat.dtype) for e, mat in zip(errors, mats))
-    state = AcpSgdState(error=error if error_feedback else (), p=ps, q=qs,
-                        count=state.count + 1, key=state.key)
+    state = AcpSgdState(
+      error=error if error_feedback else (),
+      p=ps,
+      q=qs,
+      count=state.count + 1,
+      key=state.key,
+    )
     return jax.tree.unflatten(treedef, new), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import optax
 
 from gqsgd_jax._src import collectives
+from gqsgd_jax._src import transform
 
 
 class PsumMeanState(NamedTuple):
   """``psum_mean`` is stateless."""
 
 
-def _cast_saturating(x, dtype):
+def _cast_saturating(x: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
   """Casts to dtype; finite values beyond its range (rounding in a wider
   wire format, e.g. f16 65504 -> bf16 65536) saturate instead of becoming
   inf. Infinities and NaNs pass through."""
@@ -22,11 +23,15 @@ def _cast_saturating(x, dtype):
   big = float(jnp.finfo(dtype).max)
   clipped = jnp.clip(x.astype(jnp.float32), -big, big)
   return jnp.where(jnp.isfinite(x), clipped, x.astype(jnp.float32)).astype(
-      dtype)
+    dtype
+  )
 
 
-def psum_mean(*, axis_name="data", wire_dtype=None
-              ) -> optax.GradientTransformation:
+def psum_mean(
+  *,
+  axis_name: collectives.AxisName = "data",
+  wire_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
   """The workers' mean gradient by ``lax.psum`` (the f32/bf16 baseline).
 
   Args:
@@ -38,11 +43,15 @@ def psum_mean(*, axis_name="data", wire_dtype=None
   if wire is not None and not jnp.issubdtype(wire, jnp.floating):
     raise ValueError(f"wire_dtype must be a float dtype, got {wire}")
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> PsumMeanState:
     del params
     return PsumMeanState()
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates,
+    state: PsumMeanState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, PsumMeanState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     leaves, treedef = jax.tree.flatten(updates)
@@ -53,4 +62,4 @@ def psum_mean(*, axis_name="data", wire_dtype=None
     means = [_cast_saturating(s, x.dtype) for s, x in zip(summed, leaves)]
     return jax.tree.unflatten(treedef, means), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)

@@ -6,20 +6,28 @@ which backprop produces them) and packed into buckets of at most
 and dtypes, so it is computed at trace time and costs nothing at run time.
 """
 
+from collections.abc import Sequence
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# A leaf or its abstract value: what a bucket plan reads (shape, dtype).
+LeafLike = jax.Array | jax.ShapeDtypeStruct
+
 GRANULARITIES = ("bucket", "leaf", "global")
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
-                    np.dtype(np.float16))
+SUPPORTED_DTYPES = (
+  np.dtype(np.float32),
+  np.dtype(jnp.bfloat16),
+  np.dtype(np.float16),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
   """Leaves (by flat index) fused into one buffer, in buffer order."""
+
   leaf_ids: tuple[int, ...]
   sizes: tuple[int, ...]
   dtype: np.dtype
@@ -32,28 +40,37 @@ class Bucket:
 def validate_granularity(granularity: str) -> str:
   if granularity not in GRANULARITIES:
     raise ValueError(
-        f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+      f"granularity must be one of {GRANULARITIES}, got {granularity!r}"
+    )
   return granularity
 
 
-def validate_bucket_bytes(bucket_bytes) -> int:
-  if isinstance(bucket_bytes, bool) or not isinstance(
-      bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+def validate_bucket_bytes(bucket_bytes: object) -> int:
+  if (
+    isinstance(bucket_bytes, bool)
+    or not isinstance(bucket_bytes, (int, np.integer))
+    or bucket_bytes < 1
+  ):
     raise ValueError(
-        f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
+      f"bucket_bytes must be a positive int, got {bucket_bytes!r}"
+    )
   return int(bucket_bytes)
 
 
-def check_leaf_dtypes(leaves, paths) -> None:
+def check_leaf_dtypes(
+  leaves: Sequence[LeafLike], paths: Sequence[jax.tree_util.KeyPath]
+) -> None:
   for leaf, path in zip(leaves, paths):
     if jnp.dtype(leaf.dtype) not in SUPPORTED_DTYPES:
       raise TypeError(
-          f"gradient leaf {jax.tree_util.keystr(path)} has dtype "
-          f"{leaf.dtype}; supported: float32, bfloat16, float16")
+        f"gradient leaf {jax.tree_util.keystr(path)} has dtype "
+        f"{leaf.dtype}; supported: float32, bfloat16, float16"
+      )
 
 
-def plan_buckets(leaves, *, bucket_bytes: int,
-                 per_leaf: bool = False) -> list[Bucket]:
+def plan_buckets(
+  leaves: Sequence[LeafLike], *, bucket_bytes: int, per_leaf: bool = False
+) -> list[Bucket]:
   """Packs non-empty leaves into buckets (reverse leaf order, one dtype each).
 
   A leaf larger than ``bucket_bytes`` gets a bucket of its own; with
@@ -62,11 +79,12 @@ def plan_buckets(leaves, *, bucket_bytes: int,
   buckets: list[Bucket] = []
   ids: list[int] = []
   sizes: list[int] = []
-  dtype = None
+  dtype: np.dtype | None = None
   nbytes = 0
 
-  def close():
+  def close() -> None:
     if ids:
+      assert dtype is not None  # set with the first id
       buckets.append(Bucket(tuple(ids), tuple(sizes), dtype))
 
   for i in reversed(range(len(leaves))):
@@ -76,8 +94,9 @@ def plan_buckets(leaves, *, bucket_bytes: int,
       continue
     leaf_dtype = np.dtype(leaf.dtype)
     leaf_bytes = size * leaf_dtype.itemsize
-    if ids and (per_leaf or leaf_dtype != dtype or
-                nbytes + leaf_bytes > bucket_bytes):
+    if ids and (
+      per_leaf or leaf_dtype != dtype or nbytes + leaf_bytes > bucket_bytes
+    ):
       close()
       ids, sizes, nbytes = [], [], 0
     ids.append(i)
@@ -88,12 +107,16 @@ def plan_buckets(leaves, *, bucket_bytes: int,
   return buckets
 
 
-def flatten_bucket(bucket: Bucket, leaves) -> jax.Array:
+def flatten_bucket(bucket: Bucket, leaves: Sequence[jax.Array]) -> jax.Array:
   parts = [leaves[i].reshape(-1) for i in bucket.leaf_ids]
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-def unflatten_buckets(buckets, flats, leaves) -> list[jax.Array]:
+def unflatten_buckets(
+  buckets: Sequence[Bucket],
+  flats: Sequence[jax.Array],
+  leaves: Sequence[LeafLike],
+) -> list[jax.Array]:
   """Splits bucket buffers back into leaves of the original shape and dtype.
 
   Empty leaves (in no bucket) come back as empty arrays.
@@ -102,6 +125,6 @@ def unflatten_buckets(buckets, flats, leaves) -> list[jax.Array]:
   for bucket, flat in zip(buckets, flats):
     offsets = np.cumsum((0,) + bucket.sizes)
     for j, i in enumerate(bucket.leaf_ids):
-      piece = flat[offsets[j]:offsets[j + 1]]
+      piece = flat[offsets[j] : offsets[j + 1]]
       out[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
   return out

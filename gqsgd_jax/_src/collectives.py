@@ -32,8 +32,9 @@ def axis_size(axis_name: AxisName) -> int:
     return int(jax.lax.axis_size(axis_name))
   except NameError as e:
     raise ValueError(
-        f"axis_name={axis_name!r} is not bound: call the transform's update "
-        "inside jax.shard_map or jax.pmap over that mesh axis") from e
+      f"axis_name={axis_name!r} is not bound: call the transform's update "
+      "inside jax.shard_map or jax.pmap over that mesh axis"
+    ) from e
 
 
 def tree_depth(num_workers: int) -> int:
@@ -55,23 +56,25 @@ def varying(tree: _Tree, axis_name: AxisName = "data") -> _Tree:
   Under ``jax.pmap`` (or ``check_vma=False``) values are already per-device
   and this is the identity.
   """
+
   def cast(x: jax.Array) -> jax.Array:
     try:
       return jax.lax.pcast(x, axis_name, to="varying")
     except (ValueError, TypeError, NameError):
       return x
+
   return jax.tree.map(cast, tree)
 
 
 # combine(mine, theirs, n_mine, n_theirs, stage) -> combined buffer, where
 # n_* are int32 scalars (worker counts behind each operand) and stage is a
 # static int (0: fold of the extra workers, 1..L: butterfly levels).
-Combine = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, int],
-                   jax.Array]
+Combine = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, int], jax.Array]
 
 
-def _group_counts(counts: np.ndarray, level: int,
-                  num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+def _group_counts(
+  counts: np.ndarray, level: int, num_workers: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Per worker: workers behind its chunk and its partner's at ``level``."""
   p = len(counts)
   block = 1 << level
@@ -79,10 +82,10 @@ def _group_counts(counts: np.ndarray, level: int,
   theirs = np.ones(num_workers, np.int32)
   for i in range(p):
     start = (i // block) * block
-    mine[i] = counts[start:start + block].sum()
+    mine[i] = counts[start : start + block].sum()
     partner = i ^ block
     pstart = (partner // block) * block
-    theirs[i] = counts[pstart:pstart + block].sum()
+    theirs[i] = counts[pstart : pstart + block].sum()
   return mine, theirs
 
 
@@ -90,8 +93,9 @@ def _bit_reverse(i: int, bits: int) -> int:
   return int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
 
 
-def butterfly_allreduce(x: jax.Array, combine: Combine, *,
-                        axis_name: AxisName, num_workers: int) -> jax.Array:
+def butterfly_allreduce(
+  x: jax.Array, combine: Combine, *, axis_name: AxisName, num_workers: int
+) -> jax.Array:
   """All-reduces the 1-D buffer ``x`` with ``combine`` over ``axis_name``.
 
   Sent per device: (P-1)/P of the buffer in the reduce-scatter (P =
@@ -112,8 +116,9 @@ def butterfly_allreduce(x: jax.Array, combine: Combine, *,
   counts = np.ones(p, np.int32)
   if extra:
     counts[:extra] = 2
-    received = jax.lax.ppermute(chunk, axis_name,
-                                perm=[(p + j, j) for j in range(extra)])
+    received = jax.lax.ppermute(
+      chunk, axis_name, perm=[(p + j, j) for j in range(extra)]
+    )
     one = jnp.int32(1)
     chunk = jnp.where(i < extra, combine(chunk, received, one, one, 0), chunk)
 
@@ -123,10 +128,12 @@ def butterfly_allreduce(x: jax.Array, combine: Combine, *,
     keep = jax.lax.dynamic_slice_in_dim(chunk, bit * half, half)
     send = jax.lax.dynamic_slice_in_dim(chunk, (1 - bit) * half, half)
     received = jax.lax.ppermute(
-        send, axis_name, perm=[(j, j ^ (1 << level)) for j in range(p)])
+      send, axis_name, perm=[(j, j ^ (1 << level)) for j in range(p)]
+    )
     mine, theirs = _group_counts(counts, level, w)
-    chunk = combine(keep, received, jnp.asarray(mine)[i],
-                    jnp.asarray(theirs)[i], level + 1)
+    chunk = combine(
+      keep, received, jnp.asarray(mine)[i], jnp.asarray(theirs)[i], level + 1
+    )
 
   # All-gather phase. After the reduce-scatter, worker i < P owns block
   # bitreverse(i) of the buffer. A native all_gather (to="invarying") is the

@@ -41,14 +41,21 @@ from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
 from gqsgd_jax._src import jointsq
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import transform
+from gqsgd_jax._src import worker_state
 
 SELECTIONS = ("exact", "sampled")
-VALUE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
-                np.dtype(np.float16))
+VALUE_DTYPES = (
+  np.dtype(np.float32),
+  np.dtype(jnp.bfloat16),
+  np.dtype(np.float16),
+)
 
 
+@worker_state.per_worker("momentum", "velocity")
 class DGCState(NamedTuple):
   """State of ``dgc``: per-worker momentum and velocity, sampling key."""
+
   # Per worker (see worker_state_specs): flat f32[n] momentum u per leaf
   # (an unused f32[1] for an empty leaf: orbax cannot save zero-size arrays).
   momentum: tuple
@@ -56,24 +63,29 @@ class DGCState(NamedTuple):
   # f32[1] (orbax cannot checkpoint zero-size arrays).
   velocity: tuple
   key: jax.Array  # uint32[2] raw PRNG key (sampled threshold), split per step
-  per_worker_fields = ("momentum", "velocity")
 
 
 def num_selected(numel: int, density: float) -> int:
   """Static k = ceil(density · n), at least 1."""
-  return max(1, min(numel, math.ceil(Fraction(repr(float(density))) *
-                                     numel)))
+  return max(1, min(numel, math.ceil(Fraction(repr(float(density))) * numel)))
 
 
-def dgc_wire_bytes(params, *, density: float = 0.001, predicate=None,
-                   min_size: int = 1024, value_dtype=jnp.bfloat16) -> dict:
+def dgc_wire_bytes(
+  params: optax.Params,
+  *,
+  density: float = 0.001,
+  predicate: jointsq.Predicate = None,
+  min_size: int = 1024,
+  value_dtype: jax.typing.DTypeLike = jnp.bfloat16,
+) -> dict[str, int]:
   """Bytes each worker sends per step: sparse pairs and dense leaves.
 
   Dense leaves send their float32 momentum (4 bytes per element).
   """
   density = jointsq.validate_fraction(density, "density")
   compresses = jointsq.compression_predicate(
-      predicate, jointsq.validate_size(min_size, "min_size"))
+    predicate, jointsq.validate_size(min_size, "min_size")
+  )
   value_bytes = _value_dtype(value_dtype).itemsize
   sparse = dense = 0
   for x in jax.tree.leaves(params):
@@ -84,23 +96,25 @@ def dgc_wire_bytes(params, *, density: float = 0.001, predicate=None,
   return dict(sparse_bytes=sparse, dense_bytes=dense)
 
 
-def _value_dtype(value_dtype) -> np.dtype:
+def _value_dtype(value_dtype: jax.typing.DTypeLike) -> np.dtype:
   try:
     dtype = np.dtype(value_dtype)
   except TypeError:
     dtype = None
   if dtype not in VALUE_DTYPES:
-    raise ValueError("value_dtype must be float32, bfloat16 or float16, got "
-                     f"{value_dtype!r}")
+    raise ValueError(
+      f"value_dtype must be float32, bfloat16 or float16, got {value_dtype!r}"
+    )
   return dtype
 
 
-def _validate_momentum(momentum) -> float:
-  if isinstance(momentum, bool) or not isinstance(
-      momentum, (int, float, np.integer, np.floating)) or not (
-          0 <= momentum < 1):
-    raise ValueError(f"momentum must be a number in [0, 1), got "
-                     f"{momentum!r}")
+def _validate_momentum(momentum: object) -> float:
+  if (
+    isinstance(momentum, bool)
+    or not isinstance(momentum, (int, float, np.integer, np.floating))
+    or not (0 <= momentum < 1)
+  ):
+    raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
   return float(momentum)
 
 
@@ -112,7 +126,9 @@ def _to_wire(x: jax.Array, dtype: np.dtype) -> jax.Array:
   return jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x).astype(dtype)
 
 
-def select(v, k, key, selection, sample_ratio):
+def select(
+  v: jax.Array, k: int, key: jax.Array, selection: str, sample_ratio: float
+) -> tuple[jax.Array, jax.Array]:
   """(indices int32[k], valid bool[k]) of the largest |v|; NaN/inf first."""
   scores = jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
   if selection == "exact":
@@ -124,16 +140,16 @@ def select(v, k, key, selection, sample_ratio):
 
 
 def dgc(
-    *,
-    axis_name="data",
-    density: float = 0.001,
-    momentum: float = 0.9,
-    predicate=None,
-    min_size: int = 1024,
-    value_dtype=jnp.bfloat16,
-    selection: str = "exact",
-    sample_ratio: float = 0.01,
-    key=0,
+  *,
+  axis_name: collectives.AxisName = "data",
+  density: float = 0.001,
+  momentum: float = 0.9,
+  predicate: jointsq.Predicate = None,
+  min_size: int = 1024,
+  value_dtype: jax.typing.DTypeLike = jnp.bfloat16,
+  selection: str = "exact",
+  sample_ratio: float = 0.01,
+  key: jax.typing.ArrayLike = 0,
 ) -> optax.GradientTransformation:
   """DGC with momentum correction: the workers' mean sparse velocity.
 
@@ -172,24 +188,32 @@ def dgc(
   density = jointsq.validate_fraction(density, "density")
   momentum = _validate_momentum(momentum)
   compresses = jointsq.compression_predicate(
-      predicate, jointsq.validate_size(min_size, "min_size"))
+    predicate, jointsq.validate_size(min_size, "min_size")
+  )
   wire_dtype = _value_dtype(value_dtype)
   if selection not in SELECTIONS:
-    raise ValueError(f"selection must be one of {SELECTIONS}, got "
-                     f"{selection!r}")
+    raise ValueError(
+      f"selection must be one of {SELECTIONS}, got {selection!r}"
+    )
   sample_ratio = jointsq.validate_fraction(sample_ratio, "sample_ratio")
   init_key = prng.canonical_key(key)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> DGCState:
     leaves = jax.tree.leaves(params)
     return DGCState(
-        momentum=tuple(jnp.zeros(max(np.size(x), 1), jnp.float32)
-                       for x in leaves),
-        velocity=tuple(jnp.zeros(np.size(x) if compresses(x) else 1,
-                                 jnp.float32) for x in leaves),
-        key=init_key)
+      momentum=tuple(
+        jnp.zeros(max(np.size(x), 1), jnp.float32) for x in leaves
+      ),
+      velocity=tuple(
+        jnp.zeros(np.size(x) if compresses(x) else 1, jnp.float32)
+        for x in leaves
+      ),
+      key=init_key,
+    )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: DGCState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, DGCState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
@@ -199,13 +223,15 @@ def dgc(
     us, vs = list(state.momentum), list(state.velocity)
     comp = [i for i, x in enumerate(leaves) if compresses(x)]
     want_v = [(x.size if i in comp else 1,) for i, x in enumerate(leaves)]
-    if ([u.shape for u in us] != [(max(x.size, 1),) for x in leaves] or
-        [v.shape for v in vs] != want_v):
+    if [u.shape for u in us] != [(max(x.size, 1),) for x in leaves] or [
+      v.shape for v in vs
+    ] != want_v:
       raise ValueError(
-          "DGCState does not match the updates (was init called with "
-          "parameters of these shapes?): momentum "
-          f"{[u.shape for u in us]}, velocity {[v.shape for v in vs]} for "
-          f"leaves {[jax.tree_util.keystr(p) for p in paths]}")
+        "DGCState does not match the updates (was init called with "
+        "parameters of these shapes?): momentum "
+        f"{[u.shape for u in us]}, velocity {[v.shape for v in vs]} for "
+        f"leaves {[jax.tree_util.keystr(p) for p in paths]}"
+      )
     next_key, step_key = jax.random.split(state.key)
     worker = jax.lax.axis_index(axis_name)
 
@@ -219,8 +245,9 @@ def dgc(
       k = num_selected(n, density)
       u = momentum * us[i] + leaves[i].reshape(-1).astype(jnp.float32)
       v = vs[i] + u
-      idx, valid = select(v, k, prng.fold(step_key, layer, worker),
-                           selection, sample_ratio)
+      idx, valid = select(
+        v, k, prng.fold(step_key, layer, worker), selection, sample_ratio
+      )
       sent = _to_wire(jnp.where(valid, v[idx], 0.0), wire_dtype)
       # NaN for every non-finite value, so Inf on one worker cannot meet
       # -Inf or a finite value on another and come out as a number or Inf.
@@ -237,42 +264,59 @@ def dgc(
       values.append(sent)
       sizes.append(k)
     if comp:
-      all_idx = jax.lax.all_gather(jnp.concatenate(indices), axis_name,
-                                   to="invarying")
+      all_idx = jax.lax.all_gather(
+        jnp.concatenate(indices), axis_name, to="invarying"
+      )
       # The values travel as their bit patterns: XLA:CPU would otherwise
       # widen a bf16/f16 all-gather to f32 (twice the bytes).
       bits = jnp.uint16 if wire_dtype.itemsize == 2 else jnp.uint32
-      all_val = jax.lax.bitcast_convert_type(jax.lax.all_gather(
+      all_val = jax.lax.bitcast_convert_type(
+        jax.lax.all_gather(
           jax.lax.bitcast_convert_type(jnp.concatenate(values), bits),
-          axis_name, to="invarying"), wire_dtype)
+          axis_name,
+          to="invarying",
+        ),
+        wire_dtype,
+      )
       start = 0
       for i, k in zip(comp, sizes):
-        mean = _scatter_mean(all_idx[:, start:start + k],
-                             all_val[:, start:start + k], leaves[i].size,
-                             num_workers)
+        mean = _scatter_mean(
+          all_idx[:, start : start + k],
+          all_val[:, start : start + k],
+          leaves[i].size,
+          num_workers,
+        )
         out[i] = mean.reshape(leaves[i].shape).astype(leaves[i].dtype)
         start += k
-    dense = [i for i in range(len(leaves))
-             if i not in set(comp) and leaves[i].size]
+    dense = [
+      i for i in range(len(leaves)) if i not in set(comp) and leaves[i].size
+    ]
     if dense:
-      moms = [momentum * us[i] + leaves[i].reshape(-1).astype(jnp.float32)
-              for i in dense]
+      moms = [
+        momentum * us[i] + leaves[i].reshape(-1).astype(jnp.float32)
+        for i in dense
+      ]
       summed = jax.lax.psum(moms, axis_name)
       for i, u, s in zip(dense, moms, summed):
         mean = jnp.where(jnp.isfinite(s), s / num_workers, jnp.nan)
         out[i] = mean.reshape(leaves[i].shape).astype(leaves[i].dtype)
         new_u[i] = jnp.where(jnp.isfinite(u), u, 0.0)
-    new_state = DGCState(momentum=tuple(new_u), velocity=tuple(new_v),
-                         key=next_key)
-    return treedef.unflatten(out), new_state
+    new_state = DGCState(
+      momentum=tuple(new_u), velocity=tuple(new_v), key=next_key
+    )
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)
 
 
-def _scatter_mean(idx, val, n, num_workers):
+def _scatter_mean(
+  idx: jax.Array, val: jax.Array, n: int, num_workers: int
+) -> jax.Array:
   """Sum of every worker's pairs in worker order (indices unique per worker,
   so each scatter is deterministic), divided by W."""
-  def add(w, acc):
+
+  def add(w: jax.Array, acc: jax.Array) -> jax.Array:
     return acc.at[idx[w]].add(val[w].astype(jnp.float32), mode="drop")
+
   total = jax.lax.fori_loop(0, num_workers, add, jnp.zeros(n, jnp.float32))
   return total / num_workers

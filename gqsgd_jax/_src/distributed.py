@@ -34,12 +34,15 @@ ENV_PROCESS_ID = "GQSGD_PROCESS_ID"
 ENV_LOCAL_DEVICES = "GQSGD_LOCAL_DEVICES"
 
 
-def initialize(coordinator_address: str | None = None,
-               num_processes: int | None = None,
-               process_id: int | None = None, *,
-               local_device_count: int | None = None,
-               heartbeat_timeout_seconds: int = 20,
-               initialization_timeout: int = 120) -> None:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  local_device_count: int | None = None,
+  heartbeat_timeout_seconds: int = 20,
+  initialization_timeout: int = 120,
+) -> None:
   """Joins this process to a multi-process JAX run (see module docstring).
 
   Call before any other JAX work. ``local_device_count`` sets how many CPU
@@ -57,16 +60,19 @@ def initialize(coordinator_address: str | None = None,
     local_device_count = int(env.get(ENV_LOCAL_DEVICES, "1"))
   if local_device_count < 1:
     raise ValueError(
-        f"local_device_count must be >= 1, got {local_device_count}")
+      f"local_device_count must be >= 1, got {local_device_count}"
+    )
   platforms = env.get("JAX_PLATFORMS", "")
   if platforms in ("", "cpu"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", local_device_count)
   jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes,
-      process_id=process_id,
-      heartbeat_timeout_seconds=heartbeat_timeout_seconds,
-      initialization_timeout=initialization_timeout)
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+    initialization_timeout=initialization_timeout,
+  )
 
 
 def free_port() -> int:
@@ -78,9 +84,15 @@ def free_port() -> int:
 class _RankOutput:
   """One process's output: shown, kept for its summary, logged to a file."""
 
-  def __init__(self, rank: int, sink: TextIO, *, live: bool,
-               log_path: str | os.PathLike[str] | None = None,
-               keep: int = 20) -> None:
+  def __init__(
+    self,
+    rank: int,
+    sink: TextIO,
+    *,
+    live: bool,
+    log_path: str | os.PathLike[str] | None = None,
+    keep: int = 20,
+  ) -> None:
     self.prefix = f"[{rank}] "
     self.sink = sink
     self.live = live
@@ -107,13 +119,19 @@ class _RankOutput:
     return self.tail[-1] if self.tail else "(no output)"
 
 
-def launch_local(command: Sequence[str], num_processes: int, *,
-                 devices_per_process: int = 1, port: int | None = None,
-                 timeout_seconds: float | None = None,
-                 grace_seconds: float = 45.0,
-                 env: Mapping[str, str] | None = None,
-                 stdout: TextIO | None = None, verbose: bool = True,
-                 log_dir: str | os.PathLike[str] | None = None) -> int:
+def launch_local(
+  command: Sequence[str],
+  num_processes: int,
+  *,
+  devices_per_process: int = 1,
+  port: int | None = None,
+  timeout_seconds: float | None = None,
+  grace_seconds: float = 45.0,
+  env: Mapping[str, str] | None = None,
+  stdout: TextIO | None = None,
+  verbose: bool = True,
+  log_dir: str | os.PathLike[str] | None = None,
+) -> int:
   """Runs ``command`` as ``num_processes`` cooperating processes on localhost.
 
   Each copy gets the ``GQSGD_*`` variables that ``initialize`` reads.
@@ -143,7 +161,8 @@ def launch_local(command: Sequence[str], num_processes: int, *,
     raise ValueError(f"num_processes must be >= 1, got {num_processes}")
   if devices_per_process < 1:
     raise ValueError(
-        f"devices_per_process must be >= 1, got {devices_per_process}")
+      f"devices_per_process must be >= 1, got {devices_per_process}"
+    )
   sink = stdout or sys.stdout
   address = f"127.0.0.1:{port or free_port()}"
   if log_dir is not None:
@@ -151,31 +170,45 @@ def launch_local(command: Sequence[str], num_processes: int, *,
   procs, pumps, outputs = [], [], []
   for rank in range(num_processes):
     child_env = dict(os.environ, **(env or {}))
-    child_env.update({
+    child_env.update(
+      {
         ENV_COORDINATOR: address,
         ENV_NUM_PROCESSES: str(num_processes),
         ENV_PROCESS_ID: str(rank),
         ENV_LOCAL_DEVICES: str(devices_per_process),
         "PYTHONUNBUFFERED": "1",
-    })
-    proc = subprocess.Popen(list(command), env=child_env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+      }
+    )
+    proc = subprocess.Popen(
+      list(command),
+      env=child_env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
     output = _RankOutput(
-        rank, sink, live=verbose or rank == 0,
-        log_path=None if log_dir is None else (
-            pathlib.Path(log_dir) / f"rank{rank}.log"))
-    pump = threading.Thread(target=output.pump, args=(proc.stdout,),
-                            daemon=True)
+      rank,
+      sink,
+      live=verbose or rank == 0,
+      log_path=None
+      if log_dir is None
+      else (pathlib.Path(log_dir) / f"rank{rank}.log"),
+    )
+    pump = threading.Thread(
+      target=output.pump, args=(proc.stdout,), daemon=True
+    )
     pump.start()
     procs.append(proc)
     pumps.append(pump)
     outputs.append(output)
   if not verbose:
-    sink.write(f"[launch] {num_processes} processes x {devices_per_process} "
-               f"device(s); showing rank 0's output, then one line per rank"
-               + (f"; full logs in {log_dir}" if log_dir is not None else "")
-               + "\n")
+    sink.write(
+      f"[launch] {num_processes} processes x {devices_per_process} "
+      f"device(s); showing rank 0's output, then one line per rank"
+      + (f"; full logs in {log_dir}" if log_dir is not None else "")
+      + "\n"
+    )
     sink.flush()
 
   start = time.monotonic()
@@ -195,15 +228,20 @@ def launch_local(command: Sequence[str], num_processes: int, *,
         if code not in (None, 0):
           failure = (rank, code)
           deadline = time.monotonic() + grace_seconds
-          sink.write(f"[launch] process {rank} exited with code {code}; "
-                     f"stopping the others within {grace_seconds:.0f} s\n")
+          sink.write(
+            f"[launch] process {rank} exited with code {code}; "
+            f"stopping the others within {grace_seconds:.0f} s\n"
+          )
           break
     if all(c is not None for c in codes):
       break
     if deadline is not None and time.monotonic() > deadline:
       break
-    if timeout_seconds is not None and (
-        time.monotonic() - start > timeout_seconds) and failure is None:
+    if (
+      timeout_seconds is not None
+      and (time.monotonic() - start > timeout_seconds)
+      and failure is None
+    ):
       failure = (-1, 124)
       sink.write(f"[launch] timed out after {timeout_seconds:.0f} s\n")
       break
@@ -219,27 +257,34 @@ def launch_local(command: Sequence[str], num_processes: int, *,
   if not verbose:
     for rank, proc in enumerate(procs):
       if rank not in summarized:
-        _summarize(outputs[rank], proc.returncode, time.monotonic() - start,
-                   sink)
+        _summarize(
+          outputs[rank], proc.returncode, time.monotonic() - start, sink
+        )
   if failure is None:
     return 0
   codes = [proc.returncode for proc in procs]
-  sink.write(f"[launch] exit codes {codes} after "
-             f"{time.monotonic() - start:.1f} s"
-             + (f"; killed {killed}" if killed else "") + "\n")
+  sink.write(
+    f"[launch] exit codes {codes} after "
+    f"{time.monotonic() - start:.1f} s"
+    + (f"; killed {killed}" if killed else "")
+    + "\n"
+  )
   rank, code = failure
   if rank >= 0:
     sink.write(f"[launch] FAILED: process {rank} exited with code {code}\n")
   return code if code > 0 else 1
 
 
-def _summarize(output: _RankOutput, code: int, seconds: float,
-               sink: TextIO) -> None:
+def _summarize(
+  output: _RankOutput, code: int, seconds: float, sink: TextIO
+) -> None:
   """The one line of a finished process (and its last lines if it failed)."""
   with output.lock:
     if code != 0 and not output.live:
       for line in output.tail:
         sink.write(f"{output.prefix}{line}\n")
-    sink.write(f"{output.prefix}exit {code} after {seconds:.1f} s: "
-               f"{output.last_line()}\n")
+    sink.write(
+      f"{output.prefix}exit {code} after {seconds:.1f} s: "
+      f"{output.last_line()}\n"
+    )
     sink.flush()

@@ -30,8 +30,9 @@ _DISABLED = os.environ.get("GQSGD_JAX_DISABLE_FFI", "") not in ("", "0")
 REGISTERED_PLATFORMS: set[str] = set()
 
 
-def _register(module: types.ModuleType | None, platform: str,
-              jax_platform: str) -> bool:
+def _register(
+  module: types.ModuleType | None, platform: str, jax_platform: str
+) -> bool:
   if module is None or _DISABLED:
     return False
   for name, capsule in module.registrations().items():

@@ -29,8 +29,9 @@ The result is the unbiased estimate of the workers' mean gradient,
 bit-identical on every worker, in each leaf's dtype.
 """
 
+from collections.abc import Callable
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import transform
 from gqsgd_jax._src import wire
 
 REDUCTIONS = ("auto", "psum", "butterfly")
@@ -67,6 +69,7 @@ _EXP_HUGE = 2.0**100
 
 class GlobalQuantizeState(NamedTuple):
   """State of ``global_quantize``: the PRNG key of the dither."""
+
   key: jax.Array  # uint32[2] raw PRNG key, split once per step
 
 
@@ -89,27 +92,36 @@ def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
     chosen = "psum" if psum_levels >= AUTO_MIN_PSUM_LEVELS else "butterfly"
     if num_workers > MAX_BUTTERFLY_WORKERS:  # psum_levels < 1 here too
       raise ValueError(
-          f"reduction='auto' with bits={bits} cannot serve {num_workers} "
-          f"workers: the butterfly supports at most {MAX_BUTTERFLY_WORKERS} "
-          f"and the integer psum at most {psum_limit}")
+        f"reduction='auto' with bits={bits} cannot serve {num_workers} "
+        f"workers: the butterfly supports at most {MAX_BUTTERFLY_WORKERS} "
+        f"and the integer psum at most {psum_limit}"
+      )
   if chosen == "psum" and psum_levels < 1:
     raise ValueError(
-        f"reduction='psum' with bits={bits} cannot serve {num_workers} "
-        f"workers (at most {psum_limit}: the integer sum would overflow); "
-        "use reduction='butterfly' or more bits")
+      f"reduction='psum' with bits={bits} cannot serve {num_workers} "
+      f"workers (at most {psum_limit}: the integer sum would overflow); "
+      "use reduction='butterfly' or more bits"
+    )
   if chosen == "butterfly" and num_workers > MAX_BUTTERFLY_WORKERS:
     raise ValueError(
-        f"reduction='butterfly' with bits={bits} supports at most "
-        f"{MAX_BUTTERFLY_WORKERS} workers (the weighted averages' integer "
-        f"math), got {num_workers}")
+      f"reduction='butterfly' with bits={bits} supports at most "
+      f"{MAX_BUTTERFLY_WORKERS} workers (the weighted averages' integer "
+      f"math), got {num_workers}"
+    )
   return chosen
 
 
-def _seed(key, *data) -> jax.Array:
+def _seed(key: jax.Array, *data: int | jax.Array) -> jax.Array:
   return ops.seed_from_key(prng.fold(key, *data))
 
 
-def _scales(global_max, enc, dec, *, huge=None):
+def _scales(
+  global_max: jax.Array,
+  enc: Callable[[jax.Array], jax.Array],
+  dec: Callable[[jax.Array], jax.Array],
+  *,
+  huge: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Quantize and decode multipliers from a bucket's max-abs value(s).
 
   ``global_max`` is the bucket's scalar max-abs or its vector of block
@@ -128,66 +140,152 @@ def _scales(global_max, enc, dec, *, huge=None):
   return scale.astype(jnp.float32), inv.astype(jnp.float32)
 
 
-def _psum_mean(flat, global_max, seed, *, bits, axis_name, num_workers,
-               block_size, impl):
+def _psum_mean(
+  flat: jax.Array,
+  global_max: jax.Array,
+  seed: jax.Array,
+  *,
+  bits: int,
+  axis_name: collectives.AxisName,
+  num_workers: int,
+  block_size: int | None,
+  impl: str,
+) -> jax.Array:
   signed = bits == 8
   levels = wire.psum_levels(bits, num_workers, signed)
-  scale, inv = _scales(global_max, lambda m: levels / m,
-                       lambda m: m / (levels * num_workers))
-  codes = ops.quantize(flat, scale, seed, levels=levels, bits=bits,
-                       signed_codes=signed, block_size=block_size, impl=impl)
+  scale, inv = _scales(
+    global_max, lambda m: levels / m, lambda m: m / (levels * num_workers)
+  )
+  codes = ops.quantize(
+    flat,
+    scale,
+    seed,
+    levels=levels,
+    bits=bits,
+    signed_codes=signed,
+    block_size=block_size,
+    impl=impl,
+  )
   total = jax.lax.psum(codes, axis_name)
   offset = 0 if signed else levels * num_workers
-  return ops.dequantize(total, inv, n=flat.shape[0], bits=bits, offset=offset,
-                        signed_codes=signed, block_size=block_size,
-                        impl=impl)
+  return ops.dequantize(
+    total,
+    inv,
+    n=flat.shape[0],
+    bits=bits,
+    offset=offset,
+    signed_codes=signed,
+    block_size=block_size,
+    impl=impl,
+  )
 
 
-def _butterfly_mean(flat, global_max, seed, node_key, *, bits, axis_name,
-                    num_workers, block_size, impl):
+def _butterfly_mean(
+  flat: jax.Array,
+  global_max: jax.Array,
+  seed: jax.Array,
+  node_key: jax.Array,
+  *,
+  bits: int,
+  axis_name: collectives.AxisName,
+  num_workers: int,
+  block_size: int | None,
+  impl: str,
+) -> jax.Array:
   levels = wire.max_levels(bits)
   scale, inv = _scales(global_max, lambda m: levels / m, lambda m: m / levels)
-  codes = ops.quantize(flat, scale, seed, levels=levels, bits=bits,
-                       block_size=block_size, impl=impl)
+  codes = ops.quantize(
+    flat,
+    scale,
+    seed,
+    levels=levels,
+    bits=bits,
+    block_size=block_size,
+    impl=impl,
+  )
   worker = jax.lax.axis_index(axis_name)
 
-  def combine(mine, theirs, n_mine, n_theirs, stage):
-    return ops.average(mine, theirs, n_mine, n_theirs,
-                       _seed(node_key, stage, worker), bits=bits, impl=impl)
+  def combine(
+    mine: jax.Array,
+    theirs: jax.Array,
+    n_mine: jax.Array,
+    n_theirs: jax.Array,
+    stage: int,
+  ) -> jax.Array:
+    return ops.average(
+      mine,
+      theirs,
+      n_mine,
+      n_theirs,
+      _seed(node_key, stage, worker),
+      bits=bits,
+      impl=impl,
+    )
 
   # The combine works on codes only: the reduce-scatter's shards need not
   # align with the scale blocks.
-  root = collectives.butterfly_allreduce(codes, combine, axis_name=axis_name,
-                                         num_workers=num_workers)
-  return ops.dequantize(root, inv, n=flat.shape[0], bits=bits, offset=levels,
-                        block_size=block_size, impl=impl)
+  root = collectives.butterfly_allreduce(
+    codes, combine, axis_name=axis_name, num_workers=num_workers
+  )
+  return ops.dequantize(
+    root,
+    inv,
+    n=flat.shape[0],
+    bits=bits,
+    offset=levels,
+    block_size=block_size,
+    impl=impl,
+  )
 
 
-def _exponential_mean(flat, global_max, seed, node_key, *, floor_code,
-                      axis_name, num_workers, block_size, impl):
+def _exponential_mean(
+  flat: jax.Array,
+  global_max: jax.Array,
+  seed: jax.Array,
+  node_key: jax.Array,
+  *,
+  floor_code: int,
+  axis_name: collectives.AxisName,
+  num_workers: int,
+  block_size: int | None,
+  impl: str,
+) -> jax.Array:
   # S = 2^(D+1) M: each worker's |v| <= 2^-(D+1) (code >= D+1), and each of
   # the D tree levels doubles a magnitude at most once, so the root code is
   # >= 1: no overflow for any W (the reference's 2WM only covers powers of
   # two with a tree, B-GQ-3).
   depth = collectives.tree_depth(num_workers)
-  headroom = float(2**(depth + 1))
-  scale, dec = _scales(global_max, lambda m: 1.0 / (headroom * m),
-                       lambda m: headroom * m / num_workers, huge=_EXP_HUGE)
-  codes = ops.exp_encode(flat, scale, seed, floor_code=floor_code,
-                         block_size=block_size, impl=impl)
+  headroom = float(2 ** (depth + 1))
+  scale, dec = _scales(
+    global_max,
+    lambda m: 1.0 / (headroom * m),
+    lambda m: headroom * m / num_workers,
+    huge=_EXP_HUGE,
+  )
+  codes = ops.exp_encode(
+    flat, scale, seed, floor_code=floor_code, block_size=block_size, impl=impl
+  )
   worker = jax.lax.axis_index(axis_name)
 
-  def combine(mine, theirs, n_mine, n_theirs, stage):
+  def combine(
+    mine: jax.Array,
+    theirs: jax.Array,
+    n_mine: jax.Array,
+    n_theirs: jax.Array,
+    stage: int,
+  ) -> jax.Array:
     del n_mine, n_theirs  # the reduce sums; the mean comes from S / W
-    return ops.exp_reduce(mine, theirs, _seed(node_key, stage, worker),
-                          impl=impl)
+    return ops.exp_reduce(
+      mine, theirs, _seed(node_key, stage, worker), impl=impl
+    )
 
-  root = collectives.butterfly_allreduce(codes, combine, axis_name=axis_name,
-                                         num_workers=num_workers)
+  root = collectives.butterfly_allreduce(
+    codes, combine, axis_name=axis_name, num_workers=num_workers
+  )
   return ops.exp_decode(root, dec, block_size=block_size, impl=impl)
 
 
-def _block_max(flat, block_size):
+def _block_max(flat: jax.Array, block_size: int) -> jax.Array:
   """Local max-abs of each block of ``block_size`` elements (tail padded)."""
   blocks = ops.num_scale_blocks(flat.shape[0], block_size)
   padded = jnp.pad(flat, (0, blocks * block_size - flat.shape[0]))
@@ -200,48 +298,46 @@ def _block_max(flat, block_size):
 # pmax of the words is the word of the float max. +inf (a non-finite block)
 # encodes to the format's inf; finite values above 2^127 (e8m0) or the
 # largest bf16 round up to it too and decode as non-finite.
-def _e8m0_encode(m):
+def _e8m0_encode(m: jax.Array) -> jax.Array:
   u = jax.lax.bitcast_convert_type(m, jnp.uint32)
   e = (u >> 23) + ((u & 0x7FFFFF) != 0).astype(jnp.uint32)
   return jnp.minimum(e, 255).astype(jnp.uint8)
 
 
-def _e8m0_decode(e):
+def _e8m0_decode(e: jax.Array) -> jax.Array:
   # 2^(e - 127); e = 0 decodes to 0 (a zero block), e = 255 to +inf.
-  return jax.lax.bitcast_convert_type(e.astype(jnp.uint32) << 23,
-                                      jnp.float32)
+  return jax.lax.bitcast_convert_type(e.astype(jnp.uint32) << 23, jnp.float32)
 
 
-def _bf16_encode(m):
+def _bf16_encode(m: jax.Array) -> jax.Array:
   u = jax.lax.bitcast_convert_type(m, jnp.uint32)
   return jnp.minimum((u + 0xFFFF) >> 16, 0x7F80).astype(jnp.uint16)
 
 
-def _bf16_decode(h):
-  return jax.lax.bitcast_convert_type(h.astype(jnp.uint32) << 16,
-                                      jnp.float32)
+def _bf16_decode(h: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(h.astype(jnp.uint32) << 16, jnp.float32)
 
 
 _SCALE_CODECS = {
-    "f32": (lambda m: m, lambda m: m),
-    "bf16": (_bf16_encode, _bf16_decode),
-    "e8m0": (_e8m0_encode, _e8m0_decode),
+  "f32": (lambda m: m, lambda m: m),
+  "bf16": (_bf16_encode, _bf16_decode),
+  "e8m0": (_e8m0_encode, _e8m0_decode),
 }
 
 
 def global_quantize(
-    bits: int = 4,
-    *,
-    axis_name="data",
-    reduction: str = "auto",
-    dithering: str = "standard",
-    granularity: str | None = None,
-    block_size: int | None = None,
-    scale_format: str | None = None,
-    bucket_bytes: int = 25 * 2**20,
-    key=0,
-    floor_code: int = 127,
-    impl: str = "auto",
+  bits: int = 4,
+  *,
+  axis_name: collectives.AxisName = "data",
+  reduction: str = "auto",
+  dithering: str = "standard",
+  granularity: str | None = None,
+  block_size: int | None = None,
+  scale_format: str | None = None,
+  bucket_bytes: int = 25 * 2**20,
+  key: jax.typing.ArrayLike = 0,
+  floor_code: int = 127,
+  impl: str = "auto",
 ) -> optax.GradientTransformation:
   """Global-QSGD: unbiased mean of the workers' gradients over integer wires.
 
@@ -286,18 +382,24 @@ def global_quantize(
   """
   bits = wire.validate_bits(bits)
   if reduction not in REDUCTIONS:
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got "
-                     f"{reduction!r}")
+    raise ValueError(
+      f"reduction must be one of {REDUCTIONS}, got {reduction!r}"
+    )
   if dithering not in DITHERINGS:
-    raise ValueError(f"dithering must be one of {DITHERINGS}, got "
-                     f"{dithering!r}")
+    raise ValueError(
+      f"dithering must be one of {DITHERINGS}, got {dithering!r}"
+    )
   if dithering == "exponential":
     if bits != 8:
-      raise ValueError("dithering='exponential' sends sign + 7-bit exponent "
-                       f"bytes and needs bits=8, got bits={bits}")
+      raise ValueError(
+        "dithering='exponential' sends sign + 7-bit exponent "
+        f"bytes and needs bits=8, got bits={bits}"
+      )
     if reduction == "psum":
-      raise ValueError("dithering='exponential' needs a custom reduction: "
-                       "use reduction='butterfly' or 'auto'")
+      raise ValueError(
+        "dithering='exponential' needs a custom reduction: "
+        "use reduction='butterfly' or 'auto'"
+      )
   if not 1 <= floor_code <= 127:
     raise ValueError(f"floor_code must be in [1, 127], got {floor_code}")
   if dithering == "exponential" and granularity is None:
@@ -305,16 +407,21 @@ def global_quantize(
     # block scales buy it nothing (measured) and would only add scale bytes.
     granularity = "bucket"
   granularity, block_size, scale_format = _resolve_scales(
-      bits, granularity, block_size, scale_format)
+    bits, granularity, block_size, scale_format
+  )
   bucket_bytes = bucketing.validate_bucket_bytes(bucket_bytes)
   ops.validate_impl(impl)
   init_key = prng.canonical_key(key)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> GlobalQuantizeState:
     del params
     return GlobalQuantizeState(key=init_key)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates,
+    state: GlobalQuantizeState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, GlobalQuantizeState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     if dithering == "exponential":
@@ -326,17 +433,21 @@ def global_quantize(
     paths = [p for p, _ in paths_leaves]
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
     bucketing.check_leaf_dtypes(leaves, paths)
-    buckets = bucketing.plan_buckets(leaves, bucket_bytes=bucket_bytes,
-                                     per_leaf=granularity == "leaf")
+    buckets = bucketing.plan_buckets(
+      leaves, bucket_bytes=bucket_bytes, per_leaf=granularity == "leaf"
+    )
     next_key, step_key = jax.random.split(state.key)
     if not buckets:  # only empty leaves
       empty = [jnp.zeros(x.shape, x.dtype) for x in leaves]
-      return (jax.tree_util.tree_unflatten(treedef, empty),
-              GlobalQuantizeState(key=next_key))
+      return (
+        jax.tree_util.tree_unflatten(treedef, empty),
+        GlobalQuantizeState(key=next_key),
+      )
 
     flats = [bucketing.flatten_bucket(b, leaves) for b in buckets]
     # One pmax for all scales (bucket or block maxima) of the step.
     if granularity == "block":
+      assert block_size is not None  # _resolve_scales sets it for "block"
       local = [_block_max(f, block_size) for f in flats]
     else:
       local = [nonfinite.max_abs(f).reshape(1) for f in flats]
@@ -351,15 +462,21 @@ def global_quantize(
       global_max = [all_max[a] for a in bounds[:-1]]
 
     worker = jax.lax.axis_index(axis_name)
-    common = dict(axis_name=axis_name, num_workers=num_workers, impl=impl,
-                  block_size=block_size if granularity == "block" else None)
+    # (flat, global_max, seed[, node_key]) -> the bucket's mean
+    reduce_fn: Callable[..., jax.Array]
     if strategy == "psum":
-      reduce_fn = functools.partial(_psum_mean, bits=bits, **common)
+      reduce_fn = functools.partial(_psum_mean, bits=bits)
     elif strategy == "butterfly":
-      reduce_fn = functools.partial(_butterfly_mean, bits=bits, **common)
+      reduce_fn = functools.partial(_butterfly_mean, bits=bits)
     else:
-      reduce_fn = functools.partial(_exponential_mean, floor_code=floor_code,
-                                    **common)
+      reduce_fn = functools.partial(_exponential_mean, floor_code=floor_code)
+    reduce_fn = functools.partial(
+      reduce_fn,
+      axis_name=axis_name,
+      num_workers=num_workers,
+      impl=impl,
+      block_size=block_size if granularity == "block" else None,
+    )
     means = []
     for b, flat in enumerate(flats):
       # Dither: independent per (step, bucket, worker). Tree nodes: per
@@ -371,13 +488,23 @@ def global_quantize(
         node_key = jax.random.fold_in(jax.random.fold_in(step_key, b), 1)
         means.append(reduce_fn(flat, global_max[b], seed, node_key))
     out = bucketing.unflatten_buckets(buckets, means, leaves)
-    return (jax.tree_util.tree_unflatten(treedef, out),
-            GlobalQuantizeState(key=next_key))
+    return (
+      jax.tree_util.tree_unflatten(treedef, out),
+      GlobalQuantizeState(key=next_key),
+    )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)
 
 
-def default_config(bits: int) -> dict:
+class ScaleConfig(TypedDict):
+  """A scale configuration: ``global_quantize``'s scale options."""
+
+  granularity: str
+  block_size: int
+  scale_format: str
+
+
+def default_config(bits: int) -> ScaleConfig:
   """The scale configuration ``global_quantize(bits)`` uses by default.
 
   Chosen from measurements (benchmarks/results/frontier.md): one scale
@@ -390,20 +517,25 @@ def default_config(bits: int) -> dict:
   Other widths keep the byte budget with f32 scales.
   """
   bits = wire.validate_bits(bits)
-  return dict(_DEFAULTS.get(bits, _DEFAULTS[None]))
+  return _DEFAULTS.get(bits, _DEFAULTS[None]).copy()
 
 
 # bits -> defaults; None: every other bit width.
-_DEFAULTS = {
-    2: dict(granularity="block", block_size=1024, scale_format="f32"),
-    3: dict(granularity="block", block_size=512, scale_format="f32"),
-    4: dict(granularity="block", block_size=256, scale_format="bf16"),
-    5: dict(granularity="block", block_size=512, scale_format="f32"),
-    None: dict(granularity="block", block_size=256, scale_format="f32"),
+_DEFAULTS: dict[int | None, ScaleConfig] = {
+  2: ScaleConfig(granularity="block", block_size=1024, scale_format="f32"),
+  3: ScaleConfig(granularity="block", block_size=512, scale_format="f32"),
+  4: ScaleConfig(granularity="block", block_size=256, scale_format="bf16"),
+  5: ScaleConfig(granularity="block", block_size=512, scale_format="f32"),
+  None: ScaleConfig(granularity="block", block_size=256, scale_format="f32"),
 }
 
 
-def _resolve_scales(bits, granularity, block_size, scale_format):
+def _resolve_scales(
+  bits: int,
+  granularity: str | None,
+  block_size: int | None,
+  scale_format: str | None,
+) -> tuple[str, int | None, str]:
   """Fills unset scale options from ``default_config`` and validates them."""
   defaults = default_config(bits)
   if granularity is None:
@@ -414,18 +546,22 @@ def _resolve_scales(bits, granularity, block_size, scale_format):
       scale_format = defaults["scale_format"]
   if granularity not in GRANULARITIES:
     raise ValueError(
-        f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+      f"granularity must be one of {GRANULARITIES}, got {granularity!r}"
+    )
   if scale_format is None:
-    scale_format = defaults["scale_format"] if granularity == "block" else (
-        "f32")
+    scale_format = (
+      defaults["scale_format"] if granularity == "block" else ("f32")
+    )
   if scale_format not in SCALE_FORMATS:
-    raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got "
-                     f"{scale_format!r}")
+    raise ValueError(
+      f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}"
+    )
   if granularity == "block":
     if block_size is None:
       block_size = defaults.get("block_size") or 256
     block_size = ops.validate_block_size(block_size)
   elif block_size is not None:
-    raise ValueError(f"block_size needs granularity='block', got "
-                     f"granularity={granularity!r}")
+    raise ValueError(
+      f"block_size needs granularity='block', got granularity={granularity!r}"
+    )
   return granularity, block_size, scale_format

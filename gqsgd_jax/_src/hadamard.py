@@ -55,11 +55,13 @@ def hadamard_transform(x: jax.Array) -> jax.Array:
     x = jnp.stack([a + b, a - b], axis=-2).reshape(batch + (d,))
     h *= 2
   # One scaling at the end (exact for even k): 2^-floor(k/2) * 2^-(k mod 2)/2.
-  scale = 2.0**-(k // 2) * (np.sqrt(0.5) if k % 2 else 1.0)
+  scale = 2.0 ** -(k // 2) * (np.sqrt(0.5) if k % 2 else 1.0)
   return x * jnp.asarray(scale, x.dtype)
 
 
-def random_signs(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
+def random_signs(
+  key: jax.Array, n: int, dtype: jax.typing.DTypeLike = jnp.float32
+) -> jax.Array:
   """``n`` random ±1 of ``dtype`` from ``key``.
 
   Pass the same key on every worker (spec §0.3 rule 2: shared randomness);
@@ -69,7 +71,9 @@ def random_signs(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
   return jax.random.rademacher(key, (n,), dtype=dtype)
 
 
-def counter_signs(seed: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
+def counter_signs(
+  seed: jax.Array, n: int, dtype: jax.typing.DTypeLike = jnp.float32
+) -> jax.Array:
   """``n`` random ±1 of ``dtype`` from a uint32[2] seed, by the kernels'
   counter hash (``reference.random_bits``: two integer mixes per element).
 
@@ -80,7 +84,7 @@ def counter_signs(seed: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
   return (1 - 2 * (bits >> 31).astype(jnp.int32)).astype(dtype)
 
 
-def _blocks(x: jax.Array, block_log2) -> jax.Array:
+def _blocks(x: jax.Array, block_log2: int | None) -> jax.Array:
   """``x`` as rows of the transform size (one row of all of x if None)."""
   d = x.shape[0]
   if block_log2 is None:
@@ -90,13 +94,15 @@ def _blocks(x: jax.Array, block_log2) -> jax.Array:
     raise ValueError(f"block_log2 must be >= 0, got {block_log2}")
   block = 1 << block_log2
   if d % block:
-    raise ValueError(f"the length of x ({d}) must be a multiple of "
-                     f"2^block_log2 = {block}")
+    raise ValueError(
+      f"the length of x ({d}) must be a multiple of 2^block_log2 = {block}"
+    )
   return x.reshape(-1, block)
 
 
-def randomized_hadamard(x: jax.Array, signs: jax.Array, *,
-                        block_log2: int | None = None) -> jax.Array:
+def randomized_hadamard(
+  x: jax.Array, signs: jax.Array, *, block_log2: int | None = None
+) -> jax.Array:
   """The rotation ``H (signs * x)`` of a 1-D ``x``.
 
   Args:
@@ -111,18 +117,23 @@ def randomized_hadamard(x: jax.Array, signs: jax.Array, *,
   """
   x = jnp.asarray(x)
   if x.ndim != 1 or signs.shape != x.shape:
-    raise ValueError(f"x must be 1-D and signs of the same shape, got "
-                     f"{x.shape} and {signs.shape}")
+    raise ValueError(
+      f"x must be 1-D and signs of the same shape, got "
+      f"{x.shape} and {signs.shape}"
+    )
   y = _blocks(x * signs.astype(x.dtype), block_log2)
   return hadamard_transform(y).reshape(-1)
 
 
-def inverse_randomized_hadamard(y: jax.Array, signs: jax.Array, *,
-                                block_log2: int | None = None) -> jax.Array:
+def inverse_randomized_hadamard(
+  y: jax.Array, signs: jax.Array, *, block_log2: int | None = None
+) -> jax.Array:
   """Undoes ``randomized_hadamard``: ``signs * H y`` (H is self-inverse)."""
   y = jnp.asarray(y)
   if y.ndim != 1 or signs.shape != y.shape:
-    raise ValueError(f"y must be 1-D and signs of the same shape, got "
-                     f"{y.shape} and {signs.shape}")
+    raise ValueError(
+      f"y must be 1-D and signs of the same shape, got "
+      f"{y.shape} and {signs.shape}"
+    )
   x = hadamard_transform(_blocks(y, block_log2)).reshape(-1)
   return x * signs.astype(x.dtype)

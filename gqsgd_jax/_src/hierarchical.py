@@ -89,6 +89,7 @@ from gqsgd_jax._src import worker_state
 
 class HierarchicalState(NamedTuple):
   """State of ``hierarchical``: the inner transform's state."""
+
   inner_state: optax.OptState  # replicated (see the module docstring)
 
 
@@ -99,8 +100,9 @@ def _per_worker_fields(state: optax.OptState) -> list[str]:
   return [type(n).__name__ for n in nodes if stateful(n)]
 
 
-def _groups(leaves: Sequence[jax.Array],
-            wire: np.dtype | None) -> dict[np.dtype, list[int]]:
+def _groups(
+  leaves: Sequence[jax.Array], wire: np.dtype | None
+) -> dict[np.dtype, list[int]]:
   """{wire dtype: [leaf index, ...]} for the non-empty leaves, in order."""
   groups: dict[np.dtype, list[int]] = {}
   for i, leaf in enumerate(leaves):
@@ -109,10 +111,12 @@ def _groups(leaves: Sequence[jax.Array],
   return groups
 
 
-def hierarchical(inner: optax.GradientTransformation, *,
-                 local_axis: collectives.AxisName = "local",
-                 wire_dtype: jax.typing.DTypeLike | None = None
-                 ) -> optax.GradientTransformation:
+def hierarchical(
+  inner: optax.GradientTransformation,
+  *,
+  local_axis: collectives.AxisName = "local",
+  wire_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
   """Mean over a 2-D mesh, full precision inside hosts, ``inner`` across.
 
   See the module docstring for the algorithm and its conditions.
@@ -145,10 +149,14 @@ def hierarchical(inner: optax.GradientTransformation, *,
     ...         local_axis="local"),
     ...     optax.sgd(0.1))
   """
-  if not (callable(getattr(inner, "init", None)) and
-          callable(getattr(inner, "update", None))):
-    raise ValueError("inner must be an optax.GradientTransformation, got "
-                     f"{type(inner).__name__}")
+  if not (
+    callable(getattr(inner, "init", None))
+    and callable(getattr(inner, "update", None))
+  ):
+    raise ValueError(
+      "inner must be an optax.GradientTransformation, got "
+      f"{type(inner).__name__}"
+    )
   wire = None if wire_dtype is None else jnp.dtype(wire_dtype)
   if wire is not None and not jnp.issubdtype(wire, jnp.floating):
     raise ValueError(f"wire_dtype must be a float dtype, got {wire}")
@@ -158,54 +166,65 @@ def hierarchical(inner: optax.GradientTransformation, *,
     stateful = _per_worker_fields(state)
     if stateful:
       raise ValueError(
-          f"inner keeps per-worker state ({', '.join(stateful)}), which "
-          "hierarchical does not support: use an inner with replicated "
-          "state such as global_quantize or psum_mean")
+        f"inner keeps per-worker state ({', '.join(stateful)}), which "
+        "hierarchical does not support: use an inner with replicated "
+        "state such as global_quantize or psum_mean"
+      )
     return HierarchicalState(state)
 
-  def update_fn(updates: optax.Updates, state: HierarchicalState,
-                params: optax.Params | None = None
-                ) -> tuple[optax.Updates, HierarchicalState]:
+  def update_fn(
+    updates: optax.Updates,
+    state: HierarchicalState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, HierarchicalState]:
     del params
     num_local = collectives.axis_size(local_axis)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
     for (path, _), leaf in zip(paths_leaves, leaves):
       if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise TypeError(f"gradient leaf {jax.tree_util.keystr(path)} has "
-                        f"dtype {leaf.dtype}; hierarchical needs floats")
+        raise TypeError(
+          f"gradient leaf {jax.tree_util.keystr(path)} has "
+          f"dtype {leaf.dtype}; hierarchical needs floats"
+        )
     groups = _groups(leaves, wire)
 
     blocks, sizes = [], []
     for dtype, ids in groups.items():
       # Divide before summing (as psum_mean): the sum of L values near the
       # dtype's max would overflow, their mean cannot.
-      parts = [(leaves[i].reshape(-1).astype(jnp.float32) / num_local
-                ).astype(dtype) for i in ids]
+      parts = [
+        (leaves[i].reshape(-1).astype(jnp.float32) / num_local).astype(dtype)
+        for i in ids
+      ]
       flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
       n = flat.shape[0]
       sizes.append(n)
       flat = jnp.pad(flat, (0, (-n) % num_local))  # zeros: exact, no effect
       # Row j of `mine`: device j's copy of this device's block (see the
       # module docstring for why not psum_scatter).
-      mine = jax.lax.all_to_all(flat.reshape(num_local, -1), local_axis, 0,
-                                0, tiled=True)
+      mine = jax.lax.all_to_all(
+        flat.reshape(num_local, -1), local_axis, 0, 0, tiled=True
+      )
       total = mine[0].astype(jnp.float32)
       for j in range(1, num_local):
         total = total + mine[j].astype(jnp.float32)
       blocks.append(total.astype(dtype))
 
-    reduced_tree, inner_state = inner.update(tuple(blocks),
-                                             state.inner_state)
+    reduced_tree, inner_state = inner.update(tuple(blocks), state.inner_state)
     # A gradient transformation keeps its input's structure: one block each.
     reduced = cast(tuple[jax.Array, ...], reduced_tree)
     out = [jnp.zeros(x.shape, x.dtype) for x in leaves]
     if not groups:
-      return (jax.tree_util.tree_unflatten(treedef, out),
-              HierarchicalState(inner_state))
+      return (
+        jax.tree_util.tree_unflatten(treedef, out),
+        HierarchicalState(inner_state),
+      )
 
-    gathered = [jax.lax.all_gather(r, local_axis, tiled=True, to="invarying")
-                for r in reduced]
+    gathered = [
+      jax.lax.all_gather(r, local_axis, tiled=True, to="invarying")
+      for r in reduced
+    ]
     # Identical on every device already, so this check needs no collective.
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in gathered]))
     saturate = baselines._cast_saturating  # pylint: disable=protected-access
@@ -213,9 +232,11 @@ def hierarchical(inner: optax.GradientTransformation, *,
       full = jnp.where(finite, full[:n], jnp.nan).astype(dtype)
       offsets = np.cumsum([0] + [leaves[i].size for i in ids])
       for j, i in enumerate(ids):
-        piece = full[offsets[j]:offsets[j + 1]].reshape(leaves[i].shape)
+        piece = full[offsets[j] : offsets[j + 1]].reshape(leaves[i].shape)
         out[i] = saturate(piece, leaves[i].dtype)
-    return (jax.tree_util.tree_unflatten(treedef, out),
-            HierarchicalState(inner_state))
+    return (
+      jax.tree_util.tree_unflatten(treedef, out),
+      HierarchicalState(inner_state),
+    )
 
   return transform.transformation(init_fn, update_fn)

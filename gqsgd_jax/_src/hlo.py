@@ -33,16 +33,35 @@ import re
 import jax
 import numpy as np
 
-_OPS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
-        "all-to-all", "collective-broadcast")
+_OPS = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "collective-permute",
+  "all-to-all",
+  "collective-broadcast",
+)
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
 }
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 _INSTR = re.compile(
-    r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>" + "|".join(_OPS) +
-    r")(?P<start>-start)?\(")
+  r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>"
+  + "|".join(_OPS)
+  + r")(?P<start>-start)?\("
+)
 
 
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
@@ -53,10 +72,17 @@ _MESH_AXIS = re.compile(r"'([^']+)'\s*=\s*(\d+)")
 _TO_APPLY = re.compile(r"to_apply=%?([\w.\-]+)")
 # A computation's header line, e.g. "%region_8.9 (a: f32[], b: f32[]) ->".
 _COMPUTATION = re.compile(
-    r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->.*\{\s*$")
+  r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->.*\{\s*$"
+)
 _ROOT = re.compile(r"^\s*ROOT\s+\S+\s*=\s*\S+\s+([\w\-]+)\(")
-_REDUCERS = {"add": "sum", "maximum": "max", "minimum": "min", "and": "and",
-             "or": "or", "multiply": "prod"}
+_REDUCERS = {
+  "add": "sum",
+  "maximum": "max",
+  "minimum": "min",
+  "and": "and",
+  "or": "or",
+  "multiply": "prod",
+}
 # Reductions that agree on a value (scale, bound, flag) rather than sum data.
 _SCALE_REDUCERS = frozenset(("max", "min", "and", "or"))
 
@@ -163,9 +189,10 @@ def collectives(hlo_text: str) -> list[Collective]:
     if m.group("start") and m.group("op") == "collective-permute":
       arrays = arrays[:1]  # (operand, result, contexts...): count one buffer
     elif m.group("start") and m.group("op") in ("all-gather", "all-reduce"):
-      arrays = arrays[len(arrays) // 2:] if len(arrays) > 1 else arrays
-    found.extend(Collective(m.group("op"), d, n, group, reducer)
-                 for d, n in arrays)
+      arrays = arrays[len(arrays) // 2 :] if len(arrays) > 1 else arrays
+    found.extend(
+      Collective(m.group("op"), d, n, group, reducer) for d, n in arrays
+    )
   return found
 
 
@@ -213,8 +240,9 @@ class WireReport:
     return self.scale_bytes
 
 
-def wire_report(compiled_or_text: jax.stages.Compiled | str,
-                num_devices: int | None = None) -> WireReport:
+def wire_report(
+  compiled_or_text: jax.stages.Compiled | str, num_devices: int | None = None
+) -> WireReport:
   """Collective bytes of a compiled step.
 
   Args:
@@ -229,11 +257,16 @@ def wire_report(compiled_or_text: jax.stages.Compiled | str,
   Raises:
     ValueError: the compiled program has no HLO text.
   """
-  text = compiled_or_text if isinstance(compiled_or_text, str) else (
-      compiled_or_text.as_text())
+  text = (
+    compiled_or_text
+    if isinstance(compiled_or_text, str)
+    else (compiled_or_text.as_text())
+  )
   if text is None:
-    raise ValueError("compiled_or_text: this compiled program has no HLO "
-                     "text to read the collectives from")
+    raise ValueError(
+      "compiled_or_text: this compiled program has no HLO "
+      "text to read the collectives from"
+    )
   payload = scale = floats = 0
   sent = 0.0
   by_op: collections.Counter[str] = collections.Counter()

@@ -40,11 +40,12 @@ order, so the result is bit-identical everywhere. Other tensors (biases,
 norms, small layers) are averaged exactly by one ``psum``.
 """
 
+from collections.abc import Callable
 import dataclasses
 from fractions import Fraction
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +57,17 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import reference
+from gqsgd_jax._src import transform
+from gqsgd_jax._src import worker_state
 
 SELECTIONS = ("exact", "sampled")
+
+# Which leaves to compress: None (the default rule), "reference" or a
+# callable leaf -> bool (see compression_predicate).
+Predicate = Callable[[jax.Array], bool] | str | None
+# A pytree of JointSQLayout | None matching the params (see
+# jointsq_layouts).
+LayoutTree = Any
 INDEX_FORMATS = ("auto", "positions", "bitmap", "classmap")
 HEADER_BYTES = 24  # norms f32[3] + counts int32[3]
 # Class c (= items taken by an element) -> bits; classes go on the wire in
@@ -66,8 +76,11 @@ CLASS_BITS = (0, 2, 4, 8)
 _WIRE_CLASSES = (3, 2, 1)
 # Incremental profit per bit of the 0->2, 2->4 and 4->8 bit items under
 # err(b) = x^2 4^-b (the reference's third constant has a typo, spec §9.2).
-PROFIT_DENSITY = ((1 - 4.0**-2) / 2, (4.0**-2 - 4.0**-4) / 2,
-                  (4.0**-4 - 4.0**-8) / 4)
+PROFIT_DENSITY = (
+  (1 - 4.0**-2) / 2,
+  (4.0**-2 - 4.0**-4) / 2,
+  (4.0**-4 - 4.0**-8) / 4,
+)
 ITEM_WEIGHT = (2, 2, 4)
 _TINY = float(np.finfo(np.float32).tiny)
 # Bit packing of the maps (element 0 in the high lane), shared with the
@@ -78,7 +91,7 @@ _unpack = reference._unpack  # pylint: disable=protected-access
 
 def levels(bits: int) -> int:
   """Signed levels s_b = 2^(b-1) - 1 of a b-bit class (ternary at b=2)."""
-  return 2**(bits - 1) - 1
+  return 2 ** (bits - 1) - 1
 
 
 def budget_bits(numel: int, compression_ratio: float) -> int:
@@ -89,6 +102,7 @@ def budget_bits(numel: int, compression_ratio: float) -> int:
 @dataclasses.dataclass(frozen=True)
 class JointSQLayout:
   """Static wire layout of one compressed tensor (per worker and step)."""
+
   numel: int
   budget_bits: int
   index_format: str  # "positions", "bitmap" or "classmap"
@@ -123,7 +137,7 @@ class JointSQLayout:
   def payload_bytes(self) -> int:
     return HEADER_BYTES + self.index_bytes + self.stream_bytes
 
-  def bits(self, counts) -> dict:
+  def bits(self, counts: jax.typing.ArrayLike) -> dict[str, int]:
     """Bits of one payload given its counts (k8, k4, k2).
 
     ``code_bits`` (<= budget_bits) excludes index and header;
@@ -137,9 +151,12 @@ class JointSQLayout:
       index = 8 * self.position_bytes * (k8 + k4 + k2)
     else:
       index = 8 * self.index_bytes
-    return dict(budget_bits=self.budget_bits, code_bits=code,
-                with_index_bits=code + index + 8 * HEADER_BYTES,
-                payload_bits=8 * self.payload_bytes)
+    return dict(
+      budget_bits=self.budget_bits,
+      code_bits=code,
+      with_index_bits=code + index + 8 * HEADER_BYTES,
+      payload_bits=8 * self.payload_bytes,
+    )
 
 
 def _index_bytes(index_format: str, numel: int, capacity: int) -> int:
@@ -150,47 +167,63 @@ def _index_bytes(index_format: str, numel: int, capacity: int) -> int:
   return -(-numel // 4)
 
 
-def make_layout(numel: int, compression_ratio: float,
-                index_format: str = "auto") -> JointSQLayout:
+def make_layout(
+  numel: int, compression_ratio: float, index_format: str = "auto"
+) -> JointSQLayout:
   b = budget_bits(numel, compression_ratio)
   if index_format == "auto":
     cap = min(numel, b // 2)
-    index_format = min(("positions", "bitmap", "classmap"),
-                       key=lambda f: _index_bytes(f, numel, cap))
+    index_format = min(
+      ("positions", "bitmap", "classmap"),
+      key=lambda f: _index_bytes(f, numel, cap),
+    )
   return JointSQLayout(numel, b, index_format)
 
 
-def compression_predicate(predicate, min_size: int):
+def compression_predicate(
+  predicate: Predicate, min_size: int
+) -> Callable[[jax.Array], bool]:
   """Which leaves a sparsifier compresses: a callable leaf -> bool.
 
   None: ndim >= 2 and size >= min_size; "reference": conv kernels only
   (ndim == 4), as the JointSQ/DGC reference hooks. Empty leaves never.
   """
+  rule: Callable[[jax.Array], bool]
   if predicate is None:
     rule = lambda x: x.ndim >= 2 and x.size >= min_size
   elif isinstance(predicate, str):
     if predicate != "reference":
-      raise ValueError("predicate must be None, 'reference' or a callable "
-                       f"leaf -> bool, got {predicate!r}")
+      raise ValueError(
+        "predicate must be None, 'reference' or a callable "
+        f"leaf -> bool, got {predicate!r}"
+      )
     rule = lambda x: x.ndim == 4
   elif callable(predicate):
     rule = predicate
   else:
-    raise TypeError("predicate must be None, 'reference' or a callable "
-                    f"leaf -> bool, got {predicate!r}")
+    raise TypeError(
+      "predicate must be None, 'reference' or a callable "
+      f"leaf -> bool, got {predicate!r}"
+    )
   return lambda x: np.size(x) > 0 and bool(rule(x))
 
 
-def validate_size(value, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < 1):
+def validate_size(value: object, name: str) -> int:
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or (value < 1)
+  ):
     raise ValueError(f"{name} must be a positive int, got {value!r}")
   return int(value)
 
 
-def validate_fraction(value, name: str) -> float:
-  if isinstance(value, bool) or not isinstance(
-      value, (int, float, np.integer, np.floating)) or not 0 < value <= 1:
+def validate_fraction(value: object, name: str) -> float:
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, float, np.integer, np.floating))
+    or not 0 < value <= 1
+  ):
     raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
   return float(value)
 
@@ -212,8 +245,18 @@ def item_profits(v: jax.Array) -> jax.Array:
   return (dens[:, None] * (a * a)[None, :]).reshape(-1)
 
 
-def sampled_top(scores: jax.Array, capacity: int, key: jax.Array, *,
-                sample_ratio: float, rounds: int = 10):
+# (threshold, rounds, count) of sampled_top's loop.
+_Carry = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def sampled_top(
+  scores: jax.Array,
+  capacity: int,
+  key: jax.Array,
+  *,
+  sample_ratio: float,
+  rounds: int = 10,
+) -> tuple[jax.Array, jax.Array]:
   """Up to ``capacity`` largest positive scores by a sampled threshold (§9.3).
 
   The threshold τ is the capacity-quantile of a random sample (with
@@ -232,36 +275,41 @@ def sampled_top(scores: jax.Array, capacity: int, key: jax.Array, *,
   sample = scores[jax.random.randint(key, (ns,), 0, total)]
   tau0 = jax.lax.top_k(sample, ks)[0][-1]
 
-  def count(tau):
+  def count(tau: jax.Array) -> jax.Array:
     return jnp.sum((scores >= tau) & (scores > 0), dtype=jnp.int32)
 
-  def adapt(c):
+  def adapt(c: _Carry) -> _Carry:
     tau, r, _ = c
     return 0.8 * tau, r + 1, count(0.8 * tau)
 
-  def too_few(c):
+  def too_few(c: _Carry) -> jax.Array:
     tau, r, n = c
     return (r < rounds) & (n < 0.8 * capacity) & (tau > 0)
 
-  tau, _, passed = jax.lax.while_loop(too_few, adapt,
-                                      (tau0, jnp.int32(0), count(tau0)))
+  tau, _, passed = jax.lax.while_loop(
+    too_few, adapt, (tau0, jnp.int32(0), count(tau0))
+  )
 
-  def compact():
+  def compact() -> tuple[jax.Array, jax.Array]:
     mask = (scores >= tau) & (scores > 0)
     slot = jnp.where(mask, jnp.cumsum(mask) - 1, capacity)
-    idx = jnp.zeros(capacity, jnp.int32).at[slot].set(
-        jnp.arange(total, dtype=jnp.int32), mode="drop")
-    val = jnp.full(capacity, -1.0, jnp.float32).at[slot].set(scores,
-                                                             mode="drop")
+    idx = (
+      jnp.zeros(capacity, jnp.int32)
+      .at[slot]
+      .set(jnp.arange(total, dtype=jnp.int32), mode="drop")
+    )
+    val = (
+      jnp.full(capacity, -1.0, jnp.float32).at[slot].set(scores, mode="drop")
+    )
     neg, idx = jax.lax.sort((-val, idx), num_keys=2)
     return -neg, idx
 
-  return jax.lax.cond(passed > capacity,
-                      lambda: tuple(jax.lax.top_k(scores, capacity)), compact)
+  return jax.lax.cond(
+    passed > capacity, lambda: tuple(jax.lax.top_k(scores, capacity)), compact
+  )
 
 
-def _threshold_classes(profits: jax.Array, n: int, budget: int
-                       ) -> jax.Array:
+def _threshold_classes(profits: jax.Array, n: int, budget: int) -> jax.Array:
   """The exact greedy's classes without sorting (int32[n]).
 
   The longest prefix of the items sorted by profit (ties by item index, as
@@ -275,11 +323,13 @@ def _threshold_classes(profits: jax.Array, n: int, budget: int
   weight = jnp.asarray(ITEM_WEIGHT, jnp.int32)[:, None]
   budget = jnp.int32(budget)
 
-  def weight_from(bits):
+  def weight_from(bits: jax.Array) -> jax.Array:
     tau = jax.lax.bitcast_convert_type(bits, jnp.float32)
     return jnp.sum(jnp.where(p >= tau, weight, 0), dtype=jnp.int32)
 
-  def halve(_, bounds):
+  def halve(
+    _: int | jax.Array, bounds: tuple[jax.Array, jax.Array]
+  ) -> tuple[jax.Array, jax.Array]:
     lo, hi = bounds  # weight_from(lo) > budget >= weight_from(hi)
     mid = lo + (hi - lo) // 2
     over = weight_from(mid) > budget
@@ -301,8 +351,14 @@ def _threshold_classes(profits: jax.Array, n: int, budget: int
   return jnp.sum(take, axis=0, dtype=jnp.int32)
 
 
-def select(v: jax.Array, layout: JointSQLayout, key=None, *,
-           selection: str = "exact", sample_ratio: float = 0.01):
+def select(
+  v: jax.Array,
+  layout: JointSQLayout,
+  key: jax.Array | None = None,
+  *,
+  selection: str = "exact",
+  sample_ratio: float = 0.01,
+) -> jax.Array:
   """Class per element (int32[n], 0..3 = items taken) by the MCKP greedy."""
   n, m = layout.numel, layout.item_capacity
   if m == 0:
@@ -310,6 +366,8 @@ def select(v: jax.Array, layout: JointSQLayout, key=None, *,
   profits = item_profits(v)
   if selection == "exact":
     return _threshold_classes(profits, n, layout.budget_bits)
+  if key is None:
+    raise ValueError("key: selection='sampled' needs a PRNG key")
   scores, items = sampled_top(profits, m, key, sample_ratio=sample_ratio)
   weights = jnp.asarray(ITEM_WEIGHT, jnp.int32)[items // n]
   # Items sorted by profit: the longest prefix within the budget.
@@ -340,11 +398,13 @@ def _value_bases(layout: JointSQLayout) -> tuple[np.ndarray, int]:
 
 def _region_bytes(layout: JointSQLayout) -> list[int]:
   """Bytes of each class's packed codes at full capacity (8, 4, 2 order)."""
-  return [-(-layout.region_capacity(CLASS_BITS[c]) * CLASS_BITS[c] // 8)
-          for c in _WIRE_CLASSES]
+  return [
+    -(-layout.region_capacity(CLASS_BITS[c]) * CLASS_BITS[c] // 8)
+    for c in _WIRE_CLASSES
+  ]
 
 
-def _stream_offsets(counts):
+def _stream_offsets(counts: jax.Array) -> jax.Array:
   """Byte offsets of the 8-, 4- and 2-bit code regions in the stream, and
   the end of the used bytes."""
   k8, k4, k2 = counts[0], counts[1], counts[2]
@@ -356,12 +416,14 @@ def _bytes(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(-1)
 
 
-def _from_bytes(b: jax.Array, dtype) -> jax.Array:
+def _from_bytes(b: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
   width = np.dtype(dtype).itemsize
   return jax.lax.bitcast_convert_type(b.reshape(-1, width), dtype)
 
 
-def _dequantize_all(codes, norms, layout, impl):
+def _dequantize_all(
+  codes: jax.Array, norms: jax.Array, layout: JointSQLayout, impl: str
+) -> jax.Array:
   """Values of the concatenated packed codes of the three classes."""
   vals, start = [], 0
   for r, c in enumerate(_WIRE_CLASSES):
@@ -370,22 +432,37 @@ def _dequantize_all(codes, norms, layout, impl):
     if cap:
       s = levels(bits)
       ok = norms[r] >= _TINY  # empty or all-zero class: 0, not 0/0
-      vals.append(ops.dequantize(codes[start:start + size],
-                                 jnp.where(ok, norms[r] / s, 0.0), n=cap,
-                                 bits=bits, offset=s, impl=impl))
+      vals.append(
+        ops.dequantize(
+          codes[start : start + size],
+          jnp.where(ok, norms[r] / s, 0.0),
+          n=cap,
+          bits=bits,
+          offset=s,
+          impl=impl,
+        )
+      )
     start += size
   return jnp.concatenate(vals) if vals else jnp.zeros(1, jnp.float32)
 
 
-def _gather_values(vals, cls, rank, base):
+def _gather_values(
+  vals: jax.Array, cls: jax.Array, rank: jax.Array, base: np.ndarray
+) -> jax.Array:
   """Each element's (or slot's) value: vals[base[class] + rank], 0 if none."""
   idx = jnp.clip(jnp.asarray(base)[cls] + rank, 0, vals.shape[0] - 1)
   return jnp.where(cls > 0, vals[idx], 0.0)
 
 
-def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
-           selection: str = "exact", sample_ratio: float = 0.01,
-           impl: str = "auto"):
+def encode(
+  v: jax.Array,
+  layout: JointSQLayout,
+  key: jax.Array,
+  *,
+  selection: str = "exact",
+  sample_ratio: float = 0.01,
+  impl: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Compresses one flat tensor.
 
   Args:
@@ -406,8 +483,9 @@ def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
   v = jnp.where(finite, v, 0.0)
   # One draw for all seeds: a dither seed per class and the sampling key.
   seeds = jax.random.bits(key, (4, 2), jnp.uint32)
-  cls = select(v, layout, seeds[3], selection=selection,
-               sample_ratio=sample_ratio)
+  cls = select(
+    v, layout, seeds[3], selection=selection, sample_ratio=sample_ratio
+  )
   rank = _ranks(cls)
   wire = np.asarray(_WIRE_CLASSES)
   counts = jnp.zeros(4, jnp.int32).at[cls].add(1)[wire]
@@ -417,19 +495,29 @@ def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
   base, total = _value_bases(layout)
   slot = jnp.where(cls > 0, jnp.asarray(base)[cls] + rank, total)
   buf = jnp.zeros(total, jnp.float32).at[slot].set(v, mode="drop")
-  codes, start = [], 0
+  parts: list[jax.Array] = []
+  start = 0
   for r, c in enumerate(_WIRE_CLASSES):
     bits, cap = CLASS_BITS[c], layout.region_capacity(CLASS_BITS[c])
     if cap:  # else the budget cannot afford this class
       s = levels(bits)
       ok = norms[r] >= _TINY
       scale = jnp.where(ok, s / jnp.where(ok, norms[r], 1.0), 0.0)
-      codes.append(ops.quantize(buf[start:start + cap], scale, seeds[c - 1],
-                                levels=s, bits=bits, impl=impl))
+      parts.append(
+        ops.quantize(
+          buf[start : start + cap],
+          scale,
+          seeds[c - 1],
+          levels=s,
+          bits=bits,
+          impl=impl,
+        )
+      )
     start += cap
-  codes = jnp.concatenate(codes) if codes else jnp.zeros(0, jnp.uint8)
-  x_hat = _gather_values(_dequantize_all(codes, norms, layout, impl), cls,
-                         rank, base)
+  codes = jnp.concatenate(parts) if parts else jnp.zeros(0, jnp.uint8)
+  x_hat = _gather_values(
+    _dequantize_all(codes, norms, layout, impl), cls, rank, base
+  )
   bad = ~jnp.all(finite)
   norms = jnp.where(bad, jnp.nan, norms)
   x_hat = jnp.where(bad, jnp.nan, x_hat)
@@ -438,11 +526,12 @@ def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
   offsets = _stream_offsets(counts)
   region_start = np.cumsum([0] + _region_bytes(layout))
   i = jnp.arange(layout.stream_bytes, dtype=jnp.int32)
-  r = (i >= offsets[1]).astype(jnp.int32) + (i >= offsets[2])
-  src = jnp.asarray(region_start[:3], jnp.int32)[r] + i - offsets[r]
+  region = (i >= offsets[1]).astype(jnp.int32) + (i >= offsets[2])
+  src = jnp.asarray(region_start[:3], jnp.int32)[region] + i - offsets[region]
   if codes.shape[0]:
-    stream = jnp.where(i < offsets[3], jnp.take(codes, src, mode="fill",
-                                                fill_value=0), 0)
+    stream = jnp.where(
+      i < offsets[3], jnp.take(codes, src, mode="fill", fill_value=0), 0
+    )
     stream = stream.astype(jnp.uint8)
   else:  # a budget below one item: nothing to send
     stream = jnp.zeros(layout.stream_bytes, jnp.uint8)
@@ -452,17 +541,20 @@ def encode(v: jax.Array, layout: JointSQLayout, key: jax.Array, *,
   return jnp.concatenate([header, index, stream]), x_hat, counts
 
 
-def _slot_classes(counts, cap):
+def _slot_classes(counts: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
   """Class and rank of each position slot (grouped 8, 4, 2)."""
   t = jnp.arange(cap, dtype=jnp.int32)
   k8, k84 = counts[0], counts[0] + counts[1]
-  cls = jnp.where(t < k8, 3, jnp.where(
-      t < k84, 2, jnp.where(t < k84 + counts[2], 1, 0)))
+  cls = jnp.where(
+    t < k8, 3, jnp.where(t < k84, 2, jnp.where(t < k84 + counts[2], 1, 0))
+  )
   start = jnp.stack([jnp.int32(0), k84, k8, jnp.int32(0)])  # by class id
   return cls, t - start[cls]
 
 
-def _encode_index(cls, rank, counts, layout):
+def _encode_index(
+  cls: jax.Array, rank: jax.Array, counts: jax.Array, layout: JointSQLayout
+) -> jax.Array:
   n, cap = layout.numel, layout.capacity
   chosen = cls > 0
   if layout.index_format == "classmap":
@@ -470,27 +562,33 @@ def _encode_index(cls, rank, counts, layout):
   if layout.index_format == "bitmap":
     bitmap = _pack(chosen.astype(jnp.uint32), 1)
     slot = jnp.where(chosen, jnp.cumsum(chosen) - 1, cap)
-    classes = jnp.zeros(cap, jnp.uint32).at[slot].set(
-        cls.astype(jnp.uint32), mode="drop")
+    classes = (
+      jnp.zeros(cap, jnp.uint32)
+      .at[slot]
+      .set(cls.astype(jnp.uint32), mode="drop")
+    )
     return jnp.concatenate([bitmap, _pack(classes, 2)])
   # positions: grouped by class 8, 4, 2, ascending within a class.
-  start = jnp.stack([jnp.int32(0), counts[0] + counts[1], counts[0],
-                     jnp.int32(0)])  # by class id 0..3
+  start = jnp.stack(
+    [jnp.int32(0), counts[0] + counts[1], counts[0], jnp.int32(0)]
+  )  # by class id 0..3
   slot = jnp.where(chosen, start[cls] + rank, cap)
   dtype = jnp.uint16 if layout.position_bytes == 2 else jnp.int32
-  pos = jnp.zeros(cap, dtype).at[slot].set(jnp.arange(n, dtype=dtype),
-                                           mode="drop")
+  pos = (
+    jnp.zeros(cap, dtype).at[slot].set(jnp.arange(n, dtype=dtype), mode="drop")
+  )
   return _bytes(pos)
 
 
-def decode(payload: jax.Array, layout: JointSQLayout, *,
-           impl: str = "auto") -> jax.Array:
+def decode(
+  payload: jax.Array, layout: JointSQLayout, *, impl: str = "auto"
+) -> jax.Array:
   """float32[n] values of one payload (``encode``'s x_hat, bit for bit)."""
   n, cap = layout.numel, layout.capacity
   norms = _from_bytes(payload[:12], jnp.float32)
   counts = _from_bytes(payload[12:HEADER_BYTES], jnp.int32)
-  index = payload[HEADER_BYTES:HEADER_BYTES + layout.index_bytes]
-  stream = payload[HEADER_BYTES + layout.index_bytes:]
+  index = payload[HEADER_BYTES : HEADER_BYTES + layout.index_bytes]
+  stream = payload[HEADER_BYTES + layout.index_bytes :]
   # The class regions of the stream back at full capacity, back to back.
   offsets = _stream_offsets(counts)
   sizes = _region_bytes(layout)
@@ -504,8 +602,11 @@ def decode(payload: jax.Array, layout: JointSQLayout, *,
     dtype = jnp.uint16 if layout.position_bytes == 2 else jnp.int32
     pos = _from_bytes(index, dtype).astype(jnp.int32)
     cls, rank = _slot_classes(counts, cap)
-    out = jnp.zeros(n, jnp.float32).at[jnp.where(cls > 0, pos, n)].set(
-        _gather_values(vals, cls, rank, base), mode="drop")
+    out = (
+      jnp.zeros(n, jnp.float32)
+      .at[jnp.where(cls > 0, pos, n)]
+      .set(_gather_values(vals, cls, rank, base), mode="drop")
+    )
   else:
     if layout.index_format == "classmap":
       cls = _unpack(index, 2)[:n].astype(jnp.int32)
@@ -523,8 +624,10 @@ def decode(payload: jax.Array, layout: JointSQLayout, *,
 # The transform.
 
 
+@worker_state.per_worker("error", "counts")
 class JointSQState(NamedTuple):
   """State of ``jointsq``: error feedback, dither key, last step's counts."""
+
   # Per worker (see worker_state_specs): one flat f32[n] residual per leaf
   # in leaf order for compressed leaves, an unused f32[1] for the others
   # (orbax cannot checkpoint zero-size arrays).
@@ -533,44 +636,68 @@ class JointSQState(NamedTuple):
   # Per worker: int32[3 L], (k8, k4, k2) of each compressed leaf, last step
   # (int32[1] when nothing is compressed).
   counts: jax.Array
-  per_worker_fields = ("error", "counts")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   compression_ratio: float
   index_format: str
-  compresses: Any  # leaf -> bool
+  compresses: Callable[[jax.Array], bool]
 
-  def layout(self, leaf) -> JointSQLayout:
-    return make_layout(int(np.size(leaf)), self.compression_ratio,
-                       self.index_format)
+  def layout(self, leaf: jax.Array) -> JointSQLayout:
+    return make_layout(
+      int(np.size(leaf)), self.compression_ratio, self.index_format
+    )
 
 
-def _plan(compression_ratio, predicate, min_size, index_format) -> _Plan:
+def _plan(
+  compression_ratio: float,
+  predicate: Predicate,
+  min_size: int,
+  index_format: str,
+) -> _Plan:
   ratio = validate_fraction(compression_ratio, "compression_ratio")
   min_size = validate_size(min_size, "min_size")
   if index_format not in INDEX_FORMATS:
-    raise ValueError(f"index_format must be one of {INDEX_FORMATS}, got "
-                     f"{index_format!r}")
-  return _Plan(ratio, index_format,
-               compression_predicate(predicate, min_size))
+    raise ValueError(
+      f"index_format must be one of {INDEX_FORMATS}, got {index_format!r}"
+    )
+  return _Plan(ratio, index_format, compression_predicate(predicate, min_size))
 
 
-def jointsq_layouts(params, *, compression_ratio: float = 0.032,
-                    predicate=None, min_size: int = 1024,
-                    index_format: str = "auto"):
+class LayoutArgs(TypedDict, total=False):
+  """The layout arguments of ``jointsq`` (see ``jointsq_bits``)."""
+
+  compression_ratio: float
+  predicate: Predicate
+  min_size: int
+  index_format: str
+
+
+def jointsq_layouts(
+  params: optax.Params,
+  *,
+  compression_ratio: float = 0.032,
+  predicate: Predicate = None,
+  min_size: int = 1024,
+  index_format: str = "auto",
+) -> LayoutTree:
   """The ``JointSQLayout`` of each leaf of ``params`` (None: sent dense).
 
   Takes the same layout arguments as ``jointsq``; sum ``payload_bytes``
   for the bytes each worker contributes to the step's all_gather.
   """
   plan = _plan(compression_ratio, predicate, min_size, index_format)
-  return jax.tree.map(lambda x: plan.layout(x) if plan.compresses(x)
-                      else None, params)
+  return jax.tree.map(
+    lambda x: plan.layout(x) if plan.compresses(x) else None, params
+  )
 
 
-def jointsq_bits(params, counts, **layout_args) -> dict:
+def jointsq_bits(
+  params: optax.Params,
+  counts: jax.typing.ArrayLike,
+  **layout_args: Unpack[LayoutArgs],
+) -> dict[str, int]:
   """One worker's bits for a step, summed over the compressed leaves.
 
   Args:
@@ -584,12 +711,16 @@ def jointsq_bits(params, counts, **layout_args) -> dict:
     budget), ``with_index_bits`` (plus positions/maps and norms) and
     ``payload_bits`` (the fixed-capacity payload actually gathered).
   """
-  layouts = [x for x in jax.tree.leaves(
+  layouts = [
+    x
+    for x in jax.tree.leaves(
       jointsq_layouts(params, **layout_args),
-      is_leaf=lambda x: isinstance(x, JointSQLayout)) if x is not None]
-  counts = np.asarray(counts)[:3 * len(layouts)].reshape(len(layouts), 3)
-  total = dict(budget_bits=0, code_bits=0, with_index_bits=0,
-               payload_bits=0)
+      is_leaf=lambda x: isinstance(x, JointSQLayout),
+    )
+    if x is not None
+  ]
+  counts = np.asarray(counts)[: 3 * len(layouts)].reshape(len(layouts), 3)
+  total = dict(budget_bits=0, code_bits=0, with_index_bits=0, payload_bits=0)
   for layout, cnt in zip(layouts, counts):
     for k, v in layout.bits(cnt).items():
       total[k] += v
@@ -597,16 +728,16 @@ def jointsq_bits(params, counts, **layout_args) -> dict:
 
 
 def jointsq(
-    *,
-    axis_name="data",
-    compression_ratio: float = 0.032,
-    predicate=None,
-    min_size: int = 1024,
-    selection: str = "exact",
-    sample_ratio: float = 0.01,
-    index_format: str = "auto",
-    key=0,
-    impl: str = "auto",
+  *,
+  axis_name: collectives.AxisName = "data",
+  compression_ratio: float = 0.032,
+  predicate: Predicate = None,
+  min_size: int = 1024,
+  selection: str = "exact",
+  sample_ratio: float = 0.01,
+  index_format: str = "auto",
+  key: jax.typing.ArrayLike = 0,
+  impl: str = "auto",
 ) -> optax.GradientTransformation:
   """JointSQ with error feedback: the mean of compressed local gradients.
 
@@ -646,23 +777,31 @@ def jointsq(
   """
   plan = _plan(compression_ratio, predicate, min_size, index_format)
   if selection not in SELECTIONS:
-    raise ValueError(f"selection must be one of {SELECTIONS}, got "
-                     f"{selection!r}")
+    raise ValueError(
+      f"selection must be one of {SELECTIONS}, got {selection!r}"
+    )
   sample_ratio = validate_fraction(sample_ratio, "sample_ratio")
   ops.validate_impl(impl)
   init_key = prng.canonical_key(key)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> JointSQState:
     leaves = jax.tree.leaves(params)
     # Uncompressed leaves get an unused f32[1]: orbax cannot checkpoint
     # zero-size arrays.
-    error = tuple(jnp.zeros(np.size(x) if plan.compresses(x) else 1,
-                            jnp.float32) for x in leaves)
+    error = tuple(
+      jnp.zeros(np.size(x) if plan.compresses(x) else 1, jnp.float32)
+      for x in leaves
+    )
     layers = sum(plan.compresses(x) for x in leaves)
-    return JointSQState(error=error, key=init_key,
-                        counts=jnp.zeros(max(3 * layers, 1), jnp.int32))
+    return JointSQState(
+      error=error, key=init_key, counts=jnp.zeros(max(3 * layers, 1), jnp.int32)
+    )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates,
+    state: JointSQState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, JointSQState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
@@ -674,30 +813,42 @@ def jointsq(
     sizes = [x.size if i in comp else 1 for i, x in enumerate(leaves)]
     if [e.shape for e in errors] != [(size,) for size in sizes]:
       raise ValueError(
-          "JointSQState does not match the updates (was init called with "
-          f"parameters of these shapes?): error memories "
-          f"{[e.shape for e in errors]}, expected {[(z,) for z in sizes]} "
-          f"for leaves {[jax.tree_util.keystr(p) for p in paths]}")
+        "JointSQState does not match the updates (was init called with "
+        f"parameters of these shapes?): error memories "
+        f"{[e.shape for e in errors]}, expected {[(z,) for z in sizes]} "
+        f"for leaves {[jax.tree_util.keystr(p) for p in paths]}"
+      )
     next_key, step_key = jax.random.split(state.key)
     worker = jax.lax.axis_index(axis_name)
 
     out = list(leaves)
     new_errors = list(errors)
-    counts = [None] * len(comp)
+    counts: dict[int, jax.Array] = {}  # by compressed layer
     # Tensors of one layout are encoded and decoded together (vmap), so a
     # model compiles one codec per distinct layout, not per tensor.
-    groups = {}
+    groups: dict[JointSQLayout, list[tuple[int, int]]] = {}
     for layer, i in enumerate(comp):
       groups.setdefault(plan.layout(leaves[i]), []).append((layer, i))
     payloads = []
     for layout, members in groups.items():
-      vs = jnp.stack([errors[i] + leaves[i].reshape(-1).astype(jnp.float32)
-                      for _, i in members])
-      keys = jnp.stack([prng.fold(step_key, layer, worker)
-                        for layer, _ in members])
-      payload, x_hat, cnt = jax.vmap(functools.partial(
-          encode, layout=layout, selection=selection,
-          sample_ratio=sample_ratio, impl=impl))(vs, key=keys)
+      vs = jnp.stack(
+        [
+          errors[i] + leaves[i].reshape(-1).astype(jnp.float32)
+          for _, i in members
+        ]
+      )
+      keys = jnp.stack(
+        [prng.fold(step_key, layer, worker) for layer, _ in members]
+      )
+      payload, x_hat, cnt = jax.vmap(
+        functools.partial(
+          encode,
+          layout=layout,
+          selection=selection,
+          sample_ratio=sample_ratio,
+          impl=impl,
+        )
+      )(vs, key=keys)
       # A non-finite tensor sends NaN; the memory keeps its finite values.
       err = jnp.where(jnp.isnan(x_hat), vs, vs - x_hat)
       err = jnp.where(jnp.isfinite(err), err, 0.0)
@@ -707,13 +858,15 @@ def jointsq(
       payloads.append(payload.reshape(-1))
     if comp:
       # One collective for every compressed tensor; typed replicated.
-      gathered = jax.lax.all_gather(jnp.concatenate(payloads), axis_name,
-                                    to="invarying")
+      gathered = jax.lax.all_gather(
+        jnp.concatenate(payloads), axis_name, to="invarying"
+      )
       start = 0
       for layout, members in groups.items():
         size = len(members) * layout.payload_bytes
-        chunk = gathered[:, start:start + size].reshape(
-            num_workers, len(members), layout.payload_bytes)
+        chunk = gathered[:, start : start + size].reshape(
+          num_workers, len(members), layout.payload_bytes
+        )
         start += size
         means = _mean(chunk, layout, num_workers, impl)
         for g, (_, i) in enumerate(members):
@@ -723,24 +876,33 @@ def jointsq(
       summed = jax.lax.psum([leaves[i] for i in dense], axis_name)
       for i, s in zip(dense, summed):
         # NaN where any worker's value is NaN or Inf (never Inf).
-        out[i] = jnp.where(jnp.isfinite(s), s / num_workers,
-                           jnp.nan).astype(leaves[i].dtype)
-    counts = jnp.concatenate(counts) if counts else state.counts
-    new_state = JointSQState(error=tuple(new_errors), key=next_key,
-                             counts=counts)
-    return treedef.unflatten(out), new_state
+        out[i] = jnp.where(jnp.isfinite(s), s / num_workers, jnp.nan).astype(
+          leaves[i].dtype
+        )
+    new_counts = (
+      jnp.concatenate([counts[layer] for layer in range(len(comp))])
+      if comp
+      else state.counts
+    )
+    new_state = JointSQState(
+      error=tuple(new_errors), key=next_key, counts=new_counts
+    )
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)
 
 
-def _mean(chunk, layout, num_workers, impl):
+def _mean(
+  chunk: jax.Array, layout: JointSQLayout, num_workers: int, impl: str
+) -> jax.Array:
   """Decodes every worker's payloads (uint8[W, G, P]) and averages them,
   always in worker order: f32[G, n]."""
   dec = jax.vmap(functools.partial(decode, layout=layout, impl=impl))
 
-  def add(w, acc):
+  def add(w: jax.Array, acc: jax.Array) -> jax.Array:
     return acc + dec(chunk[w])
+
   total = jax.lax.fori_loop(
-      0, num_workers, add,
-      jnp.zeros((chunk.shape[1], layout.numel), jnp.float32))
+    0, num_workers, add, jnp.zeros((chunk.shape[1], layout.numel), jnp.float32)
+  )
   return total / num_workers

@@ -38,6 +38,7 @@ meets the budget; squared errors can be summed (``aggregation="fro2"``);
 new Q columns come from the key shared by all workers.
 """
 
+from collections.abc import Callable, Sequence
 import math
 from typing import NamedTuple
 
@@ -50,6 +51,8 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import orthogonalize as orth
 from gqsgd_jax._src import powersgd as psgd
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import transform
+from gqsgd_jax._src import worker_state
 
 ERROR_METHODS = ("power", "svd")
 AGGREGATIONS = ("fro", "fro2")
@@ -58,8 +61,10 @@ _TABLE = 7  # fold_in tag of the error-estimation draws
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+@worker_state.per_worker("error", "acc")
 class LGrecoState(NamedTuple):
   """State of ``lgreco``: PowerSGD's plus ranks and error accumulators."""
+
   # Per worker (see worker_state_specs): flat residual per leaf, leaf dtype;
   # () without error feedback.
   error: tuple
@@ -70,16 +75,22 @@ class LGrecoState(NamedTuple):
   # beyond the matrix's rank are zero. Identical on all workers.
   q: tuple
   ranks: jax.Array  # int32[L], current rank per compressed matrix
-  count: jax.Array  # int32 scalar: steps taken, warm-up included
+  # int32 scalar: steps taken, warm-up included. The field shadows
+  # tuple.count, as in optax's states (mypy flags the override).
+  count: jax.Array  # type: ignore[assignment]
   key: jax.Array  # uint32[2] shared PRNG key
-  per_worker_fields = ("error", "acc")
 
 
 # -----------------------------------------------------------------------------
 # The dynamic program (host, NumPy).
 
 
-def lgreco_dp(errors, sizes, budget: float, num_buckets: int = 10000):
+def lgreco_dp(
+  errors: np.typing.ArrayLike,
+  sizes: np.typing.ArrayLike,
+  budget: float,
+  num_buckets: int = 10000,
+) -> tuple[np.ndarray, bool]:
   """Least total size with total discretised error within the budget.
 
   Each error is discretised conservatively to ceil(E / (budget / K))
@@ -123,7 +134,7 @@ def lgreco_dp(errors, sizes, budget: float, num_buckets: int = 10000):
       if step > k:
         continue
       cand = np.full(k + 1, np.inf)
-      cand[step:] = best[:k + 1 - step] + sizes[layer, c]
+      cand[step:] = best[: k + 1 - step] + sizes[layer, c]
       better = cand < new
       new[better] = cand[better]
       choices[layer, better] = c
@@ -141,8 +152,16 @@ def lgreco_dp(errors, sizes, budget: float, num_buckets: int = 10000):
   return choice, True
 
 
-def choose_ranks(errors, dims, candidates, base_rank: int, *, alpha=1.0,
-                 num_buckets=10000, aggregation="fro"):
+def choose_ranks(
+  errors: np.typing.ArrayLike,
+  dims: Sequence[tuple[int, int]],
+  candidates: np.typing.ArrayLike,
+  base_rank: int,
+  *,
+  alpha: float = 1.0,
+  num_buckets: int = 10000,
+  aggregation: str = "fro",
+) -> np.ndarray:
   """Per-layer ranks from an error table; the uniform ranks when in doubt.
 
   Args:
@@ -161,11 +180,14 @@ def choose_ranks(errors, dims, candidates, base_rank: int, *, alpha=1.0,
   errors = np.asarray(errors, np.float64).reshape(len(dims), -1)
   errors = np.where(np.isnan(errors), np.inf, np.maximum(errors, 0.0))
   if aggregation == "fro2":
-    errors = errors ** 2
+    errors = errors**2
   limit = np.array([min(n, m) for n, m in dims])[:, None]
   allowed = candidates[None, :] <= limit
-  sizes = np.where(allowed, candidates[None, :] * np.array(
-      [n + m for n, m in dims])[:, None], np.inf)
+  sizes = np.where(
+    allowed,
+    candidates[None, :] * np.array([n + m for n, m in dims])[:, None],
+    np.inf,
+  )
   errors = np.where(allowed, errors, np.inf)
   # The uniform configuration: min(r0, n, m) per layer. Its total error is
   # the budget; if a layer's is unknown (not a candidate, NaN), so is the
@@ -188,12 +210,14 @@ def choose_ranks(errors, dims, candidates, base_rank: int, *, alpha=1.0,
   return ranks.astype(np.int32)
 
 
-def uniform_ranks(mats, base_rank: int) -> np.ndarray:
+def uniform_ranks(mats: Sequence[psgd.Matrix], base_rank: int) -> np.ndarray:
   """int32 [L]: min(r0, n, m) per matrix, the ranks of ``powersgd``."""
   return np.array([min(base_rank, m.n, m.m) for m in mats], np.int32)
 
 
-def fits_wire(ranks, mats, base_rank: int) -> bool:
+def fits_wire(
+  ranks: np.typing.ArrayLike, mats: Sequence[psgd.Matrix], base_rank: int
+) -> bool:
   """Whether ``ranks`` fit the packed P and Q buffers of the uniform ranks
   (per dtype: sum r_l n_l and sum r_l m_l at most the uniform ranks')."""
   live = np.minimum(np.asarray(ranks), [m.r for m in mats])
@@ -211,27 +235,39 @@ def fits_wire(ranks, mats, base_rank: int) -> bool:
 # Error estimates (device).
 
 
-def _residual_norms(a, p):
+def _residual_norms(a: jax.Array, p: jax.Array) -> jax.Array:
   """||A - P_r P_r^T A||_F for r = 1..w, by rank-1 downdates (no cancellation
   of ||A||^2 - ||P^T A||^2, which loses small errors)."""
   b = jnp.matmul(jnp.swapaxes(p, 1, 2), a, precision=_HIGHEST)  # [k, w, m]
 
-  def body(resid, cols):
+  def body(
+    resid: jax.Array, cols: tuple[jax.Array, jax.Array]
+  ) -> tuple[jax.Array, jax.Array]:
     pj, bj = cols  # [k, n], [k, m]
     resid = resid - pj[:, :, None] * bj[:, None, :]
     return resid, jnp.sqrt(jnp.sum(resid * resid, axis=(1, 2)))
 
-  _, norms = jax.lax.scan(body, a, (jnp.moveaxis(p, 2, 0),
-                                    jnp.moveaxis(b, 1, 0)))
+  _, norms = jax.lax.scan(
+    body, a, (jnp.moveaxis(p, 2, 0), jnp.moveaxis(b, 1, 0))
+  )
   return norms.T  # [k, w]
 
 
-def _error_table(accs, mats, groups, candidates, *, method, iters, key,
-                 epsilon):
+def _error_table(
+  accs: Sequence[jax.Array],
+  mats: list[psgd.Matrix],
+  groups: list[list[int]],
+  candidates: Sequence[int],
+  *,
+  method: str,
+  iters: int,
+  key: jax.Array,
+  epsilon: float,
+) -> jax.Array:
   """f32 [L, C]: estimated rank-r errors of each accumulated matrix."""
-  table = [None] * len(mats)
+  table: dict[int, jax.Array] = {}  # by matrix: every one is in a group
   shapes = [(len(ids), mats[ids[0]].m, mats[ids[0]].r) for ids in groups]
-  starts = psgd.draw_uniform(key, shapes) if method == "power" else None
+  starts = psgd.draw_uniform(key, shapes) if method == "power" else []
   for g, ids in enumerate(groups):
     mat = mats[ids[0]]
     a = jnp.stack([accs[j].reshape(mat.n, mat.m) for j in ids])
@@ -239,8 +275,9 @@ def _error_table(accs, mats, groups, candidates, *, method, iters, key,
       s = jnp.linalg.svd(a, compute_uv=False)  # [k, min(n, m)]
       # tail[r] = sqrt(sum_{i >= r} s_i^2), summed small-to-large.
       tail = jnp.sqrt(jnp.cumsum((s * s)[:, ::-1], axis=1)[:, ::-1])
-      by_rank = jnp.concatenate([tail[:, 1:], jnp.zeros_like(tail[:, :1])],
-                                axis=1)[:, :mat.r]
+      by_rank = jnp.concatenate(
+        [tail[:, 1:], jnp.zeros_like(tail[:, :1])], axis=1
+      )[:, : mat.r]
     else:
       # Subspace iteration with w columns: orthonormalising column by
       # column keeps the first r columns the iterate of an r-column start,
@@ -253,19 +290,23 @@ def _error_table(accs, mats, groups, candidates, *, method, iters, key,
         q = orth.orthogonalize(jnp.matmul(at, p, precision=_HIGHEST), epsilon)
       p = orth.orthogonalize(jnp.matmul(a, q, precision=_HIGHEST), epsilon)
       by_rank = _residual_norms(a, p)
-    cols = [by_rank[:, r - 1] if r <= mat.r else
-            jnp.full((len(ids),), jnp.inf) for r in candidates]
+    cols = [
+      by_rank[:, r - 1] if r <= mat.r else jnp.full((len(ids),), jnp.inf)
+      for r in candidates
+    ]
     rows = jnp.stack(cols, axis=1)
     for k, j in enumerate(ids):
       table[j] = rows[k]
-  return jnp.stack(table)
+  return jnp.stack([table[j] for j in range(len(mats))])
 
 
 # -----------------------------------------------------------------------------
 # The transform.
 
 
-def _validate_fraction(value, name, low, high):
+def _validate_fraction(
+  value: object, name: str, low: float, high: float
+) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise ValueError(f"{name} must be a number, got {value!r}")
   if not low <= value <= high or math.isnan(value):
@@ -273,26 +314,37 @@ def _validate_fraction(value, name, low, high):
   return float(value)
 
 
+# (leaves or their means, error memories, accumulators, Qs, ranks): the
+# operands and results of both branches of a step.
+_Operands = tuple[
+  list[jax.Array],
+  tuple[jax.Array, ...],
+  tuple[jax.Array, ...],
+  tuple[jax.Array, ...],
+  jax.Array,
+]
+
+
 def lgreco(
-    *,
-    axis_name="data",
-    rank: int = 4,
-    start_iter: int = 1000,
-    min_compression_rate: float = 2,
-    error_feedback: bool = True,
-    warm_start: bool = True,
-    orthogonalization_epsilon: float = orth.DEFAULT_EPSILON,
-    key=0,
-    adjust_every: int = 100,
-    gamma: float = 0.5,
-    beta: float = 2.0,
-    alpha: float = 1.0,
-    error_method: str = "power",
-    power_iters: int = 5,
-    acc_iters: int = 10,
-    num_buckets: int = 10000,
-    aggregation: str = "fro",
-    inputs: str = "worker0",
+  *,
+  axis_name: collectives.AxisName = "data",
+  rank: int = 4,
+  start_iter: int = 1000,
+  min_compression_rate: float = 2,
+  error_feedback: bool = True,
+  warm_start: bool = True,
+  orthogonalization_epsilon: float = orth.DEFAULT_EPSILON,
+  key: jax.typing.ArrayLike = 0,
+  adjust_every: int = 100,
+  gamma: float = 0.5,
+  beta: float = 2.0,
+  alpha: float = 1.0,
+  error_method: str = "power",
+  power_iters: int = 5,
+  acc_iters: int = 10,
+  num_buckets: int = 10000,
+  aggregation: str = "fro",
+  inputs: str = "worker0",
 ) -> optax.GradientTransformation:
   """L-GreCo: PowerSGD with per-layer ranks re-chosen every F steps.
 
@@ -334,11 +386,15 @@ def lgreco(
   """
   rank = psgd.validate_positive_int(rank, "rank")
   start_iter = psgd.validate_nonnegative_int(start_iter, "start_iter")
-  if (isinstance(min_compression_rate, bool) or
-      not isinstance(min_compression_rate, (int, float, np.number)) or
-      not 0 < min_compression_rate < float("inf")):
-    raise ValueError("min_compression_rate must be a positive number, got "
-                     f"{min_compression_rate!r}")
+  if (
+    isinstance(min_compression_rate, bool)
+    or not isinstance(min_compression_rate, (int, float, np.number))
+    or not 0 < min_compression_rate < float("inf")
+  ):
+    raise ValueError(
+      "min_compression_rate must be a positive number, got "
+      f"{min_compression_rate!r}"
+    )
   error_feedback = psgd.validate_bool(error_feedback, "error_feedback")
   warm_start = psgd.validate_bool(warm_start, "warm_start")
   epsilon = orth.validate_epsilon(orthogonalization_epsilon)
@@ -349,32 +405,39 @@ def lgreco(
   if alpha == 0:
     raise ValueError("alpha must be > 0, got 0")
   if error_method not in ERROR_METHODS:
-    raise ValueError(f"error_method must be one of {ERROR_METHODS}, got "
-                     f"{error_method!r}")
+    raise ValueError(
+      f"error_method must be one of {ERROR_METHODS}, got {error_method!r}"
+    )
   power_iters = psgd.validate_positive_int(power_iters, "power_iters")
   acc_iters = psgd.validate_positive_int(acc_iters, "acc_iters")
   if acc_iters > adjust_every:
-    raise ValueError(f"acc_iters must be <= adjust_every ({adjust_every}), "
-                     f"got {acc_iters}")
+    raise ValueError(
+      f"acc_iters must be <= adjust_every ({adjust_every}), got {acc_iters}"
+    )
   num_buckets = psgd.validate_positive_int(num_buckets, "num_buckets")
   if aggregation not in AGGREGATIONS:
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got "
-                     f"{aggregation!r}")
+    raise ValueError(
+      f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}"
+    )
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
   init_key = prng.canonical_key(key)
-  candidates = tuple(range(max(1, math.floor(gamma * rank)),
-                           math.ceil(beta * rank) + 1))
+  candidates = tuple(
+    range(max(1, math.floor(gamma * rank)), math.ceil(beta * rank) + 1)
+  )
   r_max = candidates[-1]
 
-  def layout(leaves):
+  def layout(leaves: Sequence[jax.Array]) -> list[psgd.Matrix]:
     """Compressed matrices (decided with r0), at static width w."""
-    mats, _ = psgd.plan_matrices(leaves, rank=rank,
-                                 min_compression_rate=min_compression_rate)
-    return [psgd.Matrix(m.index, m.n, m.m, min(r_max, m.n, m.m), m.dtype)
-            for m in mats]
+    mats, _ = psgd.plan_matrices(
+      leaves, rank=rank, min_compression_rate=min_compression_rate
+    )
+    return [
+      psgd.Matrix(m.index, m.n, m.m, min(r_max, m.n, m.m), m.dtype)
+      for m in mats
+    ]
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> LGrecoState:
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(params)]
     mats = layout(leaves)
     qs = psgd.initial_qs(mats, init_key)
@@ -382,66 +445,100 @@ def lgreco(
     qs = tuple(q * (jnp.arange(mat.r) < rank) for q, mat in zip(qs, mats))
     error = tuple(jnp.zeros((max(x.size, 1),), x.dtype) for x in leaves)
     return LGrecoState(
-        error=error if error_feedback else (),
-        acc=tuple(jnp.zeros((m.n * m.m,), jnp.float32) for m in mats),
-        q=qs, ranks=jnp.full((len(mats),), rank, jnp.int32),
-        count=jnp.zeros((), jnp.int32), key=init_key)
+      error=error if error_feedback else (),
+      acc=tuple(jnp.zeros((m.n * m.m,), jnp.float32) for m in mats),
+      q=qs,
+      ranks=jnp.full((len(mats),), rank, jnp.int32),
+      count=jnp.zeros((), jnp.int32),
+      key=init_key,
+    )
 
-  def host_choose(mats):
+  def host_choose(mats: list[psgd.Matrix]) -> Callable[[jax.Array], np.ndarray]:
     dims = [(m.n, m.m) for m in mats]
 
-    def choose(table):
-      ranks = choose_ranks(np.asarray(table), dims, candidates, rank,
-                           alpha=alpha, num_buckets=num_buckets,
-                           aggregation=aggregation)
-      return ranks if fits_wire(ranks, mats, rank) else uniform_ranks(mats, rank)
+    def choose(table: jax.Array) -> np.ndarray:
+      ranks = choose_ranks(
+        np.asarray(table),
+        dims,
+        candidates,
+        rank,
+        alpha=alpha,
+        num_buckets=num_buckets,
+        aggregation=aggregation,
+      )
+      return (
+        ranks if fits_wire(ranks, mats, rank) else uniform_ranks(mats, rank)
+      )
+
     return choose
 
-  def packed_psum(arrays, mats, ranks):
+  def packed_psum(
+    arrays: list[jax.Array], mats: list[psgd.Matrix], ranks: jax.Array
+  ) -> list[jax.Array]:
     """Sums the live columns of the factors (one [k, rows, w] array per
     group), packed into buffers of the uniform ranks' size per dtype."""
     groups = psgd.group_matrices(mats)
     base = uniform_ranks(mats, rank)
     live = [jnp.minimum(ranks[j], m.r) for j, m in enumerate(mats)]
-    members = {}  # dtype -> [(group, position in group, matrix)]
+    # dtype -> [(group, position in group, matrix)]
+    members: dict[np.dtype, list[tuple[int, int, int]]] = {}
     for g, ids in enumerate(groups):
       for k, j in enumerate(ids):
         members.setdefault(np.dtype(arrays[g].dtype), []).append((g, k, j))
-    out = [[None] * len(ids) for ids in groups]
+    # Per group, by position: every entry is set below.
+    out: list[dict[int, jax.Array]] = [{} for _ in groups]
     for dtype, entries in members.items():
       rows = [arrays[g].shape[1] for g, _, _ in entries]
       capacity = int(sum(base[j] * r for (_, _, j), r in zip(entries, rows)))
       # Each factor's first r_l columns (column-major: a prefix) back to
       # back: one scatter, one all-reduce, one gather.
-      cols, dest, offset = [], [], jnp.int32(0)
-      for (g, k, j), r in zip(entries, rows):
+      cols: list[jax.Array] = []
+      dests: list[jax.Array] = []
+      offset = jnp.int32(0)
+      for (g, k, _), r in zip(entries, rows):
         w = arrays[g].shape[2]
         cols.append(jnp.swapaxes(arrays[g][k], 0, 1).reshape(-1))
         i = jnp.arange(w * r, dtype=jnp.int32)
-        dest.append(jnp.where(i < live[j] * r, offset + i, capacity))
+        dests.append(jnp.where(i < live[j] * r, offset + i, capacity))
         offset = offset + live[j] * r
-      dest = jnp.concatenate(dest)
-      buf = jnp.zeros(capacity, dtype).at[dest].set(
-          jnp.concatenate(cols), mode="drop")
+      dest = jnp.concatenate(dests)
+      buf = (
+        jnp.zeros(capacity, dtype)
+        .at[dest]
+        .set(jnp.concatenate(cols), mode="drop")
+      )
       total = jax.lax.psum(buf, axis_name)
-      flat = jnp.where(dest < capacity,
-                       total.at[dest].get(mode="fill", fill_value=0), 0)
+      flat = jnp.where(
+        dest < capacity, total.at[dest].get(mode="fill", fill_value=0), 0
+      )
       at = 0
-      for (g, k, j), r in zip(entries, rows):
+      for (g, k, _), r in zip(entries, rows):
         w = arrays[g].shape[2]
-        out[g][k] = jnp.swapaxes(flat[at:at + w * r].reshape(w, r), 0, 1)
+        out[g][k] = jnp.swapaxes(flat[at : at + w * r].reshape(w, r), 0, 1)
         at += w * r
-    return [jnp.stack(o) for o in out]
+    return [
+      jnp.stack([o[k] for k in range(len(ids))]) for o, ids in zip(out, groups)
+    ]
 
-  def adjust(accs, state, mats, num_workers):
+  def adjust(
+    accs: Sequence[jax.Array],
+    state: LGrecoState,
+    mats: list[psgd.Matrix],
+    num_workers: int,
+  ) -> jax.Array:
     """New ranks from the accumulators; identical on every worker."""
     if inputs == "mean":
-      accs = [a / num_workers for a in psgd.psum_packed(list(accs),
-                                                        axis_name)]
-    table = _error_table(accs, mats, psgd.group_matrices(mats), candidates,
-                         method=error_method, iters=power_iters,
-                         key=prng.fold(state.key, _TABLE, state.count),
-                         epsilon=epsilon)
+      accs = [a / num_workers for a in psgd.psum_packed(list(accs), axis_name)]
+    table = _error_table(
+      accs,
+      mats,
+      psgd.group_matrices(mats),
+      candidates,
+      method=error_method,
+      iters=power_iters,
+      key=prng.fold(state.key, _TABLE, state.count),
+      epsilon=epsilon,
+    )
     if inputs == "worker0":
       # Worker 0's table on every worker: a max over a table that is -inf
       # elsewhere. NaN (an unknown error) is +inf first, which the DP reads
@@ -450,66 +547,98 @@ def lgreco(
       table = jnp.where(jnp.isnan(table), jnp.inf, table)
       table = jax.lax.pmax(jnp.where(first, table, -jnp.inf), axis_name)
     ranks = jax.pure_callback(
-        host_choose(mats), jax.ShapeDtypeStruct((len(mats),), jnp.int32),
-        table)
+      host_choose(mats), jax.ShapeDtypeStruct((len(mats),), jnp.int32), table
+    )
     return ranks
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates,
+    state: LGrecoState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, LGrecoState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
     for leaf, (path, _) in zip(leaves, paths_leaves):
       if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise TypeError(f"gradient leaf {jax.tree_util.keystr(path)} has "
-                        f"dtype {leaf.dtype}; L-GreCo needs floats")
+        raise TypeError(
+          f"gradient leaf {jax.tree_util.keystr(path)} has "
+          f"dtype {leaf.dtype}; L-GreCo needs floats"
+        )
     mats = layout(leaves)
     if [q.shape for q in state.q] != [(m.m, m.r) for m in mats]:
-      raise ValueError("LGrecoState does not match the updates (was init "
-                       "called with parameters of these shapes?)")
+      raise ValueError(
+        "LGrecoState does not match the updates (was init "
+        "called with parameters of these shapes?)"
+      )
 
-    def compressed(operands):
+    def compressed(operands: _Operands) -> _Operands:
       leaves, error, acc, qs, ranks = operands
-      masks = [(jnp.arange(m.r) < ranks[j]).astype(jnp.float32)
-               for j, m in enumerate(mats)]
+      masks = [
+        (jnp.arange(m.r) < ranks[j]).astype(jnp.float32)
+        for j, m in enumerate(mats)
+      ]
       new, error, qs, matrices = psgd.ef_power_step(
-          leaves, error, qs, mats, error_feedback=error_feedback,
-          masks=masks, axis_name=axis_name, num_workers=num_workers,
-          epsilon=epsilon, key=state.key, count=state.count,
-          warm_start=warm_start,
-          reduce=lambda arrays: packed_psum(arrays, mats, ranks))
+        leaves,
+        error,
+        qs,
+        mats,
+        error_feedback=error_feedback,
+        masks=masks,
+        axis_name=axis_name,
+        num_workers=num_workers,
+        epsilon=epsilon,
+        key=state.key,
+        count=state.count,
+        warm_start=warm_start,
+        reduce=lambda arrays: packed_psum(arrays, mats, ranks),
+      )
       phase = (state.count - start_iter) % adjust_every
       window = phase >= adjust_every - acc_iters
       # A non-finite gradient (its step outputs NaN) adds nothing.
-      acc = tuple(jnp.where(window & jnp.isfinite(x.reshape(-1)),
-                            a + x.reshape(-1), a)
-                  for a, x in zip(acc, matrices))
+      acc = tuple(
+        jnp.where(window & jnp.isfinite(x.reshape(-1)), a + x.reshape(-1), a)
+        for a, x in zip(acc, matrices)
+      )
       if mats:
         ranks = jax.lax.cond(
-            phase == adjust_every - 1,
-            lambda a: adjust(a, state, mats, num_workers),
-            lambda a: ranks, acc)
-        acc = tuple(jnp.where(phase == adjust_every - 1, 0.0, a)
-                    for a in acc)
+          phase == adjust_every - 1,
+          lambda a: adjust(a, state, mats, num_workers),
+          lambda a: ranks,
+          acc,
+        )
+        acc = tuple(jnp.where(phase == adjust_every - 1, 0.0, a) for a in acc)
       return new, error, acc, qs, ranks
 
-    def warmup(operands):
+    def warmup(operands: _Operands) -> _Operands:
       leaves, error, acc, qs, ranks = operands
       means = psgd.mean_leaves(leaves, axis_name, num_workers)
       return means, error, acc, qs, ranks
 
     # Per-worker fields typed as such, so both branches of the conds match
     # even for a state passed replicated.
-    operands = (leaves, collectives.varying(state.error, axis_name),
-                collectives.varying(state.acc, axis_name), state.q,
-                state.ranks)
+    operands = (
+      leaves,
+      collectives.varying(state.error, axis_name),
+      collectives.varying(state.acc, axis_name),
+      state.q,
+      state.ranks,
+    )
     if start_iter == 0:
       new, error, acc, qs, ranks = compressed(operands)
     else:
       new, error, acc, qs, ranks = jax.lax.cond(
-          state.count >= start_iter, compressed, warmup, operands)
-    state = LGrecoState(error=error, acc=acc, q=qs, ranks=ranks,
-                        count=state.count + 1, key=state.key)
+        state.count >= start_iter, compressed, warmup, operands
+      )
+    state = LGrecoState(
+      error=error,
+      acc=acc,
+      q=qs,
+      ranks=ranks,
+      count=state.count + 1,
+      key=state.key,
+    )
     return jax.tree.unflatten(treedef, new), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)

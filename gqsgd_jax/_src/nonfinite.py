@@ -37,8 +37,9 @@ def all_finite(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x))
 
 
-def max_abs(x: jax.typing.ArrayLike,
-            axis: int | tuple[int, ...] | None = None) -> jax.Array:
+def max_abs(
+  x: jax.typing.ArrayLike, axis: int | tuple[int, ...] | None = None
+) -> jax.Array:
   """max |x| in float32 over ``axis``; +inf where any element is NaN or Inf.
 
   An empty reduction gives 0. The maximum is taken over the finite values
@@ -53,16 +54,19 @@ def max_abs(x: jax.typing.ArrayLike,
 
 class ApplyIfFiniteState(NamedTuple):
   """State of ``apply_if_finite`` (the fields of optax's version)."""
+
   notfinite_count: jax.Array  # int32[], consecutive non-finite steps
   last_finite: jax.Array  # bool[], whether the last step was finite
   total_notfinite: jax.Array  # int32[], non-finite steps so far
   inner_state: optax.OptState
 
 
-def apply_if_finite(inner: optax.GradientTransformation,
-                    max_consecutive_errors: int, *,
-                    axis_name: collectives.AxisName = "data"
-                    ) -> optax.GradientTransformation:
+def apply_if_finite(
+  inner: optax.GradientTransformation,
+  max_consecutive_errors: int,
+  *,
+  axis_name: collectives.AxisName = "data",
+) -> optax.GradientTransformation:
   """Skips a step on every worker if any worker's gradients are non-finite.
 
   A skipped step returns zero updates and leaves ``inner``'s state (keys,
@@ -76,30 +80,46 @@ def apply_if_finite(inner: optax.GradientTransformation,
     max_consecutive_errors: non-negative int.
     axis_name: the data-parallel axis over which workers agree.
   """
-  if isinstance(max_consecutive_errors, bool) or not isinstance(
-      max_consecutive_errors, int) or max_consecutive_errors < 0:
-    raise ValueError("max_consecutive_errors must be a non-negative int, got "
-                     f"{max_consecutive_errors!r}")
+  if (
+    isinstance(max_consecutive_errors, bool)
+    or not isinstance(max_consecutive_errors, int)
+    or max_consecutive_errors < 0
+  ):
+    raise ValueError(
+      "max_consecutive_errors must be a non-negative int, got "
+      f"{max_consecutive_errors!r}"
+    )
 
   def init_fn(params: optax.Params) -> ApplyIfFiniteState:
-    return ApplyIfFiniteState(jnp.zeros([], jnp.int32), jnp.array(True),
-                              jnp.zeros([], jnp.int32), inner.init(params))
+    return ApplyIfFiniteState(
+      jnp.zeros([], jnp.int32),
+      jnp.array(True),
+      jnp.zeros([], jnp.int32),
+      inner.init(params),
+    )
 
-  def update_fn(updates: optax.Updates, state: ApplyIfFiniteState,
-                params: optax.Params | None = None
-                ) -> tuple[optax.Updates, ApplyIfFiniteState]:
+  def update_fn(
+    updates: optax.Updates,
+    state: ApplyIfFiniteState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, ApplyIfFiniteState]:
     collectives.axis_size(axis_name)  # clear error when unbound
     leaves = jax.tree.leaves(updates)
-    local = jnp.all(jnp.stack([all_finite(x) for x in leaves])
-                    ) if leaves else jnp.array(True)
+    local = (
+      jnp.all(jnp.stack([all_finite(x) for x in leaves]))
+      if leaves
+      else jnp.array(True)
+    )
     finite = jax.lax.pmin(local.astype(jnp.int32), axis_name) == 1
     count = jnp.where(finite, 0, state.notfinite_count + 1)
     apply = finite | (count > max_consecutive_errors)
     new_updates, new_inner = inner.update(updates, state.inner_state, params)
-    out = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)),
-                       new_updates)
-    inner_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o),
-                               new_inner, state.inner_state)
+    out = jax.tree.map(
+      lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates
+    )
+    inner_state = jax.tree.map(
+      lambda n, o: jnp.where(apply, n, o), new_inner, state.inner_state
+    )
     total = state.total_notfinite + jnp.logical_not(finite).astype(jnp.int32)
     return out, ApplyIfFiniteState(count, finite, total, inner_state)
 

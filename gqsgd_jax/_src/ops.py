@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from gqsgd_jax._src import ffi as ffi_lib
@@ -55,14 +56,15 @@ def _select(impl: str, ffi_fn: Callable, xla_fn: Callable) -> Callable:
     backend = _backend_platform()
     if backend not in ffi_lib.REGISTERED_PLATFORMS:
       raise RuntimeError(
-          f"impl='ffi' was requested, but no gqsgd_jax FFI module is "
-          f"registered for the {backend!r} backend (registered: "
-          f"{sorted(ffi_lib.REGISTERED_PLATFORMS) or 'none'}). Rebuild the "
-          "package (pip install .) or use impl='auto' or 'xla'.")
+        f"impl='ffi' was requested, but no gqsgd_jax FFI module is "
+        f"registered for the {backend!r} backend (registered: "
+        f"{sorted(ffi_lib.REGISTERED_PLATFORMS) or 'none'}). Rebuild the "
+        "package (pip install .) or use impl='auto' or 'xla'."
+      )
     return ffi_fn
 
-  def dispatch(*args):
-    per_platform = {p: ffi_fn for p in ffi_lib.REGISTERED_PLATFORMS}
+  def dispatch(*args: jax.Array) -> jax.Array:
+    per_platform = dict.fromkeys(ffi_lib.REGISTERED_PLATFORMS, ffi_fn)
     return jax.lax.platform_dependent(*args, default=xla_fn, **per_platform)
 
   return dispatch
@@ -75,15 +77,17 @@ def _with_vma(ffi_fn: Callable) -> Callable:
   invariant (JAX 0.10 computes but drops the vma), which breaks
   ``platform_dependent`` and psum typing; this re-types them (no data moves).
   """
-  def wrapped(*args):
+
+  def wrapped(*args: jax.Array) -> jax.Array:
     vma = set().union(*(_varying_axes(a) for a in args))
     out = ffi_fn(*args)
     missing = tuple(sorted(vma - _varying_axes(out)))
     return jax.lax.pcast(out, missing, to="varying") if missing else out
+
   return wrapped
 
 
-def _varying_axes(x) -> set:
+def _varying_axes(x: jax.Array) -> set[str]:
   aval = jax.typeof(x)
   mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
   if mat is not None:
@@ -91,16 +95,17 @@ def _varying_axes(x) -> set:
   return set(getattr(aval, "vma", ()))
 
 
-def _scalar_f32(x) -> jax.Array:
+def _scalar_f32(x: ArrayLike) -> jax.Array:
   return jnp.asarray(x, jnp.float32).reshape(())
 
 
-def _seed(seed) -> jax.Array:
+def _seed(seed: ArrayLike) -> jax.Array:
   seed = jnp.asarray(seed)
   if seed.dtype != jnp.uint32 or seed.shape != (2,):
     raise ValueError(
-        f"seed must be uint32[2] (see seed_from_key), got {seed.dtype}"
-        f"{list(seed.shape)}")
+      f"seed must be uint32[2] (see seed_from_key), got {seed.dtype}"
+      f"{list(seed.shape)}"
+    )
   return seed
 
 
@@ -108,13 +113,17 @@ def _seed(seed) -> jax.Array:
 _ONE_SCALE = 62
 
 
-def validate_block_size(block_size) -> int:
+def validate_block_size(block_size: object) -> int:
   """Checks a block-scale size: a power of two in [1, 2^30]."""
-  if isinstance(block_size, bool) or not isinstance(
-      block_size, (int, np.integer)) or not 1 <= block_size <= 2**30 or (
-          block_size & (block_size - 1)):
-    raise ValueError("block_size must be a power of two in [1, 2^30], got "
-                     f"{block_size!r}")
+  if (
+    isinstance(block_size, bool)
+    or not isinstance(block_size, (int, np.integer))
+    or not 1 <= block_size <= 2**30
+    or (block_size & (block_size - 1))
+  ):
+    raise ValueError(
+      f"block_size must be a power of two in [1, 2^30], got {block_size!r}"
+    )
   return int(block_size)
 
 
@@ -123,7 +132,9 @@ def num_scale_blocks(n: int, block_size: int) -> int:
   return -(-n // block_size)
 
 
-def _scales(scale, n: int, block_size):
+def _scales(
+  scale: ArrayLike, n: int, block_size: int | None
+) -> tuple[jax.Array, jax.Array, int, int | None]:
   """(scale operand of the FFI, of the twin, scale_shift, twin block_shift).
 
   One scale: the FFI gets f32[1] with kOneScale, the twin the scalar. Block
@@ -137,8 +148,9 @@ def _scales(scale, n: int, block_size):
   want = (num_scale_blocks(n, block_size),)
   if s.shape != want or s.dtype != jnp.float32:
     raise ValueError(
-        f"scale must be float32{list(want)} (one per block of {block_size} "
-        f"of {n} elements), got {s.dtype}{list(s.shape)}")
+      f"scale must be float32{list(want)} (one per block of {block_size} "
+      f"of {n} elements), got {s.dtype}{list(s.shape)}"
+    )
   shift = block_size.bit_length() - 1
   return s, s, shift, shift
 
@@ -148,21 +160,33 @@ def seed_from_key(key: jax.Array) -> jax.Array:
   return jax.random.bits(key, (2,), jnp.uint32)
 
 
-_FLOAT_INPUTS = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
-                 np.dtype(np.float16))
+_FLOAT_INPUTS = (
+  np.dtype(np.float32),
+  np.dtype(jnp.bfloat16),
+  np.dtype(np.float16),
+)
 
 
-def _float_input(x, name: str = "x") -> jax.Array:
+def _float_input(x: ArrayLike, name: str = "x") -> jax.Array:
   x = jnp.asarray(x)
   if x.dtype not in _FLOAT_INPUTS:
     raise TypeError(
-        f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+      f"{name} must be float32, bfloat16 or float16, got {x.dtype}"
+    )
   return x.reshape(-1)
 
 
-def quantize(x, scale, seed, *, levels: int, bits: int,
-             signed_codes: bool = False, block_size: int | None = None,
-             impl: str = "auto") -> jax.Array:
+def quantize(
+  x: ArrayLike,
+  scale: ArrayLike,
+  seed: ArrayLike,
+  *,
+  levels: int,
+  bits: int,
+  signed_codes: bool = False,
+  block_size: int | None = None,
+  impl: str = "auto",
+) -> jax.Array:
   """Stochastic rounding of ``x * scale`` to integer codes in [-levels, levels].
 
   Args:
@@ -187,32 +211,53 @@ def quantize(x, scale, seed, *, levels: int, bits: int,
     raise ValueError(f"signed_codes needs bits=8, got bits={bits}")
   if not 1 <= levels <= wire.max_levels(bits, signed_codes):
     raise ValueError(
-        f"levels must be in [1, {wire.max_levels(bits, signed_codes)}] for "
-        f"bits={bits}, got {levels}")
+      f"levels must be in [1, {wire.max_levels(bits, signed_codes)}] for "
+      f"bits={bits}, got {levels}"
+    )
   x = _float_input(x)
   n = x.shape[0]
-  out = jax.ShapeDtypeStruct((wire.num_words(n, bits, signed_codes),),
-                             wire.word_dtype(bits, signed_codes))
+  out = jax.ShapeDtypeStruct(
+    (wire.num_words(n, bits, signed_codes),),
+    wire.word_dtype(bits, signed_codes),
+  )
   ffi_scale, xla_scale, shift, block_shift = _scales(scale, n, block_size)
 
-  def ffi_fn(x, scale, seed):
+  def ffi_fn(x: jax.Array, scale: jax.Array, seed: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call("gqsgd_quantize", out, vmap_method="sequential")(
-        x, scale.reshape(-1), seed, levels=np.int32(levels),
-        bits=np.int32(bits), signed_codes=np.bool_(signed_codes),
-        scale_shift=np.int32(shift))
+      x,
+      scale.reshape(-1),
+      seed,
+      levels=np.int32(levels),
+      bits=np.int32(bits),
+      signed_codes=np.bool_(signed_codes),
+      scale_shift=np.int32(shift),
+    )
 
-  def xla_fn(x, scale, seed):
-    return reference.quantize(x, scale.reshape(xla_scale.shape), seed,
-                              levels=levels, bits=bits,
-                              signed_codes=signed_codes,
-                              block_shift=block_shift)
+  def xla_fn(x: jax.Array, scale: jax.Array, seed: jax.Array) -> jax.Array:
+    return reference.quantize(
+      x,
+      scale.reshape(xla_scale.shape),
+      seed,
+      levels=levels,
+      bits=bits,
+      signed_codes=signed_codes,
+      block_shift=block_shift,
+    )
 
   return _select(impl, ffi_fn, xla_fn)(x, ffi_scale, _seed(seed))
 
 
-def dequantize(codes, scale, *, n: int, bits: int, offset: int,
-               signed_codes: bool = False, block_size: int | None = None,
-               impl: str = "auto") -> jax.Array:
+def dequantize(
+  codes: ArrayLike,
+  scale: ArrayLike,
+  *,
+  n: int,
+  bits: int,
+  offset: int,
+  signed_codes: bool = False,
+  block_size: int | None = None,
+  impl: str = "auto",
+) -> jax.Array:
   """Unpacks codes and returns ``(code - offset) * scale`` as float32[n].
 
   ``scale``: a float32 scalar, or with ``block_size`` float32[ceil(n / B)].
@@ -222,23 +267,32 @@ def dequantize(codes, scale, *, n: int, bits: int, offset: int,
   want = (wire.num_words(n, bits, signed_codes),)
   if codes.shape != want or codes.dtype != wire.word_dtype(bits, signed_codes):
     raise ValueError(
-        f"codes must be {wire.word_dtype(bits, signed_codes)}{list(want)} for "
-        f"n={n}, bits={bits}, got {codes.dtype}{list(codes.shape)}")
+      f"codes must be {wire.word_dtype(bits, signed_codes)}{list(want)} for "
+      f"n={n}, bits={bits}, got {codes.dtype}{list(codes.shape)}"
+    )
   out = jax.ShapeDtypeStruct((n,), jnp.float32)
   ffi_scale, xla_scale, shift, block_shift = _scales(scale, n, block_size)
 
-  def ffi_fn(codes, scale):
-    return jax.ffi.ffi_call("gqsgd_dequantize", out,
-                            vmap_method="sequential")(
-        codes, scale, bits=np.int32(bits),
-        signed_codes=np.bool_(signed_codes), offset=np.int32(offset),
-        scale_shift=np.int32(shift))
+  def ffi_fn(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call("gqsgd_dequantize", out, vmap_method="sequential")(
+      codes,
+      scale,
+      bits=np.int32(bits),
+      signed_codes=np.bool_(signed_codes),
+      offset=np.int32(offset),
+      scale_shift=np.int32(shift),
+    )
 
-  def xla_fn(codes, scale):
-    return reference.dequantize(codes, scale.reshape(xla_scale.shape), n=n,
-                                bits=bits, offset=offset,
-                                signed_codes=signed_codes,
-                                block_shift=block_shift)
+  def xla_fn(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    return reference.dequantize(
+      codes,
+      scale.reshape(xla_scale.shape),
+      n=n,
+      bits=bits,
+      offset=offset,
+      signed_codes=signed_codes,
+      block_shift=block_shift,
+    )
 
   return _select(impl, ffi_fn, xla_fn)(codes, ffi_scale)
 
@@ -248,7 +302,7 @@ def dequantize(codes, scale, *, n: int, bits: int, offset: int,
 MAX_AVERAGE_COUNT = 2**16
 
 
-def _check_counts(n_a, n_b) -> None:
+def _check_counts(n_a: ArrayLike, n_b: ArrayLike) -> None:
   """Checks the counts of ``average`` where they are known at trace time."""
   values = []
   for name, n in (("n_a", n_a), ("n_b", n_b)):
@@ -256,18 +310,28 @@ def _check_counts(n_a, n_b) -> None:
       return  # traced: the caller guarantees the range (see average)
     n = np.asarray(n)
     if n.size != 1 or not np.issubdtype(n.dtype, np.integer):
-      raise ValueError(f"{name} must be an integer scalar, got {n.dtype}"
-                       f"{list(n.shape)}")
+      raise ValueError(
+        f"{name} must be an integer scalar, got {n.dtype}{list(n.shape)}"
+      )
     values.append(int(n.reshape(())))
   n_a, n_b = values
   if n_a < 1 or n_b < 1 or n_a + n_b > MAX_AVERAGE_COUNT:
     raise ValueError(
-        f"n_a and n_b must be >= 1 with n_a + n_b <= {MAX_AVERAGE_COUNT}, "
-        f"got n_a={n_a}, n_b={n_b}")
+      f"n_a and n_b must be >= 1 with n_a + n_b <= {MAX_AVERAGE_COUNT}, "
+      f"got n_a={n_a}, n_b={n_b}"
+    )
 
 
-def average(a, b, n_a, n_b, seed, *, bits: int,
-            impl: str = "auto") -> jax.Array:
+def average(
+  a: ArrayLike,
+  b: ArrayLike,
+  n_a: ArrayLike,
+  n_b: ArrayLike,
+  seed: ArrayLike,
+  *,
+  bits: int,
+  impl: str = "auto",
+) -> jax.Array:
   """Lane-wise SR((n_a*a + n_b*b) / (n_a + n_b)) of two packed buffers.
 
   ``n_a``, ``n_b``: int32 scalars, the worker counts behind each operand,
@@ -284,25 +348,37 @@ def average(a, b, n_a, n_b, seed, *, bits: int,
   if a.shape != b.shape or a.dtype != b.dtype or a.ndim != 1:
     raise ValueError("a and b must be 1-D packed buffers of equal shape")
   if a.dtype != wire.word_dtype(bits):
-    raise ValueError(f"packed words for bits={bits} are "
-                     f"{wire.word_dtype(bits)}, got {a.dtype}")
+    raise ValueError(
+      f"packed words for bits={bits} are {wire.word_dtype(bits)}, got {a.dtype}"
+    )
   out = jax.ShapeDtypeStruct(a.shape, a.dtype)
   n_a = jnp.asarray(n_a, jnp.int32).reshape(())
   n_b = jnp.asarray(n_b, jnp.int32).reshape(())
 
-  def ffi_fn(a, b, n_a, n_b, seed):
+  def ffi_fn(
+    a: jax.Array, b: jax.Array, n_a: jax.Array, n_b: jax.Array, seed: jax.Array
+  ) -> jax.Array:
     return jax.ffi.ffi_call("gqsgd_average", out, vmap_method="sequential")(
-        a, b, n_a, n_b, seed, bits=np.int32(bits))
+      a, b, n_a, n_b, seed, bits=np.int32(bits)
+    )
 
-  def xla_fn(a, b, n_a, n_b, seed):
+  def xla_fn(
+    a: jax.Array, b: jax.Array, n_a: jax.Array, n_b: jax.Array, seed: jax.Array
+  ) -> jax.Array:
     return reference.average(a, b, n_a, n_b, seed, bits=bits)
 
   return _select(impl, ffi_fn, xla_fn)(a, b, n_a, n_b, _seed(seed))
 
 
-def exp_encode(x, scale, seed, *, floor_code: int = 127,
-               block_size: int | None = None,
-               impl: str = "auto") -> jax.Array:
+def exp_encode(
+  x: ArrayLike,
+  scale: ArrayLike,
+  seed: ArrayLike,
+  *,
+  floor_code: int = 127,
+  block_size: int | None = None,
+  impl: str = "auto",
+) -> jax.Array:
   """Exponential dithering of ``x * scale`` (``|x * scale| <= 1/2``) to bytes.
 
   Byte = sign << 7 | e with value ±2^-e, e in [1, floor_code]; 0 is zero.
@@ -312,59 +388,82 @@ def exp_encode(x, scale, seed, *, floor_code: int = 127,
     raise ValueError(f"floor_code must be in [1, 127], got {floor_code}")
   x = _float_input(x)
   out = jax.ShapeDtypeStruct(x.shape, jnp.uint8)
-  ffi_scale, xla_scale, shift, block_shift = _scales(scale, x.shape[0],
-                                                     block_size)
+  ffi_scale, xla_scale, shift, block_shift = _scales(
+    scale, x.shape[0], block_size
+  )
 
-  def ffi_fn(x, scale, seed):
-    return jax.ffi.ffi_call("gqsgd_exp_encode", out,
-                            vmap_method="sequential")(
-        x, scale, seed, floor_code=np.int32(floor_code),
-        scale_shift=np.int32(shift))
+  def ffi_fn(x: jax.Array, scale: jax.Array, seed: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call("gqsgd_exp_encode", out, vmap_method="sequential")(
+      x,
+      scale,
+      seed,
+      floor_code=np.int32(floor_code),
+      scale_shift=np.int32(shift),
+    )
 
-  def xla_fn(x, scale, seed):
-    return reference.exp_encode(x, scale.reshape(xla_scale.shape), seed,
-                                floor_code=floor_code,
-                                block_shift=block_shift)
+  def xla_fn(x: jax.Array, scale: jax.Array, seed: jax.Array) -> jax.Array:
+    return reference.exp_encode(
+      x,
+      scale.reshape(xla_scale.shape),
+      seed,
+      floor_code=floor_code,
+      block_shift=block_shift,
+    )
 
   return _select(impl, ffi_fn, xla_fn)(x, ffi_scale, _seed(seed))
 
 
-def exp_decode(codes, scale, *, block_size: int | None = None,
-               impl: str = "auto") -> jax.Array:
+def exp_decode(
+  codes: ArrayLike,
+  scale: ArrayLike,
+  *,
+  block_size: int | None = None,
+  impl: str = "auto",
+) -> jax.Array:
   """Decodes exponential bytes to ±2^-e * scale (float32).
 
   ``scale``: a float32 scalar, or with ``block_size`` float32[ceil(n / B)].
   """
   codes = jnp.asarray(codes)
   if codes.dtype != jnp.uint8 or codes.ndim != 1:
-    raise ValueError(f"codes must be uint8[n], got {codes.dtype}"
-                     f"{list(codes.shape)}")
+    raise ValueError(
+      f"codes must be uint8[n], got {codes.dtype}{list(codes.shape)}"
+    )
   out = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
-  ffi_scale, xla_scale, shift, block_shift = _scales(scale, codes.shape[0],
-                                                     block_size)
+  ffi_scale, xla_scale, shift, block_shift = _scales(
+    scale, codes.shape[0], block_size
+  )
 
-  def ffi_fn(codes, scale):
-    return jax.ffi.ffi_call("gqsgd_exp_decode", out,
-                            vmap_method="sequential")(
-        codes, scale, scale_shift=np.int32(shift))
+  def ffi_fn(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call("gqsgd_exp_decode", out, vmap_method="sequential")(
+      codes, scale, scale_shift=np.int32(shift)
+    )
 
-  def xla_fn(codes, scale):
-    return reference.exp_decode(codes, scale.reshape(xla_scale.shape),
-                                block_shift=block_shift)
+  def xla_fn(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    return reference.exp_decode(
+      codes, scale.reshape(xla_scale.shape), block_shift=block_shift
+    )
 
   return _select(impl, ffi_fn, xla_fn)(codes, ffi_scale)
 
 
-def exp_reduce(a, b, seed, *, impl: str = "auto") -> jax.Array:
+def exp_reduce(
+  a: ArrayLike, b: ArrayLike, seed: ArrayLike, *, impl: str = "auto"
+) -> jax.Array:
   """Pairwise stochastic reduce of two exponential byte buffers (§3.3)."""
   a, b = jnp.asarray(a), jnp.asarray(b)
-  if a.shape != b.shape or a.dtype != jnp.uint8 or b.dtype != jnp.uint8 or (
-      a.ndim != 1):
+  if (
+    a.shape != b.shape
+    or a.dtype != jnp.uint8
+    or b.dtype != jnp.uint8
+    or (a.ndim != 1)
+  ):
     raise ValueError("a and b must be uint8[n] of equal length")
   out = jax.ShapeDtypeStruct(a.shape, jnp.uint8)
 
-  def ffi_fn(a, b, seed):
-    return jax.ffi.ffi_call("gqsgd_exp_reduce", out,
-                            vmap_method="sequential")(a, b, seed)
+  def ffi_fn(a: jax.Array, b: jax.Array, seed: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call("gqsgd_exp_reduce", out, vmap_method="sequential")(
+      a, b, seed
+    )
 
   return _select(impl, ffi_fn, reference.exp_reduce)(a, b, _seed(seed))

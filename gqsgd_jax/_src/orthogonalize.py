@@ -19,8 +19,9 @@ GRAM_SCHMIDT_MAX_RANK = 2
 DEFAULT_EPSILON = 1e-8
 
 
-def validate_epsilon(epsilon, name: str = "orthogonalization_epsilon"
-                     ) -> float:
+def validate_epsilon(
+  epsilon: object, name: str = "orthogonalization_epsilon"
+) -> float:
   if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
     raise ValueError(f"{name} must be a float >= 0, got {epsilon!r}")
   epsilon = float(epsilon)
@@ -29,8 +30,9 @@ def validate_epsilon(epsilon, name: str = "orthogonalization_epsilon"
   return epsilon
 
 
-def gram_schmidt(matrix: jax.Array, epsilon: float = DEFAULT_EPSILON
-                 ) -> jax.Array:
+def gram_schmidt(
+  matrix: jax.Array, epsilon: float = DEFAULT_EPSILON
+) -> jax.Array:
   """Modified Gram-Schmidt on the columns of one n x r matrix.
 
   Column k is divided by ``norm + epsilon`` and its projection removed from
@@ -48,8 +50,9 @@ def gram_schmidt(matrix: jax.Array, epsilon: float = DEFAULT_EPSILON
   return jnp.stack(cols, axis=1) if cols else matrix
 
 
-def orthogonalize(matrices: jax.Array, epsilon: float = DEFAULT_EPSILON
-                  ) -> jax.Array:
+def orthogonalize(
+  matrices: jax.Array, epsilon: float = DEFAULT_EPSILON
+) -> jax.Array:
   """Orthonormal columns for a matrix [n, r] or a batch [..., n, r].
 
   Args:

@@ -13,8 +13,7 @@ import numpy as np
 from gqsgd_jax._src.collectives import AxisName
 
 
-def canonical_key(key: jax.typing.ArrayLike,
-                  name: str = "key") -> jax.Array:
+def canonical_key(key: jax.typing.ArrayLike, name: str = "key") -> jax.Array:
   """An int seed or PRNG key (typed or raw) as raw uint32[2] key data."""
   if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
     return jax.random.PRNGKey(int(key))
@@ -23,8 +22,9 @@ def canonical_key(key: jax.typing.ArrayLike,
     return jax.random.key_data(key)
   if key.dtype != jnp.uint32 or key.shape != (2,):
     raise ValueError(
-        f"{name} must be an int seed or a PRNG key, got {key.dtype}"
-        f"{list(key.shape)}")
+      f"{name} must be an int seed or a PRNG key, got {key.dtype}"
+      f"{list(key.shape)}"
+    )
   return key
 
 
@@ -35,7 +35,8 @@ def fold(key: jax.Array, *data: int | jax.Array) -> jax.Array:
   return key
 
 
-def worker_key(key: jax.Array, axis_name: AxisName,
-               *data: int | jax.Array) -> jax.Array:
+def worker_key(
+  key: jax.Array, axis_name: AxisName, *data: int | jax.Array
+) -> jax.Array:
   """A key independent per worker on ``axis_name`` (and per ``data``)."""
   return fold(key, *data, jax.lax.axis_index(axis_name))

@@ -12,6 +12,7 @@ common grid, so codes cannot be summed on the wire and every device receives
 W times the payload (``wire_bytes``).
 """
 
+from collections.abc import Sequence
 import math
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import transform
 
 NORMS = ("linf", "l2")
 _TINY = float(np.finfo(np.float32).tiny)
@@ -32,6 +34,7 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 class QsgdState(NamedTuple):
   """State of ``qsgd``: the PRNG key of the dither."""
+
   key: jax.Array  # uint32[2] raw PRNG key, split once per step
 
 
@@ -43,13 +46,20 @@ class WireBytes(NamedTuple):
   each device transmits/receives when every collective runs a
   bandwidth-optimal algorithm (its ``sent_bytes``).
   """
+
   sent: float  # bytes each device transmits
   received: float  # bytes each device receives
   result: int  # bytes of the collectives' results
 
 
-def wire_bytes(sizes, num_workers: int, *, granularity: str = "bucket",
-               bucket_bytes: int = 25 * 2**20, dtypes=None) -> WireBytes:
+def wire_bytes(
+  sizes: Sequence[int],
+  num_workers: int,
+  *,
+  granularity: str = "bucket",
+  bucket_bytes: int = 25 * 2**20,
+  dtypes: Sequence[jax.typing.DTypeLike] | None = None,
+) -> WireBytes:
   """Analytic bytes per step and device of ``qsgd`` for leaves of ``sizes``.
 
   Each worker's message is its n int8 codes and B f32 norms (B buckets),
@@ -67,8 +77,9 @@ def wire_bytes(sizes, num_workers: int, *, granularity: str = "bucket",
   """
   dtypes = dtypes or [np.float32] * len(sizes)
   leaves = [jax.ShapeDtypeStruct((int(n),), d) for n, d in zip(sizes, dtypes)]
-  buckets = bucketing.plan_buckets(leaves, bucket_bytes=bucket_bytes,
-                                   per_leaf=granularity == "leaf")
+  buckets = bucketing.plan_buckets(
+    leaves, bucket_bytes=bucket_bytes, per_leaf=granularity == "leaf"
+  )
   message = sum(b.size for b in buckets) + 4 * len(buckets)
   others = float((num_workers - 1) * message)
   return WireBytes(sent=others, received=others, result=num_workers * message)
@@ -96,21 +107,23 @@ def pairwise_sum(rows: list[jax.Array]) -> jax.Array:
   is static, so every worker adds in the same order (bit-identical).
   """
   while len(rows) > 1:
-    rows = [rows[i] + rows[i + 1] if i + 1 < len(rows) else rows[i]
-            for i in range(0, len(rows), 2)]
+    rows = [
+      rows[i] + rows[i + 1] if i + 1 < len(rows) else rows[i]
+      for i in range(0, len(rows), 2)
+    ]
   return rows[0]
 
 
 def qsgd(
-    *,
-    axis_name="data",
-    levels: int = 127,
-    norm: str = "linf",
-    reference_compatible: bool = False,
-    granularity: str = "bucket",
-    bucket_bytes: int = 25 * 2**20,
-    key=0,
-    impl: str = "auto",
+  *,
+  axis_name: collectives.AxisName = "data",
+  levels: int = 127,
+  norm: str = "linf",
+  reference_compatible: bool = False,
+  granularity: str = "bucket",
+  bucket_bytes: int = 25 * 2**20,
+  key: jax.typing.ArrayLike = 0,
+  impl: str = "auto",
 ) -> optax.GradientTransformation:
   """QSGD with int8 codes and an all-gather: the unbiased mean on every worker.
 
@@ -147,20 +160,25 @@ def qsgd(
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
   if not isinstance(reference_compatible, (bool, np.bool_)):
     raise TypeError(
-        f"reference_compatible must be a bool, got {reference_compatible!r}")
+      f"reference_compatible must be a bool, got {reference_compatible!r}"
+    )
   if reference_compatible and levels != 127:
-    raise ValueError("levels is fixed by reference_compatible=True (127/W "
-                     f"per worker), got levels={levels}")
+    raise ValueError(
+      "levels is fixed by reference_compatible=True (127/W "
+      f"per worker), got levels={levels}"
+    )
   bucketing.validate_granularity(granularity)
   bucket_bytes = bucketing.validate_bucket_bytes(bucket_bytes)
   ops.validate_impl(impl)
   init_key = prng.canonical_key(key)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> QsgdState:
     del params
     return QsgdState(key=init_key)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: QsgdState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, QsgdState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     if reference_compatible:
@@ -171,13 +189,16 @@ def qsgd(
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
     bucketing.check_leaf_dtypes(leaves, [p for p, _ in paths_leaves])
-    buckets = bucketing.plan_buckets(leaves, bucket_bytes=bucket_bytes,
-                                     per_leaf=granularity == "leaf")
+    buckets = bucketing.plan_buckets(
+      leaves, bucket_bytes=bucket_bytes, per_leaf=granularity == "leaf"
+    )
     next_key, step_key = jax.random.split(state.key)
     if not buckets:
       empty = [jnp.zeros(x.shape, x.dtype) for x in leaves]
-      return (jax.tree_util.tree_unflatten(treedef, empty),
-              QsgdState(key=next_key))
+      return (
+        jax.tree_util.tree_unflatten(treedef, empty),
+        QsgdState(key=next_key),
+      )
 
     flats = [bucketing.flatten_bucket(b, leaves) for b in buckets]
     local = jnp.stack([_local_norm(f, norm) for f in flats])
@@ -197,15 +218,20 @@ def qsgd(
     means = []
     for b, flat in enumerate(flats):
       seed = ops.seed_from_key(prng.worker_key(step_key, axis_name, b))
-      codes = ops.quantize(flat, scale[b], seed, levels=clamp, bits=8,
-                           signed_codes=True, impl=impl)
+      codes = ops.quantize(
+        flat, scale[b], seed, levels=clamp, bits=8, signed_codes=True, impl=impl
+      )
       gathered = jax.lax.all_gather(codes, axis_name, to="invarying")
       # Every worker sums the same W rows in the same order: bit-identical.
-      means.append(pairwise_sum([
-          gathered[w].astype(jnp.float32) * dec[w, b]
-          for w in range(num_workers)]))
+      means.append(
+        pairwise_sum(
+          [
+            gathered[w].astype(jnp.float32) * dec[w, b]
+            for w in range(num_workers)
+          ]
+        )
+      )
     out = bucketing.unflatten_buckets(buckets, means, leaves)
-    return (jax.tree_util.tree_unflatten(treedef, out),
-            QsgdState(key=next_key))
+    return (jax.tree_util.tree_unflatten(treedef, out), QsgdState(key=next_key))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return transform.transformation(init_fn, update_fn)

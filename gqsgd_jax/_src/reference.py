@@ -6,6 +6,8 @@ for the same seed the two paths return the same bits. Keep them in lockstep:
 ``tests/ops_test.py`` asserts bit equality over dtypes and sizes.
 """
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from gqsgd_jax._src import wire
 _U32 = jnp.uint32
 
 
-def _u32(v) -> jax.Array:
+def _u32(v: int | np.integer) -> jax.Array:
   return jnp.asarray(np.uint32(v), _U32)
 
 
@@ -45,8 +47,9 @@ def stream_key(seed: jax.Array, stream: int) -> tuple[jax.Array, jax.Array]:
   return a, b
 
 
-def random_bits(seed: jax.Array, n: int, stream: int = 0,
-                start: int = 0) -> jax.Array:
+def random_bits(
+  seed: jax.Array, n: int, stream: int = 0, start: int = 0
+) -> jax.Array:
   """math.h RandomBits of the 64-bit element indices start .. start + n - 1.
 
   jnp has no 64-bit integers (without x64), so the indices are cut at the
@@ -55,8 +58,9 @@ def random_bits(seed: jax.Array, n: int, stream: int = 0,
   a uint32 iota. Any n and start with start + n <= 2^64 agree with C++.
   """
   if n < 0 or start < 0 or start + n > 2**64:
-    raise ValueError(f"need n >= 0, start >= 0 and start + n <= 2^64, got "
-                     f"n={n}, start={start}")
+    raise ValueError(
+      f"need n >= 0, start >= 0 and start + n <= 2^64, got n={n}, start={start}"
+    )
   a, b = stream_key(seed, stream)
   pieces = []
   first, end = start, start + n
@@ -72,7 +76,7 @@ def random_bits(seed: jax.Array, n: int, stream: int = 0,
   return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
-def flush_subnormal(x) -> jax.Array:
+def flush_subnormal(x: jax.typing.ArrayLike) -> jax.Array:
   """math.h FlushSubnormal: subnormal f32 (after widening) reads as ±0."""
   u = jax.lax.bitcast_convert_type(jnp.asarray(x).astype(jnp.float32), _U32)
   u = jnp.where((u & _u32(0x7F800000)) == 0, u & _u32(0x80000000), u)
@@ -83,7 +87,9 @@ def flush_subnormal(x) -> jax.Array:
 # Block scales (kernels.h scale_shift): element i uses scale[i >> shift].
 
 
-def _blocked(block_shift, scale, *arrays):
+def _blocked(
+  block_shift: int | None, scale: jax.Array, *arrays: jax.Array
+) -> tuple[jax.Array, Sequence[jax.Array]]:
   """Views 1-D arrays as [blocks, 2^block_shift] rows beside scale[:, None].
 
   With ``block_shift=None`` (one scalar scale) nothing changes. The tail
@@ -106,8 +112,9 @@ def _blocked(block_shift, scale, *arrays):
 # Standard dithering.
 
 
-def stochastic_round(x: jax.Array, scale: jax.Array, levels: int,
-                     random: jax.Array) -> jax.Array:
+def stochastic_round(
+  x: jax.Array, scale: jax.Array, levels: int, random: jax.Array
+) -> jax.Array:
   """math.h StochasticRound: SR(clamp(x * scale)) as int32."""
   lim = jnp.float32(levels)
   y = flush_subnormal(x) * flush_subnormal(scale)
@@ -128,8 +135,11 @@ def _pack(codes: jax.Array, bits: int) -> jax.Array:
   words = wire.num_words(n, bits)
   codes = jnp.pad(codes, (0, words * lanes - n)).reshape(words, lanes)
   shifts = _u32(bits) * jnp.arange(lanes - 1, -1, -1, dtype=_U32)
-  packed = jnp.bitwise_or.reduce(codes << shifts, axis=1) if lanes > 1 else (
-      codes[:, 0])
+  packed = (
+    jnp.bitwise_or.reduce(codes << shifts, axis=1)
+    if lanes > 1
+    else (codes[:, 0])
+  )
   return packed.astype(wire.word_dtype(bits))
 
 
@@ -141,9 +151,16 @@ def _unpack(words: jax.Array, bits: int) -> jax.Array:
   return ((words.astype(_U32)[:, None] >> shifts) & mask).reshape(-1)
 
 
-def quantize(x: jax.Array, scale: jax.Array, seed: jax.Array, *, levels: int,
-             bits: int, signed_codes: bool = False,
-             block_shift: int | None = None) -> jax.Array:
+def quantize(
+  x: jax.Array,
+  scale: jax.Array,
+  seed: jax.Array,
+  *,
+  levels: int,
+  bits: int,
+  signed_codes: bool = False,
+  block_shift: int | None = None,
+) -> jax.Array:
   """kernels.h QuantizeKernel: int8 codes or packed offset-binary lanes.
 
   ``scale`` is a scalar, or with ``block_shift`` one scale per block of
@@ -159,9 +176,16 @@ def quantize(x: jax.Array, scale: jax.Array, seed: jax.Array, *, levels: int,
   return _pack((q + levels).astype(_U32) & mask, bits)
 
 
-def dequantize(codes: jax.Array, scale: jax.Array, *, n: int, bits: int,
-               offset: int, signed_codes: bool = False,
-               block_shift: int | None = None) -> jax.Array:
+def dequantize(
+  codes: jax.Array,
+  scale: jax.Array,
+  *,
+  n: int,
+  bits: int,
+  offset: int,
+  signed_codes: bool = False,
+  block_shift: int | None = None,
+) -> jax.Array:
   """kernels.h DequantizeKernel: (code - offset) * scale as float32[n]."""
   if signed_codes:
     c = codes.astype(jnp.int32)
@@ -171,7 +195,13 @@ def dequantize(codes: jax.Array, scale: jax.Array, *, n: int, bits: int,
   return (cb.astype(jnp.float32) * flush_subnormal(s)).reshape(-1)[:n]
 
 
-def rounded_average(a, b, n_a, n_b, random):
+def rounded_average(
+  a: jax.Array,
+  b: jax.Array,
+  n_a: jax.typing.ArrayLike,
+  n_b: jax.typing.ArrayLike,
+  random: jax.Array,
+) -> jax.Array:
   """math.h RoundedAverage on uint32 arrays (n_a + n_b <= 2^16).
 
   Rounds up iff floor((random >> 8) * den / 2^24) < rem, the 40-bit product
@@ -190,8 +220,15 @@ def rounded_average(a, b, n_a, n_b, random):
   return fl + (scaled < rem).astype(_U32)
 
 
-def average(a: jax.Array, b: jax.Array, n_a, n_b, seed: jax.Array, *,
-            bits: int) -> jax.Array:
+def average(
+  a: jax.Array,
+  b: jax.Array,
+  n_a: jax.typing.ArrayLike,
+  n_b: jax.typing.ArrayLike,
+  seed: jax.Array,
+  *,
+  bits: int,
+) -> jax.Array:
   """kernels.h AverageKernel: lane-wise SR((n_a a + n_b b) / (n_a + n_b))."""
   ca, cb = _unpack(a, bits), _unpack(b, bits)
   avg = rounded_average(ca, cb, n_a, n_b, random_bits(seed, ca.shape[0]))
@@ -202,9 +239,14 @@ def average(a: jax.Array, b: jax.Array, n_a, n_b, seed: jax.Array, *,
 # Exponential dithering.
 
 
-def exp_encode(x: jax.Array, scale: jax.Array, seed: jax.Array, *,
-               floor_code: int = 127,
-               block_shift: int | None = None) -> jax.Array:
+def exp_encode(
+  x: jax.Array,
+  scale: jax.Array,
+  seed: jax.Array,
+  *,
+  floor_code: int = 127,
+  block_shift: int | None = None,
+) -> jax.Array:
   """math.h ExpEncode: sign + exponent bytes of x * scale."""
   x = x.reshape(-1)
   n = x.shape[0]
@@ -234,14 +276,14 @@ def exp_encode(x: jax.Array, scale: jax.Array, seed: jax.Array, *,
   right = mant >> jnp.clip(sh_right, 0, 31).astype(_U32)
   p32 = jnp.where(sh <= 32, left, jnp.where(sh_right < 32, right, _u32(0)))
   code_small = jnp.where(random < p32, floor_code, 0)
-  code = jnp.where(is_nan | lost, 0,
-                   jnp.where(small, code_small, code_normal))
+  code = jnp.where(is_nan | lost, 0, jnp.where(small, code_small, code_normal))
   byte = jnp.where(code == 0, _u32(0), code.astype(_U32) | sign)
   return byte.astype(jnp.uint8).reshape(-1)[:n]
 
 
-def exp_decode(codes: jax.Array, scale: jax.Array,
-               block_shift: int | None = None) -> jax.Array:
+def exp_decode(
+  codes: jax.Array, scale: jax.Array, block_shift: int | None = None
+) -> jax.Array:
   """math.h ExpDecode: ±2^-e * scale by exponent arithmetic, f32."""
   n = codes.shape[0]
   scale, (codes,) = _blocked(block_shift, scale, codes)
@@ -257,7 +299,7 @@ def exp_decode(codes: jax.Array, scale: jax.Array,
   return jax.lax.bitcast_convert_type(value, jnp.float32).reshape(-1)[:n]
 
 
-def geometric_tail(t, r0, r1):
+def geometric_tail(t: jax.Array, r0: jax.Array, r1: jax.Array) -> jax.Array:
   """math.h GeometricTail: True with probability 2^-t (t: uint32)."""
   ones = _u32(0xFFFFFFFF)
   mask0 = jnp.where(t >= 32, ones, (_u32(1) << jnp.minimum(t, 31)) - 1)
@@ -266,7 +308,9 @@ def geometric_tail(t, r0, r1):
   return (t <= 64) & ((r0 & mask0) == 0) & ((r1 & mask1) == 0)
 
 
-def exp_reduce_codes(a, b, r0, r1):
+def exp_reduce_codes(
+  a: jax.Array, b: jax.Array, r0: jax.Array, r1: jax.Array
+) -> jax.Array:
   """math.h ExpReduce on uint32 arrays of bytes."""
   ea, eb = a & _u32(0x7F), b & _u32(0x7F)
   sa, sb = a & _u32(0x80), b & _u32(0x80)
@@ -279,12 +323,14 @@ def exp_reduce_codes(a, b, r0, r1):
   tt = jnp.where(same, t, t - 1)
   event = geometric_tail(tt, r0, r1)
   doubled = jnp.where(e_big > 1, e_big - 1, _u32(1))
-  e_res = jnp.where(same, jnp.where(event, doubled, e_big),
-                    jnp.where(event, e_big + 1, e_big))
+  e_res = jnp.where(
+    same, jnp.where(event, doubled, e_big), jnp.where(event, e_big + 1, e_big)
+  )
   cancel = (~same) & (t == 0)
   general = jnp.where(cancel, _u32(0), s_big | e_res)
-  return jnp.where(ea == 0, jnp.where(eb == 0, _u32(0), b),
-                   jnp.where(eb == 0, a, general))
+  return jnp.where(
+    ea == 0, jnp.where(eb == 0, _u32(0), b), jnp.where(eb == 0, a, general)
+  )
 
 
 def exp_reduce(a: jax.Array, b: jax.Array, seed: jax.Array) -> jax.Array:

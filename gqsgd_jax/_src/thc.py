@@ -40,6 +40,7 @@ estimate is unbiased.
 The lookup-table (non-uniform) variant of THC is not implemented.
 """
 
+from collections.abc import Sequence
 import dataclasses
 import math
 from statistics import NormalDist
@@ -56,6 +57,8 @@ from gqsgd_jax._src import hadamard
 from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import transform
+from gqsgd_jax._src import worker_state
 from gqsgd_jax._src.qsgd import WireBytes
 
 GRANULARITIES = ("fused", "leaf")
@@ -71,15 +74,16 @@ _F16_EXACT = 2048
 _TINY = float(np.finfo(np.float32).tiny)
 
 
+@worker_state.per_worker("error")
 class ThcState(NamedTuple):
   """State of ``thc``: error-feedback memories and PRNG keys."""
+
   # Per worker (see worker_state_specs): f32[padded size] per buffer, this
   # worker's EF memory in the rotated domain (chunk by chunk, H D e); ()
   # without error feedback.
   error: tuple
   key: jax.Array  # uint32[2] dither key, split once per step; shared
   rotation_key: jax.Array  # uint32[2] Hadamard signs' key; shared, fixed
-  per_worker_fields = ("error",)
 
 
 def wire_dtype(num_workers: int, levels: int = 16) -> np.dtype:
@@ -102,8 +106,10 @@ def wire_dtype(num_workers: int, levels: int = 16) -> np.dtype:
     return np.dtype(np.float16)
   if top <= 2**31 - 1:
     return np.dtype(np.int32)
-  raise ValueError(f"levels={levels} with {num_workers} workers: code sums "
-                   "would overflow int32")
+  raise ValueError(
+    f"levels={levels} with {num_workers} workers: code sums "
+    "would overflow int32"
+  )
 
 
 def clip_quantile(overflow_prob: float) -> float:
@@ -134,6 +140,7 @@ def plan_chunks(n: int, chunk_size: int = 2**23) -> tuple[int, ...]:
 @dataclasses.dataclass(frozen=True)
 class _Buffer:
   """Leaves (flat indices) concatenated into one buffer, and its chunks."""
+
   leaf_ids: tuple[int, ...]
   sizes: tuple[int, ...]
   chunks: tuple[int, ...]
@@ -147,24 +154,35 @@ class _Buffer:
     return sum(self.chunks)
 
 
-def _plan(sizes, granularity: str, chunk_size: int) -> list[_Buffer]:
+def _plan(
+  sizes: Sequence[int], granularity: str, chunk_size: int
+) -> list[_Buffer]:
   ids = [i for i, n in enumerate(sizes) if n]
   groups = [ids] if granularity == "fused" and ids else [[i] for i in ids]
   return [
-      _Buffer(tuple(g), tuple(sizes[i] for i in g),
-              plan_chunks(sum(sizes[i] for i in g), chunk_size))
-      for g in groups
+    _Buffer(
+      tuple(g),
+      tuple(sizes[i] for i in g),
+      plan_chunks(sum(sizes[i] for i in g), chunk_size),
+    )
+    for g in groups
   ]
 
 
-def _leaf_sizes(tree) -> list[int]:
-  return [int(np.prod(np.shape(x), dtype=np.int64))
-          for x in jax.tree.leaves(tree)]
+def _leaf_sizes(tree: optax.Params) -> list[int]:
+  return [
+    int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(tree)
+  ]
 
 
-def wire_bytes(sizes, num_workers: int, *, levels: int = 16,
-               granularity: str = "fused",
-               chunk_size: int = 2**23) -> WireBytes:
+def wire_bytes(
+  sizes: Sequence[int],
+  num_workers: int,
+  *,
+  levels: int = 16,
+  granularity: str = "fused",
+  chunk_size: int = 2**23,
+) -> WireBytes:
   """Analytic bytes per step and device of ``thc`` for leaves of ``sizes``.
 
   One ``psum`` of the padded codes in ``wire_dtype`` and one f32 ``pmax`` of
@@ -175,7 +193,8 @@ def wire_bytes(sizes, num_workers: int, *, levels: int = 16,
   plan = _plan([int(n) for n in sizes], granularity, chunk_size)
   itemsize = wire_dtype(num_workers, levels).itemsize
   result = sum(b.padded for b in plan) * itemsize + 4 * sum(
-      len(b.chunks) for b in plan)
+    len(b.chunks) for b in plan
+  )
   ring = 2 * (num_workers - 1) / num_workers * result
   return WireBytes(sent=ring, received=ring, result=result)
 
@@ -193,8 +212,7 @@ def _norm(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(m) & jnp.isfinite(n), n, jnp.inf)
 
 
-def _stochastic_round(y: jax.Array, key: jax.Array, levels: int
-                      ) -> jax.Array:
+def _stochastic_round(y: jax.Array, key: jax.Array, levels: int) -> jax.Array:
   """SR of y in [0, levels - 1] to int32: up iff 24 random bits <
   floor(frac * 2^24), the kernels' StochasticRound rule (the up-probability
   is frac rounded down to 2^-24, never above frac).
@@ -203,8 +221,14 @@ def _stochastic_round(y: jax.Array, key: jax.Array, levels: int
   bits); beyond, threefry bits and the same rule in jnp.
   """
   if levels - 1 <= 127:
-    codes = ops.quantize(y, jnp.float32(1), ops.seed_from_key(key),
-                         levels=levels - 1, bits=8, signed_codes=True)
+    codes = ops.quantize(
+      y,
+      jnp.float32(1),
+      ops.seed_from_key(key),
+      levels=levels - 1,
+      bits=8,
+      signed_codes=True,
+    )
     return codes.astype(jnp.int32)
   bits = jax.random.bits(key, y.shape, jnp.uint32)
   fl = jnp.floor(y)
@@ -212,8 +236,9 @@ def _stochastic_round(y: jax.Array, key: jax.Array, levels: int
   return fl.astype(jnp.int32) + ((bits >> 8) < threshold).astype(jnp.int32)
 
 
-def chunk_signs(rotation_key: jax.Array, buffer: int, chunk: int, d: int
-                ) -> jax.Array:
+def chunk_signs(
+  rotation_key: jax.Array, buffer: int, chunk: int, d: int
+) -> jax.Array:
   """The Hadamard signs D of chunk ``chunk`` of buffer ``buffer`` (f32[d]).
 
   Shared by all workers and fixed across steps; recomputed each step by
@@ -226,21 +251,28 @@ def chunk_signs(rotation_key: jax.Array, buffer: int, chunk: int, d: int
 @dataclasses.dataclass(frozen=True)
 class _Step:
   """Static settings of one step's chunk reductions."""
+
   levels: int
   z: float
   block_log2: int | None
   wire: np.dtype
-  axis_name: object
+  axis_name: collectives.AxisName
   num_workers: int
 
 
-def _block(d: int, cfg: _Step):
+def _block(d: int, cfg: _Step) -> int | None:
   """The rotation's block_log2 for a chunk of d elements (None: whole)."""
   block = cfg.block_log2
   return None if block is not None and (1 << block) >= d else block
 
 
-def _chunk_mean(rotated, norm, signs, key, cfg: _Step):
+def _chunk_mean(
+  rotated: jax.Array,
+  norm: jax.Array,
+  signs: jax.Array,
+  key: jax.Array,
+  cfg: _Step,
+) -> tuple[jax.Array, jax.Array]:
   """Steps 3-6 for one rotated chunk: (the decoded mean, this worker's
   residual in the rotated domain).
 
@@ -264,7 +296,9 @@ def _chunk_mean(rotated, norm, signs, key, cfg: _Step):
   return out, rotated - local
 
 
-def _new_error(residual, x, old, norm):
+def _new_error(
+  residual: jax.Array, x: jax.Array, old: jax.Array, norm: jax.Array
+) -> jax.Array:
   """The EF memory after a step (step 7), guarded for degenerate chunks.
 
   Sub-tiny chunks stay whole in memory. A non-finite step leaves the memory
@@ -276,7 +310,7 @@ def _new_error(residual, x, old, norm):
   return jnp.where(ok, residual, jnp.where(finite, x, old))
 
 
-def _axis_bound(axis_name) -> bool:
+def _axis_bound(axis_name: collectives.AxisName) -> bool:
   try:
     jax.lax.axis_size(axis_name)
   except NameError:
@@ -284,41 +318,58 @@ def _axis_bound(axis_name) -> bool:
   return True
 
 
-def _validate(levels, overflow_prob, block_log2, granularity, chunk_size):
+def _validate(
+  levels: object,
+  overflow_prob: object,
+  block_log2: object,
+  granularity: str,
+  chunk_size: object,
+) -> None:
   if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)):
     raise TypeError(f"levels must be an int, got {levels!r}")
   if not 2 <= levels <= MAX_LEVELS:
     raise ValueError(f"levels must be in [2, {MAX_LEVELS}], got {levels}")
-  if isinstance(overflow_prob, bool) or not isinstance(
-      overflow_prob, (int, float, np.floating)) or not (
-          0 <= overflow_prob < 0.5):
+  if (
+    isinstance(overflow_prob, bool)
+    or not isinstance(overflow_prob, (int, float, np.floating))
+    or not (0 <= overflow_prob < 0.5)
+  ):
     raise ValueError(
-        f"overflow_prob must be a float in [0, 0.5), got {overflow_prob!r}")
-  if isinstance(chunk_size, bool) or not isinstance(
-      chunk_size, (int, np.integer)) or chunk_size < MIN_CHUNK or (
-          chunk_size & (chunk_size - 1)):
-    raise ValueError(f"chunk_size must be a power of two >= {MIN_CHUNK}, "
-                     f"got {chunk_size!r}")
+      f"overflow_prob must be a float in [0, 0.5), got {overflow_prob!r}"
+    )
+  if (
+    isinstance(chunk_size, bool)
+    or not isinstance(chunk_size, (int, np.integer))
+    or chunk_size < MIN_CHUNK
+    or (chunk_size & (chunk_size - 1))
+  ):
+    raise ValueError(
+      f"chunk_size must be a power of two >= {MIN_CHUNK}, got {chunk_size!r}"
+    )
   if block_log2 is not None and (
-      isinstance(block_log2, bool) or not isinstance(
-          block_log2, (int, np.integer)) or not 1 <= block_log2 <= 30):
+    isinstance(block_log2, bool)
+    or not isinstance(block_log2, (int, np.integer))
+    or not 1 <= block_log2 <= 30
+  ):
     raise ValueError(
-        f"block_log2 must be None or an int in [1, 30], got {block_log2!r}")
+      f"block_log2 must be None or an int in [1, 30], got {block_log2!r}"
+    )
   if granularity not in GRANULARITIES:
     raise ValueError(
-        f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+      f"granularity must be one of {GRANULARITIES}, got {granularity!r}"
+    )
 
 
 def thc(
-    *,
-    axis_name="data",
-    levels: int = 16,
-    overflow_prob: float = 1e-4,
-    error_feedback: bool = True,
-    block_log2: int | None = None,
-    granularity: str = "fused",
-    chunk_size: int = 2**23,
-    key=0,
+  *,
+  axis_name: collectives.AxisName = "data",
+  levels: int = 16,
+  overflow_prob: float = 1e-4,
+  error_feedback: bool = True,
+  block_log2: int | None = None,
+  granularity: str = "fused",
+  chunk_size: int = 2**23,
+  key: jax.typing.ArrayLike = 0,
 ) -> optax.GradientTransformation:
   """THC: rotate, clip, quantize on a shared grid, sum the integer codes.
 
@@ -358,12 +409,14 @@ def thc(
   init_key = prng.canonical_key(key)
   dither_key, rotation_key = jax.random.split(init_key)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params | None) -> ThcState:
     if not error_feedback:
       return ThcState(error=(), key=dither_key, rotation_key=rotation_key)
     if params is None:
-      raise ValueError("thc(error_feedback=True).init needs params (the "
-                       "error memories take their shapes)")
+      raise ValueError(
+        "thc(error_feedback=True).init needs params (the "
+        "error memories take their shapes)"
+      )
     plan = _plan(_leaf_sizes(params), granularity, chunk_size)
     error = tuple(jnp.zeros(b.padded, jnp.float32) for b in plan)
     # Typed as varying when init runs inside shard_map (the memories differ
@@ -374,7 +427,9 @@ def thc(
       error = collectives.varying(error, axis_name)
     return ThcState(error=error, key=dither_key, rotation_key=rotation_key)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: ThcState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, ThcState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     dtype = wire_dtype(num_workers, levels)
@@ -387,68 +442,93 @@ def thc(
       got = tuple(e.shape[0] for e in state.error)
       if want != got:
         raise ValueError(
-            f"state.error holds buffers of sizes {got}, the updates need "
-            f"{want}: init the state with params of the updates' shapes")
+          f"state.error holds buffers of sizes {got}, the updates need "
+          f"{want}: init the state with params of the updates' shapes"
+        )
     next_key, step_key = jax.random.split(state.key)
 
-    cfg = _Step(levels=levels, z=z, block_log2=block_log2, wire=dtype,
-                axis_name=axis_name, num_workers=num_workers)
+    cfg = _Step(
+      levels=levels,
+      z=z,
+      block_log2=block_log2,
+      wire=dtype,
+      axis_name=axis_name,
+      num_workers=num_workers,
+    )
     xs = []
     for buf in plan:
-      flat = jnp.concatenate([leaves[i].reshape(-1).astype(jnp.float32)
-                              for i in buf.leaf_ids])
+      flat = jnp.concatenate(
+        [leaves[i].reshape(-1).astype(jnp.float32) for i in buf.leaf_ids]
+      )
       xs.append(jnp.pad(flat, (0, buf.padded - buf.size)))
-    chunks = [(b, c, off, d) for b, buf in enumerate(plan)
-              for c, (off, d) in enumerate(zip(
-                  np.cumsum((0,) + buf.chunks[:-1]), buf.chunks))]
+    chunks = [
+      (b, c, off, d)
+      for b, buf in enumerate(plan)
+      for c, (off, d) in enumerate(
+        zip(np.cumsum((0,) + buf.chunks[:-1]), buf.chunks)
+      )
+    ]
     # Step 2, with the memory kept in the rotated domain: the rotation is
     # fixed across steps, so H D (g + e) = H D g + e~ and the residual
     # needs no transform back (two transforms per step, not three).
-    signs = [chunk_signs(state.rotation_key, b, c, d)
-             for b, c, _, d in chunks]
+    signs = [chunk_signs(state.rotation_key, b, c, d) for b, c, _, d in chunks]
     rotated = []
     for (b, _, off, d), s in zip(chunks, signs):
-      r = hadamard.randomized_hadamard(xs[b][off:off + d], s,
-                                       block_log2=_block(d, cfg))
-      rotated.append(r + state.error[b][off:off + d] if error_feedback
-                     else r)
+      r = hadamard.randomized_hadamard(
+        xs[b][off : off + d], s, block_log2=_block(d, cfg)
+      )
+      rotated.append(r + state.error[b][off : off + d] if error_feedback else r)
     # One pmax for the norms of every chunk (||x~|| = ||x||: orthonormal).
-    norms = jax.lax.pmax(jnp.stack([_norm(r) for r in rotated]),
-                         axis_name) if chunks else jnp.zeros((0,))
+    norms = (
+      jax.lax.pmax(jnp.stack([_norm(r) for r in rotated]), axis_name)
+      if chunks
+      else jnp.zeros((0,))
+    )
 
-    outs = [[] for _ in plan]
-    errors = [[] for _ in plan]
+    outs: list[list[jax.Array]] = [[] for _ in plan]
+    errors: list[list[jax.Array]] = [[] for _ in plan]
     for j, (b, c, off, d) in enumerate(chunks):
       out, residual = _chunk_mean(
-          rotated[j], norms[j], signs[j],
-          prng.worker_key(step_key, axis_name, b, c), cfg)
+        rotated[j],
+        norms[j],
+        signs[j],
+        prng.worker_key(step_key, axis_name, b, c),
+        cfg,
+      )
       outs[b].append(out)
       if error_feedback:
-        errors[b].append(_new_error(residual, rotated[j],
-                                    state.error[b][off:off + d], norms[j]))
+        errors[b].append(
+          _new_error(
+            residual, rotated[j], state.error[b][off : off + d], norms[j]
+          )
+        )
 
     out_leaves = [jnp.zeros(x.shape, x.dtype) for x in leaves]
-    finite = [None] * len(plan)
+    finite: list[jax.Array] = []  # per buffer
     for b, (buf, parts) in enumerate(zip(plan, outs)):
       flat = jnp.concatenate(parts)
       # A non-finite chunk makes its whole buffer NaN (as a bucket of
       # global_quantize): no finite number comes out of a step that saw
       # NaN/Inf in any chunk of that buffer on any worker.
       ids = [j for j, chunk in enumerate(chunks) if chunk[0] == b]
-      finite[b] = jnp.all(jnp.isfinite(norms[np.asarray(ids)]))
+      finite.append(jnp.all(jnp.isfinite(norms[np.asarray(ids)])))
       flat = jnp.where(finite[b], flat, jnp.nan)
       offsets = np.cumsum((0,) + buf.sizes)
       for k, i in enumerate(buf.leaf_ids):
-        piece = flat[offsets[k]:offsets[k + 1]]
+        piece = flat[offsets[k] : offsets[k + 1]]
         out_leaves[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
     # ... and leaves that buffer's memory as it was.
-    new_error = tuple(
+    new_error = (
+      tuple(
         jnp.where(ok, jnp.concatenate(e), old)
-        for ok, e, old in zip(finite, errors, state.error)) if (
-            error_feedback) else ()
-    return (jax.tree_util.tree_unflatten(treedef, out_leaves),
-            ThcState(error=new_error, key=next_key,
-                     rotation_key=state.rotation_key))
+        for ok, e, old in zip(finite, errors, state.error)
+      )
+      if (error_feedback)
+      else ()
+    )
+    return (
+      jax.tree_util.tree_unflatten(treedef, out_leaves),
+      ThcState(error=new_error, key=next_key, rotation_key=state.rotation_key),
+    )
 
-  return optax.GradientTransformation(init_fn, update_fn)
-
+  return transform.transformation(init_fn, update_fn)

@@ -16,14 +16,16 @@ _State = TypeVar("_State", bound=optax.OptState)
 
 
 def transformation(
-    init_fn: Callable[[optax.Params], _State],
-    update_fn: Callable[[optax.Updates, _State, optax.Params | None],
-                        tuple[optax.Updates, _State]],
+  init_fn: Callable[[optax.Params], _State],
+  update_fn: Callable[
+    [optax.Updates, _State, optax.Params | None], tuple[optax.Updates, _State]
+  ],
 ) -> optax.GradientTransformation:
   """``optax.GradientTransformation(init_fn, update_fn)``, type-checked."""
   # The casts widen the state type to optax's OptState (see the module
   # docstring) and name the arguments as optax's protocols do; nothing is
   # converted at run time.
   return optax.GradientTransformation(
-      cast(optax.TransformInitFn, init_fn),
-      cast(optax.TransformUpdateFn, update_fn))
+    cast(optax.TransformInitFn, init_fn),
+    cast(optax.TransformUpdateFn, update_fn),
+  )

@@ -3,7 +3,7 @@
 import numpy as np
 
 
-def validate_bits(bits) -> int:
+def validate_bits(bits: object) -> int:
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
     raise TypeError(f"bits must be an int in [2, 8], got {bits!r}")
   if not 2 <= bits <= 8:
@@ -31,8 +31,11 @@ def num_words(n: int, bits: int, signed_codes: bool = False) -> int:
 
 def wire_bits_per_element(bits: int, signed_codes: bool = False) -> float:
   """Bits on the wire per element (uint32 words waste 32 mod bits bits)."""
-  return 8 * word_dtype(bits, signed_codes).itemsize / lanes_per_word(
-      bits, signed_codes)
+  return (
+    8
+    * word_dtype(bits, signed_codes).itemsize
+    / lanes_per_word(bits, signed_codes)
+  )
 
 
 def max_levels(bits: int, signed_codes: bool = False) -> int:
@@ -40,8 +43,7 @@ def max_levels(bits: int, signed_codes: bool = False) -> int:
   return 127 if signed_codes else (2**bits - 1) // 2
 
 
-def psum_levels(bits: int, num_workers: int,
-                signed_codes: bool = False) -> int:
+def psum_levels(bits: int, num_workers: int, signed_codes: bool = False) -> int:
   """Levels s such that the sum of W codes never overflows the lane.
 
   Signed int8: W * s <= 127 (the reference's 127/W reaches +128, B-GQ-1).

@@ -42,15 +42,18 @@ def per_worker(*fields: str) -> Callable[[_StateType], _StateType]:
   Returns:
     The decorator, which returns the class itself.
   """
+
   def decorate(cls: _StateType) -> _StateType:
     known = getattr(cls, "_fields", ())
     unknown = [f for f in fields if f not in known]
     if unknown:
       raise ValueError(
-          f"fields {unknown} are not fields of {cls.__name__} ({known})")
+        f"fields {unknown} are not fields of {cls.__name__} ({known})"
+      )
     # setattr: the attribute is not declared on the class (see above).
     setattr(cls, _ATTR, tuple(fields))
     return cls
+
   return decorate
 
 
@@ -63,8 +66,9 @@ def _is_stateful(node: object) -> bool:
   return bool(per_worker_fields(node))
 
 
-def worker_state_specs(opt_state: optax.OptState,
-                       axis_name: Hashable = "data") -> SpecTree:
+def worker_state_specs(
+  opt_state: optax.OptState, axis_name: Hashable = "data"
+) -> SpecTree:
   """``PartitionSpec``s for an optax state: per-worker memories on ``axis``.
 
   Everything is ``P()`` (replicated) except the fields named by a state's
@@ -85,6 +89,7 @@ def worker_state_specs(opt_state: optax.OptState,
   Returns:
     A pytree of ``PartitionSpec`` matching ``opt_state``.
   """
+
   def fill(tree: Any, spec: P) -> SpecTree:
     return jax.tree.map(lambda _: spec, tree)
 
@@ -92,6 +97,11 @@ def worker_state_specs(opt_state: optax.OptState,
     fields = per_worker_fields(node)
     if not fields:
       return fill(node, P())
-    return type(node)(*[fill(v, P(axis_name) if f in fields else P())
-                        for f, v in zip(node._fields, node)])
+    return type(node)(
+      *[
+        fill(v, P(axis_name) if f in fields else P())
+        for f, v in zip(node._fields, node)
+      ]
+    )
+
   return jax.tree.map(specs, opt_state, is_leaf=_is_stateful)

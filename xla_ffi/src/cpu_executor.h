@@ -29,8 +29,8 @@
 // GCC >= 12 on x86-64 Linux: target attributes with ISA levels and
 // __builtin_cpu_supports("x86-64-v3"). Elsewhere only the baseline copy.
 #if !defined(GQSGD_CPU_DISPATCH)
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    __GNUC__ >= 12
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
+    !defined(__clang__) && __GNUC__ >= 12
 #define GQSGD_CPU_DISPATCH 1
 #else
 #define GQSGD_CPU_DISPATCH 0
@@ -53,20 +53,22 @@ enum class Isa { kBaseline = 0, kV3 = 3, kV4 = 4 };
 // flatten inlines the kernel body (and the math.h functions) into each copy,
 // so every copy is compiled for its own target.
 template <typename Kernel>
-__attribute__((flatten)) void RunChunkBaseline(const Kernel& kernel, int64_t begin, int64_t end) {
+__attribute__((flatten)) void RunChunkBaseline(const Kernel& kernel,
+                                               int64_t begin, int64_t end) {
   kernel(begin, 1, end);
 }
 
 #if GQSGD_CPU_DISPATCH
 template <typename Kernel>
-__attribute__((target("arch=x86-64-v3"), flatten)) void RunChunkV3(const Kernel& kernel,
-                                                                   int64_t begin, int64_t end) {
+__attribute__((target("arch=x86-64-v3"),
+               flatten)) void RunChunkV3(const Kernel& kernel, int64_t begin,
+                                         int64_t end) {
   kernel(begin, 1, end);
 }
 
 template <typename Kernel>
-__attribute__((target("arch=x86-64-v4"), flatten)) void RunChunkV4(const Kernel& kernel,
-                                                                   int64_t begin, int64_t end) {
+__attribute__((target("arch=x86-64-v4"), flatten)) void RunChunkV4(
+    const Kernel& kernel, int64_t begin, int64_t end) {
   kernel(begin, 1, end);
 }
 #endif
@@ -97,9 +99,12 @@ template <typename Kernel>
 void RunChunk(const Kernel& kernel, int64_t begin, int64_t end) {
 #if GQSGD_CPU_DISPATCH
   switch (HostIsa()) {
-    case Isa::kV4: return RunChunkV4(kernel, begin, end);
-    case Isa::kV3: return RunChunkV3(kernel, begin, end);
-    case Isa::kBaseline: break;
+    case Isa::kV4:
+      return RunChunkV4(kernel, begin, end);
+    case Isa::kV3:
+      return RunChunkV3(kernel, begin, end);
+    case Isa::kBaseline:
+      break;
   }
 #endif
   RunChunkBaseline(kernel, begin, end);
@@ -111,9 +116,11 @@ struct CpuExecutor {
   template <typename Kernel>
   ffi::Error Run(const Kernel& kernel, int64_t items) const {
     if (items <= 0) return ffi::Error::Success();
-    const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
-    const int64_t chunks = std::min<int64_t>(
-        threads * kChunksPerThread, (items + kMinItemsPerChunk - 1) / kMinItemsPerChunk);
+    const int64_t threads =
+        pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+    const int64_t chunks =
+        std::min<int64_t>(threads * kChunksPerThread,
+                          (items + kMinItemsPerChunk - 1) / kMinItemsPerChunk);
     if (chunks <= 1) {
       RunChunk(kernel, 0, items);
       return ffi::Error::Success();
@@ -146,7 +153,8 @@ struct CpuExecutor {
     }
     shared->Work();
     std::unique_lock<std::mutex> lock(shared->mu);
-    shared->cv.wait(lock, [&] { return shared->done.load() == shared->chunks; });
+    shared->cv.wait(lock,
+                    [&] { return shared->done.load() == shared->chunks; });
     return ffi::Error::Success();
   }
 };

@@ -45,7 +45,8 @@ void Launch(const Kernel& kernel, int64_t items, Grid grid) {
 }
 
 Grid MakeGrid(int64_t blocks, int64_t threads) {
-  if (blocks < 1 || threads < 1) throw nb::value_error("blocks and threads must be >= 1");
+  if (blocks < 1 || threads < 1)
+    throw nb::value_error("blocks and threads must be >= 1");
   return Grid{blocks, threads};
 }
 
@@ -59,17 +60,20 @@ struct Scales {
 Scales OneScale(const float& scale) { return Scales{&scale, kOneScale}; }
 
 Scales BlockScales(const Vec<const float>& scales, int32_t shift, int64_t n) {
-  if (shift < 0 || shift > kOneScale) throw nb::value_error("scale_shift must be in [0, 62]");
-  if (static_cast<int64_t>(scales.shape(0)) < std::max<int64_t>(NumScaleBlocks(n, shift), 1)) {
+  if (shift < 0 || shift > kOneScale)
+    throw nb::value_error("scale_shift must be in [0, 62]");
+  if (static_cast<int64_t>(scales.shape(0)) <
+      std::max<int64_t>(NumScaleBlocks(n, shift), 1)) {
     throw nb::value_error("scale has fewer elements than blocks");
   }
   return Scales{scales.data(), shift};
 }
 
 template <int kBits>
-void EmulateQuantizeBits(Vec<const float> x, Scales scale, Vec<const uint32_t> seed,
-                         nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels,
-                         bool signed_codes, Grid grid) {
+void EmulateQuantizeBits(Vec<const float> x, Scales scale,
+                         Vec<const uint32_t> seed,
+                         nb::ndarray<nb::c_contig, nb::device::cpu> codes,
+                         int32_t levels, bool signed_codes, Grid grid) {
   const int64_t n = static_cast<int64_t>(x.shape(0));
   auto run = [&](auto signed_tag) {
     constexpr bool kSigned = decltype(signed_tag)::value;
@@ -79,8 +83,10 @@ void EmulateQuantizeBits(Vec<const float> x, Scales scale, Vec<const uint32_t> s
         codes.itemsize() != sizeof(typename K::Word)) {
       throw nb::value_error("codes has the wrong size or dtype");
     }
-    K k{x.data(), scale.data, seed.data(), static_cast<typename K::Word*>(codes.data()), n,
-        levels, scale.shift};
+    K k{x.data(),    scale.data,
+        seed.data(), static_cast<typename K::Word*>(codes.data()),
+        n,           levels,
+        scale.shift};
     Launch(k, words, grid);
   };
   if constexpr (kBits == 8) {
@@ -90,24 +96,41 @@ void EmulateQuantizeBits(Vec<const float> x, Scales scale, Vec<const uint32_t> s
 }
 
 void EmulateQuantize(Vec<const float> x, Scales scale, Vec<const uint32_t> seed,
-                     nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels,
-                     int32_t bits, bool signed_codes, int64_t blocks, int64_t threads) {
+                     nb::ndarray<nb::c_contig, nb::device::cpu> codes,
+                     int32_t levels, int32_t bits, bool signed_codes,
+                     int64_t blocks, int64_t threads) {
   const Grid grid = MakeGrid(blocks, threads);
   switch (bits) {
-    case 2: return EmulateQuantizeBits<2>(x, scale, seed, codes, levels, signed_codes, grid);
-    case 3: return EmulateQuantizeBits<3>(x, scale, seed, codes, levels, signed_codes, grid);
-    case 4: return EmulateQuantizeBits<4>(x, scale, seed, codes, levels, signed_codes, grid);
-    case 5: return EmulateQuantizeBits<5>(x, scale, seed, codes, levels, signed_codes, grid);
-    case 6: return EmulateQuantizeBits<6>(x, scale, seed, codes, levels, signed_codes, grid);
-    case 7: return EmulateQuantizeBits<7>(x, scale, seed, codes, levels, signed_codes, grid);
-    case 8: return EmulateQuantizeBits<8>(x, scale, seed, codes, levels, signed_codes, grid);
-    default: throw nb::value_error("bits must be in [2, 8]");
+    case 2:
+      return EmulateQuantizeBits<2>(x, scale, seed, codes, levels, signed_codes,
+                                    grid);
+    case 3:
+      return EmulateQuantizeBits<3>(x, scale, seed, codes, levels, signed_codes,
+                                    grid);
+    case 4:
+      return EmulateQuantizeBits<4>(x, scale, seed, codes, levels, signed_codes,
+                                    grid);
+    case 5:
+      return EmulateQuantizeBits<5>(x, scale, seed, codes, levels, signed_codes,
+                                    grid);
+    case 6:
+      return EmulateQuantizeBits<6>(x, scale, seed, codes, levels, signed_codes,
+                                    grid);
+    case 7:
+      return EmulateQuantizeBits<7>(x, scale, seed, codes, levels, signed_codes,
+                                    grid);
+    case 8:
+      return EmulateQuantizeBits<8>(x, scale, seed, codes, levels, signed_codes,
+                                    grid);
+    default:
+      throw nb::value_error("bits must be in [2, 8]");
   }
 }
 
 template <int kBits, bool kSigned>
-void EmulateDequantizeBits(nb::ndarray<nb::c_contig, nb::device::cpu> codes, Scales scale,
-                           Vec<float> out, int32_t offset, Grid grid) {
+void EmulateDequantizeBits(nb::ndarray<nb::c_contig, nb::device::cpu> codes,
+                           Scales scale, Vec<float> out, int32_t offset,
+                           Grid grid) {
   using K = DequantizeKernel<kBits, kSigned>;
   const int64_t n = static_cast<int64_t>(out.shape(0));
   const int64_t words = NumWords(n, K::kPerWord);
@@ -115,28 +138,41 @@ void EmulateDequantizeBits(nb::ndarray<nb::c_contig, nb::device::cpu> codes, Sca
       codes.itemsize() != sizeof(typename K::Word)) {
     throw nb::value_error("codes has the wrong size or dtype");
   }
-  K k{static_cast<const typename K::Word*>(codes.data()), scale.data, out.data(), n, offset,
+  K k{static_cast<const typename K::Word*>(codes.data()),
+      scale.data,
+      out.data(),
+      n,
+      offset,
       scale.shift};
   Launch(k, words, grid);
 }
 
-void EmulateDequantize(nb::ndarray<nb::c_contig, nb::device::cpu> codes, Scales scale,
-                       Vec<float> out, int32_t bits, bool signed_codes, int32_t offset,
-                       int64_t blocks, int64_t threads) {
+void EmulateDequantize(nb::ndarray<nb::c_contig, nb::device::cpu> codes,
+                       Scales scale, Vec<float> out, int32_t bits,
+                       bool signed_codes, int32_t offset, int64_t blocks,
+                       int64_t threads) {
   const Grid grid = MakeGrid(blocks, threads);
   if (signed_codes) {
     if (bits != 8) throw nb::value_error("signed_codes needs bits == 8");
     return EmulateDequantizeBits<8, true>(codes, scale, out, offset, grid);
   }
   switch (bits) {
-    case 2: return EmulateDequantizeBits<2, false>(codes, scale, out, offset, grid);
-    case 3: return EmulateDequantizeBits<3, false>(codes, scale, out, offset, grid);
-    case 4: return EmulateDequantizeBits<4, false>(codes, scale, out, offset, grid);
-    case 5: return EmulateDequantizeBits<5, false>(codes, scale, out, offset, grid);
-    case 6: return EmulateDequantizeBits<6, false>(codes, scale, out, offset, grid);
-    case 7: return EmulateDequantizeBits<7, false>(codes, scale, out, offset, grid);
-    case 8: return EmulateDequantizeBits<8, false>(codes, scale, out, offset, grid);
-    default: throw nb::value_error("bits must be in [2, 8]");
+    case 2:
+      return EmulateDequantizeBits<2, false>(codes, scale, out, offset, grid);
+    case 3:
+      return EmulateDequantizeBits<3, false>(codes, scale, out, offset, grid);
+    case 4:
+      return EmulateDequantizeBits<4, false>(codes, scale, out, offset, grid);
+    case 5:
+      return EmulateDequantizeBits<5, false>(codes, scale, out, offset, grid);
+    case 6:
+      return EmulateDequantizeBits<6, false>(codes, scale, out, offset, grid);
+    case 7:
+      return EmulateDequantizeBits<7, false>(codes, scale, out, offset, grid);
+    case 8:
+      return EmulateDequantizeBits<8, false>(codes, scale, out, offset, grid);
+    default:
+      throw nb::value_error("bits must be in [2, 8]");
   }
 }
 
@@ -144,62 +180,81 @@ void EmulateDequantize(nb::ndarray<nb::c_contig, nb::device::cpu> codes, Scales 
 // one thread in the grid this is the strided body the CUDA kernel runs.
 template <int kBits>
 void EmulateAverageBits(nb::ndarray<nb::c_contig, nb::device::cpu> a,
-                        nb::ndarray<nb::c_contig, nb::device::cpu> b, int32_t n_a, int32_t n_b,
-                        Vec<const uint32_t> seed, nb::ndarray<nb::c_contig, nb::device::cpu> out,
+                        nb::ndarray<nb::c_contig, nb::device::cpu> b,
+                        int32_t n_a, int32_t n_b, Vec<const uint32_t> seed,
+                        nb::ndarray<nb::c_contig, nb::device::cpu> out,
                         Grid grid) {
   using K = AverageKernel<kBits>;
   using W = typename K::Word;
   const int64_t words = static_cast<int64_t>(a.size());
   for (const auto* arr : {&a, &b, &out}) {
-    if (static_cast<int64_t>(arr->size()) != words || arr->itemsize() != sizeof(W)) {
-      throw nb::value_error("a, b and out must have the same length and the word dtype");
+    if (static_cast<int64_t>(arr->size()) != words ||
+        arr->itemsize() != sizeof(W)) {
+      throw nb::value_error(
+          "a, b and out must have the same length and the word dtype");
     }
   }
-  K k{static_cast<const W*>(a.data()), static_cast<const W*>(b.data()), &n_a, &n_b,
-      seed.data(), static_cast<W*>(out.data())};
+  K k{static_cast<const W*>(a.data()),
+      static_cast<const W*>(b.data()),
+      &n_a,
+      &n_b,
+      seed.data(),
+      static_cast<W*>(out.data())};
   Launch(k, words, grid);
 }
 
 void EmulateAverage(nb::ndarray<nb::c_contig, nb::device::cpu> a,
-                    nb::ndarray<nb::c_contig, nb::device::cpu> b, int32_t n_a, int32_t n_b,
-                    Vec<const uint32_t> seed, nb::ndarray<nb::c_contig, nb::device::cpu> out,
+                    nb::ndarray<nb::c_contig, nb::device::cpu> b, int32_t n_a,
+                    int32_t n_b, Vec<const uint32_t> seed,
+                    nb::ndarray<nb::c_contig, nb::device::cpu> out,
                     int32_t bits, int64_t blocks, int64_t threads) {
   // The handlers' contract (RoundedAverage's exact range).
   if (n_a < 1 || n_b < 1 || int64_t{n_a} + n_b > int64_t{kMaxAverageCount}) {
-    const std::string msg =
-        "n_a and n_b must be >= 1 with n_a + n_b <= " + std::to_string(kMaxAverageCount);
+    const std::string msg = "n_a and n_b must be >= 1 with n_a + n_b <= " +
+                            std::to_string(kMaxAverageCount);
     throw nb::value_error(msg.c_str());
   }
   const Grid grid = MakeGrid(blocks, threads);
   switch (bits) {
-    case 2: return EmulateAverageBits<2>(a, b, n_a, n_b, seed, out, grid);
-    case 3: return EmulateAverageBits<3>(a, b, n_a, n_b, seed, out, grid);
-    case 4: return EmulateAverageBits<4>(a, b, n_a, n_b, seed, out, grid);
-    case 5: return EmulateAverageBits<5>(a, b, n_a, n_b, seed, out, grid);
-    case 6: return EmulateAverageBits<6>(a, b, n_a, n_b, seed, out, grid);
-    case 7: return EmulateAverageBits<7>(a, b, n_a, n_b, seed, out, grid);
-    case 8: return EmulateAverageBits<8>(a, b, n_a, n_b, seed, out, grid);
-    default: throw nb::value_error("bits must be in [2, 8]");
+    case 2:
+      return EmulateAverageBits<2>(a, b, n_a, n_b, seed, out, grid);
+    case 3:
+      return EmulateAverageBits<3>(a, b, n_a, n_b, seed, out, grid);
+    case 4:
+      return EmulateAverageBits<4>(a, b, n_a, n_b, seed, out, grid);
+    case 5:
+      return EmulateAverageBits<5>(a, b, n_a, n_b, seed, out, grid);
+    case 6:
+      return EmulateAverageBits<6>(a, b, n_a, n_b, seed, out, grid);
+    case 7:
+      return EmulateAverageBits<7>(a, b, n_a, n_b, seed, out, grid);
+    case 8:
+      return EmulateAverageBits<8>(a, b, n_a, n_b, seed, out, grid);
+    default:
+      throw nb::value_error("bits must be in [2, 8]");
   }
 }
 
-void EmulateExpEncode(Vec<const float> x, Scales scale, Vec<const uint32_t> seed,
-                      Vec<uint8_t> codes, int32_t floor_code, int64_t blocks, int64_t threads) {
+void EmulateExpEncode(Vec<const float> x, Scales scale,
+                      Vec<const uint32_t> seed, Vec<uint8_t> codes,
+                      int32_t floor_code, int64_t blocks, int64_t threads) {
   if (codes.shape(0) != x.shape(0)) throw nb::value_error("codes must match x");
-  ExpEncodeKernel<float> k{x.data(), scale.data, seed.data(), codes.data(), floor_code,
-                           scale.shift};
+  ExpEncodeKernel<float> k{x.data(),     scale.data, seed.data(),
+                           codes.data(), floor_code, scale.shift};
   Launch(k, static_cast<int64_t>(x.shape(0)), MakeGrid(blocks, threads));
 }
 
-void EmulateExpDecode(Vec<const uint8_t> codes, Scales scale, Vec<float> out, int64_t blocks,
-                      int64_t threads) {
-  if (out.shape(0) != codes.shape(0)) throw nb::value_error("out must match codes");
+void EmulateExpDecode(Vec<const uint8_t> codes, Scales scale, Vec<float> out,
+                      int64_t blocks, int64_t threads) {
+  if (out.shape(0) != codes.shape(0))
+    throw nb::value_error("out must match codes");
   ExpDecodeKernel k{codes.data(), scale.data, out.data(), scale.shift};
   Launch(k, static_cast<int64_t>(codes.shape(0)), MakeGrid(blocks, threads));
 }
 
-void EmulateExpReduce(Vec<const uint8_t> a, Vec<const uint8_t> b, Vec<const uint32_t> seed,
-                      Vec<uint8_t> out, int64_t blocks, int64_t threads) {
+void EmulateExpReduce(Vec<const uint8_t> a, Vec<const uint8_t> b,
+                      Vec<const uint32_t> seed, Vec<uint8_t> out,
+                      int64_t blocks, int64_t threads) {
   if (a.shape(0) != b.shape(0) || out.shape(0) != a.shape(0)) {
     throw nb::value_error("a, b and out must have the same length");
   }
@@ -208,8 +263,8 @@ void EmulateExpReduce(Vec<const uint8_t> a, Vec<const uint8_t> b, Vec<const uint
 }
 
 // Random bits at 64-bit element indices [start, start + len(out)).
-void RandomBitsAt(Vec<const uint32_t> seed, int64_t start, uint32_t stream, Vec<uint32_t> out,
-                  int64_t blocks, int64_t threads) {
+void RandomBitsAt(Vec<const uint32_t> seed, int64_t start, uint32_t stream,
+                  Vec<uint32_t> out, int64_t blocks, int64_t threads) {
   if (start < 0) throw nb::value_error("start must be >= 0");
   RandomBitsKernel k{seed.data(), start, stream, out.data()};
   Launch(k, static_cast<int64_t>(out.shape(0)), MakeGrid(blocks, threads));
@@ -236,88 +291,102 @@ NB_MODULE(_gqsgd_cpu, m) {
   m.def(
       "emulate_quantize",
       [](Vec<const float> x, float scale, Vec<const uint32_t> seed,
-         nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels, int32_t bits,
-         bool signed_codes, int64_t blocks, int64_t threads) {
-        gqsgd::EmulateQuantize(x, gqsgd::OneScale(scale), seed, codes, levels, bits,
-                               signed_codes, blocks, threads);
+         nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels,
+         int32_t bits, bool signed_codes, int64_t blocks, int64_t threads) {
+        gqsgd::EmulateQuantize(x, gqsgd::OneScale(scale), seed, codes, levels,
+                               bits, signed_codes, blocks, threads);
       },
-      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("levels"),
-      nb::arg("bits"), nb::arg("signed_codes"), nb::arg("blocks"), nb::arg("threads"));
+      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"),
+      nb::arg("levels"), nb::arg("bits"), nb::arg("signed_codes"),
+      nb::arg("blocks"), nb::arg("threads"));
   m.def(
       "emulate_quantize",
       [](Vec<const float> x, Vec<const float> scale, Vec<const uint32_t> seed,
-         nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels, int32_t bits,
-         bool signed_codes, int64_t blocks, int64_t threads, int32_t scale_shift) {
+         nb::ndarray<nb::c_contig, nb::device::cpu> codes, int32_t levels,
+         int32_t bits, bool signed_codes, int64_t blocks, int64_t threads,
+         int32_t scale_shift) {
         const int64_t n = static_cast<int64_t>(x.shape(0));
-        gqsgd::EmulateQuantize(x, gqsgd::BlockScales(scale, scale_shift, n), seed, codes,
-                               levels, bits, signed_codes, blocks, threads);
+        gqsgd::EmulateQuantize(x, gqsgd::BlockScales(scale, scale_shift, n),
+                               seed, codes, levels, bits, signed_codes, blocks,
+                               threads);
       },
-      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("levels"),
-      nb::arg("bits"), nb::arg("signed_codes"), nb::arg("blocks"), nb::arg("threads"),
-      nb::arg("scale_shift"));
+      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"),
+      nb::arg("levels"), nb::arg("bits"), nb::arg("signed_codes"),
+      nb::arg("blocks"), nb::arg("threads"), nb::arg("scale_shift"));
   m.def(
       "emulate_dequantize",
-      [](nb::ndarray<nb::c_contig, nb::device::cpu> codes, float scale, Vec<float> out,
-         int32_t bits, bool signed_codes, int32_t offset, int64_t blocks, int64_t threads) {
-        gqsgd::EmulateDequantize(codes, gqsgd::OneScale(scale), out, bits, signed_codes, offset,
-                                 blocks, threads);
-      },
-      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("bits"),
-      nb::arg("signed_codes"), nb::arg("offset"), nb::arg("blocks"), nb::arg("threads"));
-  m.def(
-      "emulate_dequantize",
-      [](nb::ndarray<nb::c_contig, nb::device::cpu> codes, Vec<const float> scale,
-         Vec<float> out, int32_t bits, bool signed_codes, int32_t offset, int64_t blocks,
-         int64_t threads, int32_t scale_shift) {
-        const int64_t n = static_cast<int64_t>(out.shape(0));
-        gqsgd::EmulateDequantize(codes, gqsgd::BlockScales(scale, scale_shift, n), out, bits,
+      [](nb::ndarray<nb::c_contig, nb::device::cpu> codes, float scale,
+         Vec<float> out, int32_t bits, bool signed_codes, int32_t offset,
+         int64_t blocks, int64_t threads) {
+        gqsgd::EmulateDequantize(codes, gqsgd::OneScale(scale), out, bits,
                                  signed_codes, offset, blocks, threads);
       },
       nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("bits"),
-      nb::arg("signed_codes"), nb::arg("offset"), nb::arg("blocks"), nb::arg("threads"),
-      nb::arg("scale_shift"));
-  m.def("emulate_average", &gqsgd::EmulateAverage, nb::arg("a"), nb::arg("b"), nb::arg("n_a"),
-        nb::arg("n_b"), nb::arg("seed"), nb::arg("out"), nb::arg("bits"), nb::arg("blocks"),
-        nb::arg("threads"));
+      nb::arg("signed_codes"), nb::arg("offset"), nb::arg("blocks"),
+      nb::arg("threads"));
+  m.def(
+      "emulate_dequantize",
+      [](nb::ndarray<nb::c_contig, nb::device::cpu> codes,
+         Vec<const float> scale, Vec<float> out, int32_t bits,
+         bool signed_codes, int32_t offset, int64_t blocks, int64_t threads,
+         int32_t scale_shift) {
+        const int64_t n = static_cast<int64_t>(out.shape(0));
+        gqsgd::EmulateDequantize(codes,
+                                 gqsgd::BlockScales(scale, scale_shift, n), out,
+                                 bits, signed_codes, offset, blocks, threads);
+      },
+      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("bits"),
+      nb::arg("signed_codes"), nb::arg("offset"), nb::arg("blocks"),
+      nb::arg("threads"), nb::arg("scale_shift"));
+  m.def("emulate_average", &gqsgd::EmulateAverage, nb::arg("a"), nb::arg("b"),
+        nb::arg("n_a"), nb::arg("n_b"), nb::arg("seed"), nb::arg("out"),
+        nb::arg("bits"), nb::arg("blocks"), nb::arg("threads"));
   m.def(
       "emulate_exp_encode",
-      [](Vec<const float> x, float scale, Vec<const uint32_t> seed, Vec<uint8_t> codes,
-         int32_t floor_code, int64_t blocks, int64_t threads) {
-        gqsgd::EmulateExpEncode(x, gqsgd::OneScale(scale), seed, codes, floor_code, blocks,
-                                threads);
+      [](Vec<const float> x, float scale, Vec<const uint32_t> seed,
+         Vec<uint8_t> codes, int32_t floor_code, int64_t blocks,
+         int64_t threads) {
+        gqsgd::EmulateExpEncode(x, gqsgd::OneScale(scale), seed, codes,
+                                floor_code, blocks, threads);
       },
-      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("floor_code"),
-      nb::arg("blocks"), nb::arg("threads"));
+      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"),
+      nb::arg("floor_code"), nb::arg("blocks"), nb::arg("threads"));
   m.def(
       "emulate_exp_encode",
       [](Vec<const float> x, Vec<const float> scale, Vec<const uint32_t> seed,
-         Vec<uint8_t> codes, int32_t floor_code, int64_t blocks, int64_t threads,
-         int32_t scale_shift) {
+         Vec<uint8_t> codes, int32_t floor_code, int64_t blocks,
+         int64_t threads, int32_t scale_shift) {
         const int64_t n = static_cast<int64_t>(x.shape(0));
-        gqsgd::EmulateExpEncode(x, gqsgd::BlockScales(scale, scale_shift, n), seed, codes,
-                                floor_code, blocks, threads);
+        gqsgd::EmulateExpEncode(x, gqsgd::BlockScales(scale, scale_shift, n),
+                                seed, codes, floor_code, blocks, threads);
       },
-      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"), nb::arg("floor_code"),
-      nb::arg("blocks"), nb::arg("threads"), nb::arg("scale_shift"));
+      nb::arg("x"), nb::arg("scale"), nb::arg("seed"), nb::arg("codes"),
+      nb::arg("floor_code"), nb::arg("blocks"), nb::arg("threads"),
+      nb::arg("scale_shift"));
   m.def(
       "emulate_exp_decode",
       [](Vec<const uint8_t> codes, float scale, Vec<float> out, int64_t blocks,
          int64_t threads) {
-        gqsgd::EmulateExpDecode(codes, gqsgd::OneScale(scale), out, blocks, threads);
-      },
-      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("blocks"), nb::arg("threads"));
-  m.def(
-      "emulate_exp_decode",
-      [](Vec<const uint8_t> codes, Vec<const float> scale, Vec<float> out, int64_t blocks,
-         int64_t threads, int32_t scale_shift) {
-        const int64_t n = static_cast<int64_t>(codes.shape(0));
-        gqsgd::EmulateExpDecode(codes, gqsgd::BlockScales(scale, scale_shift, n), out, blocks,
+        gqsgd::EmulateExpDecode(codes, gqsgd::OneScale(scale), out, blocks,
                                 threads);
       },
-      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("blocks"), nb::arg("threads"),
-      nb::arg("scale_shift"));
-  m.def("emulate_exp_reduce", &gqsgd::EmulateExpReduce, nb::arg("a"), nb::arg("b"),
-        nb::arg("seed"), nb::arg("out"), nb::arg("blocks"), nb::arg("threads"));
-  m.def("random_bits_at", &gqsgd::RandomBitsAt, nb::arg("seed"), nb::arg("start"),
-        nb::arg("stream"), nb::arg("out"), nb::arg("blocks") = 1, nb::arg("threads") = 1);
+      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("blocks"),
+      nb::arg("threads"));
+  m.def(
+      "emulate_exp_decode",
+      [](Vec<const uint8_t> codes, Vec<const float> scale, Vec<float> out,
+         int64_t blocks, int64_t threads, int32_t scale_shift) {
+        const int64_t n = static_cast<int64_t>(codes.shape(0));
+        gqsgd::EmulateExpDecode(codes,
+                                gqsgd::BlockScales(scale, scale_shift, n), out,
+                                blocks, threads);
+      },
+      nb::arg("codes"), nb::arg("scale"), nb::arg("out"), nb::arg("blocks"),
+      nb::arg("threads"), nb::arg("scale_shift"));
+  m.def("emulate_exp_reduce", &gqsgd::EmulateExpReduce, nb::arg("a"),
+        nb::arg("b"), nb::arg("seed"), nb::arg("out"), nb::arg("blocks"),
+        nb::arg("threads"));
+  m.def("random_bits_at", &gqsgd::RandomBitsAt, nb::arg("seed"),
+        nb::arg("start"), nb::arg("stream"), nb::arg("out"),
+        nb::arg("blocks") = 1, nb::arg("threads") = 1);
 }

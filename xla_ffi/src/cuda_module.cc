@@ -15,12 +15,17 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpReduceCuda);
 NB_MODULE(_gqsgd_cuda, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["gqsgd_quantize"] = nb::capsule(reinterpret_cast<void*>(GqsgdQuantizeCuda));
-    d["gqsgd_dequantize"] = nb::capsule(reinterpret_cast<void*>(GqsgdDequantizeCuda));
+    d["gqsgd_quantize"] =
+        nb::capsule(reinterpret_cast<void*>(GqsgdQuantizeCuda));
+    d["gqsgd_dequantize"] =
+        nb::capsule(reinterpret_cast<void*>(GqsgdDequantizeCuda));
     d["gqsgd_average"] = nb::capsule(reinterpret_cast<void*>(GqsgdAverageCuda));
-    d["gqsgd_exp_encode"] = nb::capsule(reinterpret_cast<void*>(GqsgdExpEncodeCuda));
-    d["gqsgd_exp_decode"] = nb::capsule(reinterpret_cast<void*>(GqsgdExpDecodeCuda));
-    d["gqsgd_exp_reduce"] = nb::capsule(reinterpret_cast<void*>(GqsgdExpReduceCuda));
+    d["gqsgd_exp_encode"] =
+        nb::capsule(reinterpret_cast<void*>(GqsgdExpEncodeCuda));
+    d["gqsgd_exp_decode"] =
+        nb::capsule(reinterpret_cast<void*>(GqsgdExpDecodeCuda));
+    d["gqsgd_exp_reduce"] =
+        nb::capsule(reinterpret_cast<void*>(GqsgdExpReduceCuda));
     return d;
   });
 }

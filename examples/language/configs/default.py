@@ -8,6 +8,7 @@ from examples import common
 @dataclasses.dataclass
 class Config(common.RunConfig):
   """Hyperparameters and run options of the language example."""
+
   steps: int = 600
   batch_size: int = 32  # global sequences per step, split over the workers
   learning_rate: float = 3e-3  # Adam, peak of warm-up + cosine decay

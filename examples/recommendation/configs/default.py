@@ -8,13 +8,39 @@ from examples import common
 # trick): mostly embedding rows, as in the real data, at a size a CPU
 # trains in a minute.
 CRITEO_CARDINALITIES = (
-    1460, 583, 4000, 4000, 305, 24, 4000, 633, 3, 4000, 4000, 4000, 3194,
-    27, 4000, 4000, 10, 4000, 2173, 4, 4000, 18, 15, 4000, 105, 4000)
+  1460,
+  583,
+  4000,
+  4000,
+  305,
+  24,
+  4000,
+  633,
+  3,
+  4000,
+  4000,
+  4000,
+  3194,
+  27,
+  4000,
+  4000,
+  10,
+  4000,
+  2173,
+  4,
+  4000,
+  18,
+  15,
+  4000,
+  105,
+  4000,
+)
 
 
 @dataclasses.dataclass
 class Config(common.RunConfig):
   """Hyperparameters and run options of the recommendation example."""
+
   steps: int = 400
   batch_size: int = 1024  # global examples per step, split over the workers
   learning_rate: float = 3e-3  # Adam, peak of warm-up + cosine decay

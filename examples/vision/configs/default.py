@@ -8,6 +8,7 @@ from examples import common
 @dataclasses.dataclass
 class Config(common.RunConfig):
   """Hyperparameters and run options of the vision example."""
+
   steps: int = 500
   batch_size: int = 128  # global, split evenly over the workers
   learning_rate: float = 0.1  # peak of the cosine schedule

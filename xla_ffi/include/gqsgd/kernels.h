@@ -56,11 +56,13 @@ GQSGD_HD int64_t NumScaleBlocks(int64_t n, int32_t shift) {
 // block scale, element j being global index base + j. The inner loops of f
 // stay free of per-element scale lookups and vectorize as before.
 template <typename F>
-inline void ForScaleRuns(int64_t base, uint32_t count, const float* scale, int32_t shift, F&& f) {
+inline void ForScaleRuns(int64_t base, uint32_t count, const float* scale,
+                         int32_t shift, F&& f) {
   for (uint32_t j = 0; j < count;) {
     const int64_t blk = (base + j) >> shift;
     const int64_t next = (blk + 1) << shift;
-    const uint32_t stop = static_cast<uint32_t>(std::min<int64_t>(count, next - base));
+    const uint32_t stop =
+        static_cast<uint32_t>(std::min<int64_t>(count, next - base));
     f(j, stop, FlushSubnormal(scale[blk]));
     j = stop;
   }
@@ -78,11 +80,12 @@ inline constexpr int64_t kHostBlock = 1024;
 // high index word into the key exactly as RandomBits does (keep in sync with
 // math.h). Returns false if the block straddles a multiple of 2^32, which
 // the caller then runs through the generic loop.
-inline bool HostBlockKey(StreamKey key, int64_t first, int64_t count, StreamKey* key_lo,
-                         uint32_t* lo) {
+inline bool HostBlockKey(StreamKey key, int64_t first, int64_t count,
+                         StreamKey* key_lo, uint32_t* lo) {
   const uint64_t i = static_cast<uint64_t>(first);
   const uint32_t hi = static_cast<uint32_t>(i >> 32);
-  if (static_cast<uint32_t>((i + static_cast<uint64_t>(count) - 1) >> 32) != hi) return false;
+  if (static_cast<uint32_t>((i + static_cast<uint64_t>(count) - 1) >> 32) != hi)
+    return false;
   *key_lo = StreamKey{key.a, key.b ^ (hi * 0x9e3779b9u)};
   *lo = static_cast<uint32_t>(i);
   return true;
@@ -104,24 +107,28 @@ struct Lanes {
 #if !defined(__CUDA_ARCH__)
 // Packs words * kCount codes (each < 2^kBits), element 0 in the high lane.
 template <int kBits>
-inline void PackLanes(const uint32_t* c, int64_t words, typename Lanes<kBits>::Word* out) {
+inline void PackLanes(const uint32_t* c, int64_t words,
+                      typename Lanes<kBits>::Word* out) {
   using L = Lanes<kBits>;
   for (int64_t w = 0; w < words; ++w) {
     uint32_t word = 0;
-GQSGD_UNROLL
-    for (int k = 0; k < L::kCount; ++k) word |= c[w * L::kCount + k] << ((L::kCount - 1 - k) * kBits);
+    GQSGD_UNROLL
+    for (int k = 0; k < L::kCount; ++k)
+      word |= c[w * L::kCount + k] << ((L::kCount - 1 - k) * kBits);
     out[w] = static_cast<typename L::Word>(word);
   }
 }
 
 // Inverse of PackLanes: all lanes of `words` words.
 template <int kBits>
-inline void UnpackLanes(const typename Lanes<kBits>::Word* in, int64_t words, uint32_t* c) {
+inline void UnpackLanes(const typename Lanes<kBits>::Word* in, int64_t words,
+                        uint32_t* c) {
   using L = Lanes<kBits>;
   for (int64_t w = 0; w < words; ++w) {
     const uint32_t word = in[w];
-GQSGD_UNROLL
-    for (int k = 0; k < L::kCount; ++k) c[w * L::kCount + k] = (word >> ((L::kCount - 1 - k) * kBits)) & L::kMask;
+    GQSGD_UNROLL
+    for (int k = 0; k < L::kCount; ++k)
+      c[w * L::kCount + k] = (word >> ((L::kCount - 1 - k) * kBits)) & L::kMask;
   }
 }
 #endif
@@ -132,7 +139,8 @@ GQSGD_UNROLL
 template <typename In, int kBits, bool kSigned>
 struct QuantizeKernel {
   using L = Lanes<kBits>;
-  using Word = typename std::conditional<kSigned, int8_t, typename L::Word>::type;
+  using Word =
+      typename std::conditional<kSigned, int8_t, typename L::Word>::type;
   static constexpr int kPerWord = kSigned ? 1 : L::kCount;
   const In* x;
   const float* scale;
@@ -154,7 +162,7 @@ struct QuantizeKernel {
     const int32_t offset = kSigned ? 0 : levels;
     for (int64_t w = first; w < end; w += stride) {
       uint32_t word = 0;
-GQSGD_UNROLL
+      GQSGD_UNROLL
       for (int k = 0; k < kPerWord; ++k) {
         const int64_t i = w * kPerWord + k;
         const bool valid = i < n;
@@ -162,7 +170,8 @@ GQSGD_UNROLL
         const float v = valid ? ToFloat(x[at]) : 0.0f;
         const float s = FlushSubnormal(scale[at >> scale_shift]);
         const int32_t q = StochasticRound(v, s, levels, RandomBits(key, i));
-        const uint32_t c = valid ? (static_cast<uint32_t>(q + offset) & L::kMask) : 0u;
+        const uint32_t c =
+            valid ? (static_cast<uint32_t>(q + offset) & L::kMask) : 0u;
         word |= c << ((kPerWord - 1 - k) * kBits);
       }
       codes[w] = static_cast<Word>(word);
@@ -198,18 +207,22 @@ GQSGD_UNROLL
         Word* ob = out + w0;
         ForScaleRuns(w0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
           for (uint32_t j = j0; j < j1; ++j) {
-            const int32_t q = StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
-            ob[j] = static_cast<Word>((static_cast<uint32_t>(q) + offset) & L::kMask);
+            const int32_t q =
+                StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
+            ob[j] = static_cast<Word>((static_cast<uint32_t>(q) + offset) &
+                                      L::kMask);
           }
         });
       } else {
         uint32_t c[kBlockWords * kPerWord];
-        ForScaleRuns(w0 * kPerWord, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
-          for (uint32_t j = j0; j < j1; ++j) {
-            const int32_t q = StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
-            c[j] = (static_cast<uint32_t>(q) + offset) & L::kMask;
-          }
-        });
+        ForScaleRuns(w0 * kPerWord, count, sc, sh,
+                     [&](uint32_t j0, uint32_t j1, float s) {
+                       for (uint32_t j = j0; j < j1; ++j) {
+                         const int32_t q = StochasticRound(
+                             ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
+                         c[j] = (static_cast<uint32_t>(q) + offset) & L::kMask;
+                       }
+                     });
         PackLanes<kBits>(c, words, out + w0);
       }
     }
@@ -224,7 +237,8 @@ GQSGD_UNROLL
 template <int kBits, bool kSigned>
 struct DequantizeKernel {
   using L = Lanes<kBits>;
-  using Word = typename std::conditional<kSigned, int8_t, typename L::Word>::type;
+  using Word =
+      typename std::conditional<kSigned, int8_t, typename L::Word>::type;
   static constexpr int kPerWord = kSigned ? 1 : L::kCount;
   const Word* codes;
   const float* scale;
@@ -235,7 +249,8 @@ struct DequantizeKernel {
 
   GQSGD_HD static int32_t Lane(uint32_t word, int k) {
     return kSigned ? static_cast<int32_t>(static_cast<int8_t>(word & 0xffu))
-                   : static_cast<int32_t>((word >> ((kPerWord - 1 - k) * kBits)) & L::kMask);
+                   : static_cast<int32_t>(
+                         (word >> ((kPerWord - 1 - k) * kBits)) & L::kMask);
   }
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
@@ -248,7 +263,7 @@ struct DequantizeKernel {
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
     for (int64_t w = first; w < end; w += stride) {
       const uint32_t word = static_cast<uint32_t>(codes[w]);
-GQSGD_UNROLL
+      GQSGD_UNROLL
       for (int k = 0; k < kPerWord; ++k) {
         const int64_t i = w * kPerWord + k;
         if (i < n) {
@@ -272,12 +287,15 @@ GQSGD_UNROLL
     const int64_t full = std::min(end, n / kPerWord);
     if constexpr (kPerWord == 1) {
       for (int64_t w0 = first; w0 < full; w0 += kHostBlock) {
-        const uint32_t count = static_cast<uint32_t>(std::min(full - w0, kHostBlock));
+        const uint32_t count =
+            static_cast<uint32_t>(std::min(full - w0, kHostBlock));
         const Word* ib = in + w0;
         float* ob = o + w0;
         ForScaleRuns(w0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
           for (uint32_t j = j0; j < j1; ++j) {
-            ob[j] = static_cast<float>(Lane(static_cast<uint32_t>(ib[j]), 0) - off) * s;
+            ob[j] = static_cast<float>(Lane(static_cast<uint32_t>(ib[j]), 0) -
+                                       off) *
+                    s;
           }
         });
       }
@@ -287,12 +305,14 @@ GQSGD_UNROLL
         const int64_t words = std::min(full - w0, kBlockWords);
         UnpackLanes<kBits>(in + w0, words, c);
         float* ob = o + w0 * kPerWord;
-        ForScaleRuns(w0 * kPerWord, static_cast<uint32_t>(words * kPerWord), sc, sh,
-                     [&](uint32_t j0, uint32_t j1, float s) {
-                       for (uint32_t j = j0; j < j1; ++j) {
-                         ob[j] = static_cast<float>(static_cast<int32_t>(c[j]) - off) * s;
-                       }
-                     });
+        ForScaleRuns(
+            w0 * kPerWord, static_cast<uint32_t>(words * kPerWord), sc, sh,
+            [&](uint32_t j0, uint32_t j1, float s) {
+              for (uint32_t j = j0; j < j1; ++j) {
+                ob[j] =
+                    static_cast<float>(static_cast<int32_t>(c[j]) - off) * s;
+              }
+            });
       }
     }
     if (std::max(first, full) < end) Strided(std::max(first, full), 1, end);
@@ -328,11 +348,12 @@ struct AverageKernel {
       const uint32_t wa = a[w];
       const uint32_t wb = b[w];
       uint32_t word = 0;
-GQSGD_UNROLL
+      GQSGD_UNROLL
       for (int k = 0; k < L::kCount; ++k) {
         const int shift = (L::kCount - 1 - k) * kBits;
-        const uint32_t c = RoundedAverage((wa >> shift) & L::kMask, (wb >> shift) & L::kMask,
-                                          na, nb, RandomBits(key, w * L::kCount + k));
+        const uint32_t c =
+            RoundedAverage((wa >> shift) & L::kMask, (wb >> shift) & L::kMask,
+                           na, nb, RandomBits(key, w * L::kCount + k));
         word |= (c & L::kMask) << shift;
       }
       out[w] = static_cast<Word>(word);
@@ -363,14 +384,18 @@ GQSGD_UNROLL
       }
       const uint32_t nw = static_cast<uint32_t>(words);
       for (uint32_t w = 0; w < nw; ++w) acc[w] = 0;
-GQSGD_UNROLL
+      GQSGD_UNROLL
       for (int lane = 0; lane < L::kCount; ++lane) {
         const int shift = (L::kCount - 1 - lane) * kBits;
         for (uint32_t w = 0; w < nw; ++w) {
           const uint32_t i = lo + w * L::kCount + static_cast<uint32_t>(lane);
-          const uint32_t ca = (static_cast<uint32_t>(as[w0 + w]) >> shift) & L::kMask;
-          const uint32_t cb = (static_cast<uint32_t>(bs[w0 + w]) >> shift) & L::kMask;
-          acc[w] |= (RoundedAverage(ca, cb, na, nb, RandomBits(k, i)) & L::kMask) << shift;
+          const uint32_t ca =
+              (static_cast<uint32_t>(as[w0 + w]) >> shift) & L::kMask;
+          const uint32_t cb =
+              (static_cast<uint32_t>(bs[w0 + w]) >> shift) & L::kMask;
+          acc[w] |=
+              (RoundedAverage(ca, cb, na, nb, RandomBits(k, i)) & L::kMask)
+              << shift;
         }
       }
       for (uint32_t w = 0; w < nw; ++w) o[w0 + w] = static_cast<Word>(acc[w]);
@@ -416,7 +441,8 @@ struct ExpEncodeKernel {
     uint8_t* const out = codes;
     uint32_t r[kHostBlock];
     for (int64_t i0 = first; i0 < end; i0 += kHostBlock) {
-      const uint32_t count = static_cast<uint32_t>(std::min(end - i0, kHostBlock));
+      const uint32_t count =
+          static_cast<uint32_t>(std::min(end - i0, kHostBlock));
       StreamKey k;
       uint32_t lo;
       if (!HostBlockKey(key, i0, count, &k, &lo)) {
@@ -425,7 +451,8 @@ struct ExpEncodeKernel {
       }
       for (uint32_t j = 0; j < count; ++j) r[j] = RandomBits(k, lo + j);
       ForScaleRuns(i0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
-        for (uint32_t j = j0; j < j1; ++j) out[i0 + j] = ExpEncode(ToFloat(xs[i0 + j]), s, fc, r[j]);
+        for (uint32_t j = j0; j < j1; ++j)
+          out[i0 + j] = ExpEncode(ToFloat(xs[i0 + j]), s, fc, r[j]);
       });
     }
   }
@@ -476,15 +503,18 @@ struct ExpReduceKernel {
     const uint8_t* const bs = b;
     uint8_t* const o = out;
     for (int64_t i0 = first; i0 < end; i0 += kHostBlock) {
-      const uint32_t count = static_cast<uint32_t>(std::min(end - i0, kHostBlock));
+      const uint32_t count =
+          static_cast<uint32_t>(std::min(end - i0, kHostBlock));
       StreamKey k0, k1;
       uint32_t lo;
-      if (!HostBlockKey(key0, i0, count, &k0, &lo) || !HostBlockKey(key1, i0, count, &k1, &lo)) {
+      if (!HostBlockKey(key0, i0, count, &k0, &lo) ||
+          !HostBlockKey(key1, i0, count, &k1, &lo)) {
         Strided(i0, 1, i0 + count);
         continue;
       }
       for (uint32_t j = 0; j < count; ++j) {
-        o[i0 + j] = ExpReduce(as[i0 + j], bs[i0 + j], RandomBits(k0, lo + j), RandomBits(k1, lo + j));
+        o[i0 + j] = ExpReduce(as[i0 + j], bs[i0 + j], RandomBits(k0, lo + j),
+                              RandomBits(k1, lo + j));
       }
     }
   }
@@ -508,7 +538,8 @@ struct RandomBitsKernel {
 
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
     const StreamKey key = MakeStreamKey(seed[0], seed[1], stream);
-    for (int64_t i = first; i < end; i += stride) out[i] = RandomBits(key, start + i);
+    for (int64_t i = first; i < end; i += stride)
+      out[i] = RandomBits(key, start + i);
   }
 
 #if !defined(__CUDA_ARCH__)
@@ -516,7 +547,8 @@ struct RandomBitsKernel {
   void Contiguous(int64_t first, int64_t end) const {
     const StreamKey key = MakeStreamKey(seed[0], seed[1], stream);
     for (int64_t i0 = first; i0 < end; i0 += kHostBlock) {
-      const uint32_t count = static_cast<uint32_t>(std::min(end - i0, kHostBlock));
+      const uint32_t count =
+          static_cast<uint32_t>(std::min(end - i0, kHostBlock));
       StreamKey k;
       uint32_t lo;
       if (!HostBlockKey(key, start + i0, count, &k, &lo)) {
@@ -530,7 +562,9 @@ struct RandomBitsKernel {
 };
 
 // Number of packed words for n elements.
-GQSGD_HD int64_t NumWords(int64_t n, int64_t per_word) { return (n + per_word - 1) / per_word; }
+GQSGD_HD int64_t NumWords(int64_t n, int64_t per_word) {
+  return (n + per_word - 1) / per_word;
+}
 
 }  // namespace gqsgd
 

@@ -43,8 +43,12 @@ GQSGD_HD float BitsFloat(uint32_t u) {
 
 // Storage types for the 16-bit inputs: we only ever widen them, which is
 // exact, so raw bit patterns are all we need (no cuda_fp16.h on the host).
-struct BF16 { uint16_t bits; };
-struct F16 { uint16_t bits; };
+struct BF16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
 
 // Subnormal f32/bf16 values read as (signed) zero. XLA:CPU computes with
 // denormals-are-zero and flush-to-zero while CUDA keeps subnormals; flushing
@@ -56,7 +60,9 @@ GQSGD_HD float FlushSubnormal(float x) {
 }
 
 GQSGD_HD float ToFloat(float x) { return FlushSubnormal(x); }
-GQSGD_HD float ToFloat(BF16 x) { return FlushSubnormal(BitsFloat(uint32_t{x.bits} << 16)); }
+GQSGD_HD float ToFloat(BF16 x) {
+  return FlushSubnormal(BitsFloat(uint32_t{x.bits} << 16));
+}
 GQSGD_HD float ToFloat(F16 x) {
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
@@ -171,9 +177,9 @@ GQSGD_HD uint32_t RoundedAverage(uint32_t a, uint32_t b, uint32_t n_a,
                                  uint32_t n_b, uint32_t random) {
   const uint32_t num = n_a * a + n_b * b;
   const uint32_t den = n_a + n_b;
-  const uint32_t fl = static_cast<uint32_t>(static_cast<int32_t>(
-      static_cast<float>(static_cast<int32_t>(num)) /
-      static_cast<float>(static_cast<int32_t>(den))));
+  const uint32_t fl = static_cast<uint32_t>(
+      static_cast<int32_t>(static_cast<float>(static_cast<int32_t>(num)) /
+                           static_cast<float>(static_cast<int32_t>(den))));
   const uint32_t rem = num - fl * den;
   const uint32_t r_hi = random >> 24;
   const uint32_t r_lo = (random >> 8) & 0xffffu;
@@ -203,7 +209,8 @@ GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
   const bool is_nan = mag > 0x7f800000u;
   mag = mag > 0x3f000000u ? 0x3f000000u : mag;  // clamp |v| <= 1/2
   const uint32_t ef_v = mag >> 23;
-  const uint32_t u64 = FloatBits((x * 18446744073709551616.0f) * scale) & 0x7fffffffu;
+  const uint32_t u64 =
+      FloatBits((x * 18446744073709551616.0f) * scale) & 0x7fffffffu;
   const uint32_t ef64 = u64 >> 23;
   // |v| = (1 + m / 2^23) * 2^(ef - 127), with ef <= 0 read from v * 2^64.
   const bool use64 = ef_v == 0;
@@ -220,12 +227,16 @@ GQSGD_HD uint8_t ExpEncode(float x, float scale, int32_t floor_code,
   // the clamped values are only used where the select discards them.
   const int32_t sh_left = 32 - sh;
   const int32_t sh_right = sh - 32;
-  const uint32_t left = mant << (sh_left < 0 ? 0 : (sh_left > 31 ? 31 : sh_left));
-  const uint32_t right = mant >> (sh_right < 0 ? 0 : (sh_right > 31 ? 31 : sh_right));
+  const uint32_t left = mant
+                        << (sh_left < 0 ? 0 : (sh_left > 31 ? 31 : sh_left));
+  const uint32_t right =
+      mant >> (sh_right < 0 ? 0 : (sh_right > 31 ? 31 : sh_right));
   const uint32_t p32 = Select(sh <= 32, left, Select(sh_right < 32, right, 0u));
-  const uint32_t code_small = Select(random < p32, static_cast<uint32_t>(floor_code), 0u);
+  const uint32_t code_small =
+      Select(random < p32, static_cast<uint32_t>(floor_code), 0u);
   const uint32_t code =
-      Select(is_nan | lost, 0u, Select(small, code_small, static_cast<uint32_t>(code_normal)));
+      Select(is_nan | lost, 0u,
+             Select(small, code_small, static_cast<uint32_t>(code_normal)));
   return static_cast<uint8_t>(Select(code == 0, 0u, code | sign));
 }
 
@@ -238,11 +249,12 @@ GQSGD_HD float ExpDecode(uint8_t byte, float scale) {
   const int32_t ef_s = static_cast<int32_t>((us >> 23) & 0xffu);
   const int32_t e = byte & 0x7f;
   const int32_t ef = ef_s - e;
-  const uint32_t sign = ((static_cast<uint32_t>(byte) & 0x80u) << 24) ^ (us & 0x80000000u);
-  const uint32_t value = (e == 0 || ef < 1)
-                             ? 0u
-                             : (sign | (static_cast<uint32_t>(ef) << 23) |
-                                (us & 0x7fffffu));
+  const uint32_t sign =
+      ((static_cast<uint32_t>(byte) & 0x80u) << 24) ^ (us & 0x80000000u);
+  const uint32_t value =
+      (e == 0 || ef < 1)
+          ? 0u
+          : (sign | (static_cast<uint32_t>(ef) << 23) | (us & 0x7fffffu));
   return BitsFloat(ef_s == 0xff ? 0x7fc00000u : value);
 }
 
