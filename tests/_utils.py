@@ -2,6 +2,8 @@
 chex), the data mesh, a sharded update with replica checks, and a compiled
 Flax MLP step for HLO wire tests."""
 
+import functools
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -145,3 +147,37 @@ def mlp_step(compressor, num_workers: int, *, abstract: bool = False):
   x = jax.ShapeDtypeStruct((num_workers * 4, 64), jnp.float32)
   y = jax.ShapeDtypeStruct((num_workers * 4,), jnp.int32)
   return step.lower(params, opt_state, x, y).compile(), params
+
+
+@functools.cache
+def per_worker_step(tx, num_workers: int, mode: str):
+  """``tx.update`` with per-worker state (leading axis = worker), compiled once.
+
+  Returns ``f(grads, state) -> (per_worker_updates, per_worker_state)``,
+  under ``jax.pmap`` or ``jax.shard_map`` (``mode``). The shard_map version
+  also returns the updates with ``out_specs=P()``, which type-checks that
+  they are replicated.
+  """
+  mesh = data_mesh(num_workers)
+  if mode == "pmap":
+    return jax.pmap(
+      tx.update,
+      axis_name="data",
+      in_axes=(0, 0),
+      out_axes=(0, 0),
+      devices=list(mesh.devices.flat),
+    )
+  first = lambda t: jax.tree.map(lambda x: x[0], t)
+  lead = lambda t: jax.tree.map(lambda x: x[None], t)
+
+  @jax.jit
+  @jax.shard_map(
+    mesh=mesh,
+    in_specs=(P("data"), P("data")),
+    out_specs=(P(), P("data"), P("data")),
+  )
+  def step(g, s):
+    u, s = tx.update(first(g), first(s))
+    return u, lead(u), lead(s)
+
+  return lambda g, s: step(g, s)[1:]

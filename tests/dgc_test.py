@@ -1,8 +1,5 @@
 """Tests of dgc: momentum correction, masking, the (index, value) wire."""
 
-import functools
-
-from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -13,11 +10,12 @@ import pytest
 import gqsgd_jax
 from gqsgd_jax._src import dgc as dgc_lib
 from gqsgd_jax._src import hlo
-from gqsgd_jax._src.worker_state import worker_state_specs
 
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
+from _utils import mlp_step
+from _utils import per_worker_step
 
 _W = 4
 
@@ -28,40 +26,11 @@ def _stack(tree, num_workers):
   )
 
 
-@functools.cache
-def _step(tx, num_workers, mode):
-  """One compiled step per (tx, W, mode); state stacked per worker."""
-  mesh = data_mesh(num_workers)
-  if mode == "pmap":
-    return jax.pmap(
-      tx.update,
-      axis_name="data",
-      in_axes=(0, 0),
-      out_axes=(0, 0),
-      devices=list(mesh.devices.flat),
-    )
-  first = lambda t: jax.tree.map(lambda x: x[0], t)
-  lead = lambda t: jax.tree.map(lambda x: x[None], t)
-
-  @jax.jit
-  @jax.shard_map(
-    mesh=mesh,
-    in_specs=(P("data"), P("data")),
-    out_specs=(P(), P("data"), P("data")),
-  )
-  def step(g, s):
-    u, s = tx.update(first(g), first(s))
-    # out_specs P() type-checks that the updates are replicated.
-    return u, lead(u), lead(s)
-
-  return lambda g, s: step(g, s)[1:]
-
-
 def _run(tx, grads, state, *, mode="shard_map"):
   """(per-worker updates, per-worker state), as numpy trees."""
   num_workers = jax.tree.leaves(grads)[0].shape[0]
   host = lambda t: jax.tree.map(np.asarray, t)
-  out = _step(tx, num_workers, mode)(host(grads), host(state))
+  out = per_worker_step(tx, num_workers, mode)(host(grads), host(state))
   return host(jax.block_until_ready(out))
 
 
@@ -217,46 +186,9 @@ def test_sampled_threshold_sends_a_prefix_of_the_top_k():
     assert set(chosen.tolist()) == set(order[: chosen.size].tolist())
 
 
-def _mlp_step(compressor, num_workers):
-  class Mlp(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(64, 256, rngs=rngs)
-      self.out = nnx.Linear(256, 10, rngs=rngs)
-
-    def __call__(self, x):
-      return self.out(nnx.relu(self.hidden(x)))
-
-  graphdef, params = nnx.split(Mlp(nnx.Rngs(0)), nnx.Param)
-  tx = optax.chain(compressor, optax.sgd(0.1))
-  mesh = data_mesh(num_workers)
-  specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  opt_state = jax.jit(
-    jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)
-  )(params)
-
-  def loss_fn(params, x, y):
-    logits = nnx.merge(graphdef, params)(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @jax.jit
-  @jax.shard_map(
-    mesh=mesh,
-    in_specs=(P(), specs, P("data"), P("data")),
-    out_specs=(P(), specs),
-  )
-  def step(params, opt_state, x, y):
-    grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  x = jnp.zeros((num_workers * 4, 64))
-  y = jnp.zeros((num_workers * 4,), jnp.int32)
-  return step.lower(params, opt_state, x, y).compile(), params
-
-
 def test_hlo_wire_bytes_are_k_index_value_pairs():
   w, density = 8, 0.01
-  compiled, params = _mlp_step(dgc_lib.dgc(density=density), w)
+  compiled, params = mlp_step(dgc_lib.dgc(density=density), w)
   k = dgc_lib.num_selected(64 * 256, density) + dgc_lib.num_selected(
     256 * 10, density
   )

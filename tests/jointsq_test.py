@@ -1,8 +1,5 @@
 """Tests of jointsq: the MCKP greedy, the wire format, EF and the transform."""
 
-import functools
-
-from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -13,11 +10,12 @@ import pytest
 import gqsgd_jax
 from gqsgd_jax._src import jointsq as jsq
 from gqsgd_jax._src import prng
-from gqsgd_jax._src.worker_state import worker_state_specs
 
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
+from _utils import mlp_step
+from _utils import per_worker_step
 
 
 def _stack(tree, num_workers):
@@ -34,39 +32,11 @@ def _run(tx, grads, state, *, mode="shard_map"):
   replicated.
   """
   num_workers = jax.tree.leaves(grads)[0].shape[0]
-  step = _step(tx, num_workers, mode)
+  step = per_worker_step(tx, num_workers, mode)
   # Host arrays in, so that every call hits the same compilation (a state
   # returned by the previous step would arrive with another sharding).
   host = lambda t: jax.tree.map(np.asarray, t)
   return jax.block_until_ready(step(host(grads), host(state)))
-
-
-@functools.cache
-def _step(tx, num_workers, mode):
-  """One compiled step per (tx, W, mode), reused across calls."""
-  mesh = data_mesh(num_workers)
-  if mode == "pmap":
-    return jax.pmap(
-      tx.update,
-      axis_name="data",
-      in_axes=(0, 0),
-      out_axes=(0, 0),
-      devices=list(mesh.devices.flat),
-    )
-  first = lambda t: jax.tree.map(lambda x: x[0], t)
-  lead = lambda t: jax.tree.map(lambda x: x[None], t)
-
-  @jax.jit
-  @jax.shard_map(
-    mesh=mesh,
-    in_specs=(P("data"), P("data")),
-    out_specs=(P(), P("data"), P("data")),
-  )
-  def step(g, s):
-    u, s = tx.update(first(g), first(s))
-    return u, lead(u), lead(s)
-
-  return lambda g, s: step(g, s)[1:]
 
 
 def _oracle_classes(profits, n, budget):
@@ -400,51 +370,13 @@ def test_nonfinite_zeros_and_dtypes():
   )
 
 
-def _mlp_step(compressor, num_workers):
-  class Mlp(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(64, 256, rngs=rngs)
-      self.out = nnx.Linear(256, 10, rngs=rngs)
-
-    def __call__(self, x):
-      return self.out(nnx.relu(self.hidden(x)))
-
-  graphdef, params = nnx.split(Mlp(nnx.Rngs(0)), nnx.Param)
-  tx = optax.chain(compressor, optax.sgd(0.1))
-  mesh = data_mesh(num_workers)
-  # As a user would: per-worker memories sharded, the rest replicated.
-  specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  opt_state = jax.jit(
-    jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)
-  )(params)
-
-  def loss_fn(params, x, y):
-    logits = nnx.merge(graphdef, params)(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @jax.jit
-  @jax.shard_map(
-    mesh=mesh,
-    in_specs=(P(), specs, P("data"), P("data")),
-    out_specs=(P(), specs),
-  )
-  def step(params, opt_state, x, y):
-    grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  x = jnp.zeros((num_workers * 4, 64))
-  y = jnp.zeros((num_workers * 4,), jnp.int32)
-  return step.lower(params, opt_state, x, y).compile(), params
-
-
 _WIRE = [(0.032, "classmap"), (0.001, "positions")]
 
 
 @pytest.mark.parametrize("ratio,fmt", _WIRE, ids=[f for _, f in _WIRE])
 def test_hlo_wire_bytes_equal_the_format_accounting(ratio, fmt):
   w = 8
-  compiled, params = _mlp_step(jsq.jointsq(compression_ratio=ratio), w)
+  compiled, params = mlp_step(jsq.jointsq(compression_ratio=ratio), w)
   layouts = jax.tree.leaves(
     jsq.jointsq_layouts(params, compression_ratio=ratio),
     is_leaf=lambda x: isinstance(x, jsq.JointSQLayout),
