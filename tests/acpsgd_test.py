@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import gqsgd_jax
-from gqsgd_jax._src import acpsgd as acp
 from gqsgd_jax._src import hlo
-from gqsgd_jax._src import orthogonalize as orth
+from gqsgd_jax._src.baselines import acpsgd as acp
+from gqsgd_jax._src.baselines import orthogonalize as orth
 
 from _lowrank_utils import compiled_flax_step
 from _lowrank_utils import low_rank_steps

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 import gqsgd_jax
-from gqsgd_jax._src import dgc as dgc_lib
 from gqsgd_jax._src import hlo
+from gqsgd_jax._src.baselines import dgc as dgc_lib
 
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 import gqsgd_jax
-from gqsgd_jax._src import jointsq as jsq
 from gqsgd_jax._src import prng
+from gqsgd_jax._src.baselines import jointsq as jsq
 
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal

@@ -9,8 +9,8 @@ import pytest
 
 import gqsgd_jax
 from gqsgd_jax._src import hlo
-from gqsgd_jax._src import lgreco as lg
-from gqsgd_jax._src import powersgd as psgd
+from gqsgd_jax._src.baselines import lgreco as lg
+from gqsgd_jax._src.baselines import powersgd as psgd
 
 from _lowrank_utils import compiled_flax_step
 from _lowrank_utils import Runner

@@ -12,8 +12,8 @@ import pytest
 import gqsgd_jax
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import hlo
-from gqsgd_jax._src import orthogonalize as orth
-from gqsgd_jax._src import powersgd as psgd
+from gqsgd_jax._src.baselines import orthogonalize as orth
+from gqsgd_jax._src.baselines import powersgd as psgd
 from gqsgd_jax._src.worker_state import worker_state_specs
 
 from _lowrank_utils import compiled_flax_step

@@ -253,7 +253,7 @@ def parity(tmp_path_factory):
   import jax
   import jax.numpy as jnp
 
-  from gqsgd_jax._src import powersgd as psgd
+  from gqsgd_jax._src.baselines import powersgd as psgd
 
   import _lowrank_utils as lr
   import _utils

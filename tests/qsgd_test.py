@@ -11,8 +11,8 @@ import pytest
 import gqsgd_jax
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
-from gqsgd_jax._src import qsgd as qsgd_lib
 from gqsgd_jax._src import reference
+from gqsgd_jax._src.baselines import qsgd as qsgd_lib
 
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal

@@ -336,3 +336,15 @@ def test_fuzzed_gradients(method, dtype, data):
       assert np.all(np.isfinite(o[0])), (name, g, o)
       if not np.any(g) and not np.any(flat):
         assert not np.any(o[0]), (name, o)  # zeros in -> exact zeros out
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_init_under_pmap_without_axis_name(method):
+  # init needs no collective: a pmap that binds no axis (or another one)
+  # must work, not fail on the unbound data axis.
+  params = jax.tree.map(lambda x: jnp.stack([x, x]), _problem(2)[0])
+  devices = jax.devices()[:2]
+  tx = METHODS[method]()
+  state = jax.pmap(tx.init, devices=devices)(params)
+  expected = jax.pmap(tx.init, axis_name="data", devices=devices)(params)
+  assert_trees_bitwise_equal(state, expected)

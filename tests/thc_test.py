@@ -11,8 +11,8 @@ import pytest
 import scipy.linalg
 
 import gqsgd_jax
-from gqsgd_jax._src import hadamard
-from gqsgd_jax._src import thc as thc_lib
+from gqsgd_jax._src.baselines import hadamard
+from gqsgd_jax._src.baselines import thc as thc_lib
 from gqsgd_jax._src.worker_state import worker_state_specs
 
 from _utils import assert_replicas_equal

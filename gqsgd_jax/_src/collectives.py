@@ -57,6 +57,13 @@ def varying(tree: _Tree, axis_name: AxisName = "data") -> _Tree:
   and this is the identity.
   """
 
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError:
+    # Not inside a map over axis_name (e.g. a transform's init under a pmap
+    # without that axis name): nothing can be varying over it.
+    return tree
+
   def cast(x: jax.Array) -> jax.Array:
     try:
       return jax.lax.pcast(x, axis_name, to="varying")

@@ -39,10 +39,10 @@ import optax
 
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
-from gqsgd_jax._src import jointsq
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
+from gqsgd_jax._src.baselines import jointsq
 
 SELECTIONS = ("exact", "sampled")
 VALUE_DTYPES = (

@@ -53,13 +53,14 @@ import optax
 
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
-from gqsgd_jax._src import hadamard
 from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
-from gqsgd_jax._src.qsgd import WireBytes
+from gqsgd_jax._src.baselines import common
+from gqsgd_jax._src.baselines import hadamard
+from gqsgd_jax._src.baselines.common import WireBytes
 
 GRANULARITIES = ("fused", "leaf")
 # Smallest chunk a large buffer is cut into (and the padding granule): small
@@ -71,7 +72,6 @@ MAX_LEVELS = 2**16
 # of non-negative integer codes is at most the total, so a float16 psum of
 # codes is exact in any summation order while the total stays <= 2048.
 _F16_EXACT = 2048
-_TINY = float(np.finfo(np.float32).tiny)
 
 
 @worker_state.per_worker("error")
@@ -280,7 +280,7 @@ def _chunk_mean(
   """
   d = rotated.shape[0]
   block = _block(d, cfg)
-  ok = jnp.isfinite(norm) & (norm >= _TINY)
+  ok = jnp.isfinite(norm) & (norm >= common.TINY)
   t = norm * np.float32(min(cfg.z / math.sqrt(d), 1.0))
   delta = t * np.float32(2 / (cfg.levels - 1))
   inv_delta = jnp.where(ok, (cfg.levels - 1) / (2 * t), 0.0)
@@ -306,16 +306,8 @@ def _new_error(
   poison every later step.
   """
   finite = jnp.isfinite(norm)
-  ok = finite & (norm >= _TINY)
+  ok = finite & (norm >= common.TINY)
   return jnp.where(ok, residual, jnp.where(finite, x, old))
-
-
-def _axis_bound(axis_name: collectives.AxisName) -> bool:
-  try:
-    jax.lax.axis_size(axis_name)
-  except NameError:
-    return False
-  return True
 
 
 def _validate(
@@ -420,11 +412,9 @@ def thc(
     plan = _plan(_leaf_sizes(params), granularity, chunk_size)
     error = tuple(jnp.zeros(b.padded, jnp.float32) for b in plan)
     # Typed as varying when init runs inside shard_map (the memories differ
-    # per worker), so a lax.scan carry keeps one type across steps. Only
-    # when the axis is bound: ``jax.pmap(tx.init)`` without ``axis_name``
-    # needs no typing, and casting there would fail inside JAX.
-    if _axis_bound(axis_name):
-      error = collectives.varying(error, axis_name)
+    # per worker), so a lax.scan carry keeps one type across steps; the
+    # identity where the axis is not bound (``jax.pmap(tx.init)``).
+    error = collectives.varying(error, axis_name)
     return ThcState(error=error, key=dither_key, rotation_key=rotation_key)
 
   def update_fn(

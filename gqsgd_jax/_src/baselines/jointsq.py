@@ -59,6 +59,7 @@ from gqsgd_jax._src import prng
 from gqsgd_jax._src import reference
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
+from gqsgd_jax._src.baselines import common
 
 SELECTIONS = ("exact", "sampled")
 
@@ -82,7 +83,6 @@ PROFIT_DENSITY = (
   (4.0**-4 - 4.0**-8) / 4,
 )
 ITEM_WEIGHT = (2, 2, 4)
-_TINY = float(np.finfo(np.float32).tiny)
 # Bit packing of the maps (element 0 in the high lane), shared with the
 # kernels' reference; any width that divides 8 works, 1 and 2 here.
 _pack = reference._pack  # pylint: disable=protected-access
@@ -431,7 +431,7 @@ def _dequantize_all(
     size = _region_bytes(layout)[r]
     if cap:
       s = levels(bits)
-      ok = norms[r] >= _TINY  # empty or all-zero class: 0, not 0/0
+      ok = norms[r] >= common.TINY  # empty or all-zero class: 0, not 0/0
       vals.append(
         ops.dequantize(
           codes[start : start + size],
@@ -501,7 +501,7 @@ def encode(
     bits, cap = CLASS_BITS[c], layout.region_capacity(CLASS_BITS[c])
     if cap:  # else the budget cannot afford this class
       s = levels(bits)
-      ok = norms[r] >= _TINY
+      ok = norms[r] >= common.TINY
       scale = jnp.where(ok, s / jnp.where(ok, norms[r], 1.0), 0.0)
       parts.append(
         ops.quantize(

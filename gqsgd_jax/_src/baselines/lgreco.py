@@ -48,11 +48,11 @@ import numpy as np
 import optax
 
 from gqsgd_jax._src import collectives
-from gqsgd_jax._src import orthogonalize as orth
-from gqsgd_jax._src import powersgd as psgd
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
+from gqsgd_jax._src.baselines import orthogonalize as orth
+from gqsgd_jax._src.baselines import powersgd as psgd
 
 ERROR_METHODS = ("power", "svd")
 AGGREGATIONS = ("fro", "fro2")

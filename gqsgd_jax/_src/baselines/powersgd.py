@@ -36,10 +36,10 @@ import optax
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
 from gqsgd_jax._src import nonfinite
-from gqsgd_jax._src import orthogonalize as orth
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
+from gqsgd_jax._src.baselines import orthogonalize as orth
 
 # Streams of the shared key (fold_in tags), so draws never collide.
 _INIT_Q, _DRAWS = range(2)

@@ -27,29 +27,16 @@ from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
+from gqsgd_jax._src.baselines import common
+from gqsgd_jax._src.baselines.common import WireBytes
 
 NORMS = ("linf", "l2")
-_TINY = float(np.finfo(np.float32).tiny)
 
 
 class QsgdState(NamedTuple):
   """State of ``qsgd``: the PRNG key of the dither."""
 
   key: jax.Array  # uint32[2] raw PRNG key, split once per step
-
-
-class WireBytes(NamedTuple):
-  """Analytic collective bytes of one step on one device.
-
-  The two views of ``hlo.wire_report``: ``result`` is the size of what the
-  collectives produce (its ``total_bytes``); ``sent``/``received`` are what
-  each device transmits/receives when every collective runs a
-  bandwidth-optimal algorithm (its ``sent_bytes``).
-  """
-
-  sent: float  # bytes each device transmits
-  received: float  # bytes each device receives
-  result: int  # bytes of the collectives' results
 
 
 def wire_bytes(
@@ -204,7 +191,7 @@ def qsgd(
     local = jnp.stack([_local_norm(f, norm) for f in flats])
     if granularity == "global":
       local = jnp.broadcast_to(jnp.max(local), local.shape)
-    ok = jnp.isfinite(local) & (local >= _TINY)
+    ok = jnp.isfinite(local) & (local >= common.TINY)
     scale = jnp.where(ok, numerator / local, 0.0)
     # One all-gather for every bucket's norm: (W, B), invariant (replicated).
     norms = jax.lax.all_gather(local, axis_name, to="invarying")
@@ -212,7 +199,7 @@ def qsgd(
     # (its 1/W is folded into the levels); NaN if any worker's norm is not
     # finite, so a non-finite gradient never decodes to numbers.
     denom = 127.0 if reference_compatible else numerator * num_workers
-    dec = jnp.where(norms >= _TINY, norms / denom, 0.0)
+    dec = jnp.where(norms >= common.TINY, norms / denom, 0.0)
     dec = jnp.where(jnp.isfinite(norms), dec, jnp.nan)
 
     means = []

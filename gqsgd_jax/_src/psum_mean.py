@@ -14,7 +14,7 @@ class PsumMeanState(NamedTuple):
   """``psum_mean`` is stateless."""
 
 
-def _cast_saturating(x: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
+def cast_saturating(x: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
   """Casts to dtype; finite values beyond its range (rounding in a wider
   wire format, e.g. f16 65504 -> bf16 65536) saturate instead of becoming
   inf. Infinities and NaNs pass through."""
@@ -59,7 +59,7 @@ def psum_mean(
     # the dtype's max would overflow, their mean cannot.
     sent = [(x / num_workers).astype(wire or x.dtype) for x in leaves]
     summed = jax.lax.psum(sent, axis_name)  # one all-reduce for all leaves
-    means = [_cast_saturating(s, x.dtype) for s, x in zip(summed, leaves)]
+    means = [cast_saturating(s, x.dtype) for s, x in zip(summed, leaves)]
     return jax.tree.unflatten(treedef, means), state
 
   return transform.transformation(init_fn, update_fn)

@@ -1,0 +1,1 @@
+"""The baselines Global-QSGD is compared with, one module per method."""
