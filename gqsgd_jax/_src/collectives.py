@@ -3,11 +3,11 @@
 * ``axis_size``: the worker count, with a clear error when the axis is not
   bound (the transform was called outside shard_map/pmap).
 * ``butterfly_allreduce``: recursive-halving reduce-scatter over
-  ``lax.ppermute`` and an all-gather (spec §3.6) for a custom,
+  ``lax.ppermute`` and an all-gather for a custom,
   possibly stochastic and non-associative combine. Every element is reduced
   by a balanced tree computed once, on exactly one device per level, so the
   result is identical on all workers and each level may use the reducing
-  device's own random stream (spec §0.3). A worker count that is not a power
+  device's own random stream. A worker count that is not a power
   of two is folded in first: the W - 2^L extra workers hand their buffer to a
   partner, which adds one tree level (depth ceil(log2 W)).
 * ``varying``: the idiom that keeps JAX from inserting an f32 all-reduce.

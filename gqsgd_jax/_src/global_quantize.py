@@ -14,14 +14,14 @@ for the whole bucket on every worker. The reductions:
 * ``reduction="psum"``: a native integer all-reduce. bits=8 uses int8 codes
   with s = floor(127 / W) levels per worker; fewer bits use offset-binary
   lanes packed into uint8/uint32 words with s = floor((2^bits - 1) / (2W)),
-  so neither the int8 sum nor any lane sum can overflow (spec §1.4, §2).
+  so neither the int8 sum nor any lane sum can overflow.
 * ``reduction="butterfly"``: recursive halving/doubling over ``ppermute``,
-  each step re-quantizing the weighted average SR((n_a a + n_b b)/(n_a+n_b))
-  (spec §2.3), so codes keep the full 2^(bits-1) - 1 levels for any W.
+  each step re-quantizing the weighted average SR((n_a a + n_b b)/(n_a+n_b)),
+  so codes keep the full 2^(bits-1) - 1 levels for any W.
 * ``reduction="auto"``: psum while it leaves every worker at least
   ``AUTO_MIN_PSUM_LEVELS`` levels, the butterfly beyond (see README).
 
-``dithering="exponential"`` (spec §3) encodes sign + exponent bytes scaled by
+``dithering="exponential"`` encodes sign + exponent bytes scaled by
 2^(D+1) M (D = butterfly depth, headroom that makes overflow impossible) and
 reduces them with the pairwise stochastic reduce along the butterfly.
 

@@ -1,4 +1,4 @@
-"""PRNG conventions shared by the transforms (spec §0.3).
+"""PRNG conventions shared by the transforms.
 
 * Per-worker randomness (dither): fold the worker index into the key.
 * Shared randomness (initial Q, Hadamard signs): the same key everywhere.

@@ -1,4 +1,4 @@
-"""ACP-SGD (alternating compressed PowerSGD) as an optax transform (spec §8).
+"""ACP-SGD (alternating compressed PowerSGD) as an optax transform.
 
 PowerSGD spends two all-reduces per step (P, then Q). ACP-SGD takes one
 half of the power iteration per step and alternates:

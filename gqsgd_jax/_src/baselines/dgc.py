@@ -1,4 +1,4 @@
-"""Deep gradient compression (DGC, spec §10.1) as an optax transform.
+"""Deep gradient compression (DGC) as an optax transform.
 
 Per worker and compressed tensor, momentum correction accumulates the
 velocity u ← m u + g, v ← v + u; the k = ceil(density · n) largest |v|
@@ -16,7 +16,7 @@ SGD: ``optax.chain(dgc(momentum=0.9), optax.sgd(lr))``. Chaining it with
 does, B-DGC-2).
 
 Wire per worker and step: k × (4 + value bytes) per compressed tensor
-(bfloat16 values by default: (4 + 2)·k bytes, spec §12; the values travel
+(bfloat16 values by default: (4 + 2)·k bytes; the values travel
 as their uint16 bit patterns), plus the f32 momentum of the dense leaves.
 The reference sends float16 values; bfloat16 has the same size but float32's
 range, so small gradients are not flushed to zero and large ones do not

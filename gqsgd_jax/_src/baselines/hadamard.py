@@ -1,6 +1,6 @@
 """Fast Walsh-Hadamard transform and the randomized Hadamard rotation (RHT).
 
-THC (spec §4.2) rotates each chunk with ``H D`` before quantizing: ``D`` a
+THC rotates each chunk with ``H D`` before quantizing: ``D`` a
 diagonal of random signs shared by all workers, ``H`` the orthonormal
 Walsh-Hadamard matrix. After the rotation every coordinate is a signed
 mixture of all inputs, so its magnitude concentrates around
@@ -64,7 +64,7 @@ def random_signs(
 ) -> jax.Array:
   """``n`` random ±1 of ``dtype`` from ``key``.
 
-  Pass the same key on every worker (spec §0.3 rule 2: shared randomness);
+  Pass the same key on every worker (shared randomness);
   a worker-specific key would rotate each worker differently and the
   homomorphic sum of their codes would mean nothing.
   """

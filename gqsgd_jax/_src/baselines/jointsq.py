@@ -1,4 +1,4 @@
-"""JointSQ: joint sparsification and mixed-precision quantization (spec §9).
+"""JointSQ: joint sparsification and mixed-precision quantization.
 
 Per compressed tensor with n elements and bit budget B = ceil(32 ρ n), every
 element gets 0, 2, 4 or 8 bits. The choice is a multiple-choice knapsack
@@ -76,7 +76,7 @@ HEADER_BYTES = 24  # norms f32[3] + counts int32[3]
 CLASS_BITS = (0, 2, 4, 8)
 _WIRE_CLASSES = (3, 2, 1)
 # Incremental profit per bit of the 0->2, 2->4 and 4->8 bit items under
-# err(b) = x^2 4^-b (the reference's third constant has a typo, spec §9.2).
+# err(b) = x^2 4^-b (the reference's third constant has a typo).
 PROFIT_DENSITY = (
   (1 - 4.0**-2) / 2,
   (4.0**-2 - 4.0**-4) / 2,

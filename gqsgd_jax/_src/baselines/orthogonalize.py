@@ -1,4 +1,4 @@
-"""Batched column orthonormalisation for the low-rank compressors (spec §6.1).
+"""Batched column orthonormalisation for the low-rank compressors.
 
 PowerSGD, ACP-SGD and L-GreCo orthonormalise the columns of thin factors
 (n x r, r << n) once or twice per step. Same-shaped factors are stacked and
@@ -8,7 +8,7 @@ larger ranks a reduced QR; column signs may differ between the two, which
 does not matter because only the projection P P^T is used.
 
 The factors are all-reduced before they are orthonormalised, so every worker
-runs the same program on the same bits and gets the same result (spec §0.5).
+runs the same program on the same bits and gets the same result.
 """
 
 import jax
@@ -85,8 +85,9 @@ def refresh_zero_columns(matrices: jax.Array, fresh: jax.Array) -> jax.Array:
   (a frozen or unused layer). Orthonormalising zero gives zero, so the
   power iteration would never leave it and error feedback would pile up the
   layer's later gradients unsent. Drawing a fresh column, as at the first
-  step, restarts it (spec §6.2: "or re-draw zero columns"). Columns with any
-  non-zero entry pass through untouched, so a live factor is bit-identical.
+  step, restarts it (as PowerSGD's reference does with zero columns).
+  Columns with any non-zero entry pass through untouched, so a live factor
+  is bit-identical.
   """
   dead = jnp.all(matrices == 0, axis=-2, keepdims=True)
   return jnp.where(dead, fresh, matrices)

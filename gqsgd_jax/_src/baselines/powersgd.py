@@ -1,4 +1,4 @@
-"""PowerSGD (Vogels et al., 2019) as an optax transform (spec §6).
+"""PowerSGD (Vogels et al., 2019) as an optax transform.
 
 Each gradient leaf is viewed as a matrix n x m (n = shape[0]). Leaves worth
 compressing, (n + m) r * min_compression_rate < n m, are replaced by a rank-r
@@ -16,9 +16,9 @@ Like PyTorch's ``powerSGD_hook``:
   and only keeps the arithmetic identical to the reference);
 * warm start reuses last step's averaged Q.
 
-Differences from the reference (spec §6.2, §13 B-PS-1): the default
-orthogonalisation epsilon is 1e-8, so a zero column cannot turn into NaN;
-an all-zero factor column (e.g. after a step with a zero gradient) is
+Differences from the reference (B-PS-1 in the docs' differences page): the
+default orthogonalisation epsilon is 1e-8, so a zero column cannot turn into
+NaN; an all-zero factor column (e.g. after a step with a zero gradient) is
 re-drawn from the shared key instead of staying zero forever; Q comes from a
 JAX key shared by all workers rather than a NumPy seed.
 """

@@ -1,4 +1,4 @@
-"""QSGD as an optax transform: local norms, int8 codes, all-gather (spec §5).
+"""QSGD as an optax transform: local norms, int8 codes, all-gather.
 
 Each worker scales its gradient bucket by its *own* norm n_i (L-infinity by
 default, as the reference; L2 as the paper), rounds stochastically to int8

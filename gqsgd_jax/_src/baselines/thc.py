@@ -1,4 +1,4 @@
-"""THC (tensor homomorphic compression) as an optax transform, spec §4.2.
+"""THC (tensor homomorphic compression) as an optax transform.
 
 Per chunk of the gradient, on every worker:
 

@@ -188,7 +188,7 @@ GQSGD_HD uint32_t RoundedAverage(uint32_t a, uint32_t b, uint32_t n_a,
 }
 
 // ---------------------------------------------------------------------------
-// Exponential dithering (spec §3): byte = sign << 7 | e, value = ±2^-e,
+// Exponential dithering: byte = sign << 7 | e, value = ±2^-e,
 // e in [1, 127], byte & 0x7f == 0 means zero.
 
 // Encodes v = x * scale; callers choose scale so that |v| <= 1/2 (larger
@@ -267,7 +267,7 @@ GQSGD_HD bool GeometricTail(uint32_t t, uint32_t r0, uint32_t r1) {
   return t <= 64 && (r0 & mask0) == 0 && (r1 & mask1) == 0;
 }
 
-// Pairwise stochastic reduce of two exponential codes (spec §3.3): "exact add,
+// Pairwise stochastic reduce of two exponential codes: "exact add,
 // then unbiased rounding to a bracketing power of two", symmetric in (a, b).
 // A doubling of code 1 would overflow; the transforms size the scale so it
 // cannot happen (headroom 2^(D+1)); here it saturates instead of wrapping to
