@@ -9,17 +9,15 @@ the updates and of the state, for bitwise replica checks.
 
 import math
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import optax
 
-import gqsgd_jax
 from gqsgd_jax._src.worker_state import worker_state_specs
 
 from _utils import data_mesh
+from _utils import mlp_step
 
 
 class Runner:
@@ -134,51 +132,16 @@ def low_rank_steps(shapes, compressed, seed, num_workers, rank):
     yield out
 
 
-class Mlp(nnx.Module):
-  def __init__(self, rngs):
-    self.hidden = nnx.Linear(64, 256, rngs=rngs)
-    self.out = nnx.Linear(256, 10, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(nnx.relu(self.hidden(x)))
-
-
 def compiled_flax_step(compressor, workers=8):
-  """A compiled Flax/optax data-parallel step under shard_map.
+  """A compiled Flax/optax data-parallel step under shard_map (shapes only).
 
   The MLP has kernels 64 x 256 and 256 x 10 and biases of 256 and 10.
   """
-  graphdef, params = nnx.split(Mlp(nnx.Rngs(0)), nnx.Param)
-  tx = optax.chain(compressor, optax.sgd(0.1))
-  mesh = data_mesh(workers)
-  specs = worker_state_specs(jax.eval_shape(tx.init, params))
-  opt_state = jax.eval_shape(
-    jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=specs)),
-    params,
-  )
-
-  def loss_fn(params, x, y):
-    logits = nnx.merge(graphdef, params)(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @jax.jit
-  @jax.shard_map(
-    mesh=mesh,
-    in_specs=(P(), specs, P("data"), P("data")),
-    out_specs=(P(), specs),
-  )
-  def step(params, opt_state, x, y):
-    grads = jax.grad(loss_fn)(gqsgd_jax.varying(params, "data"), x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  x = jax.ShapeDtypeStruct((workers * 4, 64), jnp.float32)
-  y = jax.ShapeDtypeStruct((workers * 4,), jnp.int32)
-  return step.lower(params, opt_state, x, y).compile()
+  return mlp_step(compressor, workers, abstract=True)[0]
 
 
 # -----------------------------------------------------------------------------
-# A float64 NumPy model of PowerSGD (spec §6.1), the oracle of the tests.
+# A float64 NumPy model of PowerSGD, the oracle of the tests.
 
 
 def np_orthogonalize(a: np.ndarray, epsilon: float) -> np.ndarray:

@@ -34,7 +34,7 @@ MATRICES = ("conv", "thin", "w1", "w2")  # leaf order
 
 
 class _AcpModel:
-  """Float64 model of spec §8.1 on {name: [W, *shape]} gradients."""
+  """Float64 model of ACP-SGD on {name: [W, *shape]} gradients."""
 
   def __init__(self, q0: dict, epsilon=orth.DEFAULT_EPSILON, ef=True):
     self.q = {n: np.asarray(q, np.float64) for n, q in q0.items()}

@@ -91,7 +91,7 @@ def _variance_bound(g: np.ndarray) -> np.ndarray:
 
   Every rounding event (each worker's encode, each tree node's reduce) is
   an unbiased rounding to a power of two: E[eps^2] <= z^2 / 8 for its
-  input z (spec §3.3). For a node of children a, b (independent),
+  input z. For a node of children a, b (independent),
   Var(node) <= 9/8 (Var a + Var b) + v^2 / 8 with v its exact sum, so
   Var(root) <= 1/8 sum_nodes (9/8)^height v_node^2. Decoding multiplies by
   S / W, i.e. the bound in gradient units is that sum over W^2.

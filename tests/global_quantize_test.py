@@ -118,7 +118,7 @@ def _butterfly_root_moments(y: np.ndarray, levels: int):
 
   y: (W, d) scaled values in [-s, s]. Each worker's offset-binary code is
   floor(y) + s or one more with probability frac(y), independently across
-  workers (spec §0.3: every worker its own dither); each tree node is
+  workers (every worker its own dither); each tree node is
   RoundedAverage of two independent subtrees, i.e. (n_a a + n_b b) / n
   rounded up with probability rem / n. The tree is the butterfly's: the
   W - P extra workers folded into workers 0.. first (P = 2^floor(log2 W)),
@@ -230,7 +230,7 @@ def _wire_sum_is_exact(
 
 
 def test_psum_levels_are_the_most_that_never_overflow_the_wire():
-  # spec §1.3/B-GQ-1: with s = ceil(127/W) a sum of W codes reaches 128.
+  # B-GQ-1: with s = ceil(127/W) a sum of W codes reaches 128.
   # Codes are in [-s, s] (int8) or [0, 2s] (offset-binary lanes); s must
   # keep the W-fold sum of the top code inside its lane, and s + 1 must not
   # (fewer levels would throw resolution away).

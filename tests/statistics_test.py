@@ -63,7 +63,7 @@ def _two_point(x, lo, hi, p, target, bias):
 
 
 # -----------------------------------------------------------------------------
-# Standard dithering: quantize (SR, spec §0.1).
+# Standard dithering: quantize (SR).
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "bits", "signed"))
@@ -167,7 +167,7 @@ def test_quantize_unbiased_variance_within_bound(bits, levels, signed):
 
 
 # -----------------------------------------------------------------------------
-# 4-bit averaging tree: average (spec §2.3).
+# 4-bit averaging tree: average.
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -221,7 +221,7 @@ def test_average_unbiased_variance_within_bound(n_a, n_b, bits):
 
 
 # -----------------------------------------------------------------------------
-# Exponential dithering: exp_encode (spec §3.2, §3.5).
+# Exponential dithering: exp_encode.
 
 
 def _decode(codes) -> np.ndarray:
@@ -297,7 +297,7 @@ def test_exp_encode_unbiased_relative_variance_within_bound(floor_code):
 
 
 # -----------------------------------------------------------------------------
-# Exponential pairwise reduce (spec §3.3).
+# Exponential pairwise reduce.
 
 E_RANGE = np.arange(1, 13)
 CODES = np.concatenate([E_RANGE, 0x80 | E_RANGE]).astype(np.uint8)
@@ -342,7 +342,7 @@ def test_exp_reduce_equals_exact_add_then_natural_rounding():
   assert np.all(
     np.abs(count - N_SEEDS * p) <= Z * np.sqrt(N_SEEDS * p * (1 - p)) + 1e-9
   )
-  # Variance of one reduce relative to z^2 (spec §3.3), r = 2^-t.
+  # Variance of one reduce relative to z^2, r = 2^-t.
   ea, eb = a[ok] & 0x7F, b[ok] & 0x7F
   same = (a[ok] & 0x80) == (b[ok] & 0x80)
   r = np.ldexp(1.0, -np.abs(ea.astype(np.int64) - eb))
@@ -370,7 +370,7 @@ def test_exp_reduce_equals_exact_add_then_natural_rounding():
 @pytest.mark.parametrize("impl", ["xla", "ffi"])
 def test_exp_reduce_symmetric_bitwise(impl):
   # Redundant butterfly nodes compute reduce(a, b) and reduce(b, a) with the
-  # same key (spec §0.3): they must agree bit for bit, for every byte pair.
+  # same key: they must agree bit for bit, for every byte pair.
   c = np.arange(256, dtype=np.uint8)
   a, b = (x.reshape(-1) for x in np.meshgrid(c, c, indexing="ij"))
   f = jax.jit(functools.partial(ops.exp_reduce, impl=impl))
