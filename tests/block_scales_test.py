@@ -381,11 +381,35 @@ def test_e8m0_and_bf16_scales_round_up_and_are_monotone():
     words = np.asarray(enc(m))
     back = np.asarray(dec(enc(m)))
     assert np.all(np.diff(words.astype(np.int64)) >= 0)  # integer pmax works
-    finite = np.isfinite(back)
-    assert np.all(back[finite] >= np.asarray(m)[finite])  # never below max
+    # Never below the max, within the format's finite range (beyond it the
+    # word saturates: test_finite_max_beyond_the_scale_format_stays_finite).
+    top = np.asarray(dec(enc(jnp.float32(np.finfo(np.float32).max))))
+    within = np.isfinite(back) & (np.asarray(m) <= top)
+    assert np.all(back[within] >= np.asarray(m)[within])
     assert back[0] == 0 and back[-1] == np.inf
   e = np.asarray(gq._SCALE_CODECS["e8m0"][1](gq._SCALE_CODECS["e8m0"][0](m)))
   np.testing.assert_array_equal(e[3:7], [1.0, 2.0, 4.0, 4.0])
+
+
+@pytest.mark.parametrize("fmt", ["e8m0", "bf16"])
+def test_finite_max_beyond_the_scale_format_stays_finite(fmt):
+  # Above 2^127 (e8m0) or the largest bfloat16 (3.3895314e38) no finite
+  # scale >= the max-abs exists: the word saturates to the largest finite
+  # one (only +inf, a non-finite block, encodes to inf), so a finite step
+  # never decodes to NaN.
+  big = np.float32(np.finfo(np.float32).max)
+  enc, dec = gq._SCALE_CODECS[fmt]
+  back = np.asarray(dec(enc(jnp.asarray([big, np.inf], jnp.float32))))
+  assert np.isfinite(back[0]) and back[1] == np.inf
+  tx = gqsgd_jax.global_quantize(
+    bits=4, granularity="block", block_size=64, scale_format=fmt
+  )
+  g = np.zeros((4, 100), np.float32)
+  g[:, 0] = big
+  g[1, 70] = -3.3895316e38
+  out, _ = sharded_update(tx, g, tx.init(g[0]))
+  assert np.all(np.isfinite(out))
+  assert_replicas_equal(out)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -296,12 +296,15 @@ def _block_max(flat: jax.Array, block_size: int) -> jax.Array:
 # Both compact encodings round the max-abs *up* (a scale below a value
 # would clamp it: bias) and are monotone as unsigned integers, so an integer
 # pmax of the words is the word of the float max. +inf (a non-finite block)
-# encodes to the format's inf; finite values above 2^127 (e8m0) or the
-# largest bf16 round up to it too and decode as non-finite.
+# encodes to the format's inf. A finite max-abs above the format's largest
+# finite value (2^127 for e8m0, 3.3895314e38 for bf16) saturates to it:
+# the kernels then clamp the few values above the scale to the top level
+# (finite, within the integer headroom, biased only in that band at the top
+# of the float32 range) instead of turning a finite step into NaN.
 def _e8m0_encode(m: jax.Array) -> jax.Array:
   u = jax.lax.bitcast_convert_type(m, jnp.uint32)
   e = (u >> 23) + ((u & 0x7FFFFF) != 0).astype(jnp.uint32)
-  return jnp.minimum(e, 255).astype(jnp.uint8)
+  return jnp.where(u >= 0x7F800000, 255, jnp.minimum(e, 254)).astype(jnp.uint8)
 
 
 def _e8m0_decode(e: jax.Array) -> jax.Array:
@@ -311,7 +314,8 @@ def _e8m0_decode(e: jax.Array) -> jax.Array:
 
 def _bf16_encode(m: jax.Array) -> jax.Array:
   u = jax.lax.bitcast_convert_type(m, jnp.uint32)
-  return jnp.minimum((u + 0xFFFF) >> 16, 0x7F80).astype(jnp.uint16)
+  up = jnp.minimum((u + 0xFFFF) >> 16, 0x7F7F)
+  return jnp.where(u >= 0x7F800000, 0x7F80, up).astype(jnp.uint16)
 
 
 def _bf16_decode(h: jax.Array) -> jax.Array:

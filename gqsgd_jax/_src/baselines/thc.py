@@ -56,6 +56,7 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import psum_mean
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
 from gqsgd_jax._src.baselines import common
@@ -506,7 +507,11 @@ def thc(
       offsets = np.cumsum((0,) + buf.sizes)
       for k, i in enumerate(buf.leaf_ids):
         piece = flat[offsets[k] : offsets[k + 1]]
-        out_leaves[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
+        # The estimate may exceed a 16-bit leaf's range where the inputs
+        # were near it: saturate rather than turn a finite step into inf.
+        out_leaves[i] = psum_mean.cast_saturating(
+          piece.reshape(leaves[i].shape), leaves[i].dtype
+        )
     # ... and leaves that buffer's memory as it was.
     new_error = (
       tuple(
