@@ -10,8 +10,18 @@ quick=()
 cd "$repo"
 "$python" benchmarks/kernel_benchmark.py "${quick[@]}"
 "$python" benchmarks/global_quantize_benchmark.py "${quick[@]}"
+"$python" benchmarks/variance_vs_workers.py "${quick[@]}"
+"$python" benchmarks/wire_model.py  # analytic: instant
 if [[ $(id -u) -eq 0 ]]; then
   "$python" benchmarks/cluster_benchmark.py "${quick[@]}"
+  # No quick mode: it always rewrites results/hierarchical_cluster.md.
+  if [[ ${#quick[@]} -eq 0 ]]; then
+    "$python" benchmarks/cluster_hierarchical.py
+  fi
 else
-  echo "skipping benchmarks/cluster_benchmark.py: needs root (netns + tc)"
+  echo "skipping benchmarks/cluster_benchmark.py and cluster_hierarchical.py:" \
+    "need root (netns + tc)"
 fi
+# Not here: benchmarks/frontier.py (training runs of every scale
+# configuration on the examples, hours on 2 cores); results/frontier.md
+# lists the commands that produced it.
