@@ -21,7 +21,9 @@ Bits on the wire per element = code bits (``wire.wire_bits_per_element``)
 
 A configuration is ``bits:scales:reduction`` with scales one of "bucket",
 "leaf", "block<B>-<format>" (format f32, bf16 or e8m0) or "default", and
-reduction "auto", "psum", "butterfly" or "exp" (exponential dithering).
+reduction "auto", "psum", "butterfly", "two_shot" or "exp" (exponential
+dithering). "two_shot" takes options "-g<bits>" (the all-gather's bits)
+and "-ef" (the owners' error feedback), e.g. "4:default:two_shot-g8".
 """
 
 import argparse
@@ -48,6 +50,16 @@ def parse_config(text: str) -> dict:
   bits_s, scales, reduction = text.split(":")
   bits = int(bits_s)
   kwargs = dict(bits=bits)
+  # two_shot options: "-g<bits>" (gather_bits), "-ef" (owner_feedback)
+  reduction, *options = reduction.split("-")
+  gather_bits = bits
+  for option in options:
+    if option == "ef":
+      kwargs["owner_feedback"] = True
+    elif option.startswith("g"):
+      gather_bits = kwargs["gather_bits"] = int(option[1:])
+    else:
+      raise ValueError(f"unknown reduction option {option!r} in {text!r}")
   if reduction == "exp":
     kwargs["dithering"] = "exponential"
   else:
@@ -66,6 +78,8 @@ def parse_config(text: str) -> dict:
     and (reduction != "auto" or WORKERS <= 16)
   )
   code_bits = wire.wire_bits_per_element(bits, signed)
+  if reduction == "two_shot":  # bits up (all-to-all), gather_bits down
+    code_bits = (code_bits + wire.wire_bits_per_element(gather_bits)) / 2
   scale_bits = 0.0
   if cfg.get("granularity") == "block":
     scale_bits = 8 * _SCALE_BYTES[cfg["scale_format"]] / cfg["block_size"]
@@ -87,7 +101,19 @@ def probe_configs() -> list[str]:
         for fmt in ("f32", "bf16", "e8m0"):
           out.append(f"{bits}:block{size}-{fmt}:{red}")
   out += ["8:bucket:exp", "8:block64-e8m0:exp", "8:block256-f32:exp"]
+  out += TWO_SHOT_PROBES
   return out
+
+
+# The two-shot reduction (owner feedback needs state across steps, so it
+# is measured by training runs only).
+TWO_SHOT_PROBES = [
+  "8:block256-f32:two_shot",
+  "4:block256-bf16:two_shot",
+  "4:block64-bf16:two_shot",
+  "4:block256-bf16:two_shot-g6",
+  "4:block256-bf16:two_shot-g8",
+]
 
 
 def _install_compressor_hook():
@@ -131,6 +157,7 @@ def _install_compressor_hook():
 
 _PROBE_LOG: dict = {}
 _PROBE_EVERY = [50]
+_PROBE_NAMES: list = []  # the configurations of this probe run
 
 
 def _probe_compressor(axis_name, seed):
@@ -141,7 +168,7 @@ def _probe_compressor(axis_name, seed):
 
   import gqsgd_jax  # pylint: disable=g-import-not-at-top
 
-  names = probe_configs()
+  names = _PROBE_NAMES
   txs = [
     gqsgd_jax.global_quantize(axis_name=axis_name, **parse_config(n)["kwargs"])
     for n in names
@@ -206,7 +233,10 @@ def cmd_probe(args):
 
   _PROBE_EVERY[0] = args.every
   results = _load(PROBE_JSON)
-  names = probe_configs()
+  # --configs adds configurations to an existing probe of the same f32 run
+  # (same seed, steps and probe steps); without it every default one runs.
+  names = args.configs or probe_configs()
+  _PROBE_NAMES[:] = names
   for example in args.examples:
     _PROBE_LOG.clear()
     overrides = dict(convergence.EXAMPLES[example]["full"])
@@ -226,7 +256,7 @@ def cmd_probe(args):
       sum(_PROBE_LOG[s][i] for s in steps) / len(steps)
       for i in range(len(names))
     ]
-    results[example] = dict(
+    record = dict(
       **_machine(),
       steps=overrides["steps"],
       probe_steps=steps,
@@ -241,6 +271,17 @@ def cmd_probe(args):
         for i, (n, m) in enumerate(zip(names, mean))
       },
     )
+    if args.configs and example in results:
+      if results[example]["probe_steps"] != steps:
+        raise ValueError(
+          f"{example}: probe steps {steps} differ from the recorded "
+          f"{results[example]['probe_steps']}; re-run the whole probe"
+        )
+      for config in record["configs"].values():
+        config["date"] = record["date"]
+      results[example]["configs"].update(record["configs"])
+    else:
+      results[example] = record
     PROBE_JSON.write_text(json.dumps(results, indent=1))
     print(
       f"{example}: probed {len(names)} configs at steps {steps} in "
@@ -329,6 +370,19 @@ def _train_rows(results, example):
   return sorted(out, key=lambda r: (-r["wire_bits"], r["config"]))
 
 
+def _added_lines(configs: dict) -> list[str]:
+  """Lines naming the probe rows added later (``probe --configs``)."""
+  dates = sorted({c["date"] for c in configs.values() if "date" in c})
+  lines = []
+  for date in dates:
+    names = sorted(n for n, c in configs.items() if c.get("date") == date)
+    lines.append(
+      "- Added later on the same f32 run (seed, steps, probe steps): "
+      f"{', '.join(names)} on {date}."
+    )
+  return lines
+
+
 def cmd_report(args):
   del args
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -351,7 +405,10 @@ def cmd_report(args):
     "the wire per element = code bits + scale bits (scale bytes x 8 / "
     "block size); the butterfly sends its codes once in the "
     "reduce-scatter and once in the all-gather, as a ring all-reduce "
-    "does, so bits per element compare across reductions.",
+    "does, so bits per element compare across reductions; the two-shot "
+    "reduction sends `bits` up and `gather_bits` down (`-g<bits>`), "
+    "counted as their mean. `-ef`: the owners' error feedback "
+    "(`owner_feedback=True`).",
     "",
   ]
   fig, axes = plt.subplots(
@@ -370,6 +427,7 @@ def cmd_report(args):
         f"- ||q - g||^2 / ||g||^2 of one quantized mean q against the exact "
         f"mean g, averaged over the f32 run's steps {p['probe_steps']} "
         f"({p['steps']} steps in all).",
+        *_added_lines(p["configs"]),
         "",
         "| configuration | bits/element | scale share of payload | rel. MSE |",
         "|---|---:|---:|---:|",
@@ -393,11 +451,16 @@ def cmd_report(args):
         ("bucket", "x"),
         ("leaf", "+"),
       ):
-        for red, color in (("psum", "C0"), ("butterfly", "C1"), ("exp", "C2")):
+        for red, color in (
+          ("psum", "C0"),
+          ("butterfly", "C1"),
+          ("exp", "C2"),
+          ("two_shot", "C3"),
+        ):
           pts = [
             c
             for c in items
-            if c["name"].endswith(":" + red)
+            if c["name"].split(":")[2].split("-")[0] == red
             and (fmt in c["name"].split(":")[1])
           ]
           if pts:
@@ -478,6 +541,11 @@ def main():
   p.add_argument("--steps", type=int, default=0)
   p.add_argument("--every", type=int, default=50)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--configs",
+    nargs="+",
+    help="probe only these and add them to the recorded probe",
+  )
   t = sub.add_parser("train")
   t.add_argument(
     "--examples", nargs="+", default=["language", "recommendation"]

@@ -38,8 +38,9 @@ FLAT = {
   "8-bit psum": dict(bits=8, reduction="psum"),
   "8-bit butterfly": dict(bits=8, reduction="butterfly"),
   "4-bit butterfly": dict(bits=4, reduction="butterfly"),
-  "8-bit default": dict(bits=8),
+  "8-bit default": dict(bits=8),  # the two-shot reduction
   "4-bit default": dict(bits=4),
+  "4-bit, 8-bit gather": dict(bits=4, reduction="two_shot", gather_bits=8),
   "8-bit exponential": dict(bits=8, dithering="exponential"),
 }
 HIER = "hierarchical 4-bit"

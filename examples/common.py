@@ -55,7 +55,7 @@ def _baseline_factory(name: str):
   return factory
 
 
-COMPRESSORS = ("f32", "bf16", "gqsgd", "gqsgd_exp") + tuple(
+COMPRESSORS = ("f32", "bf16", "gqsgd", "gqsgd_feedback", "gqsgd_exp") + tuple(
   name for name in _BASELINES if _has_baseline(name)
 )
 # Defaults of the baselines' own knobs (bits maps to their levels).
@@ -130,7 +130,7 @@ def make_compressor(
   axis_name=AXIS,
   seed: int = 0,
   reduction: str = "auto",
-  granularity: str = "bucket",
+  granularity: str | None = None,
   momentum: float = 0.0,
 ) -> optax.GradientTransformation:
   """The gradient all-reduce of a method, as the first link of a chain.
@@ -138,7 +138,9 @@ def make_compressor(
   Args:
     name: one of ``COMPRESSORS``: "f32" or "bf16" (float psum baselines),
       "gqsgd" (Global-QSGD, standard dithering, ``bits`` per coordinate),
-      "gqsgd_exp" (exponential dithering, 8-bit sign + exponent codes), and
+      "gqsgd_feedback" (the same with the two-shot reduction's owner-side
+      error feedback, ``owner_feedback=True``), "gqsgd_exp" (exponential
+      dithering, 8-bit sign + exponent codes), and
       the library's baselines present: "thc" (2^bits levels), "qsgd"
       (2^(bits-1) - 1 levels, int8 all-gather), "powersgd" (rank
       ``POWERSGD_RANK``), "acpsgd", "jointsq" (ratio ``JOINTSQ_RATIO``),
@@ -146,11 +148,12 @@ def make_compressor(
     bits: bits per coordinate for "gqsgd", "thc" and "qsgd".
     axis_name: the data-parallel mesh axis.
     seed: seed of the quantizer's dither (and shared random draws).
-    reduction: "auto", "psum" or "butterfly" for "gqsgd" (see
+    reduction: "auto", "psum", "butterfly" or "two_shot" for "gqsgd" (see
       ``gqsgd_jax.global_quantize``); ignored by the others.
-    granularity: Global-QSGD's scale: one max-abs per "bucket" of 25 MiB
-      (the default; the whole model of each example), per "leaf" (tensor)
-      or "global"; ignored by the others.
+    granularity: Global-QSGD's scale: None (the library's default, one
+      scale per block of 256 elements), "block", one max-abs per "bucket"
+      of 25 MiB (the whole model of each example), per "leaf" (tensor) or
+      "global"; ignored by the others.
     momentum: DGC's momentum correction (the outer optimizer must then be
       momentum-free, see ``make_optimizer``); ignored by the others.
 
@@ -166,6 +169,15 @@ def make_compressor(
       bits=bits,
       axis_name=axis_name,
       reduction=reduction,
+      granularity=granularity,
+      key=seed,
+    )
+  if name == "gqsgd_feedback":
+    return gqsgd_jax.global_quantize(
+      bits=bits,
+      axis_name=axis_name,
+      reduction="two_shot",
+      owner_feedback=True,
       granularity=granularity,
       key=seed,
     )
@@ -200,7 +212,7 @@ def make_optimizer(
   momentum: float = 0.9,
   seed: int = 0,
   reduction: str = "auto",
-  granularity: str = "bucket",
+  granularity: str | None = None,
   clip_norm: float | None = None,
 ) -> optax.GradientTransformation:
   """The compressor first (local -> mean gradient), then the optimizer.
@@ -242,12 +254,13 @@ def make_optimizer(
   return optax.chain(*links)
 
 
-def method_name(name: str, bits: int, granularity: str = "bucket") -> str:
+def method_name(name: str, bits: int, granularity: str | None = None) -> str:
   """A readable label for logs, tables and plots."""
-  if name.startswith("gqsgd") and granularity != "bucket":
+  if name.startswith("gqsgd") and granularity is not None:
     return f"{method_name(name, bits)}-{granularity}"
   return {
     "gqsgd": f"gqsgd-{bits}bit",
+    "gqsgd_feedback": f"gqsgd-{bits}bit-feedback",
     "gqsgd_exp": "gqsgd-exp-8bit",
     "thc": f"thc-{bits}bit",
     "qsgd": f"qsgd-{bits}bit",
@@ -647,8 +660,12 @@ class RunConfig:
 
   compressor: str = "gqsgd"  # one of common.COMPRESSORS
   bits: int = 4  # bits per coordinate for gqsgd, thc, qsgd
-  reduction: str = "auto"  # gqsgd's integer reduction: auto | psum | butterfly
-  granularity: str = "bucket"  # gqsgd's max-abs scale: bucket | leaf | global
+  reduction: str = (
+    "auto"  # gqsgd's reduction: auto | psum | butterfly | two_shot
+  )
+  # gqsgd's scales: None (the library's default: blocks) | block | bucket |
+  # leaf | global
+  granularity: str | None = None
   workers: int | None = None  # data-parallel devices; None: all of them
   steps: int = 500
   batch_size: int = 128  # global, split evenly over the workers
@@ -890,14 +907,14 @@ def add_run_args(parser) -> None:
   )
   parser.add_argument(
     "--reduction",
-    choices=("auto", "psum", "butterfly"),
+    choices=("auto", "psum", "butterfly", "two_shot"),
     help="Global-QSGD's integer reduction (default auto)",
   )
   parser.add_argument(
     "--granularity",
-    choices=("bucket", "leaf", "global"),
-    help="Global-QSGD's scale: per 25 MiB bucket "
-    "(default), per tensor, or one for the model",
+    choices=("block", "bucket", "leaf", "global"),
+    help="Global-QSGD's scales: per block of 256 elements (default), per "
+    "25 MiB bucket, per tensor, or one for the model",
   )
   parser.add_argument(
     "--workers",

@@ -28,6 +28,7 @@ from gqsgd_jax._src.ffi import HAS_CPU
 from gqsgd_jax._src.ffi import HAS_CUDA
 from gqsgd_jax._src.global_quantize import global_quantize
 from gqsgd_jax._src.global_quantize import GlobalQuantizeState
+from gqsgd_jax._src.global_quantize import OwnerFeedbackState
 from gqsgd_jax._src.hierarchical import hierarchical
 from gqsgd_jax._src.hierarchical import HierarchicalState
 from gqsgd_jax._src.hlo import wire_report
@@ -57,6 +58,7 @@ __all__ = (
   "HAS_CUDA",
   "JointSQState",
   "LGrecoState",
+  "OwnerFeedbackState",
   "PowerSGDState",
   "PsumMeanState",
   "QsgdState",

@@ -20,6 +20,12 @@ METHODS = {
   "gq3_butterfly_leaf": lambda **kw: gqsgd_jax.global_quantize(
     bits=3, reduction="butterfly", granularity="leaf", **kw
   ),
+  "gq4_two_shot_g8": lambda **kw: gqsgd_jax.global_quantize(
+    bits=4, reduction="two_shot", gather_bits=8, **kw
+  ),
+  "gq4_owner_feedback": lambda **kw: gqsgd_jax.global_quantize(
+    bits=4, reduction="two_shot", owner_feedback=True, **kw
+  ),
   "gq_exponential": lambda **kw: gqsgd_jax.global_quantize(
     bits=8, dithering="exponential", **kw
   ),
@@ -52,6 +58,8 @@ STOCHASTIC = {
   "gq8_psum",
   "gq4_butterfly",
   "gq3_butterfly_leaf",
+  "gq4_two_shot_g8",
+  "gq4_owner_feedback",
   "gq_exponential",
   "thc",
   "qsgd",

@@ -13,6 +13,7 @@ import pytest
 import gqsgd_jax
 from gqsgd_jax._src import global_quantize as gq
 from gqsgd_jax._src import ops
+from gqsgd_jax._src import scales
 from gqsgd_jax._src import wire
 
 from _utils import assert_replicas_equal
@@ -377,7 +378,7 @@ def test_e8m0_and_bf16_scales_round_up_and_are_monotone():
     jnp.float32,
   )
   for fmt in ("e8m0", "bf16"):
-    enc, dec = gq._SCALE_CODECS[fmt]
+    enc, dec = scales.CODECS[fmt]
     words = np.asarray(enc(m))
     back = np.asarray(dec(enc(m)))
     assert np.all(np.diff(words.astype(np.int64)) >= 0)  # integer pmax works
@@ -387,7 +388,7 @@ def test_e8m0_and_bf16_scales_round_up_and_are_monotone():
     within = np.isfinite(back) & (np.asarray(m) <= top)
     assert np.all(back[within] >= np.asarray(m)[within])
     assert back[0] == 0 and back[-1] == np.inf
-  e = np.asarray(gq._SCALE_CODECS["e8m0"][1](gq._SCALE_CODECS["e8m0"][0](m)))
+  e = np.asarray(scales.CODECS["e8m0"][1](scales.CODECS["e8m0"][0](m)))
   np.testing.assert_array_equal(e[3:7], [1.0, 2.0, 4.0, 4.0])
 
 
@@ -398,7 +399,7 @@ def test_finite_max_beyond_the_scale_format_stays_finite(fmt):
   # one (only +inf, a non-finite block, encodes to inf), so a finite step
   # never decodes to NaN.
   big = np.float32(np.finfo(np.float32).max)
-  enc, dec = gq._SCALE_CODECS[fmt]
+  enc, dec = scales.CODECS[fmt]
   back = np.asarray(dec(enc(jnp.asarray([big, np.inf], jnp.float32))))
   assert np.isfinite(back[0]) and back[1] == np.inf
   tx = gqsgd_jax.global_quantize(

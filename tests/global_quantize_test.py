@@ -10,6 +10,7 @@ import pytest
 import gqsgd_jax
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import global_quantize as gq
+from gqsgd_jax._src import two_shot
 from gqsgd_jax._src import wire
 
 from _utils import assert_replicas_equal
@@ -342,10 +343,12 @@ def test_state_and_dtypes_are_stable():
 def _scalar_tolerance(kwargs, num_workers, big_m):
   """Worst-case |estimate - mean| of one run (any dither), for the tests.
 
-  psum: each worker's rounding moves its code by < 1 level, M / s. The
-  butterfly (D levels, s = max levels): the leaves' errors average to < 1
-  level, and the re-rounding at level l adds < 1 level scaled by the
-  2^(l - D) share of its node in the root, < 1 + 2 (1 - 2^-D) levels.
+  psum: each worker's rounding moves its code by < 1 level, M / s.
+  two_shot: < 1 worker level, plus the owner's one re-rounding of the mean
+  by < 1 gathered level, M / L_d. The butterfly (D levels, s = max
+  levels): the leaves' errors average to < 1 level, and the re-rounding at
+  level l adds < 1 level scaled by the 2^(l - D) share of its node in the
+  root, < 1 + 2 (1 - 2^-D) levels.
   Exponential dithering is exact for the workers' values 1, 1, 2, 0: each
   value and each pairwise sum along the tree (1 + 1, 2 + 0, 2 + 2) is a
   power of two times M.
@@ -353,17 +356,28 @@ def _scalar_tolerance(kwargs, num_workers, big_m):
   depth = int(np.ceil(np.log2(num_workers)))
   if kwargs.get("dithering") == "exponential":
     return 0.0
-  if gq.choose_reduction("auto", kwargs["bits"], num_workers) == "psum":
-    return big_m / wire.psum_levels(
-      kwargs["bits"], num_workers, signed_codes=kwargs["bits"] == 8
-    )
+  bits = kwargs["bits"]
+  chosen = gq.choose_reduction(
+    kwargs.get("reduction", "auto"), bits, num_workers
+  )
+  if chosen == "psum":
+    return big_m / wire.psum_levels(bits, num_workers, signed_codes=bits == 8)
+  if chosen == "two_shot":
+    top = two_shot.gather_levels(bits, bits, num_workers)
+    return big_m / wire.max_levels(bits) + big_m / top
   return big_m / wire.max_levels(kwargs["bits"]) * (3 - 2.0 ** (1 - depth))
 
 
 @pytest.mark.parametrize(
   "kwargs",
-  [dict(bits=8), dict(bits=4), dict(bits=8, dithering="exponential")],
-  ids=["psum8", "butterfly4", "exponential"],
+  [
+    dict(bits=8, reduction="psum"),
+    dict(bits=4, reduction="butterfly"),
+    dict(bits=4),
+    dict(bits=8),
+    dict(bits=8, dithering="exponential"),
+  ],
+  ids=["psum8", "butterfly4", "default4", "default8", "exponential"],
 )
 def test_zeros_nonfinite_empty_and_scalar_leaves(kwargs):
   w = 4
@@ -454,13 +468,10 @@ def test_integer_leaves_are_rejected_by_path():
 
 
 def test_auto_rule():
-  # psum while each worker keeps >= 7 levels, the butterfly beyond.
-  assert gq.choose_reduction("auto", 8, 16) == "psum"  # s = 7
-  assert gq.choose_reduction("auto", 8, 19) == "butterfly"  # s = 6
-  assert gq.choose_reduction("auto", 4, 1) == "psum"
-  assert gq.choose_reduction("auto", 4, 2) == "butterfly"
-  assert gq.choose_reduction("auto", 7, 9) == "psum"
-  assert gq.choose_reduction("auto", 2, 64) == "butterfly"
+  # The two-shot reduction at every bit width and worker count it serves.
+  for bits in range(2, 9):
+    for w in (1, 2, 16, 19, 64, 2**16):
+      assert gq.choose_reduction("auto", bits, w) == "two_shot"
 
 
 def test_bucket_plan_is_reverse_order_capped_and_single_dtype():

@@ -241,6 +241,7 @@ def test_auto_serves_every_worker_count_up_to_the_limit(bits):
     chosen = gq.choose_reduction("auto", bits, w)
     assert gq.choose_reduction(chosen, bits, w) == chosen
     assert gq.choose_reduction("butterfly", bits, w) == "butterfly"
+    assert gq.choose_reduction("two_shot", bits, w) == "two_shot"
   psum_limit = 127 if bits == 8 else (2**bits - 1) // 2
   assert gq.choose_reduction("psum", bits, psum_limit) == "psum"
   with pytest.raises(
@@ -449,8 +450,14 @@ _LARGE_W_SCRIPT = textwrap.dedent("""
         assert (by_name[name] == bits[0]).all(), (name, "ffi and xla differ")
       by_name[name] = bits[0]
       err = bits[0].view(np.float32).astype(np.float64) - mean  # (K, 6)
-      z = err.mean(0) / (err.std(0, ddof=1) / np.sqrt(K) + 1e-12)
-      assert np.all(np.abs(z) < 5), (name, kw, "biased", z)
+      sd = err.std(0, ddof=1)
+      z = err.mean(0) / (sd / np.sqrt(K) + 1e-12)
+      # A coordinate whose mean sits far inside one step of the result's
+      # grid can round the same way for all K keys (2 bits: one level,
+      # P(nonzero) ~ |mean| / M): then it must be within that step.
+      step = np.abs(g).max() / (2 ** (kw["bits"] - 1) - 1)
+      ok = (np.abs(z) < 5) | ((sd == 0) & (np.abs(err.mean(0)) < step))
+      assert np.all(ok), (name, kw, "biased", z)
       print(name, kw["impl"], "ok", np.round(z, 2).tolist())
 
     for bits in range(2, 9):

@@ -347,4 +347,12 @@ def test_init_under_pmap_without_axis_name(method):
   tx = METHODS[method]()
   state = jax.pmap(tx.init, devices=devices)(params)
   expected = jax.pmap(tx.init, axis_name="data", devices=devices)(params)
+  if method == "gq4_owner_feedback":
+    # Its memories hold 1/W of each bucket: without the axis W is unknown
+    # and they come out empty (the structure only), as documented.
+    assert [r.shape[1] for r in state.residual] == [0] * len(state.residual)
+    assert [r.shape[1] > 0 for r in expected.residual] == [True] * len(
+      state.residual
+    )
+    return
   assert_trees_bitwise_equal(state, expected)

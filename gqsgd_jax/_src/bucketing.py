@@ -112,6 +112,19 @@ def flatten_bucket(bucket: Bucket, leaves: Sequence[jax.Array]) -> jax.Array:
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
+def cast_saturating(x: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
+  """Casts to dtype; finite values beyond its range (rounding in a wider
+  wire format, e.g. f16 65504 -> bf16 65536) saturate instead of becoming
+  inf. Infinities and NaNs pass through."""
+  if jnp.dtype(x.dtype) == jnp.dtype(dtype):
+    return x
+  big = float(jnp.finfo(dtype).max)
+  clipped = jnp.clip(x.astype(jnp.float32), -big, big)
+  return jnp.where(jnp.isfinite(x), clipped, x.astype(jnp.float32)).astype(
+    dtype
+  )
+
+
 def unflatten_buckets(
   buckets: Sequence[Bucket],
   flats: Sequence[jax.Array],
@@ -119,12 +132,14 @@ def unflatten_buckets(
 ) -> list[jax.Array]:
   """Splits bucket buffers back into leaves of the original shape and dtype.
 
-  Empty leaves (in no bucket) come back as empty arrays.
+  Empty leaves (in no bucket) come back as empty arrays. A finite value
+  beyond a 16-bit leaf's range (e.g. a mean decoded on a scale rounded up
+  past float16's largest value) saturates instead of becoming inf.
   """
   out = [jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves]
   for bucket, flat in zip(buckets, flats):
     offsets = np.cumsum((0,) + bucket.sizes)
     for j, i in enumerate(bucket.leaf_ids):
       piece = flat[offsets[j] : offsets[j + 1]]
-      out[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
+      out[i] = cast_saturating(piece.reshape(leaves[i].shape), leaves[i].dtype)
   return out

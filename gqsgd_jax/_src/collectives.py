@@ -73,6 +73,22 @@ def varying(tree: _Tree, axis_name: AxisName = "data") -> _Tree:
   return jax.tree.map(cast, tree)
 
 
+def pairwise_sum(rows: list[jax.Array]) -> jax.Array:
+  """Sum of equal-shaped arrays by a fixed balanced tree of adds.
+
+  Used instead of ``sum(axis=0)`` over a gathered worker axis: XLA:CPU
+  reduces a leading axis with a strided loop many times slower than the
+  elementwise adds, which it fuses into one pass over the W rows. The tree
+  is static, so every worker adds in the same order (bit-identical).
+  """
+  while len(rows) > 1:
+    rows = [
+      rows[i] + rows[i + 1] if i + 1 < len(rows) else rows[i]
+      for i in range(0, len(rows), 2)
+    ]
+  return rows[0]
+
+
 # combine(mine, theirs, n_mine, n_theirs, stage) -> combined buffer, where
 # n_* are int32 scalars (worker counts behind each operand) and stage is a
 # static int (0: fold of the extra workers, 1..L: butterfly levels).

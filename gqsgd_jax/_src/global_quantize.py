@@ -18,8 +18,14 @@ for the whole bucket on every worker. The reductions:
 * ``reduction="butterfly"``: recursive halving/doubling over ``ppermute``,
   each step re-quantizing the weighted average SR((n_a a + n_b b)/(n_a+n_b)),
   so codes keep the full 2^(bits-1) - 1 levels for any W.
-* ``reduction="auto"``: psum while it leaves every worker at least
-  ``AUTO_MIN_PSUM_LEVELS`` levels, the butterfly beyond (see README).
+* ``reduction="two_shot"`` (two_shot.py): an all-to-all of the codes, an
+  exact integer sum by each shard's owner, one re-quantization of the mean
+  and an all-gather: two collectives for any W.
+* ``reduction="auto"``: the two-shot reduction. At the same bytes its error
+  is the lowest measured at every W (one re-quantization of the mean where
+  the butterfly re-quantizes at each of its log2 W levels and the psum
+  leaves each worker only 1/W of the levels), with two collectives; see
+  ``benchmarks/results/variance_vs_workers.md`` and ``frontier.md``.
 
 ``dithering="exponential"`` encodes sign + exponent bytes scaled by
 2^(D+1) M (D = butterfly depth, headroom that makes overflow impossible) and
@@ -43,23 +49,19 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import scales
 from gqsgd_jax._src import transform
+from gqsgd_jax._src import two_shot
 from gqsgd_jax._src import wire
+from gqsgd_jax._src import worker_state
 
-REDUCTIONS = ("auto", "psum", "butterfly")
+REDUCTIONS = ("auto", "psum", "butterfly", "two_shot")
 DITHERINGS = ("standard", "exponential")
 GRANULARITIES = ("block",) + bucketing.GRANULARITIES
-SCALE_FORMATS = ("f32", "bf16", "e8m0")
-# "auto" keeps the native integer psum while each worker still has at least
-# this many levels (15 codes, the resolution of a 4-bit butterfly).
-AUTO_MIN_PSUM_LEVELS = 7
+SCALE_FORMATS = scales.FORMATS
 # The butterfly's weighted averages (math.h RoundedAverage) are exact for
 # counts n_a + n_b up to 2^16, so it serves up to 2^16 workers.
 MAX_BUTTERFLY_WORKERS = ops.MAX_AVERAGE_COUNT
-# Buckets whose global max-abs is below this decode to zeros: it keeps every
-# scale and decoded step a normal float32, where XLA:CPU (flush-to-zero) and
-# CUDA (subnormals) compute the same bits.
-_TINY = 2.0**-100
 # Exponential dithering scales by 2^(D+1) M with a single multiply: above
 # this max-abs, 1 / (2^(D+1) M) leaves the normal float32 range. Such a
 # bucket decodes to NaN (an overflow signal that apply_if_finite can skip),
@@ -73,14 +75,27 @@ class GlobalQuantizeState(NamedTuple):
   key: jax.Array  # uint32[2] raw PRNG key, split once per step
 
 
+@worker_state.per_worker("residual")
+class OwnerFeedbackState(NamedTuple):
+  """State of ``global_quantize(reduction="two_shot", owner_feedback=True)``.
+
+  ``residual`` holds, per bucket, the error of this worker's last
+  re-quantization of the shard it owns (float32[two_shot.shard_size]):
+  it differs per worker.
+  """
+
+  key: jax.Array  # uint32[2] raw PRNG key, split once per step
+  residual: tuple[jax.Array, ...]
+
+
 def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
   """Resolves "auto" and checks that W fits the chosen wire format.
 
   Raises:
     ValueError: naming the reduction, ``bits`` and W, when the integer psum
       would overflow (W * levels beyond the code) or W exceeds the
-      butterfly's ``MAX_BUTTERFLY_WORKERS``; for "auto", when neither can
-      serve W.
+      butterfly's ``MAX_BUTTERFLY_WORKERS`` or the two-shot reduction's
+      ``two_shot.MAX_WORKERS``.
   """
   if num_workers < 1:
     raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -89,18 +104,23 @@ def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
   psum_limit = wire.max_levels(8, True) if signed else wire.max_levels(bits)
   chosen = reduction
   if reduction == "auto":
-    chosen = "psum" if psum_levels >= AUTO_MIN_PSUM_LEVELS else "butterfly"
-    if num_workers > MAX_BUTTERFLY_WORKERS:  # psum_levels < 1 here too
+    chosen = "two_shot"
+    if num_workers > two_shot.MAX_WORKERS:  # psum_levels < 1 here too
       raise ValueError(
         f"reduction='auto' with bits={bits} cannot serve {num_workers} "
-        f"workers: the butterfly supports at most {MAX_BUTTERFLY_WORKERS} "
-        f"and the integer psum at most {psum_limit}"
+        f"workers: the two-shot reduction and the butterfly support at most "
+        f"{two_shot.MAX_WORKERS} and the integer psum at most {psum_limit}"
       )
   if chosen == "psum" and psum_levels < 1:
     raise ValueError(
       f"reduction='psum' with bits={bits} cannot serve {num_workers} "
       f"workers (at most {psum_limit}: the integer sum would overflow); "
       "use reduction='butterfly' or more bits"
+    )
+  if chosen == "two_shot" and num_workers > two_shot.MAX_WORKERS:
+    raise ValueError(
+      f"reduction='two_shot' supports at most {two_shot.MAX_WORKERS} "
+      f"workers, got {num_workers}"
     )
   if chosen == "butterfly" and num_workers > MAX_BUTTERFLY_WORKERS:
     raise ValueError(
@@ -113,31 +133,6 @@ def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
 
 def _seed(key: jax.Array, *data: int | jax.Array) -> jax.Array:
   return ops.seed_from_key(prng.fold(key, *data))
-
-
-def _scales(
-  global_max: jax.Array,
-  enc: Callable[[jax.Array], jax.Array],
-  dec: Callable[[jax.Array], jax.Array],
-  *,
-  huge: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """Quantize and decode multipliers from a bucket's max-abs value(s).
-
-  ``global_max`` is the bucket's scalar max-abs or its vector of block
-  maxima. A block below ``_TINY`` encodes and decodes as zeros. Any
-  non-finite block (or, with ``huge``, one above it) makes the decode
-  multiplier NaN for the whole bucket: a non-finite gradient anywhere in a
-  bucket gives NaN for every element of that bucket, on every worker.
-  """
-  finite = jnp.isfinite(global_max)
-  if huge is not None:
-    finite &= global_max <= huge
-  ok = finite & (global_max >= _TINY)
-  scale = jnp.where(ok, enc(global_max), 0.0)
-  inv = jnp.where(ok, dec(global_max), 0.0)
-  inv = jnp.where(jnp.all(finite), inv, jnp.nan)
-  return scale.astype(jnp.float32), inv.astype(jnp.float32)
 
 
 def _psum_mean(
@@ -153,7 +148,7 @@ def _psum_mean(
 ) -> jax.Array:
   signed = bits == 8
   levels = wire.psum_levels(bits, num_workers, signed)
-  scale, inv = _scales(
+  scale, inv = scales.multipliers(
     global_max, lambda m: levels / m, lambda m: m / (levels * num_workers)
   )
   codes = ops.quantize(
@@ -193,7 +188,9 @@ def _butterfly_mean(
   impl: str,
 ) -> jax.Array:
   levels = wire.max_levels(bits)
-  scale, inv = _scales(global_max, lambda m: levels / m, lambda m: m / levels)
+  scale, inv = scales.multipliers(
+    global_max, lambda m: levels / m, lambda m: m / levels
+  )
   codes = ops.quantize(
     flat,
     scale,
@@ -256,7 +253,7 @@ def _exponential_mean(
   # two with a tree, B-GQ-3).
   depth = collectives.tree_depth(num_workers)
   headroom = float(2 ** (depth + 1))
-  scale, dec = _scales(
+  scale, dec = scales.multipliers(
     global_max,
     lambda m: 1.0 / (headroom * m),
     lambda m: headroom * m / num_workers,
@@ -285,50 +282,6 @@ def _exponential_mean(
   return ops.exp_decode(root, dec, block_size=block_size, impl=impl)
 
 
-def _block_max(flat: jax.Array, block_size: int) -> jax.Array:
-  """Local max-abs of each block of ``block_size`` elements (tail padded)."""
-  blocks = ops.num_scale_blocks(flat.shape[0], block_size)
-  padded = jnp.pad(flat, (0, blocks * block_size - flat.shape[0]))
-  return nonfinite.max_abs(padded.reshape(blocks, block_size), axis=1)
-
-
-# Scale formats on the wire: (encode f32 max-abs -> wire word, decode).
-# Both compact encodings round the max-abs *up* (a scale below a value
-# would clamp it: bias) and are monotone as unsigned integers, so an integer
-# pmax of the words is the word of the float max. +inf (a non-finite block)
-# encodes to the format's inf. A finite max-abs above the format's largest
-# finite value (2^127 for e8m0, 3.3895314e38 for bf16) saturates to it:
-# the kernels then clamp the few values above the scale to the top level
-# (finite, within the integer headroom, biased only in that band at the top
-# of the float32 range) instead of turning a finite step into NaN.
-def _e8m0_encode(m: jax.Array) -> jax.Array:
-  u = jax.lax.bitcast_convert_type(m, jnp.uint32)
-  e = (u >> 23) + ((u & 0x7FFFFF) != 0).astype(jnp.uint32)
-  return jnp.where(u >= 0x7F800000, 255, jnp.minimum(e, 254)).astype(jnp.uint8)
-
-
-def _e8m0_decode(e: jax.Array) -> jax.Array:
-  # 2^(e - 127); e = 0 decodes to 0 (a zero block), e = 255 to +inf.
-  return jax.lax.bitcast_convert_type(e.astype(jnp.uint32) << 23, jnp.float32)
-
-
-def _bf16_encode(m: jax.Array) -> jax.Array:
-  u = jax.lax.bitcast_convert_type(m, jnp.uint32)
-  up = jnp.minimum((u + 0xFFFF) >> 16, 0x7F7F)
-  return jnp.where(u >= 0x7F800000, 0x7F80, up).astype(jnp.uint16)
-
-
-def _bf16_decode(h: jax.Array) -> jax.Array:
-  return jax.lax.bitcast_convert_type(h.astype(jnp.uint32) << 16, jnp.float32)
-
-
-_SCALE_CODECS = {
-  "f32": (lambda m: m, lambda m: m),
-  "bf16": (_bf16_encode, _bf16_decode),
-  "e8m0": (_e8m0_encode, _e8m0_decode),
-}
-
-
 def global_quantize(
   bits: int = 4,
   *,
@@ -338,6 +291,8 @@ def global_quantize(
   granularity: str | None = None,
   block_size: int | None = None,
   scale_format: str | None = None,
+  gather_bits: int | None = None,
+  owner_feedback: bool = False,
   bucket_bytes: int = 25 * 2**20,
   key: jax.typing.ArrayLike = 0,
   floor_code: int = 127,
@@ -353,8 +308,11 @@ def global_quantize(
       uses bytes (sign + 7-bit exponent) and needs bits=8.
     axis_name: the data-parallel mesh axis.
     reduction: "psum" (native integer all-reduce), "butterfly" (ppermute
-      with requantizing averages, any W) or "auto". Exponential dithering
-      always uses the butterfly.
+      with requantizing averages, any W), "two_shot" (all-to-all of the
+      codes, an exact integer sum by each shard's owner, one
+      re-quantization, all-gather; see ``gather_bits`` and
+      ``owner_feedback``) or "auto". Exponential dithering always uses the
+      butterfly.
     dithering: "standard" (uniform levels) or "exponential" (powers of two).
     granularity: one scale per "block" of ``block_size`` contiguous
       elements of a bucket, per "bucket", per "leaf", or one "global" scale
@@ -366,6 +324,17 @@ def global_quantize(
       "f32" (exact max-abs, 4 bytes), "bf16" (rounded up to bfloat16, 2 bytes,
       an integer pmax) or "e8m0" (rounded up to a power of two, 1 byte, an
       integer pmax). Default: see ``default_config``.
+    gather_bits: the two-shot reduction only ("two_shot" or "auto"): bits
+      of the all-gathered codes, ``bits``..8 (default ``bits``). A wider
+      all-gather carries the
+      owners' sums exactly while W * (2^(bits-1) - 1) fits in it (e.g. 4-bit
+      codes and an 8-bit gather up to W = 18), at (bits + gather_bits) / 2
+      bits per element on the wire instead of bits.
+    owner_feedback: the two-shot reduction only: each shard's owner keeps
+      the error of its re-quantization and adds it to the next step's mean
+      (server-side error feedback). The state then holds one float32 memory
+      of 1/W of each bucket per worker (``OwnerFeedbackState``): create it
+      inside the map (``jax.shard_map`` or ``jax.pmap`` over ``axis_name``).
     bucket_bytes: fusion cap per bucket (default 25 MiB, as DDP).
     key: int seed or PRNG key of the dither.
     floor_code: exponential dithering's smallest level 2^-floor_code.
@@ -399,11 +368,25 @@ def global_quantize(
         "dithering='exponential' sends sign + 7-bit exponent "
         f"bytes and needs bits=8, got bits={bits}"
       )
-    if reduction == "psum":
+    if reduction in ("psum", "two_shot"):
       raise ValueError(
-        "dithering='exponential' needs a custom reduction: "
-        "use reduction='butterfly' or 'auto'"
+        "dithering='exponential' needs its own pairwise reduction: "
+        f"use reduction='butterfly' or 'auto', got {reduction!r}"
       )
+  two_shot_options = gather_bits is not None or owner_feedback
+  if two_shot_options and (
+    reduction not in ("two_shot", "auto") or dithering == "exponential"
+  ):
+    raise ValueError(
+      "gather_bits and owner_feedback need the two-shot reduction "
+      "(reduction='two_shot' or 'auto', standard dithering), got "
+      f"reduction={reduction!r}, dithering={dithering!r}"
+    )
+  gather_bits = bits if gather_bits is None else wire.validate_bits(gather_bits)
+  if not bits <= gather_bits <= 8:
+    raise ValueError(
+      f"gather_bits must be in [bits, 8] = [{bits}, 8], got {gather_bits}"
+    )
   if not 1 <= floor_code <= 127:
     raise ValueError(f"floor_code must be in [1, 127], got {floor_code}")
   if dithering == "exponential" and granularity is None:
@@ -416,16 +399,43 @@ def global_quantize(
   bucket_bytes = bucketing.validate_bucket_bytes(bucket_bytes)
   ops.validate_impl(impl)
   init_key = prng.canonical_key(key)
+  scale_blocks = block_size if granularity == "block" else None
 
-  def init_fn(params: optax.Params) -> GlobalQuantizeState:
-    del params
-    return GlobalQuantizeState(key=init_key)
+  def init_fn(
+    params: optax.Params,
+  ) -> GlobalQuantizeState | OwnerFeedbackState:
+    if not owner_feedback:
+      return GlobalQuantizeState(key=init_key)
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(params)]
+    buckets = bucketing.plan_buckets(
+      leaves, bucket_bytes=bucket_bytes, per_leaf=granularity == "leaf"
+    )
+    try:
+      num_workers = collectives.axis_size(axis_name)
+    except ValueError:
+      # Outside the map the shard size is unknown: empty memories give the
+      # state's structure (enough for worker_state_specs); update rejects
+      # them.
+      num_workers = None
+    residual = tuple(
+      collectives.varying(
+        jnp.zeros(
+          0
+          if num_workers is None
+          else two_shot.shard_size(b.size, num_workers, bits, gather_bits),
+          jnp.float32,
+        ),
+        axis_name,
+      )
+      for b in buckets
+    )
+    return OwnerFeedbackState(key=init_key, residual=residual)
 
   def update_fn(
     updates: optax.Updates,
-    state: GlobalQuantizeState,
+    state: GlobalQuantizeState | OwnerFeedbackState,
     params: optax.Params | None = None,
-  ) -> tuple[optax.Updates, GlobalQuantizeState]:
+  ) -> tuple[optax.Updates, GlobalQuantizeState | OwnerFeedbackState]:
     del params
     num_workers = collectives.axis_size(axis_name)
     if dithering == "exponential":
@@ -443,19 +453,18 @@ def global_quantize(
     next_key, step_key = jax.random.split(state.key)
     if not buckets:  # only empty leaves
       empty = [jnp.zeros(x.shape, x.dtype) for x in leaves]
-      return (
-        jax.tree_util.tree_unflatten(treedef, empty),
-        GlobalQuantizeState(key=next_key),
+      return jax.tree_util.tree_unflatten(treedef, empty), state._replace(
+        key=next_key
       )
 
     flats = [bucketing.flatten_bucket(b, leaves) for b in buckets]
     # One pmax for all scales (bucket or block maxima) of the step.
     if granularity == "block":
       assert block_size is not None  # _resolve_scales sets it for "block"
-      local = [_block_max(f, block_size) for f in flats]
+      local = [scales.block_max(f, block_size) for f in flats]
     else:
       local = [nonfinite.max_abs(f).reshape(1) for f in flats]
-    encode, decode = _SCALE_CODECS[scale_format]
+    encode, decode = scales.CODECS[scale_format]
     all_max = decode(jax.lax.pmax(encode(jnp.concatenate(local)), axis_name))
     if granularity == "global":
       all_max = jnp.broadcast_to(jnp.max(all_max), all_max.shape)
@@ -466,6 +475,46 @@ def global_quantize(
       global_max = [all_max[a] for a in bounds[:-1]]
 
     worker = jax.lax.axis_index(axis_name)
+    if strategy == "two_shot":
+      residuals = getattr(state, "residual", (None,) * len(flats))
+      want = [
+        two_shot.shard_size(f.shape[0], num_workers, bits, gather_bits)
+        for f in flats
+      ]
+      have = [None if r is None else r.shape[0] for r in residuals]
+      if owner_feedback and have != want:
+        raise ValueError(
+          f"owner_feedback: the state holds memories of {have} elements, "
+          f"the updates need {want} ({num_workers} workers): create the "
+          f"state inside jax.shard_map or jax.pmap over {axis_name!r}, "
+          "with params shaped as the updates"
+        )
+      means, new_residual = [], []
+      for b, flat in enumerate(flats):
+        mean, memory = two_shot.two_shot_mean(
+          flat,
+          global_max[b],
+          _seed(step_key, b, 0, worker),  # the worker's dither
+          _seed(step_key, b, 2, worker),  # its re-quantization as owner
+          residuals[b],
+          bits=bits,
+          gather_bits=gather_bits,
+          axis_name=axis_name,
+          num_workers=num_workers,
+          block_size=scale_blocks,
+          impl=impl,
+        )
+        means.append(mean)
+        new_residual.append(memory)
+      out = bucketing.unflatten_buckets(buckets, means, leaves)
+      new_state: GlobalQuantizeState | OwnerFeedbackState
+      if isinstance(state, OwnerFeedbackState):
+        memories = tuple(m for m in new_residual if m is not None)
+        new_state = OwnerFeedbackState(key=next_key, residual=memories)
+      else:
+        new_state = GlobalQuantizeState(key=next_key)
+      return jax.tree_util.tree_unflatten(treedef, out), new_state
+
     # (flat, global_max, seed[, node_key]) -> the bucket's mean
     reduce_fn: Callable[..., jax.Array]
     if strategy == "psum":
@@ -479,7 +528,7 @@ def global_quantize(
       axis_name=axis_name,
       num_workers=num_workers,
       impl=impl,
-      block_size=block_size if granularity == "block" else None,
+      block_size=scale_blocks,
     )
     means = []
     for b, flat in enumerate(flats):

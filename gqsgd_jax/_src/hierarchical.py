@@ -81,8 +81,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
-from gqsgd_jax._src import psum_mean
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
 
@@ -227,7 +227,7 @@ def hierarchical(
     ]
     # Identical on every device already, so this check needs no collective.
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in gathered]))
-    saturate = psum_mean.cast_saturating
+    saturate = bucketing.cast_saturating
     for (dtype, ids), full, n in zip(groups.items(), gathered, sizes):
       full = jnp.where(finite, full[:n], jnp.nan).astype(dtype)
       offsets = np.cumsum([0] + [leaves[i].size for i in ids])

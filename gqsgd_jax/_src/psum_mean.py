@@ -6,25 +6,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
 from gqsgd_jax._src import transform
 
 
 class PsumMeanState(NamedTuple):
   """``psum_mean`` is stateless."""
-
-
-def cast_saturating(x: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
-  """Casts to dtype; finite values beyond its range (rounding in a wider
-  wire format, e.g. f16 65504 -> bf16 65536) saturate instead of becoming
-  inf. Infinities and NaNs pass through."""
-  if jnp.dtype(x.dtype) == jnp.dtype(dtype):
-    return x
-  big = float(jnp.finfo(dtype).max)
-  clipped = jnp.clip(x.astype(jnp.float32), -big, big)
-  return jnp.where(jnp.isfinite(x), clipped, x.astype(jnp.float32)).astype(
-    dtype
-  )
 
 
 def psum_mean(
@@ -59,7 +47,9 @@ def psum_mean(
     # the dtype's max would overflow, their mean cannot.
     sent = [(x / num_workers).astype(wire or x.dtype) for x in leaves]
     summed = jax.lax.psum(sent, axis_name)  # one all-reduce for all leaves
-    means = [cast_saturating(s, x.dtype) for s, x in zip(summed, leaves)]
+    means = [
+      bucketing.cast_saturating(s, x.dtype) for s, x in zip(summed, leaves)
+    ]
     return jax.tree.unflatten(treedef, means), state
 
   return transform.transformation(init_fn, update_fn)

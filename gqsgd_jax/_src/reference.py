@@ -128,7 +128,7 @@ def stochastic_round(
   return fl + ((random >> 8) < threshold).astype(jnp.int32)
 
 
-def _pack(codes: jax.Array, bits: int) -> jax.Array:
+def pack(codes: jax.Array, bits: int) -> jax.Array:
   """Packs uint32 codes (< 2^bits) into words, element 0 in the high lane."""
   lanes = wire.lanes_per_word(bits)
   n = codes.shape[0]
@@ -143,7 +143,7 @@ def _pack(codes: jax.Array, bits: int) -> jax.Array:
   return packed.astype(wire.word_dtype(bits))
 
 
-def _unpack(words: jax.Array, bits: int) -> jax.Array:
+def unpack(words: jax.Array, bits: int) -> jax.Array:
   """All lanes of packed words as uint32 codes (length words * lanes)."""
   lanes = wire.lanes_per_word(bits)
   shifts = _u32(bits) * jnp.arange(lanes - 1, -1, -1, dtype=_U32)
@@ -173,7 +173,7 @@ def quantize(
   if signed_codes:
     return q.astype(jnp.int8)
   mask = _u32((1 << bits) - 1)
-  return _pack((q + levels).astype(_U32) & mask, bits)
+  return pack((q + levels).astype(_U32) & mask, bits)
 
 
 def dequantize(
@@ -190,7 +190,7 @@ def dequantize(
   if signed_codes:
     c = codes.astype(jnp.int32)
   else:
-    c = _unpack(codes, bits)[:n].astype(jnp.int32)
+    c = unpack(codes, bits)[:n].astype(jnp.int32)
   s, (cb,) = _blocked(block_shift, scale, c - offset)
   return (cb.astype(jnp.float32) * flush_subnormal(s)).reshape(-1)[:n]
 
@@ -230,9 +230,9 @@ def average(
   bits: int,
 ) -> jax.Array:
   """kernels.h AverageKernel: lane-wise SR((n_a a + n_b b) / (n_a + n_b))."""
-  ca, cb = _unpack(a, bits), _unpack(b, bits)
+  ca, cb = unpack(a, bits), unpack(b, bits)
   avg = rounded_average(ca, cb, n_a, n_b, random_bits(seed, ca.shape[0]))
-  return _pack(avg & _u32((1 << bits) - 1), bits)
+  return pack(avg & _u32((1 << bits) - 1), bits)
 
 
 # --------------------------------------------------------------------------

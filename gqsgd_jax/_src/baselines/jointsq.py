@@ -85,8 +85,8 @@ PROFIT_DENSITY = (
 ITEM_WEIGHT = (2, 2, 4)
 # Bit packing of the maps (element 0 in the high lane), shared with the
 # kernels' reference; any width that divides 8 works, 1 and 2 here.
-_pack = reference._pack  # pylint: disable=protected-access
-_unpack = reference._unpack  # pylint: disable=protected-access
+_pack = reference.pack
+_unpack = reference.unpack
 
 
 def levels(bits: int) -> int:

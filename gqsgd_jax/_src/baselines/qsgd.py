@@ -85,22 +85,6 @@ def _local_norm(flat: jax.Array, norm: str) -> jax.Array:
   return jnp.where(jnp.isfinite(m), m, jnp.inf)
 
 
-def pairwise_sum(rows: list[jax.Array]) -> jax.Array:
-  """Sum of equal-shaped arrays by a fixed balanced tree of adds.
-
-  Used instead of ``sum(axis=0)`` over a gathered worker axis: XLA:CPU
-  reduces a leading axis with a strided loop many times slower than the
-  elementwise adds, which it fuses into one pass over the W rows. The tree
-  is static, so every worker adds in the same order (bit-identical).
-  """
-  while len(rows) > 1:
-    rows = [
-      rows[i] + rows[i + 1] if i + 1 < len(rows) else rows[i]
-      for i in range(0, len(rows), 2)
-    ]
-  return rows[0]
-
-
 def qsgd(
   *,
   axis_name: collectives.AxisName = "data",
@@ -211,7 +195,7 @@ def qsgd(
       gathered = jax.lax.all_gather(codes, axis_name, to="invarying")
       # Every worker sums the same W rows in the same order: bit-identical.
       means.append(
-        pairwise_sum(
+        collectives.pairwise_sum(
           [
             gathered[w].astype(jnp.float32) * dec[w, b]
             for w in range(num_workers)

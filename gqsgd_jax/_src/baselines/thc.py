@@ -56,7 +56,6 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
-from gqsgd_jax._src import psum_mean
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
 from gqsgd_jax._src.baselines import common
@@ -509,7 +508,7 @@ def thc(
         piece = flat[offsets[k] : offsets[k + 1]]
         # The estimate may exceed a 16-bit leaf's range where the inputs
         # were near it: saturate rather than turn a finite step into inf.
-        out_leaves[i] = psum_mean.cast_saturating(
+        out_leaves[i] = bucketing.cast_saturating(
           piece.reshape(leaves[i].shape), leaves[i].dtype
         )
     # ... and leaves that buffer's memory as it was.
