@@ -266,6 +266,7 @@ def targets(record: dict, rows: list[dict]) -> list[str]:
 
     lines.append(f"At {cluster.rate_label(rate)}:")
     lines.append("")
+    lines += ideal_ratios(rows, rate)
     for key, need in (
       ("gq8_psum", 3.5),
       ("gq8_bfly", 3.5),
@@ -310,6 +311,60 @@ def targets(record: dict, rows: list[dict]) -> list[str]:
         f"{row['ratio']:.2f}× = {row['efficiency']:.2f} ({mark})"
       )
     lines.append("")
+  return lines
+
+
+# Global-QSGD's configurations held to speedup / ideal >= IDEAL_GOAL.
+IDEAL_KEYS = (
+  "gq8_2shot",
+  "gq4_2shot",
+  "gq8_psum",
+  "gq4_psum",
+  "gq8_bfly",
+  "gq4_bfly",
+)
+IDEAL_GOAL = 0.85
+
+
+def ideal_ratios(rows: list[dict], rate: float) -> list[str]:
+  """Speedup / ideal speedup of every method at ``rate``, and whether each
+  method with a wire ratio >= 4 beats f32.
+
+  ideal = T_f32 / (T_compute + (T_f32 - T_compute) / wire ratio): the step
+  if the f32 step's communication time shrank by the wire ratio and
+  compression cost nothing.
+  """
+  f32, local = _row(rows, "f32", rate), _row(rows, "local", rate)
+  if f32 is None or local is None:
+    return []
+  lines = [
+    "Speedup / ideal speedup, ideal = T_f32 / (T_compute + (T_f32 − "
+    f"T_compute) / wire ratio) (goal ≥ {IDEAL_GOAL} for Global-QSGD), and "
+    "whether each method with a wire ratio ≥ 4 is faster than f32:",
+    "",
+  ]
+  comm = f32["median"] - local["median"]
+  for row in rows:
+    if row["rate"] != rate or row["key"] in ("f32", "local"):
+      continue
+    if "ratio" not in row or row["ratio"] <= 1.0:
+      continue
+    ideal = f32["median"] / (local["median"] + comm / row["ratio"])
+    share = row["vs_f32"] / ideal
+    text = (
+      f"- {row['method']}: {row['vs_f32']:.2f}× of ideal {ideal:.2f}× "
+      f"= {share:.2f}"
+    )
+    if row["key"] in IDEAL_KEYS:
+      text += " (reached)" if share >= IDEAL_GOAL else " (**not reached**)"
+    if row["ratio"] >= 4:
+      text += (
+        "; faster than f32"
+        if row["vs_f32"] > 1
+        else "; **not faster than f32**"
+      )
+    lines.append(text)
+  lines.append("")
   return lines
 
 

@@ -91,6 +91,18 @@ METHODS = (
     lambda m: m.global_quantize(bits=4, reduction="butterfly"),
   ),
   Method(
+    "gq8_2shot",
+    "GQ 8-bit two-shot (default)",
+    "global_quantize",
+    lambda m: m.global_quantize(bits=8, reduction="two_shot"),
+  ),
+  Method(
+    "gq4_2shot",
+    "GQ 4-bit two-shot (default)",
+    "global_quantize",
+    lambda m: m.global_quantize(bits=4, reduction="two_shot"),
+  ),
+  Method(
     "gq_exp",
     "GQ exponential 8-bit",
     "global_quantize",

@@ -333,6 +333,11 @@ def test_render_tables_targets_and_round_trip(tmp_path):
   assert "GQ 8-bit psum vs f32 psum: 3.667× (target ≥ 3.5×): reached" in text
   assert "GQ 4-bit butterfly: not run" in text
   assert "1 Gbit/s 95%" in text  # f32 communication share
+  # ideal = 1.1 / (0.05 + (1.1 - 0.05) / 4) = 3.52; 3.667 / 3.52 = 1.04
+  assert (
+    "- GQ 8-bit psum: 3.67× of ideal 3.52× = 1.04 (reached); faster than f32"
+    in text
+  )
   md = tmp_path / "cluster.md"
   md.write_text(text)
   assert bench.read_record(str(md)) == json.loads(json.dumps(record))

@@ -22,9 +22,10 @@ for the whole bucket on every worker. The reductions:
   exact integer sum by each shard's owner, one re-quantization of the mean
   and an all-gather: two collectives for any W.
 * ``reduction="auto"``: the two-shot reduction. At the same bytes its error
-  is the lowest measured at every W (one re-quantization of the mean where
-  the butterfly re-quantizes at each of its log2 W levels and the psum
-  leaves each worker only 1/W of the levels), with two collectives; see
+  is the lowest measured for W = 4..256, tied at W = 2 (one
+  re-quantization of the mean where the butterfly re-quantizes at each of
+  its log2 W levels and the psum leaves each worker only 1/W of the
+  levels), with two collectives; see
   ``benchmarks/results/variance_vs_workers.md`` and ``frontier.md``.
 
 ``dithering="exponential"`` encodes sign + exponent bytes scaled by
