@@ -43,9 +43,10 @@ AXIS = "data"
 class Method:
   """A row of the benchmark: how to build the compressor, and its label.
 
-  ``build(module)`` receives ``gqsgd_jax._src.<module>`` (or None for
-  ``module=None``) and returns the optax transform; a method whose module
-  does not import or whose factory fails is reported as unavailable.
+  ``build(gq)`` receives the public ``gqsgd_jax`` package (None for
+  ``module=None``, a method built here) and returns the optax transform;
+  ``module`` names the part of the library the method exercises. A method
+  whose factory fails is reported as unavailable.
   """
 
   key: str
@@ -128,11 +129,7 @@ BY_KEY = {m.key: m for m in METHODS + (LOCAL,)}
 def build_transform(method: Method):
   """(transform, None) or (None, why it is unavailable)."""
   try:
-    module = (
-      importlib.import_module(f"gqsgd_jax._src.{method.module}")
-      if method.module
-      else None
-    )
+    module = importlib.import_module("gqsgd_jax") if method.module else None
     return method.build(module), None
   except Exception as e:  # pylint: disable=broad-except
     return None, f"{type(e).__name__}: {e}".splitlines()[0][:200]

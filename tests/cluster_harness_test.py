@@ -369,9 +369,14 @@ def test_method_table_keys_are_unique_and_known():
   assert args.methods[-1] == "local"
   assert args.rates == [1e8, 1e9, 2.5e9, None]
   tx, why = cluster_worker.build_transform(
-    cluster_worker.Method("x", "x", "no_such_module", lambda m: m)
+    cluster_worker.Method("x", "x", "thc", lambda m: m.no_such_factory())
   )
-  assert tx is None and "ModuleNotFoundError" in why
+  assert tx is None and "AttributeError" in why
+  # Every method of the table builds: a renamed or moved factory must fail
+  # here, not silently drop rows from the benchmark.
+  for method in cluster_worker.METHODS:
+    tx, why = cluster_worker.build_transform(method)
+    assert why is None and tx is not None, (method.key, why)
 
 
 # --------------------------------------------------------------------------
