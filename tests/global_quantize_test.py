@@ -253,6 +253,9 @@ _ADVERSARIAL = [
   (3, dict(bits=5, reduction="psum")),
   (8, dict(bits=4, reduction="butterfly")),
   (3, dict(bits=2, reduction="butterfly")),
+  (8, dict(bits=4, reduction="two_shot")),
+  (6, dict(bits=8, reduction="two_shot")),
+  (3, dict(bits=3, reduction="two_shot", gather_bits=6)),
 ]
 
 
