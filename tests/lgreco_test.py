@@ -13,7 +13,9 @@ from gqsgd_jax._src.baselines import lgreco as lg
 from gqsgd_jax._src.baselines import powersgd as psgd
 
 from _lowrank_utils import compiled_flax_step
+from _lowrank_utils import np_power_round
 from _lowrank_utils import Runner
+from _lowrank_utils import stacked
 from _lowrank_utils import zeros_like_params
 from _utils import assert_replicas_equal
 
@@ -175,6 +177,32 @@ def test_ranks_adapt_without_recompiling(mode, method, inputs):
       # Masked columns stay zero in the warm-start Q.
       assert not state.q[1][0][:, 1:].any()
   assert runner.traces == 1  # rank changes did not recompile
+
+
+def test_each_matrix_travels_with_its_own_rank():
+  # Ranks 1 and 3 (width 4) fit the uniform rank-2 buffers: Ps 24 + 3 * 16
+  # <= 2 * (24 + 16), Qs 20 + 3 * 12 <= 2 * (20 + 12). Each matrix's live
+  # columns must be packed and unpacked with its own rank (not another
+  # matrix's), so the step is rank-r PowerSGD on each.
+  shapes = {"a": (24, 20), "b": (16, 12)}
+  tx = lg.lgreco(rank=2, start_iter=0, error_feedback=False, key=5)
+  runner = Runner(tx, zeros_like_params(shapes), 4)
+  rng = np.random.default_rng(7)
+  qs = tuple(rng.standard_normal((m, 4)).astype(np.float32) for m in (20, 12))
+  ranks = np.array([1, 3], np.int32)
+  mats = [
+    psgd.Matrix(i, n, m, 4, np.dtype(np.float32))
+    for i, (n, m) in enumerate(shapes.values())
+  ]
+  assert lg.fits_wire(ranks, mats, 2)
+  runner.state = runner.state._replace(q=qs, ranks=ranks)
+  grads = stacked(rng, shapes, 4)
+  out, state = runner.step(grads)
+  assert_replicas_equal(out)
+  for name, q, r in zip(shapes, qs, ranks):
+    want, _ = np_power_round(grads[name], q[:, :r], 1e-8)
+    np.testing.assert_allclose(out[name][0], want, rtol=1e-4, atol=1e-5)
+  assert state.ranks[0].tolist() == [1, 3]
 
 
 @pytest.mark.parametrize("start_iter", [0, 5])

@@ -32,6 +32,7 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
+from gqsgd_jax._src.baselines import common
 from gqsgd_jax._src.baselines import orthogonalize as orth
 from gqsgd_jax._src.baselines import powersgd as psgd
 
@@ -209,12 +210,7 @@ def acpsgd(
     num_workers = collectives.axis_size(axis_name)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
-    for leaf, (path, _) in zip(leaves, paths_leaves):
-      if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise TypeError(
-          f"gradient leaf {jax.tree_util.keystr(path)} has "
-          f"dtype {leaf.dtype}; ACP-SGD needs floats"
-        )
+    common.check_float_leaves(leaves, [p for p, _ in paths_leaves], "ACP-SGD")
     mats, rest = plan(leaves, rank)
     if [q.shape for q in state.q] != [(m.m, m.r) for m in mats]:
       raise ValueError(

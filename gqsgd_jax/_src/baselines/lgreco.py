@@ -51,6 +51,7 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
+from gqsgd_jax._src.baselines import common
 from gqsgd_jax._src.baselines import orthogonalize as orth
 from gqsgd_jax._src.baselines import powersgd as psgd
 
@@ -487,35 +488,49 @@ def lgreco(
         members.setdefault(np.dtype(arrays[g].dtype), []).append((g, k, j))
     # Per group, by position: every entry is set below.
     out: list[dict[int, jax.Array]] = [{} for _ in groups]
-    for dtype, entries in members.items():
-      rows = [arrays[g].shape[1] for g, _, _ in entries]
+    for entries in members.values():
+      rows = np.array([arrays[g].shape[1] for g, _, _ in entries])
+      width = np.array([arrays[g].shape[2] for g, _, _ in entries])
       capacity = int(sum(base[j] * r for (_, _, j), r in zip(entries, rows)))
-      # Each factor's first r_l columns (column-major: a prefix) back to
-      # back: one scatter, one all-reduce, one gather.
-      cols: list[jax.Array] = []
-      dests: list[jax.Array] = []
-      offset = jnp.int32(0)
-      for (g, k, _), r in zip(entries, rows):
-        w = arrays[g].shape[2]
-        cols.append(jnp.swapaxes(arrays[g][k], 0, 1).reshape(-1))
-        i = jnp.arange(w * r, dtype=jnp.int32)
-        dests.append(jnp.where(i < live[j] * r, offset + i, capacity))
-        offset = offset + live[j] * r
-      dest = jnp.concatenate(dests)
-      buf = (
-        jnp.zeros(capacity, dtype)
-        .at[dest]
-        .set(jnp.concatenate(cols), mode="drop")
+      sizes = rows * width
+      source = np.cumsum(sizes) - sizes  # of each factor in ``flat``
+      flat = jnp.concatenate([arrays[g][k].reshape(-1) for g, k, _ in entries])
+      # On the wire each factor's first r_l columns, column-major (where
+      # they are a prefix), back to back: its live elements and their start.
+      used = jnp.stack(
+        [live[j] * int(r) for (_, _, j), r in zip(entries, rows)]
       )
+      end = jnp.cumsum(used)
+      start = end - used
+      # The buffer is one gather (each slot finds its factor among the L
+      # ends) and the sums come back by one gather, straight from and to
+      # the factors' row-major layout: no scatter, no transposes, and a
+      # few kernels whatever the number of factors (a kernel per factor
+      # dominates on CPU at these sizes).
+      slot = jnp.arange(capacity, dtype=jnp.int32)
+      owner = jnp.searchsorted(end, slot, side="right", method="compare_all")
+      owner = jnp.minimum(owner, len(entries) - 1)
+      at = slot - start[owner]  # column-major position in the factor
+      n_rows = jnp.asarray(rows, jnp.int32)[owner]
+      src = (
+        jnp.asarray(source, jnp.int32)[owner]
+        + (at % n_rows) * jnp.asarray(width, jnp.int32)[owner]
+        + at // n_rows
+      )
+      buf = jnp.where(slot < end[-1], flat.at[src].get(mode="clip"), 0)
       total = jax.lax.psum(buf, axis_name)
+      # Back: element (i, c) of factor e, row-major, is slot
+      # start_e + c rows_e + i if column c is live.
+      factor = np.repeat(np.arange(len(entries)), sizes)
+      inside = np.arange(int(sizes.sum())) - source[factor]
+      i, c = inside // width[factor], inside % width[factor]
+      col_major = (c * rows[factor] + i).astype(np.int32)
+      dest = start[factor] + col_major
       flat = jnp.where(
-        dest < capacity, total.at[dest].get(mode="fill", fill_value=0), 0
+        col_major < used[factor], total.at[dest].get(mode="clip"), 0
       )
-      at = 0
-      for (g, k, _), r in zip(entries, rows):
-        w = arrays[g].shape[2]
-        out[g][k] = jnp.swapaxes(flat[at : at + w * r].reshape(w, r), 0, 1)
-        at += w * r
+      for (g, k, _), first, r, w in zip(entries, source, rows, width):
+        out[g][k] = flat[first : first + r * w].reshape(r, w)
     return [
       jnp.stack([o[k] for k in range(len(ids))]) for o, ids in zip(out, groups)
     ]
@@ -560,12 +575,7 @@ def lgreco(
     num_workers = collectives.axis_size(axis_name)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
-    for leaf, (path, _) in zip(leaves, paths_leaves):
-      if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise TypeError(
-          f"gradient leaf {jax.tree_util.keystr(path)} has "
-          f"dtype {leaf.dtype}; L-GreCo needs floats"
-        )
+    common.check_float_leaves(leaves, [p for p, _ in paths_leaves], "L-GreCo")
     mats = layout(leaves)
     if [q.shape for q in state.q] != [(m.m, m.r) for m in mats]:
       raise ValueError(

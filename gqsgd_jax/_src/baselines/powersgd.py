@@ -39,6 +39,7 @@ from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
+from gqsgd_jax._src.baselines import common
 from gqsgd_jax._src.baselines import orthogonalize as orth
 
 # Streams of the shared key (fold_in tags), so draws never collide.
@@ -591,16 +592,9 @@ def powersgd(
   ) -> tuple[optax.Updates, PowerSGDState]:
     del params
     num_workers = collectives.axis_size(axis_name)
-    leaves, treedef = jax.tree.flatten(updates)
-    leaves = [jnp.asarray(x) for x in leaves]
-    for leaf, (path, _) in zip(
-      leaves, jax.tree_util.tree_flatten_with_path(updates)[0]
-    ):
-      if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise TypeError(
-          f"gradient leaf {jax.tree_util.keystr(path)} has "
-          f"dtype {leaf.dtype}; PowerSGD needs floats"
-        )
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    leaves = [jnp.asarray(x) for _, x in paths_leaves]
+    common.check_float_leaves(leaves, [p for p, _ in paths_leaves], "PowerSGD")
     buckets, mats = layout(leaves)
     check_state(state, leaves, buckets, mats)
 
