@@ -221,8 +221,9 @@ def main():
     "per worker, so its error grows linearly in W; the butterfly "
     "re-rounds at each of its log2(W) levels but keeps 127 (7) "
     "levels, staying at most (½ + 1/(4W)) step² for any W. "
-    '`reduction="auto"` '
-    "keeps the psum while s >= 7 (8-bit: W <= 18).",
+    '`reduction="auto"` is the two-shot reduction (one re-rounding of '
+    "the exact sum; benchmarks/results/variance_vs_workers.md compares "
+    "all three).",
     "",
   ]
   lines += [
