@@ -343,7 +343,8 @@ def global_quantize(
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
-    ``GlobalQuantizeState``.
+    ``GlobalQuantizeState`` (an ``OwnerFeedbackState`` with
+    ``owner_feedback=True``).
 
   Raises:
     ValueError: bad ``bits``, ``reduction``, ``dithering``, ``granularity``,
