@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "gqsgd/math.h"
@@ -116,6 +117,35 @@ inline void PackLanes(const uint32_t* c, int64_t words,
     for (int k = 0; k < L::kCount; ++k)
       word |= c[w * L::kCount + k] << ((L::kCount - 1 - k) * kBits);
     out[w] = static_cast<typename L::Word>(word);
+  }
+}
+
+// Byte words (1, 2, 4 bits) from one byte per code: the kCount codes of a
+// word are read as one little-endian integer (code k in byte k) and shifted
+// into place, which vectorizes to a few shifts and one narrowing store per
+// vector; the generic loop above gathers with a stride of kCount instead.
+template <int kBits>
+inline void PackByteLanes(const uint8_t* c, int64_t words, uint8_t* out) {
+  using L = Lanes<kBits>;
+  static_assert(L::kByte, "byte words only");
+  using Chunk = typename std::conditional<
+      L::kCount == 8, uint64_t,
+      typename std::conditional<L::kCount == 4, uint32_t,
+                                typename std::conditional<L::kCount == 2, uint16_t,
+                                                          uint8_t>::type>::type>::type;
+  for (int64_t w = 0; w < words; ++w) {
+    Chunk p;
+    std::memcpy(&p, c + w * L::kCount, sizeof(p));
+    uint64_t word = 0;
+    GQSGD_UNROLL
+    for (int k = 0; k < L::kCount; ++k) {
+      // Code k sits at bit 8k and goes to bit (kCount - 1 - k) * kBits.
+      const int from = 8 * k;
+      const int to = (L::kCount - 1 - k) * kBits;
+      word |= to >= from ? (static_cast<uint64_t>(p) << (to - from))
+                         : (static_cast<uint64_t>(p) >> (from - to));
+    }
+    out[w] = static_cast<uint8_t>(word);
   }
 }
 
@@ -214,16 +244,24 @@ struct QuantizeKernel {
           }
         });
       } else {
-        uint32_t c[kBlockWords * kPerWord];
+        // One byte per code where the words are bytes (see PackByteLanes).
+        using Code =
+            typename std::conditional<L::kByte, uint8_t, uint32_t>::type;
+        Code c[kBlockWords * kPerWord];
         ForScaleRuns(w0 * kPerWord, count, sc, sh,
                      [&](uint32_t j0, uint32_t j1, float s) {
                        for (uint32_t j = j0; j < j1; ++j) {
                          const int32_t q = StochasticRound(
                              ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
-                         c[j] = (static_cast<uint32_t>(q) + offset) & L::kMask;
+                         c[j] = static_cast<Code>(
+                             (static_cast<uint32_t>(q) + offset) & L::kMask);
                        }
                      });
-        PackLanes<kBits>(c, words, out + w0);
+        if constexpr (L::kByte) {
+          PackByteLanes<kBits>(c, words, out + w0);
+        } else {
+          PackLanes<kBits>(c, words, out + w0);
+        }
       }
     }
     if (std::max(first, full) < end) Strided(std::max(first, full), 1, end);
