@@ -83,9 +83,6 @@ PROFIT_DENSITY = (
   (4.0**-4 - 4.0**-8) / 4,
 )
 ITEM_WEIGHT = (2, 2, 4)
-# Decoded values per batch of the workers' payloads (f32, 16 MiB): bounds
-# the memory of decoding W payloads together.
-_DECODE_ELEMENTS = 2**22
 # Bit packing of the maps (element 0 in the high lane), shared with the
 # kernels' reference; any width that divides 8 works, 1 and 2 here.
 _pack = reference.pack
@@ -1003,7 +1000,7 @@ def jointsq(
           num_workers, len(members), layout.payload_bytes
         )
         start += size
-        means = _mean(chunk, layout, num_workers, impl)
+        means = _mean(chunk, layout, num_workers)
         for g, (_, i) in enumerate(members):
           out[i] = means[g].reshape(leaves[i].shape).astype(leaves[i].dtype)
     dense = [i for i in range(len(leaves)) if i not in set(comp)]
@@ -1028,38 +1025,26 @@ def jointsq(
 
 
 def _mean(
-  chunk: jax.Array, layout: JointSQLayout, num_workers: int, impl: str
+  chunk: jax.Array, layout: JointSQLayout, num_workers: int
 ) -> jax.Array:
   """Decodes every worker's payloads (uint8[W, G, P]) and averages them,
-  always in worker order: f32[G, n].
+  always in worker order: f32[G, n], the same bits on every worker.
 
-  The payloads are decoded together: one vmapped decode of up to
-  ``_DECODE_ELEMENTS`` values at a time (all W x G payloads of a small
-  model), not a loop of W decodes. The decoded rows are then added one by
-  one in worker order by a loop over the materialized rows: the same
-  result as decoding and adding the payloads one by one, bit for bit on
-  every worker. (A left fold or a tree of adds in one expression lets XLA
-  fuse the whole decode into the sum, which runs ~3x slower on CPU; a
-  ``sum`` over the worker axis is a slow strided reduction there.)
+  A loop over the workers decodes one worker's payloads (vmapped over G)
+  and adds them to the total, so a payload's decode and its add make one
+  pass over memory that stays in cache. (A decode of all W x G payloads
+  in one vmapped batch was ~4x slower at 450k elements, W materialized
+  rows out of cache; a ``sum`` over a gathered worker axis is a slow
+  strided reduction on XLA:CPU. The worker's own payload is decoded too:
+  its encoder's x_hat has the same bits but is typed varying over the
+  axis, and the mean must come out replicated.)
   """
-  _, groups, size = chunk.shape
-  n = layout.numel
-  dec = jax.vmap(functools.partial(decode, layout=layout, impl=impl))
-  per_block = max(1, min(num_workers, _DECODE_ELEMENTS // (groups * n)))
-
-  def add_block(total: jax.Array, payloads: jax.Array) -> jax.Array:
-    rows = dec(payloads.reshape(-1, size)).reshape(-1, groups, n)
-    return jax.lax.fori_loop(0, rows.shape[0], lambda w, t: t + rows[w], total)
-
-  total = jnp.zeros((groups, n), jnp.float32)
-  full = num_workers // per_block
-  if full == 1:
-    total = add_block(total, chunk[:per_block])
-  elif full > 1:
-    blocks = chunk[: full * per_block].reshape(full, per_block, groups, size)
-    total = jax.lax.fori_loop(
-      0, full, lambda b, t: add_block(t, blocks[b]), total
-    )
-  if full * per_block < num_workers:
-    total = add_block(total, chunk[full * per_block :])
+  _, groups, _ = chunk.shape
+  dec = jax.vmap(functools.partial(decode, layout=layout))
+  total = jax.lax.fori_loop(
+    0,
+    num_workers,
+    lambda w, t: t + dec(chunk[w]),
+    jnp.zeros((groups, layout.numel), jnp.float32),
+  )
   return total / num_workers
