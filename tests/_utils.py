@@ -181,3 +181,24 @@ def per_worker_step(tx, num_workers: int, mode: str):
     return u, lead(u), lead(s)
 
   return lambda g, s: step(g, s)[1:]
+
+
+def monte_carlo_estimates(tx, stacked, count: int) -> np.ndarray:
+  """Global-QSGD's mean for ``count`` step keys, in one compiled program.
+
+  ``stacked`` holds one gradient row per worker; the result is the
+  replicated output of ``tx.update`` for the keys PRNGKey(0 .. count - 1),
+  as float64 (count, d): the samples of the statistical tests.
+  """
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(count))
+
+  @jax.jit
+  @jax.shard_map(
+    mesh=data_mesh(stacked.shape[0]), in_specs=(P("data"), P()), out_specs=P()
+  )
+  def run(g, keys):
+    return jax.vmap(
+      lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0]
+    )(keys)
+
+  return np.asarray(run(stacked, keys), np.float64)

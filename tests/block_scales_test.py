@@ -19,6 +19,7 @@ from gqsgd_jax._src import wire
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
+from _utils import monte_carlo_estimates
 from _utils import sharded_update
 
 _HAS_FFI = gqsgd_jax.HAS_CPU
@@ -190,20 +191,6 @@ def test_replicas_identical_across_modes_and_impls(num_workers, kwargs):
   assert err.max() < 0.01 * tail_max
 
 
-def _monte_carlo(tx, stacked, keys):
-  """tx.update for every key in one compiled program: (K, d) estimates."""
-  mesh = data_mesh(stacked.shape[0])
-
-  @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P("data"), P()), out_specs=P())
-  def run(g, keys):
-    return jax.vmap(
-      lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0]
-    )(keys)
-
-  return np.asarray(run(stacked, keys), np.float64)
-
-
 @pytest.mark.parametrize(
   "reduction,bits,fmt",
   [
@@ -229,8 +216,7 @@ def test_block_scales_are_unbiased(reduction, bits, fmt):
     block_size=block,
     scale_format=fmt,
   )
-  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(count))
-  est = _monte_carlo(tx, g, keys)
+  est = monte_carlo_estimates(tx, g, count)
   g64 = np.asarray(g, np.float64)
   block_max = np.repeat(np.abs(g64).reshape(w, 4, block).max((0, 2)), block)
   if reduction == "psum":

@@ -16,6 +16,7 @@ from gqsgd_jax._src import wire
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
+from _utils import monte_carlo_estimates
 from _utils import sharded_update
 
 
@@ -67,25 +68,6 @@ def test_replicas_identical_across_modes_and_impls(num_workers, kwargs):
     assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
 
 
-def _keys(count):
-  return jax.vmap(jax.random.PRNGKey)(jnp.arange(count))
-
-
-def _monte_carlo(tx, stacked, keys):
-  """tx.update for every key in one compiled program: (K, d) estimates."""
-  num_workers = stacked.shape[0]
-  mesh = data_mesh(num_workers)
-
-  @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P("data"), P()), out_specs=P())
-  def run(g, keys):
-    return jax.vmap(
-      lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0]
-    )(keys)
-
-  return np.asarray(run(stacked, keys), np.float64)
-
-
 @pytest.mark.parametrize("num_workers", [1, 2, 3, 4, 8, 16, 64])
 def test_psum_unbiased_with_exact_variance(num_workers):
   # Per coordinate, var = (M / (s W))^2 * sum_i f_i (1 - f_i) with f_i the
@@ -93,7 +75,7 @@ def test_psum_unbiased_with_exact_variance(num_workers):
   d, count = 48, 2000
   g = jax.random.normal(jax.random.PRNGKey(num_workers), (num_workers, d))
   tx = gqsgd_jax.global_quantize(bits=8, reduction="psum")
-  est = _monte_carlo(tx, g, _keys(count))
+  est = monte_carlo_estimates(tx, g, count)
   g64 = np.asarray(g, np.float64)
   big_m = np.abs(g64).max()
   s = wire.psum_levels(8, num_workers, signed_codes=True)
@@ -183,7 +165,7 @@ def test_butterfly_unbiased_with_exact_variance(num_workers):
   tx = gqsgd_jax.global_quantize(
     bits=bits, reduction="butterfly", scale_format="f32"
   )
-  est = _monte_carlo(tx, g, _keys(count))
+  est = monte_carlo_estimates(tx, g, count)
   g64 = np.asarray(g, np.float64)
   big_m = np.abs(g64).max()
   s = wire.max_levels(bits)

@@ -18,6 +18,7 @@ from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
 from _utils import mlp_step
+from _utils import monte_carlo_estimates
 from _utils import per_worker_step
 from _utils import sharded_update
 
@@ -74,21 +75,6 @@ def test_replicas_identical_across_modes_and_impls(num_workers, kwargs):
     assert leaf.shape == grads[name].shape
 
 
-def _monte_carlo(tx, stacked, count):
-  """tx.update for ``count`` keys in one program: (count, d) estimates."""
-  mesh = data_mesh(stacked.shape[0])
-  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(count))
-
-  @jax.jit
-  @jax.shard_map(mesh=mesh, in_specs=(P("data"), P()), out_specs=P())
-  def run(g, keys):
-    return jax.vmap(
-      lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0]
-    )(keys)
-
-  return np.asarray(run(stacked, keys), np.float64)
-
-
 @pytest.mark.parametrize(
   "num_workers,gather_bits", [(4, 8), (8, 8), (3, 4), (8, 4)]
 )
@@ -105,7 +91,7 @@ def test_unbiased_with_exact_variance(num_workers, gather_bits):
     gather_bits=gather_bits,
     granularity="bucket",
   )
-  est = _monte_carlo(tx, g, count)
+  est = monte_carlo_estimates(tx, g, count)
   g64 = np.asarray(g, np.float64)
   big_m = np.abs(g64).max()
   s = wire.max_levels(bits)
