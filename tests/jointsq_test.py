@@ -96,6 +96,32 @@ def test_greedy_equals_lp_greedy_on_sorted_profits():
     assert np.all(np.diff(bits[order]) <= 0)
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "heavy", "sparse"])
+def test_bracketed_cut_equals_the_oracle_on_large_tensors(kind, monkeypatch):
+  # From _SAMPLE_MIN elements the cut is bracketed on a sample and bisected
+  # on the candidates near it; the classes must be the exact greedy's, also
+  # when the bracket fails (a zero margin) or the candidates overflow.
+  n = 3 * 2**14 + 5
+  assert n >= jsq._SAMPLE_MIN
+  x = np.asarray(_values(n, 11, "ties" if kind == "ties" else "normal"))
+  if kind == "heavy":
+    x = x**5
+  if kind == "sparse":
+    x = x * (np.arange(n) % 37 == 0)
+  v = jnp.asarray(x, jnp.float32)
+  profits = np.asarray(jax.jit(jsq.item_profits)(v))
+  for ratio in (0.001, 0.032, 0.3):
+    layout = jsq.make_layout(n, ratio)
+    oracle, _, _ = _oracle_classes(profits, n, layout.budget_bits)
+    for margin, divisor in ((0.04, 16), (0.0, 16), (0.04, n)):
+      monkeypatch.setattr(jsq, "_SAMPLE_MARGIN", margin)
+      monkeypatch.setattr(jsq, "_CANDIDATE_DIVISOR", divisor)
+      cls = np.asarray(jax.jit(jsq.select, static_argnums=1)(v, layout))
+      np.testing.assert_array_equal(
+        cls, oracle, err_msg=f"{kind} ρ={ratio} margin={margin} /{divisor}"
+      )
+
+
 def test_cut_is_by_profit_not_by_position():
   # Magnitudes grow with the index: the reference's index-order cut would
   # spend the budget on the small, low-index elements (B-JSQ-3).
