@@ -18,6 +18,11 @@ launchers number them. Collectives are bandwidth-optimal:
   e N / 2^(k+1) to the partner at distance 2^k; levels k < log2 L stay in
   the host. Per host, the inter-host levels send L e N (1/L - 1/W) =
   e N (1 - 1/H); the intra-host levels e N (L - 1) (over L GPU links).
+* two-shot (Global-QSGD's default): one all-to-all of b-bit codes, each
+  worker sending e N / W to every other worker, then a ring all-gather of
+  the owners' g-bit results. The all-to-all cannot aggregate on the way:
+  of a GPU's (W-1)/W e N, (W-L)/W e N leaves its host, so a host's link
+  sends L e N (1 - 1/H), about L/2 times a ring's 2 e N.
 * hierarchical: reduce-scatter then all-gather over L in f32 ((L-1)/L x
   4N per GPU each) on NVLink, and the inner reduction over H hosts on
   each GPU's N/L block; the L GPUs of a host share its link, so a host
@@ -105,6 +110,26 @@ def butterfly(nbytes: float, hosts: int, local: int) -> Link:
   )
 
 
+def two_shot(
+  nbytes: float, gather_nbytes: float, hosts: int, local: int
+) -> Link:
+  """All-to-all of the codes (nbytes per worker) + ring all-gather of the
+  owners' results (gather_nbytes in all); host-major ranks."""
+  w = hosts * local
+  # Per GPU: nbytes / w to each of the (w - local) GPUs of other hosts and
+  # to the (local - 1) of its own host; the messages go out together.
+  inter = local * nbytes * (w - local) / w  # per host
+  intra = nbytes * (local - 1) / w  # per GPU link
+  gather = ring_allgather(gather_nbytes, hosts, local)
+  return Link(
+    inter + gather.inter,
+    intra + gather.intra,
+    (1 if hosts > 1 else 0) + gather.rounds_inter,
+    (1 if hosts == 1 and local > 1 else 0) + gather.rounds_intra,
+    local * intra + gather.intra_host,
+  )
+
+
 def method_links(
   method: str, n: int, hosts: int, local: int
 ) -> list[Link] | None:
@@ -122,6 +147,9 @@ def method_links(
     return [ring_allreduce(bits / 8 * n, hosts, local)]
   if method.startswith("gq") and method.endswith("bfly"):
     return [butterfly(int(method[2]) / 8 * n, hosts, local)]
+  if method.startswith("gq") and method.endswith("2shot"):
+    bits = int(method[2])
+    return [two_shot(bits / 8 * n, bits / 8 * n, hosts, local)]
   if method.startswith("hier_"):
     inner = method[len("hier_") :]
     block = n / local  # each GPU's share, reduced over the H hosts
@@ -134,6 +162,9 @@ def method_links(
       if psum_levels(bits, hosts) < 1:
         return None
       across = ring_allreduce(bits / 8 * block, hosts, 1)
+    elif inner.endswith("2shot"):
+      code = int(inner[2]) / 8 * block
+      across = two_shot(code, code, hosts, 1)
     else:
       across = butterfly(int(inner[2]) / 8 * block, hosts, 1)
     # L GPUs of a host share its link: L blocks cross it.
@@ -172,10 +203,13 @@ METHODS = (
   "gq4psum",
   "gq8bfly",
   "gq4bfly",
+  "gq8_2shot",
+  "gq4_2shot",
   "hier_f32",
   "hier_gq8psum",
   "hier_gq4psum",
   "hier_gq4bfly",
+  "hier_gq4_2shot",
 )
 LABELS = {
   "f32": "f32 ring all-reduce",
@@ -188,6 +222,9 @@ LABELS = {
   "hier_gq8psum": "hierarchical, GQ 8-bit psum across hosts",
   "hier_gq4psum": "hierarchical, GQ 4-bit psum across hosts",
   "hier_gq4bfly": "hierarchical, GQ 4-bit butterfly across hosts",
+  "gq8_2shot": "GQ 8-bit two-shot (flat, the default)",
+  "gq4_2shot": "GQ 4-bit two-shot (flat, the default)",
+  "hier_gq4_2shot": "hierarchical, GQ 4-bit two-shot across hosts",
 }
 
 
@@ -293,6 +330,15 @@ def render(n: int, local: int, workers: list[int]) -> str:
     "log₂W + W − 1) and in quantization noise (W counts hosts), not in "
     "bytes; its two f32 NVLink phases cost "
     f"{2 * (local - 1) / local * 4 * n * 8 / INTRA_BPS * 1e3:.1f} ms.",
+    f"- The flat two-shot rows ({t['gq4_2shot'] * 1e3:.0f} ms at 4 bits, "
+    f"{t['gq8_2shot'] * 1e3:.0f} ms at 8 bits, W = {big}) are the slowest "
+    "compressed ones: the all-to-all cannot combine codes on the way, so "
+    f"each host's link carries the codes of all {local} of its GPUs, "
+    f"L/2 = {local // 2}× the bytes of a ring. This is why "
+    '`reduction="auto"` picks the butterfly on an axis that spans '
+    "processes of several devices each; across hosts inside "
+    "`hierarchical`, with one device per host, the two-shot reduction "
+    f"sends what a ring does ({t['hier_gq4_2shot'] * 1e3:.0f} ms).",
     "- The integer psum ends where its levels do: flat 8-bit at W = 127, "
     "flat 4-bit at W = 7; across hosts, 8-bit serves up to 127 hosts "
     f"(W = {127 * local} with {local} GPUs per host) and 4-bit up to 7.",

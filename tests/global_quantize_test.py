@@ -453,10 +453,57 @@ def test_integer_leaves_are_rejected_by_path():
 
 
 def test_auto_rule():
-  # The two-shot reduction at every bit width and worker count it serves.
+  # One process: the two-shot reduction at every width and worker count.
   for bits in range(2, 9):
     for w in (1, 2, 16, 19, 64, 2**16):
       assert gq.choose_reduction("auto", bits, w) == "two_shot"
+
+
+@pytest.mark.parametrize(
+  "processes,local,w,chosen",
+  [
+    (1, 8, 8, "two_shot"),  # one host
+    (32, 1, 32, "two_shot"),  # one device per host
+    (32, 8, 32, "two_shot"),  # the host axis of a (host, local) mesh
+    (32, 8, 8, "two_shot"),  # the local axis
+    (2, 2, 4, "butterfly"),  # every device of 2 hosts of 2
+    (32, 8, 256, "butterfly"),
+    (32, 8, 64, "butterfly"),  # 8 hosts of 8 out of 32
+  ],
+)
+def test_auto_avoids_the_all_to_all_across_multi_device_hosts(
+  processes, local, w, chosen
+):
+  kwargs = dict(processes=processes, local_devices=local)
+  for bits in (4, 8):
+    assert gq.choose_reduction("auto", bits, w, **kwargs) == chosen
+    # gather_bits / owner_feedback ask for the two-shot reduction.
+    got = gq.choose_reduction("auto", bits, w, two_shot_options=True, **kwargs)
+    assert got == "two_shot"
+    # Explicit choices are kept.
+    assert gq.choose_reduction("two_shot", bits, w, **kwargs) == "two_shot"
+
+
+def test_auto_reads_the_process_topology(monkeypatch):
+  # 2 "processes" of 4 devices: an axis over all 8 is the butterfly
+  # (ppermutes, no all-to-all) in the compiled step.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+  tx = gqsgd_jax.global_quantize(bits=4)
+  g = jnp.ones((8, 4096), jnp.float32)
+
+  def compiled_hlo():  # a new function each time: no cached trace
+    @jax.jit
+    @jax.shard_map(mesh=data_mesh(8), in_specs=(P("data"), P()), out_specs=P())
+    def step(g, s):
+      return tx.update(g[0], s)[0]
+
+    return step.lower(g, tx.init(None)).compile().as_text()
+
+  hlo = compiled_hlo()
+  assert "collective-permute" in hlo and "all-to-all" not in hlo
+  monkeypatch.undo()
+  assert "all-to-all" in compiled_hlo()
 
 
 def test_bucket_plan_is_reverse_order_capped_and_single_dtype():

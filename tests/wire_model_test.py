@@ -45,6 +45,26 @@ def test_butterfly_and_hierarchical_by_hand():
   )
 
 
+def test_two_shot_by_hand():
+  # W = 32 (4 hosts x 8), 4-bit codes s = n/2 bytes per GPU. All-to-all:
+  # each GPU sends s/32 to each of the 24 GPUs on other hosts, so a host's
+  # link carries 8 * 24/32 s = 6 s; then the ring all-gather's 31/32 s.
+  n, hosts, local = 2**20, 4, 8
+  s = n / 2
+  (flat,) = wm.method_links("gq4_2shot", n, hosts, local)
+  assert flat.inter == pytest.approx(6 * s + 31 / 32 * s)
+  assert flat.intra == pytest.approx(7 / 32 * s + 31 / 32 * s)
+  assert flat.rounds_inter == 1 + 31
+  # L / 2 times the host-link bytes of a ring all-reduce of the codes.
+  ring = wm.ring_allreduce(s, hosts, local)
+  assert flat.inter / ring.inter == pytest.approx((6 + 31 / 32) / (62 / 32))
+  # One GPU per host (the hierarchical inner axis): a ring's bytes.
+  (one,) = wm.method_links("gq4_2shot", n, hosts, 1)
+  assert one.inter == pytest.approx(2 * 3 / 4 * s)
+  _, across, _ = wm.method_links("hier_gq4_2shot", n, hosts, local)
+  assert across.inter == pytest.approx(8 * 2 * 3 / 4 * s / 8)
+
+
 def test_psum_serves_only_the_worker_counts_its_levels_allow():
   assert wm.method_links("gq4psum", 100, 1, 7) is not None  # 15 // 14 = 1
   assert wm.method_links("gq4psum", 100, 1, 8) is None

@@ -27,6 +27,13 @@ for the whole bucket on every worker. The reductions:
   its log2 W levels and the psum leaves each worker only 1/W of the
   levels), with two collectives; see
   ``benchmarks/results/variance_vs_workers.md`` and ``frontier.md``.
+  Except where the axis spans several processes that each hold several of
+  its devices (hosts of several GPUs): an all-to-all cannot combine codes
+  on the way, so each host's link would carry the codes of all its
+  devices, L/2 times a ring's bytes for L devices per host
+  (``benchmarks/results/wire_model.md``); there "auto" is the butterfly,
+  whose first log2 L levels stay inside each host. (Better still on such
+  clusters: ``hierarchical``, full precision inside hosts.)
 
 ``dithering="exponential"`` encodes sign + exponent bytes scaled by
 2^(D+1) M (D = butterfly depth, headroom that makes overflow impossible) and
@@ -89,8 +96,39 @@ class OwnerFeedbackState(NamedTuple):
   residual: tuple[jax.Array, ...]
 
 
-def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
+def spans_multi_device_hosts(
+  num_workers: int, processes: int, local_devices: int
+) -> bool:
+  """Whether an axis of ``num_workers`` devices must cross processes that
+  each hold several of its devices.
+
+  With P processes of L devices each, an axis larger than both L (so not
+  inside one process) and P (so not one device per process, like the host
+  axis of a (host, local) mesh) takes several devices from some process.
+  """
+  return (
+    processes > 1
+    and local_devices > 1
+    and num_workers > max(processes, local_devices)
+  )
+
+
+def choose_reduction(
+  reduction: str,
+  bits: int,
+  num_workers: int,
+  *,
+  processes: int = 1,
+  local_devices: int = 1,
+  two_shot_options: bool = False,
+) -> str:
   """Resolves "auto" and checks that W fits the chosen wire format.
+
+  "auto" is the two-shot reduction, or the butterfly where the axis spans
+  processes of several devices each (``spans_multi_device_hosts`` of
+  ``processes`` and ``local_devices``, by default a single process) unless
+  ``two_shot_options`` (``gather_bits`` or ``owner_feedback``) ask for the
+  two-shot reduction.
 
   Raises:
     ValueError: naming the reduction, ``bits`` and W, when the integer psum
@@ -105,7 +143,12 @@ def choose_reduction(reduction: str, bits: int, num_workers: int) -> str:
   psum_limit = wire.max_levels(8, True) if signed else wire.max_levels(bits)
   chosen = reduction
   if reduction == "auto":
-    chosen = "two_shot"
+    multi_device_hosts = spans_multi_device_hosts(
+      num_workers, processes, local_devices
+    )
+    chosen = (
+      "butterfly" if multi_device_hosts and not two_shot_options else "two_shot"
+    )
     if num_workers > two_shot.MAX_WORKERS:  # psum_levels < 1 here too
       raise ValueError(
         f"reduction='auto' with bits={bits} cannot serve {num_workers} "
@@ -312,7 +355,11 @@ def global_quantize(
       with requantizing averages, any W), "two_shot" (all-to-all of the
       codes, an exact integer sum by each shard's owner, one
       re-quantization, all-gather; see ``gather_bits`` and
-      ``owner_feedback``) or "auto". Exponential dithering always uses the
+      ``owner_feedback``) or "auto": the two-shot reduction, except on an
+      axis that spans processes of several devices each (hosts of several
+      GPUs), where its all-to-all would load each host's link with the
+      codes of all its devices and "auto" is the butterfly (see
+      ``choose_reduction``). Exponential dithering always uses the
       butterfly.
     dithering: "standard" (uniform levels) or "exponential" (powers of two).
     granularity: one scale per "block" of ``block_size`` contiguous
@@ -444,7 +491,14 @@ def global_quantize(
       strategy = "exponential"
       choose_reduction("butterfly", bits, num_workers)
     else:
-      strategy = choose_reduction(reduction, bits, num_workers)
+      strategy = choose_reduction(
+        reduction,
+        bits,
+        num_workers,
+        processes=jax.process_count(),
+        local_devices=jax.local_device_count(),
+        two_shot_options=two_shot_options,
+      )
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     paths = [p for p, _ in paths_leaves]
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
