@@ -413,7 +413,11 @@ def test_integer_sum_at_the_wire_dtype_limit(num_workers, levels, dtype):
     hadamard.inverse_randomized_hadamard(jnp.full(d, t, jnp.float32), signs)
   )
   np.testing.assert_allclose(per_worker[0], expected, rtol=1e-5, atol=1e-6)
-  assert np.all(np.sign(per_worker[0]) == np.sign(np.asarray(x)))
+  # The signs agree wherever x is not (up to the rounding of the transform's
+  # sums) zero.
+  x = np.asarray(x)
+  big = np.abs(x) > 1e-6 * np.abs(x).max()
+  assert np.all(np.sign(per_worker[0][big]) == np.sign(x[big]))
 
 
 # -----------------------------------------------------------------------------

@@ -18,8 +18,15 @@ Per chunk of the gradient, on every worker:
 
 Implementation: since D is fixed, the memory is kept rotated, e~ = H D e,
 so x~ = H D g + e~ and e~ <- x~ - (-t + delta c): two transforms per step
-(the gradient's and the mean's). The signs come from the kernels' counter
-hash and the rounding bits from the quantize kernel (up to 128 levels).
+(the gradient's and the mean's), each a few matrix products by small
+Hadamard blocks (``hadamard``). The signs come from the kernels' counter
+hash and the rounding bits from the quantize kernel (up to 128 levels;
+beyond, the same counter hash). The fused buffer is never built: each chunk
+is assembled from its leaves' pieces, and the leaves and the memory from
+the chunks' pieces, by in-place updates (XLA:CPU computes a concatenation
+with a per-element choice of the operand, several times slower than a
+copy); the norms take one pass (a sum of squares) unless it overflows or
+underflows.
 
 Layout. Leaves are flattened to float32 and, with ``granularity="fused"``
 (default), concatenated into one buffer; ``"leaf"`` treats each leaf on its
@@ -56,6 +63,7 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
+from gqsgd_jax._src import reference
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
 from gqsgd_jax._src.baselines import common
@@ -72,6 +80,7 @@ MAX_LEVELS = 2**16
 # of non-negative integer codes is at most the total, so a float16 psum of
 # codes is exact in any summation order while the total stays <= 2048.
 _F16_EXACT = 2048
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @worker_state.per_worker("error")
@@ -199,8 +208,8 @@ def wire_bytes(
   return WireBytes(sent=ring, received=ring, result=result)
 
 
-def _norm(x: jax.Array) -> jax.Array:
-  """||x||_2 without overflow for huge finite x; +inf if x has NaN/Inf.
+def _robust_norm(x: jax.Array) -> jax.Array:
+  """||x||_2 without overflow or underflow; +inf if x has NaN/Inf.
 
   The max-abs comes from ``nonfinite.max_abs``, which is +inf for a
   non-finite x whatever XLA's ``max`` does with NaN.
@@ -212,13 +221,31 @@ def _norm(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(m) & jnp.isfinite(n), n, jnp.inf)
 
 
+# Below this sum of squares, squares of small elements may have underflowed
+# (each lost term < 2^-126, at most 2^30 of them): ``_robust_norm`` then.
+_SUMSQ_MIN = 2.0**-70
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  """||x||_2 (as ``_robust_norm``) in one pass in the common case.
+
+  The plain sum of squares is exact up to rounding when it is finite and
+  not tiny; otherwise (NaN/Inf, overflow, underflow) the robust two-pass
+  norm runs instead.
+  """
+  s = jnp.sum(jnp.square(x))
+  fast = jnp.isfinite(s) & (s >= _SUMSQ_MIN)
+  return jax.lax.cond(fast, lambda: jnp.sqrt(s), lambda: _robust_norm(x))
+
+
 def _stochastic_round(y: jax.Array, key: jax.Array, levels: int) -> jax.Array:
-  """SR of y in [0, levels - 1] to int32: up iff 24 random bits <
+  """SR of y in [0, levels - 1] to integer codes: up iff 24 random bits <
   floor(frac * 2^24), the kernels' StochasticRound rule (the up-probability
   is frac rounded down to 2^-24, never above frac).
 
   Up to 128 levels the quantize kernel rounds (int8 codes, its counter-hash
-  bits); beyond, threefry bits and the same rule in jnp.
+  bits); beyond, the same counter hash (``reference.random_bits``) and the
+  same rule in jnp (int32 codes).
   """
   if levels - 1 <= 127:
     codes = ops.quantize(
@@ -229,11 +256,16 @@ def _stochastic_round(y: jax.Array, key: jax.Array, levels: int) -> jax.Array:
       bits=8,
       signed_codes=True,
     )
-    return codes.astype(jnp.int32)
-  bits = jax.random.bits(key, y.shape, jnp.uint32)
+    return codes
+  bits = reference.random_bits(ops.seed_from_key(key), y.size).reshape(y.shape)
   fl = jnp.floor(y)
   threshold = ((y - fl) * 2.0**24).astype(jnp.uint32)
   return fl.astype(jnp.int32) + ((bits >> 8) < threshold).astype(jnp.int32)
+
+
+def _signs_seed(rotation_key: jax.Array, buffer: int, chunk: int) -> jax.Array:
+  """The counter-hash seed of the signs of chunk ``chunk`` of ``buffer``."""
+  return ops.seed_from_key(prng.fold(rotation_key, buffer, chunk))
 
 
 def chunk_signs(
@@ -244,8 +276,7 @@ def chunk_signs(
   Shared by all workers and fixed across steps; recomputed each step by
   the kernels' counter hash (cheap) rather than kept in the state.
   """
-  seed = ops.seed_from_key(prng.fold(rotation_key, buffer, chunk))
-  return hadamard.counter_signs(seed, d)
+  return hadamard.counter_signs(_signs_seed(rotation_key, buffer, chunk), d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,20 +297,30 @@ def _block(d: int, cfg: _Step) -> int | None:
   return None if block is not None and (1 << block) >= d else block
 
 
+def _prescale(d: int, cfg: _Step) -> float:
+  """sigma = 2^-ceil(T/2) for a rotation of 2^T elements (the chunk or its
+  blocks): a chunk is rotated and quantized as sigma x, a power of two, so
+  the same codes (up to the transforms' rounding) with no overflow where x
+  is finite: ||sigma H D x|| <= sigma 2^(T/2) max|x| <= max|x|."""
+  block = _block(d, cfg)
+  size = d if block is None else 1 << block
+  return 2.0 ** -((size.bit_length()) // 2)
+
+
 def _chunk_mean(
   rotated: jax.Array,
   norm: jax.Array,
-  signs: jax.Array,
   key: jax.Array,
   cfg: _Step,
-) -> tuple[jax.Array, jax.Array]:
-  """Steps 3-6 for one rotated chunk: (the decoded mean, this worker's
-  residual in the rotated domain).
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Steps 3-6 for one rotated chunk: (H^-1 of the decoded mean, still to be
+  multiplied by the signs D; this worker's dequantized contribution
+  -t + delta c in the rotated domain; whether the chunk was quantized).
 
-  ``norm`` is the chunk's N (already the max over workers).
+  ``rotated`` and ``norm`` are prescaled by ``_prescale`` (N is already
+  the max over workers), and so are the results.
   """
   d = rotated.shape[0]
-  block = _block(d, cfg)
   ok = jnp.isfinite(norm) & (norm >= common.TINY)
   t = norm * np.float32(min(cfg.z / math.sqrt(d), 1.0))
   delta = t * np.float32(2 / (cfg.levels - 1))
@@ -287,27 +328,82 @@ def _chunk_mean(
   y = jnp.clip((rotated + t) * inv_delta, 0.0, cfg.levels - 1)
   y = jnp.where(ok, y, 0.0)  # NaN/Inf chunks: send anything finite
   codes = _stochastic_round(y, key, cfg.levels)
-  total = jax.lax.psum(codes.astype(cfg.wire), cfg.axis_name)
+  if codes.dtype == jnp.int8 and cfg.wire == np.uint8:
+    wire = jax.lax.bitcast_convert_type(codes, jnp.uint8)  # codes >= 0
+  else:
+    wire = codes.astype(cfg.wire)
+  total = jax.lax.psum(wire, cfg.axis_name)
   mean = total.astype(jnp.float32) * (delta / cfg.num_workers) - t
-  out = hadamard.inverse_randomized_hadamard(mean, signs, block_log2=block)
-  # Zero or sub-tiny chunks decode to exact (+) zeros, NaN/Inf to NaN.
-  out = jnp.where(ok, out, jnp.where(jnp.isfinite(norm), 0.0, jnp.nan))
+  unsigned = hadamard.transform_blocks(mean, _block(d, cfg))
   local = codes.astype(jnp.float32) * delta - t
-  return out, rotated - local
+  return unsigned, local, ok
 
 
 def _new_error(
-  residual: jax.Array, x: jax.Array, old: jax.Array, norm: jax.Array
+  local: jax.Array,
+  x: jax.Array,
+  old: jax.Array,
+  norm: jax.Array,
+  finite: jax.Array,
+  inv_scale: float,
 ) -> jax.Array:
-  """The EF memory after a step (step 7), guarded for degenerate chunks.
+  """The EF memory after a step (step 7): x - local (``_prescale``d, and
+  scaled back by ``inv_scale``), guarded for degenerate chunks.
 
-  Sub-tiny chunks stay whole in memory. A non-finite step leaves the memory
-  as it was, so one bad batch (e.g. skipped by ``apply_if_finite``) does not
+  Sub-tiny chunks stay whole in memory. A non-finite step (``finite``
+  false: some chunk of the buffer has a NaN/Inf norm) leaves the memory as
+  it was, so one bad batch (e.g. skipped by ``apply_if_finite``) does not
   poison every later step.
   """
-  finite = jnp.isfinite(norm)
-  ok = finite & (norm >= common.TINY)
-  return jnp.where(ok, residual, jnp.where(finite, x, old))
+  ok = norm >= common.TINY  # norm is finite where finite holds
+  new = jnp.where(ok, x - local, x) * np.float32(inv_scale)
+  return jnp.where(finite, new, old)
+
+
+def _segments(
+  buf: _Buffer, off: int, d: int
+) -> list[tuple[int, int, int, int]]:
+  """The leaves in elements off .. off + d - 1 of ``buf``: (leaf index,
+  start in the leaf, start in the chunk, length) for each (none for the
+  padding)."""
+  out = []
+  start = 0
+  for i, n in zip(buf.leaf_ids, buf.sizes):
+    lo, hi = max(start, off), min(start + n, off + d)
+    if lo < hi:
+      out.append((i, lo - start, lo - off, hi - lo))
+    start += n
+  return out
+
+
+def _opaque_zero(key: jax.Array) -> jax.Array:
+  """int32 0 that XLA cannot see is 0 (the top bits of a key word shifted
+  out in two steps). Pieces written at a constant offset into zeros become
+  a pad, which XLA:CPU fuses into a per-element branch (about 6x slower
+  than the in-place update that a runtime offset keeps)."""
+  word = jnp.asarray(key).reshape(-1)[0].astype(jnp.uint32)
+  return ((word >> 16) >> 16).astype(jnp.int32)
+
+
+def _assemble(
+  pieces: Sequence[tuple[int, jax.Array]],
+  n: int,
+  dtype: jnp.dtype,
+  zero: jax.Array,
+) -> jax.Array:
+  """A 1-D array of n elements (zeros where no piece lands) from (start,
+  values) pieces, each written in place at start + ``zero`` (an
+  ``_opaque_zero``): not a concatenation, which XLA:CPU computes with a
+  per-element choice of the operand. A single piece covering everything is
+  returned as it is."""
+  if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape[0] == n:
+    return pieces[0][1]
+  out = jnp.zeros(n, dtype)
+  for start, values in pieces:
+    out = jax.lax.dynamic_update_slice(
+      out, values.astype(dtype), (start + zero,)
+    )
+  return out
 
 
 def _validate(
@@ -445,12 +541,6 @@ def thc(
       axis_name=axis_name,
       num_workers=num_workers,
     )
-    xs = []
-    for buf in plan:
-      flat = jnp.concatenate(
-        [leaves[i].reshape(-1).astype(jnp.float32) for i in buf.leaf_ids]
-      )
-      xs.append(jnp.pad(flat, (0, buf.padded - buf.size)))
     chunks = [
       (b, c, off, d)
       for b, buf in enumerate(plan)
@@ -458,66 +548,103 @@ def thc(
         zip(np.cumsum((0,) + buf.chunks[:-1]), buf.chunks)
       )
     ]
+    flat_leaves = [x.reshape(-1) for x in leaves]
+    zero = _opaque_zero(state.rotation_key)
+    seeds = [_signs_seed(state.rotation_key, b, c) for b, c, _, _ in chunks]
     # Step 2, with the memory kept in the rotated domain: the rotation is
     # fixed across steps, so H D (g + e) = H D g + e~ and the residual
     # needs no transform back (two transforms per step, not three).
-    signs = [chunk_signs(state.rotation_key, b, c, d) for b, c, _, d in chunks]
     rotated = []
-    for (b, _, off, d), s in zip(chunks, signs):
-      r = hadamard.randomized_hadamard(
-        xs[b][off : off + d], s, block_log2=_block(d, cfg)
-      )
-      rotated.append(r + state.error[b][off : off + d] if error_feedback else r)
+    for (b, _, off, d), seed in zip(chunks, seeds):
+      sigma = np.float32(_prescale(d, cfg))
+      # sigma D x, assembled from the leaves' pieces in place: the buffer of
+      # concatenated leaves is never built (XLA's concatenation branches
+      # per element), and the transform starts with a matrix product,
+      # which reads it as it is.
+      pieces = [
+        (
+          pos,
+          flat_leaves[i][lo : lo + n].astype(jnp.float32)
+          * (hadamard.counter_signs(seed, n, start=pos) * sigma),
+        )
+        for i, lo, pos, n in _segments(plan[b], off, d)
+      ]
+      x = _assemble(pieces, d, jnp.float32, zero)
+      r = hadamard.transform_blocks(x, _block(d, cfg))
+      if error_feedback:
+        r = r + state.error[b][off : off + d] * sigma
+      rotated.append(r)
     # One pmax for the norms of every chunk (||x~|| = ||x||: orthonormal).
     norms = (
       jax.lax.pmax(jnp.stack([_norm(r) for r in rotated]), axis_name)
       if chunks
       else jnp.zeros((0,))
     )
+    # A non-finite chunk makes its whole buffer NaN (as a bucket of
+    # global_quantize): no finite number comes out of a step that saw
+    # NaN/Inf in any chunk of that buffer on any worker; and it leaves that
+    # buffer's memory as it was.
+    finite = [
+      jnp.all(
+        jnp.isfinite(
+          norms[np.asarray([j for j, ch in enumerate(chunks) if ch[0] == b])]
+        )
+      )
+      for b in range(len(plan))
+    ]
 
-    outs: list[list[jax.Array]] = [[] for _ in plan]
-    errors: list[list[jax.Array]] = [[] for _ in plan]
+    # Per leaf: (position in the leaf, values) pieces of the estimate.
+    leaf_pieces: list[list] = [[] for _ in leaves]
+    errors: list[list] = [[] for _ in plan]
     for j, (b, c, off, d) in enumerate(chunks):
-      out, residual = _chunk_mean(
+      unsigned, local, ok = _chunk_mean(
         rotated[j],
         norms[j],
-        signs[j],
         prng.worker_key(step_key, axis_name, b, c),
         cfg,
       )
-      outs[b].append(out)
+      inv_sigma = 1 / _prescale(d, cfg)
+      for i, lo, pos, n in _segments(plan[b], off, d):
+        # x^ = D H(mean): the signs of this piece, the prescaling undone (a
+        # finite estimate beyond float32 saturates); zero or sub-tiny chunks
+        # decode to exact (+) zeros, a buffer with a NaN/Inf chunk to NaN.
+        value = unsigned[pos : pos + n] * (
+          hadamard.counter_signs(seeds[j], n, start=pos) * np.float32(inv_sigma)
+        )
+        value = jnp.clip(value, -_F32_MAX, _F32_MAX)
+        value = jnp.where(
+          finite[b] & ok, value, jnp.where(finite[b], 0.0, jnp.nan)
+        )
+        # The estimate may exceed a 16-bit leaf's range where the inputs
+        # were near it: saturate rather than turn a finite step into inf.
+        leaf_pieces[i].append(
+          (lo, bucketing.cast_saturating(value, leaves[i].dtype))
+        )
       if error_feedback:
         errors[b].append(
-          _new_error(
-            residual, rotated[j], state.error[b][off : off + d], norms[j]
+          (
+            off,
+            _new_error(
+              local,
+              rotated[j],
+              state.error[b][off : off + d],
+              norms[j],
+              finite[b],
+              inv_sigma,
+            ),
           )
         )
 
-    out_leaves = [jnp.zeros(x.shape, x.dtype) for x in leaves]
-    finite: list[jax.Array] = []  # per buffer
-    for b, (buf, parts) in enumerate(zip(plan, outs)):
-      flat = jnp.concatenate(parts)
-      # A non-finite chunk makes its whole buffer NaN (as a bucket of
-      # global_quantize): no finite number comes out of a step that saw
-      # NaN/Inf in any chunk of that buffer on any worker.
-      ids = [j for j, chunk in enumerate(chunks) if chunk[0] == b]
-      finite.append(jnp.all(jnp.isfinite(norms[np.asarray(ids)])))
-      flat = jnp.where(finite[b], flat, jnp.nan)
-      offsets = np.cumsum((0,) + buf.sizes)
-      for k, i in enumerate(buf.leaf_ids):
-        piece = flat[offsets[k] : offsets[k + 1]]
-        # The estimate may exceed a 16-bit leaf's range where the inputs
-        # were near it: saturate rather than turn a finite step into inf.
-        out_leaves[i] = bucketing.cast_saturating(
-          piece.reshape(leaves[i].shape), leaves[i].dtype
-        )
-    # ... and leaves that buffer's memory as it was.
+    out_leaves = [
+      _assemble(p, x.size, x.dtype, zero).reshape(x.shape)
+      for p, x in zip(leaf_pieces, leaves)
+    ]
     new_error = (
       tuple(
-        jnp.where(ok, jnp.concatenate(e), old)
-        for ok, e, old in zip(finite, errors, state.error)
+        _assemble(e, buf.padded, jnp.float32, zero)
+        for e, buf in zip(errors, plan)
       )
-      if (error_feedback)
+      if error_feedback
       else ()
     )
     return (
