@@ -6,20 +6,19 @@ Walsh-Hadamard matrix. After the rotation every coordinate is a signed
 mixture of all inputs, so its magnitude concentrates around
 ``||x|| / sqrt(d)`` and one uniform grid fits all coordinates.
 
-The transform is blocked (no d x d matrix): with d = f_1 ... f_m, the
-Sylvester matrix factors as H_d = H_f1 (x) ... (x) H_fm, so viewing x as an
-array of shape (f_1, ..., f_m) the transform multiplies each axis by a small
-Hadamard matrix H_f (f <= 2^``MAX_FACTOR_LOG2``, entries ±1). Each factor is
-one matrix multiply that contracts the last axis and writes its result
-axis first (a transposed product, no separate transpose), so after m
-multiplies the axes are back in order: ceil(log2(d) / 6) passes over memory
-instead of the log2(d) of a butterfly (4 instead of 23 at d = 2^23), at 2^6
-multiply-adds per element and pass. Below 2^``MIN_BLOCKED_LOG2`` elements
-(in cache, where a pass is cheap) one product by H_32 does the lowest 5 bits
-and butterfly stages the rest. The products run at the highest precision
-(f32 on GPUs, not TF32), so the result equals the butterfly's up to f32
-rounding. The partial variant applies the transform independently to
-blocks of 2^T consecutive elements (the authors' "partial rotation").
+The transform is blocked: the Sylvester matrix factors over the bits of
+the index, H_d = H_(2^a) (x) H_(2^b) (x) ..., so groups of bits can be
+transformed in one pass each. The lowest ``LOW_PRODUCT_LOG2`` bits go first,
+as one matrix product of the (d / 64, 64) view by a small ±1 Hadamard block
+H_64 (at the highest precision: f32, not TF32, on GPUs); the remaining bits
+follow in radix-4 (radix-8 for large d) butterfly stages, each one pass that
+computes its outputs from 4 (8) inputs. At d = 2^23 that is 7 passes over
+memory instead of a radix-2 butterfly's 23, with the same O(d log d) adds
+up to the product's 64 multiply-adds per element; the result equals the
+butterfly's up to f32 rounding. Every pass is scaled down by a power of two
+(no intermediate exceeds ||x||, so no overflow where the result is finite).
+The partial variant applies the transform independently to blocks of 2^T
+consecutive elements (the authors' "partial rotation").
 """
 
 import functools
@@ -30,30 +29,17 @@ import numpy as np
 
 from gqsgd_jax._src import reference
 
-# Largest Hadamard factor of the blocked transform: 2^6 = 64 multiply-adds
-# per element and pass, few passes (4 at 2^23).
-MAX_FACTOR_LOG2 = 6
-# Transforms smaller than 2^MIN_BLOCKED_LOG2 (4 MiB of f32, about a cache)
-# run as butterflies: in cache a pass is cheap and the butterfly's log2(d)
-# adds per element beat the products' 2^6 multiply-adds.
-MIN_BLOCKED_LOG2 = 20
-# The butterfly's first pass: a product by H_32 (the lowest 5 bits).
-LOW_PRODUCT_LOG2 = 5
+# The first pass: a product by H_64 (the lowest 6 bits of the index).
+LOW_PRODUCT_LOG2 = 6
+# Then radix-4 butterfly stages (2 bits a pass), radix-8 (3 bits) from 2^21
+# elements on, where the passes leave the caches.
+RADIX8_MIN_LOG2 = 21
 
 
 def _log2_exact(n: int, name: str) -> int:
   if n < 1 or n & (n - 1):
     raise ValueError(f"{name} must be a power of two, got {n}")
   return n.bit_length() - 1
-
-
-def factor_logs(k: int, max_log2: int = MAX_FACTOR_LOG2) -> tuple[int, ...]:
-  """log2 of the Hadamard factors of a transform of size 2^k: as few as
-  ``max_log2`` allows, as even as possible (fewest multiply-adds)."""
-  if k <= 0:
-    return ()
-  m = -(-k // max_log2)
-  return tuple(k // m + (i < k % m) for i in range(m))
 
 
 @functools.cache
@@ -70,47 +56,39 @@ def _scale(k: int) -> float:
   return 2.0 ** -(k // 2) * (float(np.sqrt(0.5)) if k % 2 else 1.0)
 
 
-def _dot(h: np.ndarray, y: jax.Array, transposed: bool) -> jax.Array:
-  """y @ h (contracting y's last axis), or its transpose h^T y^T: the
-  contracted axis first (a 2-D y). At the highest precision: f32 products,
-  not TF32 or bf16 passes, on GPUs."""
-  dims = (((0,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
-  lhs, rhs = (jnp.asarray(h, y.dtype), y) if transposed else (y, h)
-  return jax.lax.dot_general(
-    lhs,
-    jnp.asarray(rhs, y.dtype),
-    dims,
+def _product(x: jax.Array, e: int, scale: float) -> jax.Array:
+  """scale H_(2^e) applied to consecutive blocks of 2^e elements of x's
+  last axis: one matrix product, at the highest precision (f32 products,
+  not TF32 or bf16 passes, on GPUs)."""
+  h = _sylvester(e) * np.float32(scale)
+  y = jax.lax.dot_general(
+    x.reshape(-1, 1 << e),
+    jnp.asarray(h, x.dtype),
+    (((1,), (0,)), ((), ())),
     precision=jax.lax.Precision.HIGHEST,
-    preferred_element_type=y.dtype,
+    preferred_element_type=x.dtype,
   )
+  return y.reshape(x.shape)
 
 
-def _butterfly(x: jax.Array, k: int) -> jax.Array:
-  """The transform of a small x: one product for the lowest
-  ``LOW_PRODUCT_LOG2`` bits (a pass instead of that many), then one
-  radix-2 butterfly stage per remaining bit (in cache a pass is cheap, and
-  a stage costs one add per element)."""
+def _stage(x: jax.Array, r: int, h: int, scale: float) -> jax.Array:
+  """scale (H_(2^r) (x) I_h) on x's last axis: bits log2(h) .. log2(h) +
+  r - 1 of the index in one pass (a radix-2^r butterfly, computed per
+  output element)."""
   d = x.shape[-1]
   batch = x.shape[:-1]
-  low = min(k, LOW_PRODUCT_LOG2)
-  if low == k:
-    h = _sylvester(k) * np.float32(_scale(k))
-    return _dot(h, x.reshape(-1, d), transposed=False).reshape(x.shape)
-  h = _sylvester(low) * np.float32(2.0 ** -((low + 1) // 2))
-  x = _dot(h, x.reshape(-1, 1 << low), transposed=False).reshape(x.shape)
-  step = 1 << low
-  for s in range(k - low):
-    # Stage: pairs (j, j + h) inside every block of 2h become (a + b, a - b),
-    # halved on every other stage: no intermediate exceeds ||x||.
-    y = x.reshape(batch + (d // (2 * step), 2, step))
-    a, b = y[..., 0, :], y[..., 1, :]
-    if s % 2 == 0:
-      a, b = a * jnp.asarray(0.5, x.dtype), b * jnp.asarray(0.5, x.dtype)
-    x = jnp.stack([a + b, a - b], axis=-2).reshape(batch + (d,))
+  f = 1 << r
+  y = x.reshape(batch + (d // (f * h), f, h))
+  v = [y[..., j, :] * jnp.asarray(scale, x.dtype) for j in range(f)]
+  step = 1
+  while step < f:
+    w = list(v)
+    for j in range(f):
+      if not j & step:
+        w[j], w[j | step] = v[j] + v[j | step], v[j] - v[j | step]
+    v = w
     step *= 2
-  # What the halvings left of d^-1/2: 1, sqrt(2) or 2.
-  left = (low + 1) // 2 + (k - low + 1) // 2 - k / 2
-  return x if left == 0 else x * jnp.asarray(2.0**left, x.dtype)
+  return jnp.stack(v, axis=-2).reshape(x.shape)
 
 
 def hadamard_transform(x: jax.Array) -> jax.Array:
@@ -131,30 +109,26 @@ def hadamard_transform(x: jax.Array) -> jax.Array:
   x = jnp.asarray(x)
   if x.ndim == 0:
     raise ValueError("x must have at least one axis")
-  d = x.shape[-1]
-  k = _log2_exact(d, "the last axis of x")
-  shape = x.shape
+  k = _log2_exact(x.shape[-1], "the last axis of x")
   if k == 0:
     return x
-  if k < MIN_BLOCKED_LOG2:
-    return _butterfly(x, k)
-  logs = factor_logs(k)
-  rows = int(np.prod(shape[:-1], dtype=np.int64))
-  # y: (f_j, ..., f_m, rows, f_1, ..., f_{j-1}) flattened to 2-D around the
-  # axis to contract next (the last one); the product H^T y^T puts the
-  # contracted axis first. After m products: (f_1, ..., f_m, rows).
-  # Each factor scaled by 2^-ceil(e/2), at most its orthonormal 2^-e/2, so
-  # no intermediate exceeds ||x||; the last one makes up the rest of d^-1/2
-  # (a power of two for even d, so exact).
-  left = sum((e + 1) // 2 for e in logs) - k / 2
-  y = x.reshape(-1)
-  for j, e in enumerate(reversed(logs)):
-    scale = 2.0 ** -((e + 1) // 2) * (2.0**left if j == len(logs) - 1 else 1)
-    h = _sylvester(e) * np.float32(scale)
-    y = _dot(h, y.reshape(-1, 1 << e), transposed=True).reshape(-1)
-  if rows > 1:
-    y = y.reshape(d, rows).T
-  return y.reshape(shape)
+  low = min(k, LOW_PRODUCT_LOG2)
+  if low == k:
+    return _product(x, k, _scale(k))
+  # Each pass of e bits scaled by 2^-ceil(e/2), at most its orthonormal
+  # 2^-e/2, so no intermediate exceeds ||x||; the end makes up the rest of
+  # d^-1/2 (a power of two for even k, so exact).
+  applied = (low + 1) // 2
+  y = _product(x, low, 2.0**-applied)
+  radix = 3 if k >= RADIX8_MIN_LOG2 else 2
+  done = low
+  while done < k:
+    r = min(radix, k - done)
+    y = _stage(y, r, 1 << done, 2.0 ** -((r + 1) // 2))
+    applied += (r + 1) // 2
+    done += r
+  left = applied - k / 2
+  return y if left == 0 else y * jnp.asarray(2.0**left, y.dtype)
 
 
 def random_signs(
