@@ -238,7 +238,7 @@ def _norm(x: jax.Array) -> jax.Array:
   return jax.lax.cond(fast, lambda: jnp.sqrt(s), lambda: _robust_norm(x))
 
 
-def _stochastic_round(y: jax.Array, key: jax.Array, levels: int) -> jax.Array:
+def _stochastic_round(y: jax.Array, seed: jax.Array, levels: int) -> jax.Array:
   """SR of y in [0, levels - 1] to integer codes: up iff 24 random bits <
   floor(frac * 2^24), the kernels' StochasticRound rule (the up-probability
   is frac rounded down to 2^-24, never above frac).
@@ -251,13 +251,13 @@ def _stochastic_round(y: jax.Array, key: jax.Array, levels: int) -> jax.Array:
     codes = ops.quantize(
       y,
       jnp.float32(1),
-      ops.seed_from_key(key),
+      seed,
       levels=levels - 1,
       bits=8,
       signed_codes=True,
     )
     return codes
-  bits = reference.random_bits(ops.seed_from_key(key), y.size).reshape(y.shape)
+  bits = reference.random_bits(seed, y.size).reshape(y.shape)
   fl = jnp.floor(y)
   threshold = ((y - fl) * 2.0**24).astype(jnp.uint32)
   return fl.astype(jnp.int32) + ((bits >> 8) < threshold).astype(jnp.int32)
@@ -310,7 +310,7 @@ def _prescale(d: int, cfg: _Step) -> float:
 def _chunk_mean(
   rotated: jax.Array,
   norm: jax.Array,
-  key: jax.Array,
+  seed: jax.Array,
   cfg: _Step,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Steps 3-6 for one rotated chunk: (H^-1 of the decoded mean, still to be
@@ -327,7 +327,7 @@ def _chunk_mean(
   inv_delta = jnp.where(ok, (cfg.levels - 1) / (2 * t), 0.0)
   y = jnp.clip((rotated + t) * inv_delta, 0.0, cfg.levels - 1)
   y = jnp.where(ok, y, 0.0)  # NaN/Inf chunks: send anything finite
-  codes = _stochastic_round(y, key, cfg.levels)
+  codes = _stochastic_round(y, seed, cfg.levels)
   if codes.dtype == jnp.int8 and cfg.wire == np.uint8:
     wire = jax.lax.bitcast_convert_type(codes, jnp.uint8)  # codes >= 0
   else:
@@ -550,7 +550,17 @@ def thc(
     ]
     flat_leaves = [x.reshape(-1) for x in leaves]
     zero = _opaque_zero(state.rotation_key)
-    seeds = [_signs_seed(state.rotation_key, b, c) for b, c, _, _ in chunks]
+    # The kernels' seeds of every chunk at once (batched threefry: a few
+    # ops per step, not a few per chunk): the shared signs' ...
+    ids = (
+      np.asarray([b for b, _, _, _ in chunks], np.int32),
+      np.asarray([c for _, c, _, _ in chunks], np.int32),
+    )
+    seeds = jax.vmap(lambda b, c: _signs_seed(state.rotation_key, b, c))(*ids)
+    # ... and each worker's own dither.
+    dither = jax.vmap(
+      lambda b, c: ops.seed_from_key(prng.worker_key(step_key, axis_name, b, c))
+    )(*ids)
     # Step 2, with the memory kept in the rotated domain: the rotation is
     # fixed across steps, so H D (g + e) = H D g + e~ and the residual
     # needs no transform back (two transforms per step, not three).
@@ -596,11 +606,11 @@ def thc(
     # Per leaf: (position in the leaf, values) pieces of the estimate.
     leaf_pieces: list[list] = [[] for _ in leaves]
     errors: list[list] = [[] for _ in plan]
-    for j, (b, c, off, d) in enumerate(chunks):
+    for j, (b, _, off, d) in enumerate(chunks):
       unsigned, local, ok = _chunk_mean(
         rotated[j],
         norms[j],
-        prng.worker_key(step_key, axis_name, b, c),
+        dither[j],
         cfg,
       )
       inv_sigma = 1 / _prescale(d, cfg)
