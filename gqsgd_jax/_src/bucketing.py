@@ -68,6 +68,23 @@ def check_leaf_dtypes(
       )
 
 
+def check_float_leaves(
+  leaves: Sequence[LeafLike],
+  paths: Sequence[jax.tree_util.KeyPath],
+  method: str,
+) -> None:
+  """Raises TypeError naming the first gradient leaf that is not floating
+  point (any float dtype; ``check_leaf_dtypes`` is stricter, it admits
+  only the kernels' f32, bf16 and f16). ``method`` names the caller in the
+  message; ``paths`` are the leaves' key paths."""
+  for leaf, path in zip(leaves, paths):
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(
+        f"gradient leaf {jax.tree_util.keystr(path)} has "
+        f"dtype {leaf.dtype}; {method} needs floats"
+      )
+
+
 def plan_buckets(
   leaves: Sequence[LeafLike], *, bucket_bytes: int, per_leaf: bool = False
 ) -> list[Bucket]:

@@ -181,12 +181,9 @@ def hierarchical(
     num_local = collectives.axis_size(local_axis)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
-    for (path, _), leaf in zip(paths_leaves, leaves):
-      if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise TypeError(
-          f"gradient leaf {jax.tree_util.keystr(path)} has "
-          f"dtype {leaf.dtype}; hierarchical needs floats"
-        )
+    bucketing.check_float_leaves(
+      leaves, [p for p, _ in paths_leaves], "hierarchical"
+    )
     groups = _groups(leaves, wire)
 
     blocks, sizes = [], []

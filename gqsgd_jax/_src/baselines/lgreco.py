@@ -47,11 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
-from gqsgd_jax._src.baselines import common
 from gqsgd_jax._src.baselines import orthogonalize as orth
 from gqsgd_jax._src.baselines import powersgd as psgd
 
@@ -575,7 +575,9 @@ def lgreco(
     num_workers = collectives.axis_size(axis_name)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
-    common.check_float_leaves(leaves, [p for p, _ in paths_leaves], "L-GreCo")
+    bucketing.check_float_leaves(
+      leaves, [p for p, _ in paths_leaves], "L-GreCo"
+    )
     mats = layout(leaves)
     if [q.shape for q in state.q] != [(m.m, m.r) for m in mats]:
       raise ValueError(

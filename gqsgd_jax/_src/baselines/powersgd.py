@@ -39,7 +39,6 @@ from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
-from gqsgd_jax._src.baselines import common
 from gqsgd_jax._src.baselines import orthogonalize as orth
 
 # Streams of the shared key (fold_in tags), so draws never collide.
@@ -594,7 +593,9 @@ def powersgd(
     num_workers = collectives.axis_size(axis_name)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [jnp.asarray(x) for _, x in paths_leaves]
-    common.check_float_leaves(leaves, [p for p, _ in paths_leaves], "PowerSGD")
+    bucketing.check_float_leaves(
+      leaves, [p for p, _ in paths_leaves], "PowerSGD"
+    )
     buckets, mats = layout(leaves)
     check_state(state, leaves, buckets, mats)
 
