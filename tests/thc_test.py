@@ -290,6 +290,56 @@ def test_error_feedback_identity_with_clipping():
   assert tx.init(params).error == ()
 
 
+@pytest.mark.parametrize("levels", [16, 1024])
+def test_error_feedback_identity_across_leaves_and_chunks(levels):
+  # One fused buffer of 700 + 1500 + 33 elements, padded to 3072 and cut
+  # into chunks of 2048 and 1024: leaf "b" straddles the chunks, the chunks
+  # are assembled from the leaves' pieces and the leaves from the chunks'.
+  # Per step, summed over workers: g + e_old = W * out + e_new (memories
+  # unrotated chunk by chunk); 1024 levels round with the counter hash and
+  # sum in int32.
+  w = 3
+  shapes = {"a": (700,), "b": (30, 50), "c": (33,)}
+  params = {k: jnp.zeros(v) for k, v in shapes.items()}
+  tx = thc_lib.thc(levels=levels, overflow_prob=0.2)
+  state = _init(tx, params, w)
+  key = jnp.asarray(state.rotation_key).reshape(-1, 2)[0]
+  assert thc_lib.plan_chunks(2233) == (2048, 1024)
+
+  def unrotated(errors):
+    parts, off = [], 0
+    for c, d in enumerate((2048, 1024)):
+      signs = thc_lib.chunk_signs(key, 0, c, d)
+      inv = jax.vmap(
+        functools.partial(hadamard.inverse_randomized_hadamard, signs=signs)
+      )
+      parts.append(np.asarray(inv(jnp.asarray(errors[:, off : off + d]))))
+      off += d
+    return np.concatenate(parts, axis=1).astype(np.float64)
+
+  for step in range(3):
+    keys = jax.random.split(jax.random.PRNGKey(step), 3)
+    g = {
+      k: jax.random.normal(kk, (w,) + v) * (1 + 10 * i)
+      for i, ((k, v), kk) in enumerate(zip(sorted(shapes.items()), keys))
+    }
+    old = unrotated(_errors(state, w)[0])
+    out, state = _update(tx, g, state)
+    assert_replicas_equal(out)
+    new = unrotated(_errors(state, w)[0])
+    flat_g = np.concatenate(
+      [np.asarray(g[k], np.float64).reshape(w, -1) for k in sorted(shapes)],
+      axis=1,
+    )
+    flat_out = np.concatenate(
+      [np.asarray(out[k][0], np.float64).reshape(-1) for k in sorted(shapes)]
+    )
+    lhs = flat_g.sum(0) + old[:, :2233].sum(0)
+    rhs = w * flat_out + new[:, :2233].sum(0)
+    np.testing.assert_allclose(rhs, lhs, rtol=0, atol=2e-5 * np.abs(lhs).max())
+    assert np.any(new[:, 2233:] != 0)  # the padding carries memory too
+
+
 def test_error_feedback_converges_on_least_squares():
   # Heavy clipping (p = 0.3) is biased; error feedback still reaches the
   # uncompressed loss within 5 %.
