@@ -98,3 +98,16 @@ def test_transform_blocks_and_counter_sign_pieces():
   for start, n in ((0, 17), (1000, 2000), (2999, 1)):
     piece = hadamard.counter_signs(seed, n, start=start)
     np.testing.assert_array_equal(piece, whole[start : start + n])
+
+
+@pytest.mark.parametrize("k", [5, 9, 12, 21])
+def test_product_last_is_the_same_transform(k):
+  # The passes commute (Kronecker factors): only the rounding differs.
+  x = jax.random.normal(jax.random.PRNGKey(k), (2**k,))
+  last = jax.jit(lambda x: hadamard.hadamard_transform(x, product_last=True))(x)
+  np.testing.assert_allclose(last, _fwht64(x), atol=5e-6)
+  np.testing.assert_allclose(
+    hadamard.transform_blocks(x, 4, product_last=True),
+    hadamard.transform_blocks(x, 4),
+    atol=1e-6,
+  )

@@ -91,7 +91,9 @@ def _stage(x: jax.Array, r: int, h: int, scale: float) -> jax.Array:
   return jnp.stack(v, axis=-2).reshape(x.shape)
 
 
-def hadamard_transform(x: jax.Array) -> jax.Array:
+def hadamard_transform(
+  x: jax.Array, *, product_last: bool = False
+) -> jax.Array:
   """Orthonormal Walsh-Hadamard transform along the last axis.
 
   ``H`` is the Sylvester (natural-order) Hadamard matrix scaled by
@@ -99,6 +101,9 @@ def hadamard_transform(x: jax.Array) -> jax.Array:
 
   Args:
     x: float array whose last axis has a power-of-two length d.
+    product_last: run the butterfly passes before the product (the same
+      transform: the passes commute) so that elementwise work producing x
+      fuses into the first pass (a product reads its operand as is).
 
   Returns:
     ``x @ H`` with the shape and dtype of ``x``.
@@ -119,7 +124,7 @@ def hadamard_transform(x: jax.Array) -> jax.Array:
   # 2^-e/2, so no intermediate exceeds ||x||; the end makes up the rest of
   # d^-1/2 (a power of two for even k, so exact).
   applied = (low + 1) // 2
-  y = _product(x, low, 2.0**-applied)
+  y = x if product_last else _product(x, low, 2.0**-applied)
   radix = 3 if k >= RADIX8_MIN_LOG2 else 2
   done = low
   while done < k:
@@ -127,6 +132,8 @@ def hadamard_transform(x: jax.Array) -> jax.Array:
     y = _stage(y, r, 1 << done, 2.0 ** -((r + 1) // 2))
     applied += (r + 1) // 2
     done += r
+  if product_last:
+    y = _product(y, low, 2.0 ** -((low + 1) // 2))
   left = applied - k / 2
   return y if left == 0 else y * jnp.asarray(2.0**left, y.dtype)
 
@@ -178,10 +185,13 @@ def _blocks(x: jax.Array, block_log2: int | None) -> jax.Array:
   return x.reshape(-1, block)
 
 
-def transform_blocks(x: jax.Array, block_log2: int | None = None) -> jax.Array:
+def transform_blocks(
+  x: jax.Array, block_log2: int | None = None, *, product_last: bool = False
+) -> jax.Array:
   """``hadamard_transform`` of a 1-D x, whole (None) or on consecutive
   blocks of 2^block_log2 elements (the partial rotation)."""
-  return hadamard_transform(_blocks(jnp.asarray(x), block_log2)).reshape(-1)
+  y = _blocks(jnp.asarray(x), block_log2)
+  return hadamard_transform(y, product_last=product_last).reshape(-1)
 
 
 def randomized_hadamard(

@@ -334,7 +334,8 @@ def _chunk_mean(
     wire = codes.astype(cfg.wire)
   total = jax.lax.psum(wire, cfg.axis_name)
   mean = total.astype(jnp.float32) * (delta / cfg.num_workers) - t
-  unsigned = hadamard.transform_blocks(mean, _block(d, cfg))
+  # Butterflies first: the decoding above fuses into the first pass.
+  unsigned = hadamard.transform_blocks(mean, _block(d, cfg), product_last=True)
   local = codes.astype(jnp.float32) * delta - t
   return unsigned, local, ok
 
