@@ -290,3 +290,37 @@ def test_bad_arguments_name_the_argument():
       {"n": jnp.ones((2, 3), jnp.int32)},
       _stack(tx.init({"n": jnp.ones(3, jnp.int32)}), 2),
     )
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "sparse"])
+def test_threshold_selection_is_the_top_k_set(kind, monkeypatch):
+  # From _THRESHOLD_MIN elements the exact selection is a threshold (on a
+  # sample's bracket from _SAMPLE_MIN): the same set as lax.top_k (ties by
+  # index), also when the bracket misses or its candidates overflow.
+  rng = np.random.default_rng(3)
+  for n in (dgc_lib._THRESHOLD_MIN + 3, 3 * 2**14 + 5):
+    x = rng.standard_normal(n)
+    if kind == "ties":
+      x = np.round(x)
+    if kind == "nonfinite":
+      x[rng.integers(0, n, 20)] = np.inf
+      x[rng.integers(0, n, 20)] = -np.inf
+      x[rng.integers(0, n, 20)] = np.nan
+    if kind == "sparse":
+      x = x * (rng.random(n) < 0.003)
+    v = jnp.asarray(x, jnp.float32)
+    scores = jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
+    for density in (0.001, 0.01, 0.3):
+      k = dgc_lib.num_selected(n, density)
+      want = np.sort(np.asarray(jax.lax.top_k(scores, k)[1]))
+      for sigmas, divisor in ((5.0, 32), (0.0, 32), (5.0, n)):
+        monkeypatch.setattr(dgc_lib, "_SAMPLE_SIGMAS", sigmas)
+        monkeypatch.setattr(dgc_lib, "_CANDIDATE_DIVISOR", divisor)
+        # A fresh function: traced again with the patched constants.
+        idx, valid = jax.jit(
+          lambda v, k=k: dgc_lib.select(v, k, None, "exact", 0.01)
+        )(v)
+        assert np.asarray(valid).all()
+        np.testing.assert_array_equal(
+          np.asarray(idx), want, err_msg=f"{kind} n={n} k={k} {sigmas}"
+        )
