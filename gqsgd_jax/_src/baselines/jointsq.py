@@ -503,7 +503,8 @@ def _threshold_classes(squares: jax.Array, budget: int) -> jax.Array:
   if squares.shape[0] >= _SAMPLE_MIN:
     lo = jax.lax.cond(
       all_fit,
-      lambda: jnp.uint32(_TINY_BITS),
+      # Typed like the data (varying over a shard_map axis or not).
+      lambda: jnp.where(all_fit, jnp.uint32(_TINY_BITS), _TINY_BITS),
       lambda: _bracketed_cut(squares, budget),
     )
   else:
