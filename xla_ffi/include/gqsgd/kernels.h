@@ -25,7 +25,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "gqsgd/math.h"
@@ -121,29 +120,28 @@ inline void PackLanes(const uint32_t* c, int64_t words,
 }
 
 // Byte words (1, 2, 4 bits) from one byte per code: the kCount codes of a
-// word are read as one little-endian integer (code k in byte k) and shifted
-// into place, which vectorizes to a few shifts and one narrowing store per
-// vector; the generic loop above gathers with a stride of kCount instead.
+// word are read as one integer p (code k in bits 8k..8k+7; compilers merge
+// the byte loads into one) and shifted into place, which vectorizes to a
+// few shifts and one narrowing store per vector; the generic loop above
+// gathers with a stride of kCount instead.
 template <int kBits>
 inline void PackByteLanes(const uint8_t* c, int64_t words, uint8_t* out) {
   using L = Lanes<kBits>;
   static_assert(L::kByte, "byte words only");
-  using Chunk = typename std::conditional<
-      L::kCount == 8, uint64_t,
-      typename std::conditional<L::kCount == 4, uint32_t,
-                                typename std::conditional<L::kCount == 2, uint16_t,
-                                                          uint8_t>::type>::type>::type;
   for (int64_t w = 0; w < words; ++w) {
-    Chunk p;
-    std::memcpy(&p, c + w * L::kCount, sizeof(p));
+    uint64_t p = 0;
+    GQSGD_UNROLL
+    for (int k = 0; k < L::kCount; ++k)
+      p |= static_cast<uint64_t>(c[w * L::kCount + k]) << (8 * k);
     uint64_t word = 0;
     GQSGD_UNROLL
     for (int k = 0; k < L::kCount; ++k) {
-      // Code k sits at bit 8k and goes to bit (kCount - 1 - k) * kBits.
+      // Code k goes from bit 8k to bit (kCount - 1 - k) * kBits; the other
+      // codes shifted along land above bit 7 or below bit 0 (codes are
+      // below 2^kBits), so the low byte is exactly the packed word.
       const int from = 8 * k;
       const int to = (L::kCount - 1 - k) * kBits;
-      word |= to >= from ? (static_cast<uint64_t>(p) << (to - from))
-                         : (static_cast<uint64_t>(p) >> (from - to));
+      word |= to >= from ? (p << (to - from)) : (p >> (from - to));
     }
     out[w] = static_cast<uint8_t>(word);
   }
