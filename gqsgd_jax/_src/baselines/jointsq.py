@@ -1140,13 +1140,16 @@ def jointsq(
         impl=impl,
       )
       if len(members) == 1:
-        # Unbatched, so that the conds inside (the greedy's tie scan) stay
-        # conds rather than selects that run both branches.
         payload, x_hat, cnt = jax.tree.map(
           lambda x: x[None], enc(vs[0], key=keys[0])
         )
       else:
-        payload, x_hat, cnt = jax.vmap(enc)(vs, key=keys)
+        # A loop over the tensors, not a vmap: the conds inside (the
+        # greedy's tie scan, the cut's fallback) stay conds rather than
+        # selects that run both branches.
+        payload, x_hat, cnt = jax.lax.map(
+          lambda vk: enc(vk[0], key=vk[1]), (vs, keys)
+        )
       # A non-finite tensor sends NaN; the memory keeps its finite values.
       err = jnp.where(jnp.isnan(x_hat), vs, vs - x_hat)
       err = jnp.where(jnp.isfinite(err), err, 0.0)
