@@ -26,7 +26,14 @@ is assembled from its leaves' pieces, and the leaves and the memory from
 the chunks' pieces, by in-place updates (XLA:CPU computes a concatenation
 with a per-element choice of the operand, several times slower than a
 copy); the norms take one pass (a sum of squares) unless it overflows or
-underflows.
+underflows. Each chunk is rotated and quantized prescaled by a power of two,
+sigma = 2^-ceil(T/2) for a rotation of 2^T elements (the same codes, exact
+scalings), so that finite gradients near float32's largest value neither
+overflow in the rotation nor in the norm (||sigma H D x|| <= max|x|); a
+finite estimate beyond float32's range saturates. A chunk whose prescaled
+norm sigma N is below float32's smallest normal (N < 2^-126 / sigma, about
+5e-35 at 2^23 elements) is treated as zero: sent as zeros, kept whole in
+memory.
 
 Layout. Leaves are flattened to float32 and, with ``granularity="fused"``
 (default), concatenated into one buffer; ``"leaf"`` treats each leaf on its
