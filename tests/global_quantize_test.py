@@ -506,6 +506,22 @@ def test_auto_reads_the_process_topology(monkeypatch):
   assert "all-to-all" in compiled_hlo()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8])
+def test_join_is_concatenate_without_a_concatenate(dtype):
+  # The pieces land in order, bit for bit; the compiled program writes
+  # them in place (XLA:CPU's concatenation is ~30x slower than a copy).
+  sizes = (5, 1, 4096, 3, 1000)
+  parts = [
+    jnp.arange(n, dtype=jnp.float32).astype(dtype) + k
+    for k, n in enumerate(sizes)
+  ]
+  got = jax.jit(bucketing.join)(parts)
+  assert_trees_bitwise_equal(got, jnp.concatenate(parts))
+  hlo = jax.jit(bucketing.join).lower(parts).compile().as_text()
+  assert "concatenate(" not in hlo
+  assert bucketing.join(parts[:1]) is parts[0]
+
+
 def test_bucket_plan_is_reverse_order_capped_and_single_dtype():
   leaves = [
     jnp.zeros(10),

@@ -124,9 +124,34 @@ def plan_buckets(
   return buckets
 
 
+def join(parts: Sequence[jax.Array]) -> jax.Array:
+  """1-D arrays of one dtype, one after the other in one buffer.
+
+  Written piece by piece into a zero buffer in place rather than by
+  ``jnp.concatenate``: XLA:CPU's fusion emitters (jaxlib 0.10's default)
+  compute a concatenation with a per-element choice of the operand, ~30x
+  slower than a copy (16.8 M floats in 6 pieces: ~1 s vs 30 ms, which made
+  Global-QSGD's step 2.4x slower than f32 at that size). The offsets pass
+  through an optimization barrier: at offsets XLA can see, it rewrites the
+  updates into pads and the same per-element choice.
+  """
+  if len(parts) == 1:
+    return parts[0]
+  total = sum(p.shape[0] for p in parts)
+  if total >= 2**31:  # beyond int32 offsets
+    return jnp.concatenate(parts)
+  zero = jax.lax.optimization_barrier(jnp.int32(0))
+  out = jnp.zeros(total, parts[0].dtype)
+  start = 0
+  for part in parts:
+    out = jax.lax.dynamic_update_slice(out, part, (zero + start,))
+    start += part.shape[0]
+  return out
+
+
 def flatten_bucket(bucket: Bucket, leaves: Sequence[jax.Array]) -> jax.Array:
-  parts = [leaves[i].reshape(-1) for i in bucket.leaf_ids]
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+  """The bucket's leaves, flattened, one after the other (see ``join``)."""
+  return join([leaves[i].reshape(-1) for i in bucket.leaf_ids])
 
 
 def cast_saturating(x: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:

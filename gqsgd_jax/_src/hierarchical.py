@@ -194,7 +194,7 @@ def hierarchical(
         (leaves[i].reshape(-1).astype(jnp.float32) / num_local).astype(dtype)
         for i in ids
       ]
-      flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+      flat = bucketing.join(parts)
       n = flat.shape[0]
       sizes.append(n)
       flat = jnp.pad(flat, (0, (-n) % num_local))  # zeros: exact, no effect
