@@ -53,6 +53,23 @@ SHAPES = (
   ("dense3/kernel", (128, 10)),
   ("dense3/bias", (10,)),
 )
+# The recommendation example's DeepFwFM (examples/recommendation, default
+# config): 532 770 parameters, 85% of them in one embedding table.
+REC_SHAPES = (
+  ("embeddings", (56554, 8)),
+  ("first_order", (56554, 1)),
+  ("dense_embed", (13, 8)),
+  ("dense_first_order", (13,)),
+  ("field_weights", (39, 39)),
+  ("bias", (1,)),
+  ("mlp0/kernel", (312, 64)),
+  ("mlp0/bias", (64,)),
+  ("mlp1/kernel", (64, 32)),
+  ("mlp1/bias", (32,)),
+  ("mlp_out/kernel", (32, 1)),
+  ("mlp_out/bias", (1,)),
+)
+MODELS = {"mlp": SHAPES, "recommendation": REC_SHAPES}
 DEFAULT_OUT = os.path.join(
   os.path.dirname(__file__), "results", "baseline_speed.md"
 )
@@ -74,10 +91,11 @@ def methods() -> dict:
     "lgreco": lambda: gqsgd_jax.lgreco(rank=4, start_iter=0, axis_name=AXIS),
     "thc": lambda: gqsgd_jax.thc(levels=16, axis_name=AXIS),
     "qsgd": lambda: gqsgd_jax.qsgd(levels=7, axis_name=AXIS),
+    "dgc": lambda: gqsgd_jax.dgc(density=0.01, axis_name=AXIS),
   }
 
 
-def gradients() -> dict:
+def gradients(shapes=SHAPES) -> dict:
   """Per-worker gradients: every leaf with a leading worker axis."""
   rng = np.random.default_rng(0)
   return {
@@ -85,7 +103,7 @@ def gradients() -> dict:
       rng.standard_normal((NUM_WORKERS, *shape)).astype(np.float32)
       * (0.01 if "bias" in name else 0.1)
     )
-    for name, shape in SHAPES
+    for name, shape in shapes
   }
 
 
@@ -118,13 +136,16 @@ def make_thunk(tx, grads: dict):
   return thunk
 
 
-def run(names: list[str], repeats: int, warmup: int) -> tuple[str, dict]:
+def run(
+  names: list[str], repeats: int, warmup: int, model: str = "mlp"
+) -> tuple[str, dict]:
+  shapes = MODELS[model]
   load_before = _common.load_average()
-  grads = gradients()
+  grads = gradients(shapes)
   thunks = {name: make_thunk(methods()[name](), grads) for name in names}
   times = _common.median_times(thunks, repeats, warmup)
   load_after = _common.load_average()
-  params = sum(int(np.prod(s)) for _, s in SHAPES)
+  params = sum(int(np.prod(s)) for _, s in shapes)
   f32 = times.get("f32")
   lines = [
     BEGIN,
@@ -132,8 +153,8 @@ def run(names: list[str], repeats: int, warmup: int) -> tuple[str, dict]:
     "",
     *_common.machine_lines(),
     f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
-    f"- W = {NUM_WORKERS} simulated CPU devices, {params} parameters in "
-    f"{len(SHAPES)} leaves; median of {repeats} steps per method after "
+    f"- W = {NUM_WORKERS} simulated CPU devices, {model} model: {params} "
+    f"parameters in {len(shapes)} leaves; median of {repeats} steps per method after "
     f"{warmup} warm-up round(s), round-robin",
     "",
     "| method | ms / step | x f32 |",
@@ -173,6 +194,13 @@ def main() -> None:
     default=",".join(methods()),
     help="comma-separated subset of " + ",".join(methods()),
   )
+  parser.add_argument(
+    "--model",
+    choices=sorted(MODELS),
+    default="mlp",
+    help="gradient shapes: the MLP (default) or the recommendation "
+    "example's model",
+  )
   parser.add_argument("--out", default=DEFAULT_OUT)
   parser.add_argument("--no-write", action="store_true")
   args = parser.parse_args()
@@ -184,7 +212,7 @@ def main() -> None:
     parser.error(f"unknown methods {unknown}")
   if "f32" not in names:
     names.insert(0, "f32")
-  section, _ = run(names, args.repeats, args.warmup)
+  section, _ = run(names, args.repeats, args.warmup, args.model)
   print(section)
   if not args.no_write:
     write(args.out, section)
