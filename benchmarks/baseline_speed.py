@@ -154,8 +154,8 @@ def run(
     *_common.machine_lines(),
     f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
     f"- W = {NUM_WORKERS} simulated CPU devices, {model} model: {params} "
-    f"parameters in {len(shapes)} leaves; median of {repeats} steps per method after "
-    f"{warmup} warm-up round(s), round-robin",
+    f"parameters in {len(shapes)} leaves; median of {repeats} steps per "
+    f"method after {warmup} warm-up round(s), round-robin",
     "",
     "| method | ms / step | x f32 |",
     "|---|---:|---:|",

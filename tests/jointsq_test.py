@@ -117,7 +117,7 @@ def test_bracketed_cut_equals_the_oracle_on_large_tensors(kind, monkeypatch):
       monkeypatch.setattr(jsq, "_SAMPLE_MARGIN", margin)
       monkeypatch.setattr(jsq, "_CANDIDATE_DIVISOR", divisor)
       # A fresh function: traced again with the patched constants.
-      cls = np.asarray(jax.jit(lambda v, l=layout: jsq.select(v, l))(v))
+      cls = np.asarray(jax.jit(lambda v, lay=layout: jsq.select(v, lay))(v))
       np.testing.assert_array_equal(
         cls, oracle, err_msg=f"{kind} ρ={ratio} margin={margin} /{divisor}"
       )

@@ -28,6 +28,7 @@ Not implemented from the DGC paper: the sparsity warm-up schedule and local
 gradient clipping (the reference has neither).
 """
 
+from collections.abc import Callable
 from fractions import Fraction
 import math
 from typing import NamedTuple
@@ -141,9 +142,13 @@ _CANDIDATE_DIVISOR = 32
 _TOP_BITS = 0x7F800001
 
 
-def _bisect_kth(bits: jax.Array, k: int | jax.Array, count_from) -> jax.Array:
+def _bisect_kth(
+  bits: tuple[jax.Array, jax.Array],
+  k: int | jax.Array,
+  count_from: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
   """The largest t with count_from(t) >= k, given count_from(lo) >= k >
-  count_from(hi) on the bounds found in ``bits`` (lo, hi): 31 halvings."""
+  count_from(hi) on the bounds ``bits`` = (lo, hi): 31 halvings."""
 
   def halve(
     _: int | jax.Array, bounds: tuple[jax.Array, jax.Array]

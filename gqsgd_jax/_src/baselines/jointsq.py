@@ -456,7 +456,7 @@ def _bracketed_cut(squares: jax.Array, budget: int) -> jax.Array:
   hi = hi + 1  # weight <= its goal there
   lo = jnp.minimum(lo, hi - 1)
   t_lo, t_hi = _as_float(lo), _as_float(hi)
-  budget = jnp.int32(budget)
+  goal = jnp.int32(budget)
 
   in_bracket = functools.reduce(
     jnp.logical_or,
@@ -464,7 +464,7 @@ def _bracketed_cut(squares: jax.Array, budget: int) -> jax.Array:
   )
   w_lo, w_hi = _weights_at(squares, jnp.stack([t_lo, t_hi]))
   slot, found = _compact_slots(in_bracket)
-  ok = (w_lo > budget) & (w_hi <= budget) & (found <= cap)
+  ok = (w_lo > goal) & (w_hi <= goal) & (found <= cap)
 
   def on_candidates() -> jax.Array:
     values = jnp.pad(squares, (0, slot.size - n)).reshape(slot.shape)
@@ -479,9 +479,9 @@ def _bracketed_cut(squares: jax.Array, budget: int) -> jax.Array:
       )
       return w_hi + jnp.sum(per_element, dtype=jnp.int32)
 
-    return _bisect(weight_from, budget, lo, hi)
+    return _bisect(weight_from, goal, lo, hi)
 
-  return jax.lax.cond(ok, on_candidates, lambda: _full_cut(squares, budget))
+  return jax.lax.cond(ok, on_candidates, lambda: _full_cut(squares, goal))
 
 
 def _threshold_classes(squares: jax.Array, budget: int) -> jax.Array:
@@ -621,7 +621,7 @@ def _classes_and_ranks(
   shift = jnp.asarray(30 - 2 * lane, jnp.uint32)
   # The fields above lane l's (none for lane 0).
   above = jnp.asarray(
-    [0] + [(0xFFFFFFFF << (32 - 2 * int(l))) & 0xFFFFFFFF for l in lane[1:]],
+    [0] + [(0xFFFFFFFF << (32 - 2 * int(k))) & 0xFFFFFFFF for k in lane[1:]],
     jnp.uint32,
   )
   cls = ((word[..., None] >> shift) & 3).astype(jnp.int32)
@@ -640,7 +640,10 @@ def _classes_and_ranks(
 
   if padded:
     return cls, rank
-  return tuple(x.reshape(*batch, words * 16)[..., :n] for x in (cls, rank))
+  return (
+    cls.reshape(*batch, words * 16)[..., :n],
+    rank.reshape(*batch, words * 16)[..., :n],
+  )
 
 
 def _value_bases(layout: JointSQLayout) -> tuple[np.ndarray, int]:
@@ -795,14 +798,17 @@ def encode(
       ok = norms[r] >= common.TINY
       scale = jnp.where(ok, s / jnp.where(ok, norms[r], 1.0), 0.0)
       parts.append(
-        (r, ops.quantize(
-          buf[start : start + cap],
-          scale,
-          seeds[c - 1],
-          levels=s,
-          bits=bits,
-          impl=impl,
-        ))
+        (
+          r,
+          ops.quantize(
+            buf[start : start + cap],
+            scale,
+            seeds[c - 1],
+            levels=s,
+            bits=bits,
+            impl=impl,
+          ),
+        )
       )
     start += cap
 
@@ -1148,7 +1154,7 @@ def jointsq(
         # greedy's tie scan, the cut's fallback) stay conds rather than
         # selects that run both branches.
         payload, x_hat, cnt = jax.lax.map(
-          lambda vk: enc(vk[0], key=vk[1]), (vs, keys)
+          lambda vk, enc=enc: enc(vk[0], key=vk[1]), (vs, keys)
         )
       # A non-finite tensor sends NaN; the memory keeps its finite values.
       err = jnp.where(jnp.isnan(x_hat), vs, vs - x_hat)
