@@ -294,9 +294,11 @@ def test_bad_arguments_name_the_argument():
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "sparse"])
 def test_threshold_selection_is_the_top_k_set(kind, monkeypatch):
-  # From _THRESHOLD_MIN elements the exact selection is a threshold (on a
-  # sample's bracket from _SAMPLE_MIN): the same set as lax.top_k (ties by
-  # index), also when the bracket misses or its candidates overflow.
+  # From _THRESHOLD_MIN elements and _THRESHOLD_MIN_K selected (1 here)
+  # the exact selection is a threshold (on a sample's bracket from
+  # _SAMPLE_MIN): the same set as lax.top_k (ties by index), also when the
+  # bracket misses or its candidates overflow.
+  monkeypatch.setattr(dgc_lib, "_THRESHOLD_MIN_K", 1)
   rng = np.random.default_rng(3)
   for n in (dgc_lib._THRESHOLD_MIN + 3, 3 * 2**14 + 5):
     x = rng.standard_normal(n)
