@@ -23,6 +23,7 @@ from gqsgd_jax._src import reference
 from _utils import assert_replicas_equal
 from _utils import assert_trees_bitwise_equal
 from _utils import data_mesh
+from _utils import monte_carlo_estimates
 from _utils import sharded_update
 
 F32 = np.float32
@@ -30,22 +31,6 @@ F32 = np.float32
 
 def _tx(**kwargs):
   return gqsgd_jax.global_quantize(bits=8, dithering="exponential", **kwargs)
-
-
-def _monte_carlo(tx, stacked, count, salt=0):
-  """tx.update for ``count`` keys in one compiled program: (K, d) float64."""
-  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(count) + salt)
-
-  @jax.jit
-  @jax.shard_map(
-    mesh=data_mesh(stacked.shape[0]), in_specs=(P("data"), P()), out_specs=P()
-  )
-  def run(g, keys):
-    return jax.vmap(
-      lambda k: tx.update(g[0], gqsgd_jax.GlobalQuantizeState(k))[0]
-    )(keys)
-
-  return np.asarray(run(stacked, keys), np.float64)
 
 
 def _tree(num_workers):
@@ -163,7 +148,7 @@ def test_unbiased_and_within_the_variance_bound(num_workers):
   g = g.at[0, 1].set(8.0)  # an outlier sets M
   g = g.at[:, 2].mul(1e-6)  # tiny values: rounded, not flushed
   g = g.at[:, 3].set(jnp.where(jnp.arange(num_workers) % 2, -1.0, 1.0))
-  est = _monte_carlo(_tx(), g, count)
+  est = monte_carlo_estimates(_tx(), g, count)
   g64 = np.asarray(g, np.float64)
   mean = g64.mean(0)
   bound = _variance_bound(g64)
@@ -238,7 +223,7 @@ def test_adversarial_inputs_never_overflow(num_workers, monkeypatch):
   monkeypatch.setattr(ops, "exp_reduce", _overflow_to_zero(ops.exp_reduce))
   g = _adversarial(num_workers)
   count = 400
-  est = _monte_carlo(_tx(), jnp.asarray(np.tile(g, (1, 4))), count)
+  est = monte_carlo_estimates(_tx(), jnp.asarray(np.tile(g, (1, 4))), count)
   est = est.reshape(count, 4, -1).reshape(-1, g.shape[1])
   mean = g.astype(np.float64).mean(0)
   assert np.all(np.isfinite(est))
@@ -272,7 +257,7 @@ def test_one_level_less_headroom_would_overflow(num_workers, monkeypatch):
     collectives, "tree_depth", lambda w: math.ceil(math.log2(w)) - 1
   )
   g = jnp.asarray(_adversarial(num_workers)[:, :1])
-  est = _monte_carlo(_tx(), g, 64)
+  est = monte_carlo_estimates(_tx(), g, 64)
   assert np.any(est[:, 0] == 0)
 
 

@@ -124,29 +124,41 @@ def plan_buckets(
   return buckets
 
 
-def join(parts: Sequence[jax.Array]) -> jax.Array:
-  """1-D arrays of one dtype, one after the other in one buffer.
+def place(
+  pieces: Sequence[tuple[int, jax.Array]], n: int, dtype: jax.typing.DTypeLike
+) -> jax.Array:
+  """A 1-D array of n elements of ``dtype`` from (start, values) pieces,
+  zeros where no piece lands. A single piece covering everything is
+  returned as it is (cast).
 
-  Written piece by piece into a zero buffer in place rather than by
-  ``jnp.concatenate``: XLA:CPU's fusion emitters (jaxlib 0.10's default)
-  compute a concatenation with a per-element choice of the operand, ~30x
-  slower than a copy (16.8 M floats in 6 pieces: ~1 s vs 30 ms, which made
+  The pieces are written in place into a zero buffer, not concatenated:
+  XLA:CPU's fusion emitters (jaxlib 0.10's default) compute a
+  concatenation with a per-element choice of the operand, ~30x slower than
+  a copy (16.8 M floats in 6 pieces: ~1 s vs 30 ms, which made
   Global-QSGD's step 2.4x slower than f32 at that size). The offsets pass
   through an optimization barrier: at offsets XLA can see, it rewrites the
   updates into pads and the same per-element choice.
   """
-  if len(parts) == 1:
-    return parts[0]
-  total = sum(p.shape[0] for p in parts)
-  if total >= 2**31:  # beyond int32 offsets
-    return jnp.concatenate(parts)
+  if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape[0] == n:
+    return pieces[0][1].astype(dtype)
+  out = jnp.zeros(n, dtype)
+  if n >= 2**31:  # beyond int32 offsets: static (slower) updates
+    for start, values in pieces:
+      out = out.at[start : start + values.shape[0]].set(values.astype(dtype))
+    return out
   zero = jax.lax.optimization_barrier(jnp.int32(0))
-  out = jnp.zeros(total, parts[0].dtype)
-  start = 0
-  for part in parts:
-    out = jax.lax.dynamic_update_slice(out, part, (zero + start,))
-    start += part.shape[0]
+  for start, values in pieces:
+    out = jax.lax.dynamic_update_slice(
+      out, values.astype(dtype), (zero + start,)
+    )
   return out
+
+
+def join(parts: Sequence[jax.Array]) -> jax.Array:
+  """1-D arrays of one dtype, one after the other in one buffer (``place``
+  at consecutive offsets)."""
+  starts = np.cumsum([0] + [p.shape[0] for p in parts]).tolist()
+  return place(list(zip(starts, parts)), starts[-1], parts[0].dtype)
 
 
 def flatten_bucket(bucket: Bucket, leaves: Sequence[jax.Array]) -> jax.Array:

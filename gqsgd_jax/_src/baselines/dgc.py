@@ -154,20 +154,10 @@ def _bisect_kth(
   count_from: Callable[[jax.Array], jax.Array],
 ) -> jax.Array:
   """The largest t with count_from(t) >= k, given count_from(lo) >= k >
-  count_from(hi) on the bounds ``bits`` = (lo, hi): 31 halvings."""
-
-  def halve(
-    _: int | jax.Array, bounds: tuple[jax.Array, jax.Array]
-  ) -> tuple[jax.Array, jax.Array]:
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    enough = count_from(mid) >= k
-    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
+  count_from(hi) on the bounds ``bits`` = (lo, hi): JointSQ's 31-halving
+  search, as count >= k iff count > k - 1."""
   lo, hi = bits
-  # The first halving outside the loop types the carry as the data's.
-  lo, _ = jax.lax.fori_loop(1, 31, halve, halve(0, (lo, hi)))
-  return lo
+  return jointsq._bisect(count_from, jnp.asarray(k, jnp.int32) - 1, lo, hi)
 
 
 def _kth_bits(bits: jax.Array, k: int) -> jax.Array:

@@ -494,7 +494,7 @@ def lgreco(
       capacity = int(sum(base[j] * r for (_, _, j), r in zip(entries, rows)))
       sizes = rows * width
       source = np.cumsum(sizes) - sizes  # of each factor in ``flat``
-      flat = jnp.concatenate([arrays[g][k].reshape(-1) for g, k, _ in entries])
+      flat = bucketing.join([arrays[g][k].reshape(-1) for g, k, _ in entries])
       # On the wire each factor's first r_l columns, column-major (where
       # they are a prefix), back to back: its live elements and their start.
       used = jnp.stack(

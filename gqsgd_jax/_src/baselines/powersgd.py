@@ -150,14 +150,14 @@ def group_matrices(mats: list[Matrix]) -> list[list[int]]:
 def psum_packed(
   arrays: Sequence[jax.Array], axis_name: collectives.AxisName
 ) -> list[jax.Array]:
-  """All-reduces ``arrays`` as one concatenated buffer per dtype."""
+  """All-reduces ``arrays`` as one buffer per dtype (``bucketing.join``)."""
   if not arrays:
     return []
   by_dtype: dict[np.dtype, list[int]] = {}
   for i, a in enumerate(arrays):
     by_dtype.setdefault(np.dtype(a.dtype), []).append(i)
   buffers = [
-    jnp.concatenate([arrays[i].reshape(-1) for i in ids])
+    bucketing.join([arrays[i].reshape(-1) for i in ids])
     for ids in by_dtype.values()
   ]
   sums = jax.lax.psum(buffers, axis_name)

@@ -251,8 +251,9 @@ def _stochastic_round(y: jax.Array, seed: jax.Array, levels: int) -> jax.Array:
   is frac rounded down to 2^-24, never above frac).
 
   Up to 128 levels the quantize kernel rounds (int8 codes, its counter-hash
-  bits); beyond, the same counter hash (``reference.random_bits``) and the
-  same rule in jnp (int32 codes).
+  bits); beyond, its pure-jnp twin on the same counter hash
+  (``reference.stochastic_round`` of ``reference.random_bits``, int32
+  codes).
   """
   if levels - 1 <= 127:
     codes = ops.quantize(
@@ -265,9 +266,7 @@ def _stochastic_round(y: jax.Array, seed: jax.Array, levels: int) -> jax.Array:
     )
     return codes
   bits = reference.random_bits(seed, y.size).reshape(y.shape)
-  fl = jnp.floor(y)
-  threshold = ((y - fl) * 2.0**24).astype(jnp.uint32)
-  return fl.astype(jnp.int32) + ((bits >> 8) < threshold).astype(jnp.int32)
+  return reference.stochastic_round(y, jnp.float32(1), levels - 1, bits)
 
 
 def _signs_seed(rotation_key: jax.Array, buffer: int, chunk: int) -> jax.Array:
@@ -381,36 +380,6 @@ def _segments(
     if lo < hi:
       out.append((i, lo - start, lo - off, hi - lo))
     start += n
-  return out
-
-
-def _opaque_zero(key: jax.Array) -> jax.Array:
-  """int32 0 that XLA cannot see is 0 (the top bits of a key word shifted
-  out in two steps). Pieces written at a constant offset into zeros become
-  a pad, which XLA:CPU fuses into a per-element branch (about 6x slower
-  than the in-place update that a runtime offset keeps)."""
-  word = jnp.asarray(key).reshape(-1)[0].astype(jnp.uint32)
-  return ((word >> 16) >> 16).astype(jnp.int32)
-
-
-def _assemble(
-  pieces: Sequence[tuple[int, jax.Array]],
-  n: int,
-  dtype: jnp.dtype,
-  zero: jax.Array,
-) -> jax.Array:
-  """A 1-D array of n elements (zeros where no piece lands) from (start,
-  values) pieces, each written in place at start + ``zero`` (an
-  ``_opaque_zero``): not a concatenation, which XLA:CPU computes with a
-  per-element choice of the operand. A single piece covering everything is
-  returned as it is."""
-  if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].shape[0] == n:
-    return pieces[0][1]
-  out = jnp.zeros(n, dtype)
-  for start, values in pieces:
-    out = jax.lax.dynamic_update_slice(
-      out, values.astype(dtype), (start + zero,)
-    )
   return out
 
 
@@ -557,7 +526,6 @@ def thc(
       )
     ]
     flat_leaves = [x.reshape(-1) for x in leaves]
-    zero = _opaque_zero(state.rotation_key)
     # The kernels' seeds of every chunk at once (batched threefry: a few
     # ops per step, not a few per chunk): the shared signs' ...
     ids = (
@@ -587,7 +555,7 @@ def thc(
         )
         for i, lo, pos, n in _segments(plan[b], off, d)
       ]
-      x = _assemble(pieces, d, jnp.float32, zero)
+      x = bucketing.place(pieces, d, jnp.float32)
       r = hadamard.transform_blocks(x, _block(d, cfg))
       if error_feedback:
         r = r + state.error[b][off : off + d] * sigma
@@ -654,12 +622,12 @@ def thc(
         )
 
     out_leaves = [
-      _assemble(p, x.size, x.dtype, zero).reshape(x.shape)
+      bucketing.place(p, x.size, x.dtype).reshape(x.shape)
       for p, x in zip(leaf_pieces, leaves)
     ]
     new_error = (
       tuple(
-        _assemble(e, buf.padded, jnp.float32, zero)
+        bucketing.place(e, buf.padded, jnp.float32)
         for e, buf in zip(errors, plan)
       )
       if error_feedback
