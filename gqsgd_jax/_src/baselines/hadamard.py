@@ -6,19 +6,21 @@ Walsh-Hadamard matrix. After the rotation every coordinate is a signed
 mixture of all inputs, so its magnitude concentrates around
 ``||x|| / sqrt(d)`` and one uniform grid fits all coordinates.
 
-The transform is blocked: the Sylvester matrix factors over the bits of
-the index, H_d = H_(2^a) (x) H_(2^b) (x) ..., so groups of bits can be
-transformed in one pass each. The lowest ``LOW_PRODUCT_LOG2`` bits go first,
-as one matrix product of the (d / 64, 64) view by a small ±1 Hadamard block
-H_64 (at the highest precision: f32, not TF32, on GPUs); the remaining bits
-follow in radix-4 (radix-8 for large d) butterfly stages, each one pass that
-computes its outputs from 4 (8) inputs. At d = 2^23 that is 7 passes over
-memory instead of a radix-2 butterfly's 23, with the same O(d log d) adds
-up to the product's 64 multiply-adds per element; the result equals the
-butterfly's up to f32 rounding. Every pass is scaled down by a power of two
-(no intermediate exceeds ||x||, so no overflow where the result is finite).
-The partial variant applies the transform independently to blocks of 2^T
-consecutive elements (the authors' "partial rotation").
+The transform is a chain of matrix products: the Sylvester matrix factors
+over the bits of the index, H_d = H_(2^a) (x) H_(2^b) (x) ..., so each
+group of at most ``MAX_GROUP_LOG2`` bits is one pass, a product by a small
+±1 Hadamard block (at the highest precision: f32, not TF32, on GPUs). The
+lowest group multiplies the (d / 2^a, 2^a) view from the right; every
+other group is a batch of products from the left of (2^e, 2^lo) slices, so
+every pass reads and writes in natural order (no transposes). At d = 2^23
+that is 4 passes over memory, where radix-8 butterflies took 7 (6 of them
+elementwise fusions that XLA:CPU computes with a per-element choice of the
+operand, each slower than a product pass); the result equals a radix-2
+butterfly's up to f32 rounding. Every pass but the last is scaled down by a
+power of two and the last by the rest of d^-1/2, so no intermediate exceeds
+||x|| (no overflow where the result is finite). The partial variant
+applies the transform independently to blocks of 2^T consecutive elements
+(the authors' "partial rotation").
 """
 
 import functools
@@ -29,11 +31,11 @@ import numpy as np
 
 from gqsgd_jax._src import reference
 
-# The first pass: a product by H_64 (the lowest 6 bits of the index).
-LOW_PRODUCT_LOG2 = 6
-# Then radix-4 butterfly stages (2 bits a pass), radix-8 (3 bits) from 2^21
-# elements on, where the passes leave the caches.
-RADIX8_MIN_LOG2 = 21
+# Bits per product pass. Measured on one XLA:CPU core at d = 2^23, one pass
+# costs about as much up to 64 x 64 blocks (15 ms, vs 5 ms for an
+# elementwise pass) and grows beyond (19 ms at 128); one radix-8 butterfly
+# pass over 3 bits took 22 ms.
+MAX_GROUP_LOG2 = 6
 
 
 def _log2_exact(n: int, name: str) -> int:
@@ -51,49 +53,46 @@ def _sylvester(e: int) -> np.ndarray:
   return h
 
 
-def _scale(k: int) -> float:
-  """d^-1/2 for d = 2^k (a power of two for even k)."""
-  return 2.0 ** -(k // 2) * (float(np.sqrt(0.5)) if k % 2 else 1.0)
+def _groups(k: int) -> list[tuple[int, int]]:
+  """(lowest bit, bit count) of each pass: ceil(k / MAX_GROUP_LOG2) groups,
+  the larger ones lowest. Non-increasing sizes keep every broadcast block
+  stack of ``_pass`` (2^-lo of the data per 2^e) no larger than the data."""
+  count = -(-k // MAX_GROUP_LOG2)
+  sizes = [k // count + (i < k % count) for i in range(count)]
+  return [(sum(sizes[:i]), e) for i, e in enumerate(sizes)]
 
 
-def _product(x: jax.Array, e: int, scale: float) -> jax.Array:
-  """scale H_(2^e) applied to consecutive blocks of 2^e elements of x's
-  last axis: one matrix product, at the highest precision (f32 products,
-  not TF32 or bf16 passes, on GPUs)."""
-  h = _sylvester(e) * np.float32(scale)
-  y = jax.lax.dot_general(
-    x.reshape(-1, 1 << e),
-    jnp.asarray(h, x.dtype),
-    (((1,), (0,)), ((), ())),
-    precision=jax.lax.Precision.HIGHEST,
-    preferred_element_type=x.dtype,
-  )
-  return y.reshape(x.shape)
+def _pass(y: jax.Array, lo: int, e: int, scale: float) -> jax.Array:
+  """scale (I (x) H_(2^e) (x) I_(2^lo)) on the flat y: bits lo .. lo + e - 1
+  of the index in one product, at the highest precision (f32 products, not
+  TF32 or bf16 passes, on GPUs)."""
+  h = jnp.asarray(_sylvester(e) * np.float32(scale), y.dtype)
+  f, inner = 1 << e, 1 << lo
+  outer = y.size // (f * inner)
+
+  def product(a: jax.Array, b: jax.Array, batched: bool = False) -> jax.Array:
+    batch = ((0,), (0,)) if batched else ((), ())
+    dims = (((a.ndim - 1,), (b.ndim - 2,)), batch)
+    return jax.lax.dot_general(
+      a,
+      b,
+      dims,
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=y.dtype,
+    )
+
+  if lo == 0:  # H is symmetric: rows times H
+    return product(y.reshape(-1, f), h).reshape(-1)
+  if outer == 1:
+    return product(h, y.reshape(f, inner)).reshape(-1)
+  # A batched product by stacked copies of H: XLA:CPU runs it as a loop of
+  # plain products, where a product over the middle axis of the 3-D view
+  # would transpose its operand first.
+  hs = jnp.broadcast_to(h, (outer, f, f))
+  return product(hs, y.reshape(outer, f, inner), batched=True).reshape(-1)
 
 
-def _stage(x: jax.Array, r: int, h: int, scale: float) -> jax.Array:
-  """scale (H_(2^r) (x) I_h) on x's last axis: bits log2(h) .. log2(h) +
-  r - 1 of the index in one pass (a radix-2^r butterfly, computed per
-  output element)."""
-  d = x.shape[-1]
-  batch = x.shape[:-1]
-  f = 1 << r
-  y = x.reshape(batch + (d // (f * h), f, h))
-  v = [y[..., j, :] * jnp.asarray(scale, x.dtype) for j in range(f)]
-  step = 1
-  while step < f:
-    w = list(v)
-    for j in range(f):
-      if not j & step:
-        w[j], w[j | step] = v[j] + v[j | step], v[j] - v[j | step]
-    v = w
-    step *= 2
-  return jnp.stack(v, axis=-2).reshape(x.shape)
-
-
-def hadamard_transform(
-  x: jax.Array, *, product_last: bool = False
-) -> jax.Array:
+def hadamard_transform(x: jax.Array) -> jax.Array:
   """Orthonormal Walsh-Hadamard transform along the last axis.
 
   ``H`` is the Sylvester (natural-order) Hadamard matrix scaled by
@@ -101,9 +100,6 @@ def hadamard_transform(
 
   Args:
     x: float array whose last axis has a power-of-two length d.
-    product_last: run the butterfly passes before the product (the same
-      transform: the passes commute) so that elementwise work producing x
-      fuses into the first pass (a product reads its operand as is).
 
   Returns:
     ``x @ H`` with the shape and dtype of ``x``.
@@ -115,27 +111,19 @@ def hadamard_transform(
   if x.ndim == 0:
     raise ValueError("x must have at least one axis")
   k = _log2_exact(x.shape[-1], "the last axis of x")
-  if k == 0:
+  if k == 0 or x.size == 0:
     return x
-  low = min(k, LOW_PRODUCT_LOG2)
-  if low == k:
-    return _product(x, k, _scale(k))
-  # Each pass of e bits scaled by 2^-ceil(e/2), at most its orthonormal
-  # 2^-e/2, so no intermediate exceeds ||x||; the end makes up the rest of
+  # Each pass but the last scaled by 2^-ceil(e/2), at most its orthonormal
+  # 2^-e/2, so no intermediate exceeds ||x||; the last makes up the rest of
   # d^-1/2 (a power of two for even k, so exact).
-  applied = (low + 1) // 2
-  y = x if product_last else _product(x, low, 2.0**-applied)
-  radix = 3 if k >= RADIX8_MIN_LOG2 else 2
-  done = low
-  while done < k:
-    r = min(radix, k - done)
-    y = _stage(y, r, 1 << done, 2.0 ** -((r + 1) // 2))
-    applied += (r + 1) // 2
-    done += r
-  if product_last:
-    y = _product(y, low, 2.0 ** -((low + 1) // 2))
-  left = applied - k / 2
-  return y if left == 0 else y * jnp.asarray(2.0**left, y.dtype)
+  y = x.reshape(-1)
+  groups = _groups(k)
+  applied = 0
+  for lo, e in groups[:-1]:
+    y = _pass(y, lo, e, 2.0 ** -((e + 1) // 2))
+    applied += (e + 1) // 2
+  lo, e = groups[-1]
+  return _pass(y, lo, e, 2.0 ** (applied - k / 2)).reshape(x.shape)
 
 
 def random_signs(
@@ -185,13 +173,10 @@ def _blocks(x: jax.Array, block_log2: int | None) -> jax.Array:
   return x.reshape(-1, block)
 
 
-def transform_blocks(
-  x: jax.Array, block_log2: int | None = None, *, product_last: bool = False
-) -> jax.Array:
+def transform_blocks(x: jax.Array, block_log2: int | None = None) -> jax.Array:
   """``hadamard_transform`` of a 1-D x, whole (None) or on consecutive
   blocks of 2^block_log2 elements (the partial rotation)."""
-  y = _blocks(jnp.asarray(x), block_log2)
-  return hadamard_transform(y, product_last=product_last).reshape(-1)
+  return hadamard_transform(_blocks(jnp.asarray(x), block_log2)).reshape(-1)
 
 
 def randomized_hadamard(

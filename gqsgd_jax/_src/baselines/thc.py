@@ -253,18 +253,14 @@ def _stochastic_round(y: jax.Array, seed: jax.Array, levels: int) -> jax.Array:
   Up to 128 levels the quantize kernel rounds (int8 codes, its counter-hash
   bits); beyond, its pure-jnp twin on the same counter hash
   (``reference.stochastic_round`` of ``reference.random_bits``, int32
-  codes).
+  codes). The kernel, though a custom call that reads y written out in
+  full, is the faster: XLA:CPU computes the twin's hash about twice as
+  slowly, and once more in every fusion that reads the codes.
   """
   if levels - 1 <= 127:
-    codes = ops.quantize(
-      y,
-      jnp.float32(1),
-      seed,
-      levels=levels - 1,
-      bits=8,
-      signed_codes=True,
+    return ops.quantize(
+      y, jnp.float32(1), seed, levels=levels - 1, bits=8, signed_codes=True
     )
-    return codes
   bits = reference.random_bits(seed, y.size).reshape(y.shape)
   return reference.stochastic_round(y, jnp.float32(1), levels - 1, bits)
 
@@ -313,22 +309,28 @@ def _prescale(d: int, cfg: _Step) -> float:
   return 2.0 ** -((size.bit_length()) // 2)
 
 
+def _threshold(norm: jax.Array, d: int, cfg: _Step) -> jax.Array:
+  """The clipping threshold t of a chunk of d elements (capped at N)."""
+  return norm * np.float32(min(cfg.z / math.sqrt(d), 1.0))
+
+
 def _chunk_mean(
   rotated: jax.Array,
   norm: jax.Array,
   seed: jax.Array,
   cfg: _Step,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Steps 3-6 for one rotated chunk: (H^-1 of the decoded mean, still to be
-  multiplied by the signs D; this worker's dequantized contribution
-  -t + delta c in the rotated domain; whether the chunk was quantized).
+  """Steps 3-6 for one rotated chunk: (H of the sum of the codes, still to be
+  decoded by ``_decode`` and multiplied by the signs D; this worker's
+  dequantized contribution -t + delta c in the rotated domain; whether the
+  chunk was quantized).
 
   ``rotated`` and ``norm`` are prescaled by ``_prescale`` (N is already
   the max over workers), and so are the results.
   """
   d = rotated.shape[0]
   ok = jnp.isfinite(norm) & (norm >= common.TINY)
-  t = norm * np.float32(min(cfg.z / math.sqrt(d), 1.0))
+  t = _threshold(norm, d, cfg)
   delta = t * np.float32(2 / (cfg.levels - 1))
   inv_delta = jnp.where(ok, (cfg.levels - 1) / (2 * t), 0.0)
   y = jnp.clip((rotated + t) * inv_delta, 0.0, cfg.levels - 1)
@@ -339,11 +341,28 @@ def _chunk_mean(
   else:
     wire = codes.astype(cfg.wire)
   total = jax.lax.psum(wire, cfg.axis_name)
-  mean = total.astype(jnp.float32) * (delta / cfg.num_workers) - t
-  # Butterflies first: the decoding above fuses into the first pass.
-  unsigned = hadamard.transform_blocks(mean, _block(d, cfg), product_last=True)
+  # The mean is t (c sum(c) - 1) with c = 2 / ((q - 1) W), so its transform
+  # is t (c H sum(c) - H 1), H 1 = sqrt(size) e_0 per rotated block: the
+  # decoding moves past the transform (whose passes are products: nothing
+  # fuses into them) into the pass that writes the estimate out. t stays a
+  # factor outside, so nothing inside overflows where t does not.
+  unsigned = hadamard.transform_blocks(
+    total.astype(jnp.float32), _block(d, cfg)
+  )
   local = codes.astype(jnp.float32) * delta - t
   return unsigned, local, ok
+
+
+def _decode(
+  unsigned: jax.Array, t: jax.Array, pos: int, d: int, cfg: _Step
+) -> jax.Array:
+  """Elements pos .. pos + len(unsigned) - 1 of H(mean) from those of
+  H(sum(c)) (see ``_chunk_mean``), prescaled as they are."""
+  block = _block(d, cfg)
+  size = d if block is None else 1 << block
+  first = (jax.lax.iota(jnp.int32, unsigned.shape[0]) + pos) & (size - 1) == 0
+  c = np.float32(2 / ((cfg.levels - 1) * cfg.num_workers))
+  return t * (unsigned * c - jnp.where(first, np.float32(math.sqrt(size)), 0))
 
 
 def _new_error(
@@ -594,7 +613,9 @@ def thc(
         # x^ = D H(mean): the signs of this piece, the prescaling undone (a
         # finite estimate beyond float32 saturates); zero or sub-tiny chunks
         # decode to exact (+) zeros, a buffer with a NaN/Inf chunk to NaN.
-        value = unsigned[pos : pos + n] * (
+        value = _decode(
+          unsigned[pos : pos + n], _threshold(norms[j], d, cfg), pos, d, cfg
+        ) * (
           hadamard.counter_signs(seeds[j], n, start=pos) * np.float32(inv_sigma)
         )
         value = jnp.clip(value, -_F32_MAX, _F32_MAX)
