@@ -61,7 +61,9 @@ class Case:
   name: str
   op: Callable  # op(*args, impl=...) -> array
   args: tuple
-  vary: Callable  # vary(args, i) -> args of loop iteration i
+  # vary(args, i) -> args of loop iteration i; None: per call only (an op
+  # whose only operand is its input, which XLA would hoist out of a loop).
+  vary: Callable | None
   bytes_moved: int  # bytes read + written per call
 
 
@@ -200,6 +202,17 @@ def build_cases(n: int) -> list[Case]:
       _nbytes(exp_codes, other, exp_codes),
     )
   )
+  # CPU only: on a GPU block_max_abs is XLA's own reduction (no FFI handler).
+  for block in (1024, 2**16) if jax.default_backend() == "cpu" else ():
+    cases.append(
+      Case(
+        f"block_max_abs B={block} (f32)",
+        functools.partial(gq.block_max_abs, block_size=block),
+        (x32,),
+        None,
+        _nbytes(x32) + 4 * -(-n // block),
+      )
+    )
   return cases
 
 
@@ -254,7 +267,8 @@ def time_case(case: Case, repeats: int, loop_trips: int) -> Timing:
     call[impl] = functools.partial(
       jax.jit(op).lower(*case.args).compile(), *case.args
     )
-    loop[impl] = _loop_fn(op, case.vary, case.args)
+    if case.vary is not None:
+      loop[impl] = _loop_fn(op, case.vary, case.args)
   return _time(case.name, case.bytes_moved, call, loop, repeats, loop_trips)
 
 
@@ -318,6 +332,8 @@ def _kernel_table(rows: list[Timing], kind: str, bound: float) -> list[str]:
   ]
   for r in rows:
     t = getattr(r, kind)
+    if not t:  # per call only
+      continue
     cells = [r.name, f"{r.bytes_moved / 1e6:.1f}"]
     for impl in IMPLS:
       cells.append(f"{t[impl] * 1e3:.2f}")
@@ -446,6 +462,7 @@ def main(argv=None) -> int:
       f"{kind} {impl}": gbps(row.bytes_moved, getattr(row, kind)[impl])
       for kind in ("loop", "call")
       for impl in IMPLS
+      if impl in getattr(row, kind)
     }
     print(
       f"{row.name:30s} GB/s "

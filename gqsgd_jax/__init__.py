@@ -36,6 +36,7 @@ from gqsgd_jax._src.hlo import WireReport
 from gqsgd_jax._src.nonfinite import apply_if_finite
 from gqsgd_jax._src.nonfinite import ApplyIfFiniteState
 from gqsgd_jax._src.ops import average
+from gqsgd_jax._src.ops import block_max_abs
 from gqsgd_jax._src.ops import dequantize
 from gqsgd_jax._src.ops import exp_decode
 from gqsgd_jax._src.ops import exp_encode
@@ -68,6 +69,7 @@ __all__ = (
   "acpsgd",
   "apply_if_finite",
   "average",
+  "block_max_abs",
   "dequantize",
   "dgc",
   "exp_decode",

@@ -617,6 +617,81 @@ def test_exp_reduce_matches_twin_and_is_symmetric(n):
 
 
 # ---------------------------------------------------------------------------
+# Block max-abs: the scale statistic (a CPU handler; XLA's reduction on GPUs).
+
+requires_cpu_ffi = pytest.mark.skipif(
+  jax.default_backend() != "cpu" or "cpu" not in ffi_lib.REGISTERED_PLATFORMS,
+  reason="block_max_abs has a CPU FFI handler only",
+)
+
+
+def _np_block_max_abs(x: np.ndarray, block: int) -> np.ndarray:
+  """numpy oracle: float64 max |x| per block, inf for a non-finite block,
+  subnormal float32 magnitudes as zero."""
+  a = np.abs(np.asarray(x, np.float64))
+  a[a < np.finfo(np.float32).tiny] = 0.0
+  out = []
+  for lo in range(0, len(a), block):
+    chunk = a[lo : lo + block]
+    out.append(np.inf if not np.all(np.isfinite(chunk)) else chunk.max())
+  return np.asarray(out, np.float32)
+
+
+def _block_max_input(n: int, dtype, seed: int) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)
+  return x.astype(np.float32).astype(dtype)
+
+
+@requires_cpu_ffi
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", _size_params((0, 1, 4095, 2**16 + 3, LARGE)))
+@pytest.mark.parametrize("block", [1, 32, 4096, 2**16])
+def test_block_max_abs_matches_twin_and_oracle(dtype, n, block):
+  x = _block_max_input(n, dtype, n + block)
+  if n > 8:  # subnormals (float32 only), exact zeros, a short last block
+    x[n // 3] = np.asarray(1e-40, np.float32).astype(dtype)
+    x[: min(n, 5)] = 0
+  fn = functools.partial(ops.block_max_abs, block_size=block)
+  out = _assert_impls_agree(fn, x)
+  np.testing.assert_array_equal(out, _np_block_max_abs(x, block))
+
+
+@requires_cpu_ffi
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["first", "last", "middle"])
+def test_block_max_abs_carries_non_finite(bad, where):
+  """A NaN or Inf anywhere in a block gives +inf for that block only, also
+  where XLA:CPU's float max drops NaN (a NaN after >= 4095 finite values)."""
+  n, block = 3 * 8192 + 100, 8192
+  x = np.ones(n, np.float32)
+  pos = {"first": 0, "last": n - 1, "middle": 8192 + 8191}[where]
+  x[pos] = bad
+  for fn in (
+    functools.partial(ops.block_max_abs, block_size=block),
+    ops.max_abs,
+  ):
+    out = _assert_impls_agree(fn, x)
+    want = _np_block_max_abs(x, block if fn is not ops.max_abs else n)
+    np.testing.assert_array_equal(out.reshape(-1), want)
+    assert np.isposinf(out).sum() == 1
+
+
+@requires_cpu_ffi
+@pytest.mark.parametrize("n", _size_params((0, 1, 2**16 + 3, LARGE)))
+def test_max_abs_is_the_max_over_blocks(n):
+  x = _block_max_input(n, np.float32, n)
+  out = _assert_impls_agree(ops.max_abs, x)
+  assert out.shape == ()
+  assert out == (_np_block_max_abs(x, max(n, 1)).max(initial=0.0))
+
+
+def test_block_max_abs_bad_block_size():
+  with pytest.raises(ValueError, match="block_size must be a power of two"):
+    ops.block_max_abs(np.ones(8, np.float32), 3)
+
+
+# ---------------------------------------------------------------------------
 # vmap: one call per row (vmap_method="sequential"), never a broadcast.
 
 BATCH, ROW = 4, 37

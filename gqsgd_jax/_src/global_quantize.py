@@ -54,7 +54,6 @@ import optax
 
 from gqsgd_jax._src import bucketing
 from gqsgd_jax._src import collectives
-from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import scales
@@ -517,9 +516,9 @@ def global_quantize(
     # One pmax for all scales (bucket or block maxima) of the step.
     if granularity == "block":
       assert block_size is not None  # _resolve_scales sets it for "block"
-      local = [scales.block_max(f, block_size) for f in flats]
+      local = [scales.block_max(f, block_size, impl=impl) for f in flats]
     else:
-      local = [nonfinite.max_abs(f).reshape(1) for f in flats]
+      local = [ops.max_abs(f, impl=impl).reshape(1) for f in flats]
     encode, decode = scales.CODECS[scale_format]
     all_max = decode(jax.lax.pmax(encode(jnp.concatenate(local)), axis_name))
     if granularity == "global":

@@ -47,24 +47,33 @@ def _backend_platform() -> str:
   return backend
 
 
-def _select(impl: str, ffi_fn: Callable, xla_fn: Callable) -> Callable:
+def _select(
+  impl: str,
+  ffi_fn: Callable,
+  xla_fn: Callable,
+  platforms: frozenset[str] | None = None,
+) -> Callable:
+  """The op for ``impl``; ``platforms`` limits the FFI handler to those."""
   validate_impl(impl)
   ffi_fn = _with_vma(ffi_fn)
+  registered = ffi_lib.REGISTERED_PLATFORMS
+  if platforms is not None:
+    registered = registered & platforms
   if impl == "xla":
     return xla_fn
   if impl == "ffi":
     backend = _backend_platform()
-    if backend not in ffi_lib.REGISTERED_PLATFORMS:
+    if backend not in registered:
       raise RuntimeError(
         f"impl='ffi' was requested, but no gqsgd_jax FFI module is "
         f"registered for the {backend!r} backend (registered: "
-        f"{sorted(ffi_lib.REGISTERED_PLATFORMS) or 'none'}). Rebuild the "
+        f"{sorted(registered) or 'none'}). Rebuild the "
         "package (pip install .) or use impl='auto' or 'xla'."
       )
     return ffi_fn
 
   def dispatch(*args: jax.Array) -> jax.Array:
-    per_platform = dict.fromkeys(ffi_lib.REGISTERED_PLATFORMS, ffi_fn)
+    per_platform = dict.fromkeys(registered, ffi_fn)
     return jax.lax.platform_dependent(*args, default=xla_fn, **per_platform)
 
   return dispatch
@@ -153,6 +162,49 @@ def _scales(
     )
   shift = block_size.bit_length() - 1
   return s, s, shift, shift
+
+
+# Blocks of the partial maxima behind a single max-abs: enough elements per
+# block to amortise its loop, few enough blocks for the threads to share.
+_MAX_ABS_SHIFT = 16
+
+
+def block_max_abs(
+  x: ArrayLike, block_size: int, *, impl: str = "auto"
+) -> jax.Array:
+  """Max |x| of each block of ``block_size`` elements: float32[ceil(n / B)].
+
+  A block holding any NaN or Inf gives +inf, subnormals read as zero (as
+  in the quantize kernels), the last block may be short and needs no
+  padding. One pass over ``x`` on CPU (an FFI kernel); elsewhere XLA's own
+  fused reduction (``reference.block_max_abs``), which is as fast there.
+  """
+  x = _float_input(x)
+  block_size = validate_block_size(block_size)
+  shift = block_size.bit_length() - 1
+  out = jax.ShapeDtypeStruct(
+    (num_scale_blocks(x.shape[0], block_size),), jnp.float32
+  )
+
+  def ffi_fn(x: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call(
+      "gqsgd_block_max_abs", out, vmap_method="sequential"
+    )(x, shift=np.int32(shift))
+
+  def xla_fn(x: jax.Array) -> jax.Array:
+    return reference.block_max_abs(x, shift)
+
+  return _select(impl, ffi_fn, xla_fn, frozenset({"cpu"}))(x)
+
+
+def max_abs(x: ArrayLike, *, impl: str = "auto") -> jax.Array:
+  """float32[]: max |x| (+inf if any element is NaN or Inf, 0 if empty).
+
+  The max of ``block_max_abs``'s partial maxima, which are never NaN, so
+  XLA's max is safe on them (see nonfinite.py).
+  """
+  partial = block_max_abs(x, 1 << _MAX_ABS_SHIFT, impl=impl)
+  return jnp.max(partial, initial=0.0)
 
 
 def seed_from_key(key: jax.Array) -> jax.Array:

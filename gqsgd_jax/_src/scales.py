@@ -21,7 +21,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import ops
 
 FORMATS = ("f32", "bf16", "e8m0")
@@ -31,11 +30,11 @@ FORMATS = ("f32", "bf16", "e8m0")
 TINY = 2.0**-100
 
 
-def block_max(flat: jax.Array, block_size: int) -> jax.Array:
-  """Local max-abs of each block of ``block_size`` elements (tail padded)."""
-  blocks = ops.num_scale_blocks(flat.shape[0], block_size)
-  padded = jnp.pad(flat, (0, blocks * block_size - flat.shape[0]))
-  return nonfinite.max_abs(padded.reshape(blocks, block_size), axis=1)
+def block_max(
+  flat: jax.Array, block_size: int, *, impl: str = "auto"
+) -> jax.Array:
+  """Local max-abs of each block of ``block_size`` elements (short tail)."""
+  return ops.block_max_abs(flat, block_size, impl=impl)
 
 
 def multipliers(

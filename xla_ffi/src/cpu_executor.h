@@ -113,14 +113,18 @@ void RunChunk(const Kernel& kernel, int64_t begin, int64_t end) {
 struct CpuExecutor {
   ffi::ThreadPool* pool;  // null: run on the calling thread
 
+  // `elements_per_item`: how many elements one item touches (a whole block
+  // for a per-block reduction), so that the chunking sees the real work.
   template <typename Kernel>
-  ffi::Error Run(const Kernel& kernel, int64_t items) const {
+  ffi::Error Run(const Kernel& kernel, int64_t items,
+                 int64_t elements_per_item = 1) const {
     if (items <= 0) return ffi::Error::Success();
     const int64_t threads =
         pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
-    const int64_t chunks =
-        std::min<int64_t>(threads * kChunksPerThread,
-                          (items + kMinItemsPerChunk - 1) / kMinItemsPerChunk);
+    const int64_t min_items =
+        std::max<int64_t>(1, kMinItemsPerChunk / elements_per_item);
+    const int64_t chunks = std::min<int64_t>(
+        threads * kChunksPerThread, (items + min_items - 1) / min_items);
     if (chunks <= 1) {
       RunChunk(kernel, 0, items);
       return ffi::Error::Success();

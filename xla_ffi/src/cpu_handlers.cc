@@ -62,6 +62,12 @@ ffi::Error ExpReduceHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> a,
   return ExpReduceImpl(Exec(pool), a, b, seed, out);
 }
 
+ffi::Error BlockMaxAbsHandler(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                              ffi::Result<ffi::Buffer<ffi::F32>> out,
+                              int32_t shift) {
+  return BlockMaxAbsImpl(Exec(pool), x, out, shift);
+}
+
 }  // namespace handlers
 }  // namespace gqsgd
 
@@ -82,3 +88,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GqsgdExpDecodeCpu,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqsgdExpReduceCpu,
                               gqsgd::handlers::ExpReduceHandler,
                               GQSGD_BIND_EXP_REDUCE(xla::ffi::ThreadPool));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GqsgdBlockMaxAbsCpu,
+                              gqsgd::handlers::BlockMaxAbsHandler,
+                              GQSGD_BIND_BLOCK_MAX_ABS(xla::ffi::ThreadPool));

@@ -21,6 +21,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdAverageCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpEncodeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpDecodeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpReduceCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdBlockMaxAbsCpu);
 
 namespace gqsgd {
 namespace {
@@ -283,6 +284,8 @@ NB_MODULE(_gqsgd_cpu, m) {
     d["gqsgd_exp_encode"] = gqsgd::Capsule(GqsgdExpEncodeCpu);
     d["gqsgd_exp_decode"] = gqsgd::Capsule(GqsgdExpDecodeCpu);
     d["gqsgd_exp_reduce"] = gqsgd::Capsule(GqsgdExpReduceCpu);
+    // CPU only: on a GPU, XLA's own fused reduction is the fast path.
+    d["gqsgd_block_max_abs"] = gqsgd::Capsule(GqsgdBlockMaxAbsCpu);
     return d;
   });
   // emulate_quantize, emulate_dequantize, emulate_exp_encode and

@@ -283,6 +283,26 @@ ffi::Error ExpReduceImpl(Exec exec, ffi::Buffer<ffi::U8> a,
   return exec.Run(k, n);
 }
 
+// (f) x (f32/bf16/f16) -> out f32[ceil(n / 2^shift)], each block's max-abs.
+template <typename Exec>
+ffi::Error BlockMaxAbsImpl(Exec exec, ffi::AnyBuffer x,
+                           ffi::Result<ffi::Buffer<ffi::F32>> out,
+                           int32_t shift) {
+  if (shift < 0 || shift > 30) {
+    return ffi::Error::InvalidArgument("shift must be in [0, 30], got " +
+                                       std::to_string(shift));
+  }
+  const int64_t n = static_cast<int64_t>(x.element_count());
+  const int64_t blocks = NumScaleBlocks(n, shift);
+  GQSGD_RETURN_IF_ERROR(CheckCount(out->element_count(), blocks, "out"));
+  return DispatchFloat(x.element_type(), [&](auto in_tag) {
+    using In = decltype(in_tag);
+    BlockMaxAbsKernel<In> k{static_cast<const In*>(x.untyped_data()),
+                            out->typed_data(), n, shift};
+    return exec.Run(k, blocks, int64_t{1} << shift);
+  });
+}
+
 // Binds the handler signatures once; Ctx is the platform's execution context.
 #define GQSGD_BIND_QUANTIZE(CTX)                              \
   ::xla::ffi::Ffi::Bind()                                     \
@@ -343,6 +363,13 @@ ffi::Error ExpReduceImpl(Exec exec, ffi::Buffer<ffi::U8> a,
       .Arg<::xla::ffi::Buffer<::xla::ffi::U8>>()  /* b */    \
       .Arg<::xla::ffi::Buffer<::xla::ffi::U32>>() /* seed */ \
       .Ret<::xla::ffi::Buffer<::xla::ffi::U8>>()  /* out */
+
+#define GQSGD_BIND_BLOCK_MAX_ABS(CTX)                       \
+  ::xla::ffi::Ffi::Bind()                                   \
+      .Ctx<CTX>()                                           \
+      .Arg<::xla::ffi::AnyBuffer>()               /* x */   \
+      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>() /* out */ \
+      .Attr<int32_t>("shift")
 
 }  // namespace gqsgd
 

@@ -597,6 +597,46 @@ struct RandomBitsKernel {
 #endif
 };
 
+// |x| as the bits of a float32, subnormals not yet flushed (the caller
+// flushes the max, which is the max of the flushed values).
+GQSGD_HD uint32_t AbsBits(float x) { return FloatBits(x) & 0x7fffffffu; }
+GQSGD_HD uint32_t AbsBits(BF16 x) {
+  return (uint32_t{x.bits} << 16) & 0x7fffffffu;
+}
+// A half widens to a normal float32 (or zero), so nothing to flush.
+GQSGD_HD uint32_t AbsBits(F16 x) { return FloatBits(ToFloat(x)) & 0x7fffffffu; }
+
+// (f) Max-abs of each block of 2^shift elements (the last block may be
+// short): +inf for a block holding any NaN or Inf, and subnormals read as
+// zero (as ToFloat reads them). One item per block. The max runs on the bits
+// of |x|: for non-negative floats their order as unsigned integers is their
+// order as floats, and every NaN and Inf sorts above the largest finite
+// value, so an integer max (which vectorizes) never drops a NaN, as XLA:CPU's
+// float max does.
+template <typename In>
+struct BlockMaxAbsKernel {
+  const In* x;
+  float* out;
+  int64_t n;
+  int32_t shift;
+
+  GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
+    for (int64_t b = first; b < end; b += stride) {
+      const int64_t lo = b << shift;
+      const int64_t size = int64_t{1} << shift;
+      const int64_t len = n - lo < size ? n - lo : size;
+      const In* p = x + lo;
+      uint32_t m = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const uint32_t a = AbsBits(p[i]);
+        m = a > m ? a : m;
+      }
+      m = m >= 0x7f800000u ? 0x7f800000u : (m < 0x00800000u ? 0u : m);
+      out[b] = BitsFloat(m);
+    }
+  }
+};
+
 // Number of packed words for n elements.
 GQSGD_HD int64_t NumWords(int64_t n, int64_t per_word) {
   return (n + per_word - 1) / per_word;
