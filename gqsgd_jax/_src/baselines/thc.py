@@ -600,7 +600,12 @@ def thc(
 
     # Per leaf: (position in the leaf, values) pieces of the estimate.
     leaf_pieces: list[list] = [[] for _ in leaves]
-    errors: list[list] = [[] for _ in plan]
+    # The new memories are written chunk by chunk over the old ones, each
+    # chunk's old values read from the buffer being written (the same
+    # offset as its update), so XLA updates the state's (donated) buffer in
+    # place: a fresh buffer would be zero-filled, then copied into it.
+    new_error = list(state.error)
+    zero = jax.lax.optimization_barrier(jnp.int32(0))
     for j, (b, _, off, d) in enumerate(chunks):
       unsigned, local, ok = _chunk_mean(
         rotated[j],
@@ -628,35 +633,26 @@ def thc(
           (lo, bucketing.cast_saturating(value, leaves[i].dtype))
         )
       if error_feedback:
-        errors[b].append(
-          (
-            off,
-            _new_error(
-              local,
-              rotated[j],
-              state.error[b][off : off + d],
-              norms[j],
-              finite[b],
-              inv_sigma,
-            ),
-          )
+        # Offsets through the barrier: at offsets XLA can see, it rewrites
+        # the update into a pad and a per-element choice (bucketing.place);
+        # static beyond int32.
+        at = (zero + int(off),) if plan[b].padded < 2**31 else (int(off),)
+        old = jax.lax.dynamic_slice(new_error[b], at, (d,))
+        new_error[b] = jax.lax.dynamic_update_slice(
+          new_error[b],
+          _new_error(local, rotated[j], old, norms[j], finite[b], inv_sigma),
+          at,
         )
 
     out_leaves = [
       bucketing.place(p, x.size, x.dtype).reshape(x.shape)
       for p, x in zip(leaf_pieces, leaves)
     ]
-    new_error = (
-      tuple(
-        bucketing.place(e, buf.padded, jnp.float32)
-        for e, buf in zip(errors, plan)
-      )
-      if error_feedback
-      else ()
-    )
     return (
       jax.tree_util.tree_unflatten(treedef, out_leaves),
-      ThcState(error=new_error, key=next_key, rotation_key=state.rotation_key),
+      ThcState(
+        error=tuple(new_error), key=next_key, rotation_key=state.rotation_key
+      ),
     )
 
   return transform.transformation(init_fn, update_fn)
