@@ -38,6 +38,10 @@ from gqsgd_jax._src import reference
 MAX_GROUP_LOG2 = 6
 
 
+# The largest block stack of ``_pass`` kept as a constant (8 MiB of f32).
+_STACK_CONSTANT = 2**21
+
+
 def _log2_exact(n: int, name: str) -> int:
   if n < 1 or n & (n - 1):
     raise ValueError(f"{name} must be a power of two, got {n}")
@@ -88,7 +92,16 @@ def _pass(y: jax.Array, lo: int, e: int, scale: float) -> jax.Array:
   # A batched product by stacked copies of H: XLA:CPU runs it as a loop of
   # plain products, where a product over the middle axis of the 3-D view
   # would transpose its operand first.
-  hs = jnp.broadcast_to(h, (outer, f, f))
+  # Up to _STACK_CONSTANT elements the stack is a constant of the program:
+  # broadcast at run time, it is written out in every call, as large as
+  # the data for the second group (a full pass).
+  if outer * f * f <= _STACK_CONSTANT:
+    hs = jnp.asarray(
+      np.broadcast_to(_sylvester(e) * np.float32(scale), (outer, f, f)),
+      y.dtype,
+    )
+  else:
+    hs = jnp.broadcast_to(h, (outer, f, f))
   return product(hs, y.reshape(outer, f, inner), batched=True).reshape(-1)
 
 
