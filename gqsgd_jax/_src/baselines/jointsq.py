@@ -45,7 +45,7 @@ import dataclasses
 from fractions import Fraction
 import functools
 import math
-from typing import Any, NamedTuple, TypedDict, Unpack
+from typing import Any, cast, NamedTuple, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -646,16 +646,6 @@ def _classes_and_ranks(
   )
 
 
-def _value_bases(layout: JointSQLayout) -> tuple[np.ndarray, int]:
-  """Start of each class (by id 0..3) in the concatenated per-class value
-  buffers (8-, 4-, 2-bit classes back to back), and their total size."""
-  caps = [layout.region_capacity(CLASS_BITS[c]) for c in _WIRE_CLASSES]
-  starts = np.cumsum([0] + caps)
-  base = np.zeros(4, np.int32)
-  base[list(_WIRE_CLASSES)] = starts[:3]
-  return base, int(starts[3])
-
-
 def _stream_offsets(counts: jax.Array) -> jax.Array:
   """Byte offsets of the 8-, 4- and 2-bit code regions in the stream, and
   the end of the used bytes."""
@@ -705,14 +695,7 @@ def _element_values(
     jnp.where(ok, norms / jnp.asarray(s, jnp.float32), 0.0)
   )
 
-  def by_class(values: list) -> jax.Array:
-    """values[r] (wire order 8, 4, 2) where cls is that class: selects,
-    which fuse, rather than lookups in a table (gathers)."""
-    out = values[2]
-    for r in (1, 0):
-      out = jnp.where(cls == _WIRE_CLASSES[r], values[r], out)
-    return out
-
+  by_class = functools.partial(_by_class, cls)
   lanes_log2 = by_class([0, 1, 2])
   bits = by_class([CLASS_BITS[c] for c in _WIRE_CLASSES])
   region = by_class([offsets[0], offsets[1], offsets[2]])
@@ -724,6 +707,132 @@ def _element_values(
     [scales[0], scales[1], scales[2]]
   )
   return jnp.where(cls > 0, value, 0.0)
+
+
+def _materialize(f: Callable[..., Any], probe: jax.Array, *args: Any) -> Any:
+  """f(*args), computed in a conditional branch of its own.
+
+  XLA materializes a branch's results, so nothing is fused across it: the
+  fusion barrier that XLA:CPU lacks (it removes ``optimization_barrier``
+  before fusing). ``probe``: a traced bool that is always true (a constant
+  would fold the branch away); the other branch returns zeros typed like
+  it (varying over a shard_map axis or not). Under vmap the cond becomes a
+  select of both branches: the same values.
+  """
+  shapes = jax.eval_shape(f, *args)
+
+  def zeros(p: jax.Array, *_: Any) -> Any:
+    return jax.tree.map(
+      lambda s: jnp.broadcast_to(jnp.where(p, 0, 0).astype(s.dtype), s.shape),
+      shapes,
+    )
+
+  return jax.lax.cond(probe, lambda _, *a: f(*a), zeros, probe, *args)
+
+
+def _codes(
+  v: jax.Array,
+  cls: jax.Array,
+  rank: jax.Array,
+  norms: jax.Array,
+  *,
+  seeds: jax.Array,
+) -> jax.Array:
+  """Signed codes q (int32, 0 where cls == 0) of each element: what
+  ``ops.quantize`` of its class's values, compacted in index order, gives
+  the element of that rank (``reference.stochastic_round`` with the class's
+  scale, levels and random bits, which the kernels match bit for bit)."""
+  s = [levels(CLASS_BITS[c]) for c in _WIRE_CLASSES]
+  ok = norms >= common.TINY
+  scale = jnp.where(
+    ok, jnp.asarray(s, jnp.float32) / jnp.where(ok, norms, 1.0), 0.0
+  )
+  # reference.random_bits of each class's stream at index rank.
+  keys = [reference.stream_key(seeds[c - 1], 0) for c in _WIRE_CLASSES]
+  a = _by_class(cls, [k[0] for k in keys])
+  b = _by_class(cls, [k[1] for k in keys])
+  random = reference.mix32(reference.mix32(rank.astype(jnp.uint32) ^ a) + b)
+  lim = _by_class(cls, [jnp.float32(x) for x in s])
+  q = reference.stochastic_round(
+    v, _by_class(cls, [scale[0], scale[1], scale[2]]), cast(int, lim), random
+  )
+  return jnp.where(cls > 0, q, 0)
+
+
+def _values_from_codes(
+  q: jax.Array, cls: jax.Array, norms: jax.Array
+) -> jax.Array:
+  """q * (norm_c / s_c): ``_element_values``'s arithmetic on the codes."""
+  s = [levels(CLASS_BITS[c]) for c in _WIRE_CLASSES]
+  ok = norms >= common.TINY
+  scales = reference.flush_subnormal(
+    jnp.where(ok, norms / jnp.asarray(s, jnp.float32), 0.0)
+  )
+  value = q.astype(jnp.float32) * _by_class(
+    cls, [scales[0], scales[1], scales[2]]
+  )
+  return jnp.where(cls > 0, value, 0.0)
+
+
+def _code_stream(
+  q: jax.Array,
+  cls: jax.Array,
+  rank: jax.Array,
+  counts: jax.Array,
+  layout: JointSQLayout,
+) -> jax.Array:
+  """The code stream (see the module docstring): each code added into its
+  lane (lanes are disjoint, so add is or); the lanes past a class's count
+  in its last byte hold the code of a zero (s_c) up to the region's
+  capacity, 0 beyond, as the kernels' packing of the class's region left
+  them."""
+  size = layout.stream_bytes
+  s = [levels(CLASS_BITS[c]) for c in _WIRE_CLASSES]
+  offsets = _stream_offsets(counts)
+  lanes_log2 = _by_class(cls, [0, 1, 2])
+  bits = _by_class(cls, [CLASS_BITS[c] for c in _WIRE_CLASSES])
+  lane = rank & ((1 << lanes_log2) - 1)
+  shift = ((1 << lanes_log2) - 1 - lane) * bits
+  code = (q + _by_class(cls, s)).astype(jnp.uint32) << shift.astype(jnp.uint32)
+  slot = jnp.where(
+    cls > 0,
+    _by_class(cls, [offsets[0], offsets[1], offsets[2]]) + (rank >> lanes_log2),
+    size,
+  )
+  stream = (
+    jnp.zeros(size + 1, jnp.uint8)
+    .at[jnp.clip(slot, 0, size)]
+    .add(code.astype(jnp.uint8), mode="promise_in_bounds")
+  )
+  k8, k4, k2 = counts[0], counts[1], counts[2]
+  cap4 = layout.region_capacity(4)
+  cap2 = layout.region_capacity(2)
+  pad4 = jnp.where((k4 % 2 == 1) & (k4 < cap4), s[1], 0)
+  used2 = k2 % 4
+  pad2 = sum(
+    jnp.where(
+      (used2 != 0) & (lane2 >= used2) & (k2 - used2 + lane2 < cap2),
+      s[2] << (2 * (3 - lane2)),
+      0,
+    )
+    for lane2 in range(4)
+  )
+  stream = stream.at[k8 + k4 // 2].add(
+    jnp.asarray(pad4, jnp.uint8), mode="promise_in_bounds"
+  )
+  stream = stream.at[offsets[2] + k2 // 4].add(
+    jnp.asarray(pad2, jnp.uint8), mode="promise_in_bounds"
+  )
+  return stream[:size]
+
+
+def _by_class(cls: jax.Array, values: list) -> jax.Array:
+  """values[r] (wire order 8, 4, 2) where cls is that class: selects,
+  which fuse, rather than lookups in a table (gathers)."""
+  out = values[2]
+  for r in (1, 0):
+    out = jnp.where(cls == _WIRE_CLASSES[r], values[r], out)
+  return out
 
 
 def _scatter(values: jax.Array, slot: jax.Array, size: int) -> jax.Array:
@@ -754,13 +863,15 @@ def encode(
     key: PRNG key of the rounding dither (and of the sampled threshold).
     selection: "exact" or "sampled" greedy.
     sample_ratio: sample size of the sampled threshold, as a fraction.
-    impl: kernels, "auto", "ffi" or "xla".
+    impl: accepted for symmetry with the other codecs: the codes are
+      computed in XLA (``_codes``), bit for bit those of the kernels.
 
   Returns:
     (payload uint8[layout.payload_bytes], x_hat float32[n], counts
     int32[3]): the message, the values it decodes to, and (k8, k4, k2).
     A tensor with a non-finite value sends NaN norms and decodes to NaN.
   """
+  del impl
   v = v.reshape(-1).astype(jnp.float32)
   finite = jnp.isfinite(v)
   v = jnp.where(finite, v, 0.0)
@@ -770,60 +881,39 @@ def encode(
     v, layout, seeds[3], selection=selection, sample_ratio=sample_ratio
   )
   classmap = _pack(cls.astype(jnp.uint32), 2)
-  # The elements as [ceil(n / 16), 16] from here (see _classes_and_ranks).
-  fields, rank = _classes_and_ranks(classmap, layout.numel, padded=True)
   # Reductions, not scatters into 4 bins (serial loops on XLA:CPU).
   counts = jnp.stack(
     [jnp.sum(cls == c, dtype=jnp.int32) for c in _WIRE_CLASSES]
+  )
+  # The elements as [ceil(n / 16), 16] from here (see _classes_and_ranks),
+  # materialized: fused into each consumer, the ranks were recomputed per
+  # element in 1-D loops, ~10x slower than their own 2-D pass.
+  fields, rank = _materialize(
+    lambda cm: _classes_and_ranks(cm, layout.numel, padded=True),
+    counts[0] >= 0,
+    classmap,
   )
   norms = jnp.stack(
     [jnp.max(jnp.where(cls == c, jnp.abs(v), 0.0)) for c in _WIRE_CLASSES]
   )
 
-  # Each class's values, compacted in index order, back to back.
-  base, total = _value_bases(layout)
-  # Selects, not a lookup in a table (a gather that XLA:CPU runs slowly).
-  class_base = jnp.where(
-    fields == 3, base[3], jnp.where(fields == 2, base[2], base[1])
-  )
-  slot = jnp.where(fields > 0, class_base + rank, total)
+  # Each element's code straight from its value, class and rank (the
+  # rank is its counter in the class's dither stream, as when the class
+  # was quantized compacted); x_hat from the code, and the stream by one
+  # scatter of the codes into their lanes. (The compacted values, the
+  # kernels' quantize and a gather of every x_hat byte back from the
+  # stream cost ~3x this.)
   v_fields = jnp.pad(v, (0, fields.size - v.size)).reshape(fields.shape)
-  buf = _scatter(v_fields, slot, total)
-  parts: list[tuple[int, jax.Array]] = []  # (wire index, codes)
-  start = 0
-  for r, c in enumerate(_WIRE_CLASSES):
-    bits, cap = CLASS_BITS[c], layout.region_capacity(CLASS_BITS[c])
-    if cap:  # else the budget cannot afford this class
-      s = levels(bits)
-      ok = norms[r] >= common.TINY
-      scale = jnp.where(ok, s / jnp.where(ok, norms[r], 1.0), 0.0)
-      parts.append(
-        (
-          r,
-          ops.quantize(
-            buf[start : start + cap],
-            scale,
-            seeds[c - 1],
-            levels=s,
-            bits=bits,
-            impl=impl,
-          ),
-        )
-      )
-    start += cap
-
-  # Code stream: the used part of each class's codes, back to back: each
-  # class's codes written over the unused tail of the previous one
-  # (dynamic_update_slice in place; a gather of every stream byte from the
-  # codes was fused into x_hat's gather, rebuilding a byte per element).
-  offsets = _stream_offsets(counts)
-  size = layout.stream_bytes + max([part.shape[0] for _, part in parts] or [0])
-  stream = jnp.zeros(size, jnp.uint8)
-  for r, part in parts:
-    stream = jax.lax.dynamic_update_slice(stream, part, (offsets[r],))
-  i = jnp.arange(layout.stream_bytes, dtype=jnp.int32)
-  stream = jnp.where(i < offsets[3], stream[: layout.stream_bytes], 0)
-  x_hat = _element_values(stream, fields, rank, norms, counts)
+  q = _materialize(
+    lambda *a: _codes(*a, seeds=seeds),
+    counts[0] >= 0,
+    v_fields,
+    fields,
+    rank,
+    norms,
+  )
+  x_hat = _values_from_codes(q, fields, norms)
+  stream = _code_stream(q, fields, rank, counts, layout)
   bad = ~jnp.all(finite)
   norms = jnp.where(bad, jnp.nan, norms)
   x_hat = jnp.where(bad, jnp.nan, x_hat).reshape(-1)[: layout.numel]
