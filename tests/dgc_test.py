@@ -58,9 +58,9 @@ _CONV, _HALF = 1, 3
 
 def _oracle(grads_seq, *, density, momentum):
   """DGC in NumPy (float32 values): returns the outputs and final u, v."""
-  w = grads_seq[0]["conv"].shape[0]
   names = sorted(grads_seq[0])
-  comp = {"conv", "half"}
+  w = grads_seq[0][names[0]].shape[0]
+  comp = {"conv", "half", "w"} & set(names)
   u = {k: np.zeros((w, grads_seq[0][k][0].size), np.float32) for k in names}
   v = {k: np.zeros_like(u[k]) for k in comp}
   outs = []
@@ -292,37 +292,63 @@ def test_bad_arguments_name_the_argument():
     )
 
 
-@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "sparse"])
-def test_threshold_selection_is_the_top_k_set(kind, monkeypatch):
-  # From _THRESHOLD_MIN elements and _THRESHOLD_MIN_K selected (1 here)
-  # the exact selection is a threshold (on a sample's bracket from
-  # _SAMPLE_MIN): the same set as lax.top_k (ties by index), also when the
-  # bracket misses or its candidates overflow.
-  monkeypatch.setattr(dgc_lib, "_THRESHOLD_MIN_K", 1)
+def _selection_data(kind, n, rng):
+  x = rng.standard_normal(n)
+  if kind == "ties":
+    x = np.round(x)
+  if kind == "nonfinite":
+    x[rng.integers(0, n, 20)] = np.inf
+    x[rng.integers(0, n, 20)] = -np.inf
+    x[rng.integers(0, n, 20)] = np.nan
+  if kind == "sparse":
+    x = x * (rng.random(n) < 0.003)
+  if kind == "zeros":
+    x = 0 * x
+  return jnp.asarray(x, jnp.float32)
+
+
+@pytest.mark.parametrize("sigmas", [5.0, 0.0])
+def test_candidate_selection_is_the_top_k_set(sigmas, monkeypatch):
+  # From _SAMPLE_MIN elements the exact selection searches candidates
+  # above a sample's bound: the same set as lax.top_k (ties by index), also
+  # when the bound misses (no sigmas) or the candidates overflow their
+  # slots (ties, fewer non-zeros than k) and the search runs on all.
+  monkeypatch.setattr(dgc_lib, "_SAMPLE_SIGMAS", sigmas)
   rng = np.random.default_rng(3)
-  for n in (dgc_lib._THRESHOLD_MIN + 3, 3 * 2**14 + 5):
-    x = rng.standard_normal(n)
-    if kind == "ties":
-      x = np.round(x)
-    if kind == "nonfinite":
-      x[rng.integers(0, n, 20)] = np.inf
-      x[rng.integers(0, n, 20)] = -np.inf
-      x[rng.integers(0, n, 20)] = np.nan
-    if kind == "sparse":
-      x = x * (rng.random(n) < 0.003)
-    v = jnp.asarray(x, jnp.float32)
-    scores = jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
-    for density in (0.001, 0.01, 0.3):
+  kinds = ("normal", "ties", "nonfinite", "sparse", "zeros")
+  for n in (dgc_lib._SAMPLE_MIN, 3 * 2**14 + 5):
+    data = {kind: _selection_data(kind, n, rng) for kind in kinds}
+    for density in (1e-5, 0.001, 0.01, 0.3, 1.0):
       k = dgc_lib.num_selected(n, density)
-      want = np.sort(np.asarray(jax.lax.top_k(scores, k)[1]))
-      for sigmas, divisor in ((5.0, 32), (0.0, 32), (5.0, n)):
-        monkeypatch.setattr(dgc_lib, "_SAMPLE_SIGMAS", sigmas)
-        monkeypatch.setattr(dgc_lib, "_CANDIDATE_DIVISOR", divisor)
-        # A fresh function: traced again with the patched constants.
-        idx, valid = jax.jit(
-          lambda v, k=k: dgc_lib.select(v, k, None, "exact", 0.01)
-        )(v)
+      # A fresh function: traced again with the patched constant.
+      select = jax.jit(lambda v, k=k: dgc_lib.select(v, k, None, "exact", 0))
+      for kind, v in data.items():
+        scores = jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
+        want = np.sort(np.asarray(jax.lax.top_k(scores, k)[1]))
+        idx, valid = select(v)
         assert np.asarray(valid).all()
         np.testing.assert_array_equal(
-          np.asarray(idx), want, err_msg=f"{kind} n={n} k={k} {sigmas}"
+          np.asarray(idx), want, err_msg=f"{kind} n={n} k={k}"
         )
+
+
+def test_large_leaf_matches_numpy_dgc_on_every_replica():
+  # A leaf of at least _SAMPLE_MIN elements takes the candidate selection
+  # inside the update (a lax.cond on each worker's own data).
+  grads = {
+    "w": jax.random.normal(
+      jax.random.PRNGKey(5), (_W, 40, dgc_lib._SAMPLE_MIN // 32)
+    )
+  }
+  tx = dgc_lib.dgc(density=0.01, momentum=0.9, value_dtype=jnp.float32)
+  want, u, v = _oracle([grads, grads], density=0.01, momentum=0.9)
+  for mode in ("shard_map", "pmap"):
+    state = _init(tx, grads)
+    for expect in want:
+      out, state = _run(tx, grads, state, mode=mode)
+      assert_replicas_equal(out)
+      np.testing.assert_allclose(
+        out["w"][0].reshape(-1), expect["w"], rtol=1e-5, atol=1e-6
+      )
+    np.testing.assert_allclose(state.momentum[0], u["w"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.velocity[0], v["w"], rtol=1e-5, atol=1e-6)
