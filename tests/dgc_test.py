@@ -352,3 +352,32 @@ def test_large_leaf_matches_numpy_dgc_on_every_replica():
       )
     np.testing.assert_allclose(state.momentum[0], u["w"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state.velocity[0], v["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_selection_drops_unused_slots():
+  # The sampled threshold sends at most k pairs (unused slots: index n,
+  # value 0); the receivers' one accumulator for all leaves puts each
+  # leaf's pairs at its own offset. Momentum 0 from zero state: each worker
+  # sends g exactly where its u was cleared.
+  grads = _grads(_W, seed=4)
+  tx = dgc_lib.dgc(
+    density=0.05,
+    momentum=0.0,
+    min_size=512,
+    value_dtype=jnp.float32,
+    selection="sampled",
+    sample_ratio=0.2,
+  )
+  out, state = _run(tx, grads, _init(tx, grads))
+  assert_replicas_equal(out)
+  for k, i in (("conv", _CONV), ("half", _HALF)):
+    g = np.asarray(grads[k], np.float32).reshape(_W, -1)
+    sent = (state.momentum[i] == 0) & (g != 0)
+    assert sent.sum() < _W * dgc_lib.num_selected(g.shape[1], 0.05)
+    np.testing.assert_allclose(
+      out[k][0].reshape(-1).astype(np.float32),
+      np.sum(np.where(sent, g, 0), axis=0) / _W,
+      rtol=1e-2,
+      atol=1e-3,
+      err_msg=k,
+    )

@@ -357,6 +357,9 @@ def dgc(
         f"leaves {[jax.tree_util.keystr(p) for p in paths]}"
       )
     next_key, step_key = jax.random.split(state.key)
+    # The exact selection's indices are in bounds: XLA:CPU's bounds-checked
+    # ("drop") scatter is ~5x slower.
+    scatter_mode = "promise_in_bounds" if selection == "exact" else "drop"
     worker = jax.lax.axis_index(axis_name)
 
     # Empty leaves stay empty (a fresh, replicated array) and keep their
@@ -379,11 +382,11 @@ def dgc(
       # Momentum-factor masking: clear u and v where a value left; v keeps
       # what the wire dtype could not carry.
       target = jnp.where(valid, idx, n)
-      v = v.at[target].set(v[idx] - sent.astype(jnp.float32), mode="drop")
-      u = u.at[target].set(0.0, mode="drop")
+      kept = v[idx] - sent.astype(jnp.float32)
       # Non-finite values went out (they rank first); keep them out of state.
-      new_u[i] = jnp.where(jnp.isfinite(u), u, 0.0)
-      new_v[i] = jnp.where(jnp.isfinite(v), v, 0.0)
+      # Cleared before the masking scatters, which then write in place.
+      new_v[i] = _finite(v).at[target].set(_finite(kept), mode=scatter_mode)
+      new_u[i] = _finite(u).at[target].set(0.0, mode=scatter_mode)
       indices.append(target.astype(jnp.int32))
       values.append(sent)
       sizes.append(k)
@@ -402,16 +405,20 @@ def dgc(
         ),
         wire_dtype,
       )
-      start = 0
-      for i, k in zip(comp, sizes):
-        mean = _scatter_mean(
-          all_idx[:, start : start + k],
-          all_val[:, start : start + k],
-          leaves[i].size,
-          num_workers,
-        )
+      # One accumulator for all compressed leaves, its last slot taking the
+      # dropped pairs (index >= the leaf's size): one loop over the workers
+      # instead of one per leaf, and in-bounds scatters.
+      ns = [leaves[i].size for i in comp]
+      starts = np.cumsum([0] + ns[:-1])
+      slots = jnp.where(
+        all_idx < np.repeat(ns, sizes).astype(np.int32),
+        all_idx + np.repeat(starts, sizes).astype(np.int32),
+        sum(ns),
+      )
+      total = _scatter_sum(slots, all_val, sum(ns) + 1, num_workers)
+      for i, start, n in zip(comp, starts, ns):
+        mean = total[start : start + n] / num_workers
         out[i] = mean.reshape(leaves[i].shape).astype(leaves[i].dtype)
-        start += k
     dense = [
       i for i in range(len(leaves)) if i not in set(comp) and leaves[i].size
     ]
@@ -433,14 +440,19 @@ def dgc(
   return transform.transformation(init_fn, update_fn)
 
 
-def _scatter_mean(
-  idx: jax.Array, val: jax.Array, n: int, num_workers: int
+def _finite(x: jax.Array) -> jax.Array:
+  return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def _scatter_sum(
+  slots: jax.Array, val: jax.Array, size: int, num_workers: int
 ) -> jax.Array:
-  """Sum of every worker's pairs in worker order (indices unique per worker,
-  so each scatter is deterministic), divided by W."""
+  """Sum of every worker's pairs in worker order (slots unique per worker
+  but the spare last one, so each scatter is deterministic)."""
 
   def add(w: jax.Array, acc: jax.Array) -> jax.Array:
-    return acc.at[idx[w]].add(val[w].astype(jnp.float32), mode="drop")
+    return acc.at[slots[w]].add(
+      val[w].astype(jnp.float32), mode="promise_in_bounds"
+    )
 
-  total = jax.lax.fori_loop(0, num_workers, add, jnp.zeros(n, jnp.float32))
-  return total / num_workers
+  return jax.lax.fori_loop(0, num_workers, add, jnp.zeros(size, jnp.float32))
