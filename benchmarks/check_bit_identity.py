@@ -103,10 +103,12 @@ class Checker:
 
 
 def check_standard(c: Checker, sizes, rng):
-  """quantize (all bits, signed), dequantize and average."""
+  """block_max_abs, quantize (all bits, signed), dequantize, average."""
   for n, dtype, seed in itertools.product(sizes, DTYPES, SEEDS):
     x = _inputs(n, dtype, rng)
     tag = f"n={n} {jnp.dtype(dtype).name} seed={seed[0]:#x}"
+    for block in (1, 64, 4096):
+      c.check(f"block_max_abs B={block} {tag}", gq.block_max_abs, x, block)
     for bits, signed in [(8, True)] + [(b, False) for b in range(2, 9)]:
       levels = wire.max_levels(bits, signed)
       for scale in (np.float32(levels / 3.0), np.float32(1e-3)):
@@ -201,6 +203,17 @@ def check_exponential(c: Checker, sizes, rng):
       np.float32(0.0),
     ):
       c.check(f"exp_decode scale={scale} {tag}", gq.exp_decode, a, scale)
+    # Block scales: runs of one scale in the contiguous host loop.
+    block_scales = np.float32([1.5, 2e-38, 0.0, 3e38] * -(-n // 256))[
+      : -(-n // 64)
+    ]
+    c.check(
+      f"exp_decode block scales {tag}",
+      gq.exp_decode,
+      a,
+      block_scales,
+      block_size=64,
+    )
     c.check(f"exp_reduce random {tag}", gq.exp_reduce, a, b, seed)
     c.check(f"exp_reduce near {tag}", gq.exp_reduce, a, b_near, seed)
 

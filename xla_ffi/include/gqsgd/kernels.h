@@ -503,10 +503,35 @@ struct ExpDecodeKernel {
   int32_t scale_shift = kOneScale;  // element i uses scale[i >> scale_shift]
 
   GQSGD_HD void operator()(int64_t first, int64_t stride, int64_t end) const {
+#if !defined(__CUDA_ARCH__)
+    if (stride == 1) return Contiguous(first, end);
+#endif
     for (int64_t i = first; i < end; i += stride) {
       out[i] = ExpDecode(codes[i], FlushSubnormal(scale[i >> scale_shift]));
     }
   }
+
+#if !defined(__CUDA_ARCH__)
+  // The same math over runs of one scale with a unit stride the compiler
+  // can see: the loop above (runtime stride, a scale load per element) ran
+  // scalar, slower than the XLA twin (18.7 vs 8.4 ms per 16 M).
+  void Contiguous(int64_t first, int64_t end) const {
+    const uint8_t* const in = codes;
+    float* const o = out;
+    for (int64_t i0 = first; i0 < end; i0 += kHostBlock) {
+      const uint32_t count =
+          static_cast<uint32_t>(std::min(end - i0, kHostBlock));
+      const uint8_t* ib = in + i0;
+      float* ob = o + i0;
+      ForScaleRuns(i0, count, scale, scale_shift,
+                   [&](uint32_t j0, uint32_t j1, float s) {
+                     for (uint32_t j = j0; j < j1; ++j) {
+                       ob[j] = ExpDecode(ib[j], s);
+                     }
+                   });
+    }
+  }
+#endif
 };
 
 // (d) Pairwise stochastic reduce of two exponential code buffers.
