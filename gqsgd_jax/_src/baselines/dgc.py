@@ -206,20 +206,26 @@ def _top_k_bits(bits: jax.Array, k: int, lo: jax.Array) -> jax.Array:
   return _compact(chosen, k)[0]
 
 
-def _top_k_by_candidates(scores: jax.Array, k: int) -> jax.Array:
-  """The indices (int32[k], ascending) of the k largest scores, ties by
-  index: the same set as ``lax.top_k``, without its heap over n (n >=
-  _SAMPLE_MIN).
+def _scores(v: jax.Array) -> jax.Array:
+  """|v|, non-finite values first (+inf)."""
+  return jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
+
+
+def _top_k_by_candidates(v: jax.Array, k: int) -> jax.Array:
+  """The indices (int32[k], ascending) of the k largest ``_scores(v)``,
+  ties by index: the same set as ``lax.top_k``, without its heap over n
+  (n >= _SAMPLE_MIN).
 
   The candidates (at least the sample's bound, see _SAMPLE_SIGMAS) are
   compacted into ~k + 10 sqrt(k) slots and the k largest found among them
   (``_top_k_bits``). If they do not hold the k largest or overflow the
   slots (never on random data; e.g. fewer than k non-zeros), the same
-  search runs on all the elements.
+  search runs on all the elements. The scores are computed where read,
+  never stored: one pass over n less.
   """
-  n = scores.shape[0]
+  n = v.shape[0]
   as_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)
-  sample = scores[::_SAMPLE_STRIDE]
+  sample = _scores(v[::_SAMPLE_STRIDE])
   m = sample.shape[0]
   ks = k * m / n
   spread = _SAMPLE_SIGMAS * math.sqrt(ks) + 1
@@ -227,19 +233,21 @@ def _top_k_by_candidates(scores: jax.Array, k: int) -> jax.Array:
   # min, not [-1]: then XLA:CPU keeps top_k's TopK call, not a full sort.
   lo = jnp.min(jax.lax.top_k(sample, k_lo)[0])
   cap = min(n, max(k, math.ceil((k_lo + spread) * n / m)))
-  cand, found = _compact(scores >= lo, cap)
+  cand, found = _compact(_scores(v) >= lo, cap)
 
-  # The branches bitcast the scores themselves: an int32 view made out
-  # here would be copied in full to enter the conditional.
+  # The branches compute their scores themselves: an array made out here
+  # would be stored in full to enter the conditional.
   def on_candidates() -> jax.Array:
     # Unused slots hold -1: below every threshold searched.
-    cand_bits = jnp.where(jnp.arange(cap) < found, as_bits(scores[cand]), -1)
+    cand_bits = jnp.where(
+      jnp.arange(cap) < found, as_bits(_scores(v[cand])), -1
+    )
     return cand[_top_k_bits(cand_bits, k, as_bits(lo))]
 
   return jax.lax.cond(
     (found >= k) & (found <= cap),
     on_candidates,
-    lambda: _top_k_bits(as_bits(scores), k, jnp.int32(0)),
+    lambda: _top_k_bits(as_bits(_scores(v)), k, jnp.int32(0)),
   )
 
 
@@ -252,10 +260,10 @@ def select(
   from _SAMPLE_MIN elements by candidates (``_top_k_by_candidates``,
   ascending indices), which is faster there on XLA:CPU.
   """
-  scores = jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
+  if selection == "exact" and v.shape[0] >= _SAMPLE_MIN:
+    return _top_k_by_candidates(v, k), jnp.ones(k, bool)
+  scores = _scores(v)
   if selection == "exact":
-    if scores.shape[0] >= _SAMPLE_MIN:
-      return _top_k_by_candidates(scores, k), jnp.ones(k, bool)
     _, idx = jax.lax.top_k(scores, k)
     return idx, jnp.ones(k, bool)
   # The sampled threshold never picks zeros: they would carry nothing.
