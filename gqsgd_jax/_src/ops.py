@@ -172,7 +172,7 @@ _MAX_ABS_SHIFT = 16
 def block_max_abs(
   x: ArrayLike, block_size: int, *, impl: str = "auto"
 ) -> jax.Array:
-  """Max |x| of each block of ``block_size`` elements: float32[ceil(n / B)].
+  """Each block's max-abs: float32[ceil(n / B)], B = ``block_size``.
 
   A block holding any NaN or Inf gives +inf, subnormals read as zero (as
   in the quantize kernels), the last block may be short and needs no
@@ -198,7 +198,8 @@ def block_max_abs(
 
 
 def max_abs(x: ArrayLike, *, impl: str = "auto") -> jax.Array:
-  """float32[]: max |x| (+inf if any element is NaN or Inf, 0 if empty).
+  """float32[]: the max-abs of ``x`` (+inf if any element is NaN or Inf, 0 if
+  empty).
 
   The max of ``block_max_abs``'s partial maxima, which are never NaN, so
   XLA's max is safe on them (see nonfinite.py).
