@@ -1161,7 +1161,12 @@ def jointsq(
     index_format: "auto" (cheapest for each tensor), "positions", "bitmap"
       or "classmap".
     key: int seed or PRNG key of the rounding dither and the sampling.
-    impl: kernels: "auto", "ffi" or "xla".
+    impl: "auto", "ffi" or "xla", checked and kept for a signature like
+      the other compressors'. JointSQ's codec is XLA ops on every path:
+      each code is computed from its value, class and rank in one pass,
+      which on CPU is faster than packing the classes for the quantize
+      kernel and gathering the codes back. Its stochastic rounding is the
+      kernels' (the same counter hash, the same bits).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a ``JointSQState``.
