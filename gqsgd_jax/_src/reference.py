@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqsgd_jax._src import nonfinite
 from gqsgd_jax._src import wire
 
 _U32 = jnp.uint32
@@ -86,17 +87,14 @@ def flush_subnormal(x: jax.typing.ArrayLike) -> jax.Array:
 def block_max_abs(x: jax.Array, block_shift: int) -> jax.Array:
   """kernels.h BlockMaxAbsKernel: float32[ceil(n / 2^shift)] block max-abs.
 
-  +inf for a block with a NaN or Inf, subnormals flushed. The max is taken
-  over finite values only and non-finite blocks are found by a separate
-  ``all``: XLA:CPU's max drops NaN on large inputs (see nonfinite.py).
+  +inf for a block with a NaN or Inf, subnormals flushed; the max-abs is
+  ``nonfinite.max_abs``, which never lets XLA:CPU's max see a NaN.
   """
   x = flush_subnormal(x.reshape(-1))
   size = 1 << block_shift
   blocks = -(-x.shape[0] // size)
   x = jnp.pad(x, (0, blocks * size - x.shape[0])).reshape(blocks, size)
-  finite = jnp.isfinite(x)
-  m = jnp.max(jnp.where(finite, jnp.abs(x), 0.0), axis=1, initial=0.0)
-  return jnp.where(jnp.all(finite, axis=1), m, jnp.inf)
+  return nonfinite.max_abs(x, axis=1)
 
 
 # --------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from gqsgd_jax._src import collectives
 from gqsgd_jax._src import prng
 from gqsgd_jax._src import transform
 from gqsgd_jax._src import worker_state
+from gqsgd_jax._src.baselines import common
 from gqsgd_jax._src.baselines import jointsq
 
 SELECTIONS = ("exact", "sampled")
@@ -153,15 +154,8 @@ def _compact(flags: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
   popcount halvings its bit inside the word.
   """
   n = flags.shape[0]
-  words = -(-n // 32)
-  lane = np.arange(32, dtype=np.uint32)
-  word = jnp.sum(
-    jnp.pad(flags, (0, 32 * words - n)).reshape(words, 32).astype(jnp.uint32)
-    << jnp.asarray(31 - lane),
-    axis=1,
-    dtype=jnp.uint32,
-  )
-  count = jax.lax.population_count(word).astype(jnp.int32)
+  word, count = common.flag_words(flags)
+  words = word.shape[0]
   end = jax.lax.associative_scan(jnp.add, count)
   slot = jnp.arange(cap, dtype=jnp.int32)
   w = jnp.minimum(jnp.searchsorted(end, slot, side="right"), words - 1)

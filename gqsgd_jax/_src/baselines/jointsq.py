@@ -406,16 +406,8 @@ def _compact_slots(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   flagged. Bits of 32 elements make a word; slot = flagged elements before
   the word (a scan over n / 32 popcounts) + the popcount of the word's
   bits before the element: no scan over the n elements."""
-  n = mask.shape[0]
-  words = -(-n // 32)
-  bits = jnp.pad(mask, (0, 32 * words - n)).reshape(words, 32)
+  word, count = common.flag_words(mask)
   lane = np.arange(32)
-  word = jnp.sum(
-    bits.astype(jnp.uint32) << jnp.asarray(31 - lane, jnp.uint32),
-    axis=1,
-    dtype=jnp.uint32,
-  )
-  count = jax.lax.population_count(word).astype(jnp.int32)
   start = jax.lax.associative_scan(jnp.add, count) - count
   above = jnp.asarray(
     [0] + [(0xFFFFFFFF << (32 - int(j))) & 0xFFFFFFFF for j in lane[1:]],
