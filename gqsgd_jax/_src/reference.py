@@ -129,17 +129,35 @@ def _blocked(
 def stochastic_round(
   x: jax.Array, scale: jax.Array, levels: int, random: jax.Array
 ) -> jax.Array:
-  """math.h StochasticRound: SR(clamp(x * scale)) as int32."""
+  """SR(clamp(x * scale)) as int32 with the uniform r24 = random >> 8.
+
+  math.h DitherFixedPoint and RoundFixedPoint: z = floor(y * 2^24) holds
+  floor(y) in its top bits and floor(frac * 2^24) in its low 24 bits.
+  """
   lim = jnp.float32(levels)
   y = flush_subnormal(x) * flush_subnormal(scale)
   y = jnp.where(y > lim, lim, y)
   y = jnp.where(y < -lim, -lim, y)
   y = jnp.where(y == y, y, jnp.float32(0))
-  trunc = y.astype(jnp.int32)
-  fl = trunc - (y < trunc.astype(jnp.float32)).astype(jnp.int32)
-  frac = y - fl.astype(jnp.float32)
-  threshold = (frac * jnp.float32(16777216.0)).astype(jnp.int32).astype(_U32)
-  return fl + ((random >> 8) < threshold).astype(jnp.int32)
+  z = jnp.floor(y * jnp.float32(16777216.0)).astype(jnp.int32)
+  threshold = z.astype(_U32) & _u32(0xFFFFFF)
+  return (z >> 24) + ((random >> 8) < threshold).astype(jnp.int32)
+
+
+def quantize_draws(seed: jax.Array, n: int) -> jax.Array:
+  """The quantize kernel's draws (math.h HalfDraw, TieDraw) as uint32[n].
+
+  Element i gets r16 << 16 | r8 << 8, so that ``stochastic_round`` reads
+  r24 = r16 << 8 | r8: r16 is the low (i even) or high (i odd) half of
+  ``random_bits`` of pair i // 2, r8 the top byte of ``random_bits`` of i
+  in stream 1. The kernels draw r8 only when r16 ties with the threshold;
+  everywhere else it cannot change the comparison, so the bits agree.
+  """
+  pairs = random_bits(seed, (n + 1) // 2)
+  halves = jnp.stack([pairs & _u32(0xFFFF), pairs >> 16], axis=1)
+  r16 = halves.reshape(-1)[:n]
+  r8 = random_bits(seed, n, stream=1) >> 24
+  return (r16 << 16) | (r8 << 8)
 
 
 def pack(codes: jax.Array, bits: int) -> jax.Array:
@@ -182,7 +200,7 @@ def quantize(
   """
   x = x.reshape(-1)
   n = x.shape[0]
-  s, (xb, rb) = _blocked(block_shift, scale, x, random_bits(seed, n))
+  s, (xb, rb) = _blocked(block_shift, scale, x, quantize_draws(seed, n))
   q = stochastic_round(xb, s, levels, rb).reshape(-1)[:n]
   if signed_codes:
     return q.astype(jnp.int8)
