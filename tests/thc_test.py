@@ -76,8 +76,12 @@ def _update(tx, stacked, state, mode="shard_map"):
 
 
 def _errors(state, num_workers):
-  """The memories as (W, size) arrays, whichever mode made the state."""
-  return [np.asarray(e).reshape(num_workers, -1) for e in state.error]
+  """The memories as (W, padded size) arrays per buffer (its chunks' side
+  by side), whichever mode made the state."""
+  return [
+    np.concatenate([np.asarray(c).reshape(num_workers, -1) for c in e], axis=1)
+    for e in state.error
+  ]
 
 
 # -----------------------------------------------------------------------------
@@ -630,6 +634,32 @@ def test_bad_arguments_name_the_argument():
     thc_lib.thc(key=jnp.zeros(3))
   with pytest.raises(ValueError, match="needs params"):
     thc_lib.thc().init(None)
+
+
+def test_error_memory_is_one_array_per_chunk():
+  # The memories follow plan_chunks: per buffer, one f32[d] per chunk (a
+  # fused buffer of 2233 elements: chunks of 2048 and 1024); per leaf with
+  # granularity="leaf"; a state with one flat memory per buffer is refused.
+  params = {"a": jnp.zeros(700), "b": jnp.zeros((30, 50)), "c": jnp.zeros(33)}
+  state = thc_lib.thc().init(params)
+  assert [[c.shape for c in e] for e in state.error] == [[(2048,), (1024,)]]
+  assert all(c.dtype == jnp.float32 for c in state.error[0])
+  leaf = thc_lib.thc(granularity="leaf").init(params)
+  assert [[c.shape for c in e] for e in leaf.error] == [
+    [(1024,)],
+    [(2048,)],
+    [(64,)],
+  ]
+  tx = thc_lib.thc()
+  flat = state._replace(error=(jnp.zeros(3072),))
+  step = jax.shard_map(
+    lambda g: tx.update(g, flat)[0],
+    mesh=data_mesh(2),
+    in_specs=P(),
+    out_specs=P(),
+  )
+  with pytest.raises(ValueError, match="state.error"):
+    step(params)
 
 
 def test_unbound_axis_state_mismatch_and_integer_leaves():

@@ -94,10 +94,13 @@ def _pass(y: jax.Array, lo: int, e: int, scale: float) -> jax.Array:
   # would transpose its operand first.
   # Up to _STACK_CONSTANT elements the stack is a constant of the program:
   # broadcast at run time, it is written out in every call, as large as
-  # the data for the second group (a full pass).
+  # the data for the second group (a full pass). Contiguous: JAX lowers a
+  # NumPy array with zero strides (np.broadcast_to's view) to a broadcast.
   if outer * f * f <= _STACK_CONSTANT:
     hs = jnp.asarray(
-      np.broadcast_to(_sylvester(e) * np.float32(scale), (outer, f, f)),
+      np.ascontiguousarray(
+        np.broadcast_to(_sylvester(e) * np.float32(scale), (outer, f, f))
+      ),
       y.dtype,
     )
   else:

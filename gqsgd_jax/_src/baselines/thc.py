@@ -22,10 +22,11 @@ so x~ = H D g + e~ and e~ <- x~ - (-t + delta c): two transforms per step
 Hadamard blocks (``hadamard``). The signs come from the kernels' counter
 hash and the rounding bits from the quantize kernel (up to 128 levels;
 beyond, the same counter hash). The fused buffer is never built: each chunk
-is assembled from its leaves' pieces, and the leaves and the memory from
-the chunks' pieces, by in-place updates (XLA:CPU computes a concatenation
-with a per-element choice of the operand, several times slower than a
-copy); the norms take one pass (a sum of squares) unless it overflows or
+is assembled from its leaves' pieces, and the leaves from the chunks'
+pieces, by in-place updates (XLA:CPU computes a concatenation with a
+per-element choice of the operand, several times slower than a copy); the
+memory is kept chunk by chunk, so its update is one elementwise pass per
+chunk; the norms take one pass (a sum of squares) unless it overflows or
 underflows. Each chunk is rotated and quantized prescaled by a power of two,
 sigma = 2^-ceil(T/2) for a rotation of 2^T elements (the same codes, exact
 scalings), so that finite gradients near float32's largest value neither
@@ -94,9 +95,9 @@ _F32_MAX = float(np.finfo(np.float32).max)
 class ThcState(NamedTuple):
   """State of ``thc``: error-feedback memories and PRNG keys."""
 
-  # Per worker (see worker_state_specs): f32[padded size] per buffer, this
-  # worker's EF memory in the rotated domain (chunk by chunk, H D e); ()
-  # without error feedback.
+  # Per worker (see worker_state_specs): per buffer, a tuple of one f32[d]
+  # per chunk (``plan_chunks``), this worker's EF memory in the rotated
+  # domain (H D e of the chunk); () without error feedback.
   error: tuple
   key: jax.Array  # uint32[2] dither key, split once per step; shared
   rotation_key: jax.Array  # uint32[2] Hadamard signs' key; shared, fixed
@@ -502,7 +503,9 @@ def thc(
         "error memories take their shapes)"
       )
     plan = _plan(_leaf_sizes(params), granularity, chunk_size)
-    error = tuple(jnp.zeros(b.padded, jnp.float32) for b in plan)
+    error = tuple(
+      tuple(jnp.zeros(d, jnp.float32) for d in b.chunks) for b in plan
+    )
     # Typed as varying when init runs inside shard_map (the memories differ
     # per worker), so a lax.scan carry keeps one type across steps; the
     # identity where the axis is not bound (``jax.pmap(tx.init)``).
@@ -520,11 +523,14 @@ def thc(
     bucketing.check_leaf_dtypes(leaves, [p for p, _ in paths_leaves])
     plan = _plan([x.size for x in leaves], granularity, chunk_size)
     if error_feedback:
-      want = tuple(b.padded for b in plan)
-      got = tuple(e.shape[0] for e in state.error)
+      want = tuple(b.chunks for b in plan)
+      got = tuple(
+        tuple(np.shape(c)[0] for c in e) if isinstance(e, tuple) else None
+        for e in state.error
+      )
       if want != got:
         raise ValueError(
-          f"state.error holds buffers of sizes {got}, the updates need "
+          f"state.error holds chunks of sizes {got}, the updates need "
           f"{want}: init the state with params of the updates' shapes"
         )
     next_key, step_key = jax.random.split(state.key)
@@ -560,12 +566,15 @@ def thc(
     # fixed across steps, so H D (g + e) = H D g + e~ and the residual
     # needs no transform back (two transforms per step, not three).
     rotated = []
-    for (b, _, off, d), seed in zip(chunks, seeds):
+    for (b, c, off, d), seed in zip(chunks, seeds):
       sigma = np.float32(_prescale(d, cfg))
       # sigma D x, assembled from the leaves' pieces in place: the buffer of
       # concatenated leaves is never built (XLA's concatenation branches
       # per element), and the transform starts with a matrix product,
-      # which reads it as it is.
+      # which reads it as it is. (XLA:CPU copies the buffer once before
+      # the last in-place write, which the product reads as a matrix; one
+      # elementwise pass of the signs over the whole chunk instead measured
+      # slower, the hash and the choice of the piece per element.)
       pieces = [
         (
           pos,
@@ -577,7 +586,7 @@ def thc(
       x = bucketing.place(pieces, d, jnp.float32)
       r = hadamard.transform_blocks(x, _block(d, cfg))
       if error_feedback:
-        r = r + state.error[b][off : off + d] * sigma
+        r = r + state.error[b][c] * sigma
       rotated.append(r)
     # One pmax for the norms of every chunk (||x~|| = ||x||: orthonormal).
     norms = (
@@ -600,13 +609,12 @@ def thc(
 
     # Per leaf: (position in the leaf, values) pieces of the estimate.
     leaf_pieces: list[list] = [[] for _ in leaves]
-    # The new memories are written chunk by chunk over the old ones, each
-    # chunk's old values read from the buffer being written (the same
-    # offset as its update), so XLA updates the state's (donated) buffer in
-    # place: a fresh buffer would be zero-filled, then copied into it.
-    new_error = list(state.error)
-    zero = jax.lax.optimization_barrier(jnp.int32(0))
-    for j, (b, _, off, d) in enumerate(chunks):
+    # One memory per chunk: each new one is a single elementwise pass (in
+    # place where the state is donated). A memory per buffer took in-place
+    # updates of its chunks, and without donation XLA:CPU copied the whole
+    # buffer before them and again before the last one.
+    new_error = [list(e) for e in state.error]
+    for j, (b, c, off, d) in enumerate(chunks):
       unsigned, local, ok = _chunk_mean(
         rotated[j],
         norms[j],
@@ -633,15 +641,8 @@ def thc(
           (lo, bucketing.cast_saturating(value, leaves[i].dtype))
         )
       if error_feedback:
-        # Offsets through the barrier: at offsets XLA can see, it rewrites
-        # the update into a pad and a per-element choice (bucketing.place);
-        # static beyond int32.
-        at = (zero + int(off),) if plan[b].padded < 2**31 else (int(off),)
-        old = jax.lax.dynamic_slice(new_error[b], at, (d,))
-        new_error[b] = jax.lax.dynamic_update_slice(
-          new_error[b],
-          _new_error(local, rotated[j], old, norms[j], finite[b], inv_sigma),
-          at,
+        new_error[b][c] = _new_error(
+          local, rotated[j], state.error[b][c], norms[j], finite[b], inv_sigma
         )
 
     out_leaves = [
@@ -651,7 +652,9 @@ def thc(
     return (
       jax.tree_util.tree_unflatten(treedef, out_leaves),
       ThcState(
-        error=tuple(new_error), key=next_key, rotation_key=state.rotation_key
+        error=tuple(tuple(e) for e in new_error),
+        key=next_key,
+        rotation_key=state.rotation_key,
       ),
     )
 
