@@ -131,17 +131,22 @@ def stochastic_round(
 ) -> jax.Array:
   """SR(clamp(x * scale)) as int32 with the uniform r24 = random >> 8.
 
-  math.h DitherFixedPoint and RoundFixedPoint: z = floor(y * 2^24) holds
-  floor(y) in its top bits and floor(frac * 2^24) in its low 24 bits.
+  floor(y) + [r24 < floor(frac * 2^24)], for any levels < 2^31 (THC rounds
+  on wider grids). For levels <= 127 these are the bits of math.h's
+  DitherFixedPoint and RoundFixedPoint, which take floor(y) and the
+  fraction's 24 bits from one fixed-point z = floor(y * 2^24): both floors
+  and the scaling by 2^24 are exact.
   """
   lim = jnp.float32(levels)
   y = flush_subnormal(x) * flush_subnormal(scale)
   y = jnp.where(y > lim, lim, y)
   y = jnp.where(y < -lim, -lim, y)
   y = jnp.where(y == y, y, jnp.float32(0))
-  z = jnp.floor(y * jnp.float32(16777216.0)).astype(jnp.int32)
-  threshold = z.astype(_U32) & _u32(0xFFFFFF)
-  return (z >> 24) + ((random >> 8) < threshold).astype(jnp.int32)
+  trunc = y.astype(jnp.int32)
+  fl = trunc - (y < trunc.astype(jnp.float32)).astype(jnp.int32)
+  frac = y - fl.astype(jnp.float32)
+  threshold = (frac * jnp.float32(16777216.0)).astype(jnp.int32).astype(_U32)
+  return fl + ((random >> 8) < threshold).astype(jnp.int32)
 
 
 def quantize_draws(seed: jax.Array, n: int) -> jax.Array:
