@@ -89,9 +89,13 @@ def _with_vma(ffi_fn: Callable) -> Callable:
 
   def wrapped(*args: jax.Array) -> jax.Array:
     vma = set().union(*(_varying_axes(a) for a in args))
-    out = ffi_fn(*args)
-    missing = tuple(sorted(vma - _varying_axes(out)))
-    return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+    def retype(out: jax.Array) -> jax.Array:
+      missing = tuple(sorted(vma - _varying_axes(out)))
+      return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+    # One result, or a tuple of them (a kernel with several outputs).
+    return jax.tree.map(retype, ffi_fn(*args))
 
   return wrapped
 

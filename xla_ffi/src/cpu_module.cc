@@ -22,6 +22,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpEncodeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpDecodeCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdExpReduceCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdBlockMaxAbsCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdJointsqSelectCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdJointsqMeanClassmapCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdJointsqEncodeClassmapCpu);
 
 namespace gqsgd {
 namespace {
@@ -286,6 +289,12 @@ NB_MODULE(_gqsgd_cpu, m) {
     d["gqsgd_exp_reduce"] = gqsgd::Capsule(GqsgdExpReduceCpu);
     // CPU only: on a GPU, XLA's own fused reduction is the fast path.
     d["gqsgd_block_max_abs"] = gqsgd::Capsule(GqsgdBlockMaxAbsCpu);
+    // JointSQ's selection and decode-and-mean (jointsq_handlers.cc).
+    d["gqsgd_jointsq_select"] = gqsgd::Capsule(GqsgdJointsqSelectCpu);
+    d["gqsgd_jointsq_mean_classmap"] =
+        gqsgd::Capsule(GqsgdJointsqMeanClassmapCpu);
+    d["gqsgd_jointsq_encode_classmap"] =
+        gqsgd::Capsule(GqsgdJointsqEncodeClassmapCpu);
     return d;
   });
   // emulate_quantize, emulate_dequantize, emulate_exp_encode and

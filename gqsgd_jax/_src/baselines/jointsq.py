@@ -537,6 +537,25 @@ def _threshold_classes(squares: jax.Array, budget: int) -> jax.Array:
   return jnp.sum(take, axis=0, dtype=jnp.int32)
 
 
+def _exact_classes(squares: jax.Array, budget: int, impl: str) -> jax.Array:
+  """``_threshold_classes`` on CPU by the kernel ``gqsgd_jointsq_select``
+  (jointsq_kernels.h SelectClasses): a histogram of the squares brackets
+  the cut, one pass counts above the bracket and collects the items inside
+  it, which are sorted, and one pass writes the classes; three passes over
+  the elements instead of the bisection's ~5-31."""
+  out = jax.ShapeDtypeStruct(squares.shape, jnp.int32)
+
+  def ffi_fn(squares: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call(
+      "gqsgd_jointsq_select", out, vmap_method="sequential"
+    )(squares, budget=np.int64(budget))
+
+  def xla_fn(squares: jax.Array) -> jax.Array:
+    return _threshold_classes(squares, budget)
+
+  return ops._select(impl, ffi_fn, xla_fn, frozenset({"cpu"}))(squares)  # pylint: disable=protected-access
+
+
 def select(
   v: jax.Array,
   layout: JointSQLayout,
@@ -544,13 +563,18 @@ def select(
   *,
   selection: str = "exact",
   sample_ratio: float = 0.01,
+  impl: str = "auto",
 ) -> jax.Array:
-  """Class per element (int32[n], 0..3 = items taken) by the MCKP greedy."""
+  """Class per element (int32[n], 0..3 = items taken) by the MCKP greedy.
+
+  ``impl``: the exact greedy's kernel on CPU ("auto", "ffi") or its XLA
+  twin ``_threshold_classes`` ("xla"), the same classes.
+  """
   n, m = layout.numel, layout.item_capacity
   if m == 0:
     return jnp.zeros(n, jnp.int32)
   if selection == "exact":
-    return _threshold_classes(_squares(v), layout.budget_bits)
+    return _exact_classes(_squares(v), layout.budget_bits, impl)
   profits = item_profits(v)
   if key is None:
     raise ValueError("key: selection='sampled' needs a PRNG key")
@@ -696,7 +720,7 @@ def _element_values(
   ok = norms >= common.TINY  # empty or all-zero class: 0, not 0/0
   # The kernels flush a subnormal scale to zero.
   scales = reference.flush_subnormal(
-    jnp.where(ok, norms / jnp.asarray(s, jnp.float32), 0.0)
+    jnp.where(ok, norms * _inverse_levels(), 0.0)
   )
 
   by_class = functools.partial(_by_class, cls)
@@ -767,10 +791,9 @@ def _values_from_codes(
   q: jax.Array, cls: jax.Array, norms: jax.Array
 ) -> jax.Array:
   """q * (norm_c / s_c): ``_element_values``'s arithmetic on the codes."""
-  s = [levels(CLASS_BITS[c]) for c in _WIRE_CLASSES]
   ok = norms >= common.TINY
   scales = reference.flush_subnormal(
-    jnp.where(ok, norms / jnp.asarray(s, jnp.float32), 0.0)
+    jnp.where(ok, norms * _inverse_levels(), 0.0)
   )
   value = q.astype(jnp.float32) * _by_class(
     cls, [scales[0], scales[1], scales[2]]
@@ -830,6 +853,15 @@ def _code_stream(
   return stream[:size]
 
 
+def _inverse_levels() -> jax.Array:
+  """f32 1 / s_c in wire order: a class's scale is norm * (1 / s_c), what
+  XLA:CPU made of norm / s_c (a division by a constant); explicit, so that
+  the decode kernel can match it."""
+  return jnp.asarray(
+    [1 / levels(CLASS_BITS[c]) for c in _WIRE_CLASSES], jnp.float32
+  )
+
+
 def _by_class(cls: jax.Array, values: list) -> jax.Array:
   """values[r] (wire order 8, 4, 2) where cls is that class: selects,
   which fuse, rather than lookups in a table (gathers)."""
@@ -867,23 +899,70 @@ def encode(
     key: PRNG key of the rounding dither (and of the sampled threshold).
     selection: "exact" or "sampled" greedy.
     sample_ratio: sample size of the sampled threshold, as a fraction.
-    impl: accepted for symmetry with the other codecs: the codes are
-      computed in XLA (``_codes``), bit for bit those of the kernels.
+    impl: the exact selection's kernel ("auto": on CPU, "ffi") or its XLA
+      twin ("xla"), the same classes; the codes are computed in XLA
+      (``_codes``), bit for bit those of the quantize kernels.
 
   Returns:
     (payload uint8[layout.payload_bytes], x_hat float32[n], counts
     int32[3]): the message, the values it decodes to, and (k8, k4, k2).
     A tensor with a non-finite value sends NaN norms and decodes to NaN.
   """
-  del impl
-  v = v.reshape(-1).astype(jnp.float32)
-  finite = jnp.isfinite(v)
-  v = jnp.where(finite, v, 0.0)
+  raw = v.reshape(-1).astype(jnp.float32)
   # One draw for all seeds: a dither seed per class and the sampling key.
   seeds = jax.random.bits(key, (4, 2), jnp.uint32)
   cls = select(
-    v, layout, seeds[3], selection=selection, sample_ratio=sample_ratio
+    jnp.where(jnp.isfinite(raw), raw, 0.0),
+    layout,
+    seeds[3],
+    selection=selection,
+    sample_ratio=sample_ratio,
+    impl=impl,
   )
+  if layout.index_format != "classmap":
+    return _encode_classes(raw, cls, seeds, layout)
+  # reference.random_bits' stream keys of the classes, wire order.
+  keys = jnp.stack(
+    [x for c in _WIRE_CLASSES for x in reference.stream_key(seeds[c - 1], 0)]
+  )
+  out = (
+    jax.ShapeDtypeStruct((layout.payload_bytes,), jnp.uint8),
+    jax.ShapeDtypeStruct((layout.numel,), jnp.float32),
+    jax.ShapeDtypeStruct((3,), jnp.int32),
+  )
+
+  def ffi_fn(
+    raw: jax.Array, cls: jax.Array, keys: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    payload, x_hat, counts = jax.ffi.ffi_call(
+      "gqsgd_jointsq_encode_classmap", out, vmap_method="sequential"
+    )(
+      raw,
+      cls,
+      keys,
+      cap4=np.int64(layout.region_capacity(4)),
+      cap2=np.int64(layout.region_capacity(2)),
+    )
+    return payload, x_hat, counts
+
+  def xla_fn(
+    raw: jax.Array, cls: jax.Array, keys: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    del keys  # drawn again from the seeds
+    return _encode_classes(raw, cls, seeds, layout)
+
+  return ops._select(impl, ffi_fn, xla_fn, frozenset({"cpu"}))(raw, cls, keys)  # pylint: disable=protected-access
+
+
+def _encode_classes(
+  raw: jax.Array, cls: jax.Array, seeds: jax.Array, layout: JointSQLayout
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``encode`` given the classes: XLA, and the twin of the kernel
+  ``gqsgd_jointsq_encode_classmap`` (jointsq_kernels.h EncodeClassmap)
+  for the class map index, which does it in two passes over the
+  elements."""
+  finite = jnp.isfinite(raw)
+  v = jnp.where(finite, raw, 0.0)
   classmap = _pack(cls.astype(jnp.uint32), 2)
   # Reductions, not scatters into 4 bins (serial loops on XLA:CPU).
   counts = jnp.stack(
@@ -1274,7 +1353,7 @@ def jointsq(
           num_workers, len(members), layout.payload_bytes
         )
         start += size
-        means = _mean(chunk, layout, num_workers)
+        means = _mean(chunk, layout, num_workers, impl=impl)
         for g, (_, i) in enumerate(members):
           out[i] = means[g].reshape(leaves[i].shape).astype(leaves[i].dtype)
     dense = [i for i in range(len(leaves)) if i not in set(comp)]
@@ -1299,10 +1378,20 @@ def jointsq(
 
 
 def _mean(
-  chunk: jax.Array, layout: JointSQLayout, num_workers: int
+  chunk: jax.Array,
+  layout: JointSQLayout,
+  num_workers: int,
+  *,
+  impl: str = "auto",
 ) -> jax.Array:
   """Decodes every worker's payloads (uint8[W, G, P]) and averages them,
   always in worker order: f32[G, n], the same bits on every worker.
+
+  With the class map index, on CPU ("auto", "ffi"), one kernel call
+  (``gqsgd_jointsq_mean_classmap``, jointsq_kernels.h MeanClassmap) walks
+  each block of elements through every worker's payload: only the selected
+  elements cost work, and the sums stay in cache. Otherwise (and for
+  "xla", its twin) XLA as below.
 
   A loop over the workers decodes one worker's payloads (vmapped over G)
   and adds them to the total, so a payload's decode and its add make one
@@ -1313,6 +1402,25 @@ def _mean(
   its encoder's x_hat has the same bits but is typed varying over the
   axis, and the mean must come out replicated.)
   """
+  if layout.index_format == "classmap":
+    out = jax.ShapeDtypeStruct((chunk.shape[1], layout.numel), jnp.float32)
+
+    def ffi_fn(chunk: jax.Array) -> jax.Array:
+      return jax.ffi.ffi_call(
+        "gqsgd_jointsq_mean_classmap", out, vmap_method="sequential"
+      )(chunk, numel=np.int64(layout.numel))
+
+    xla_fn = functools.partial(
+      _mean_xla, layout=layout, num_workers=num_workers
+    )
+    return ops._select(impl, ffi_fn, xla_fn, frozenset({"cpu"}))(chunk)  # pylint: disable=protected-access
+  return _mean_xla(chunk, layout, num_workers)
+
+
+def _mean_xla(
+  chunk: jax.Array, layout: JointSQLayout, num_workers: int
+) -> jax.Array:
+  """``_mean`` in XLA."""
   _, groups, _ = chunk.shape
   dec = jax.vmap(functools.partial(_decode_fields, layout=layout))
   shape = jax.eval_shape(dec, chunk[0]).shape
@@ -1322,5 +1430,6 @@ def _mean(
     lambda w, t: t + dec(chunk[w]),
     jnp.zeros(shape, jnp.float32),
   )
-  total = total / num_workers
+  # Times 1/W in f32 (what XLA:CPU made of "/ W"; the kernel does it too).
+  total = total * np.float32(1 / num_workers)
   return total.reshape(groups, -1)[:, : layout.numel]

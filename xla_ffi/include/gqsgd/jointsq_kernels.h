@@ -1,0 +1,711 @@
+// JointSQ's CPU kernels (gqsgd_jax/_src/baselines/jointsq.py): the exact
+// greedy's classes in three passes over the elements, and the mean of the W
+// gathered class-map payloads of a step in one pass.
+//
+// Each is the twin of an XLA formulation in jointsq.py, bit for bit, with
+// XLA:CPU's arithmetic: float32 IEEE operations with subnormal results and
+// operands read as zero (FTZ/DAZ), here flushed explicitly.
+//
+// Self-contained (no kernels.h/math.h): plain single-threaded loops, called
+// once per simulated device, which run concurrently.
+#ifndef GQSGD_JAX_JOINTSQ_KERNELS_H_
+#define GQSGD_JAX_JOINTSQ_KERNELS_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace gqsgd {
+namespace jointsq {
+
+inline uint32_t Bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+inline float Float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// A subnormal reads as (signed) zero, as under XLA:CPU's FTZ/DAZ.
+inline float Flush(float x) {
+  const uint32_t u = Bits(x);
+  return (u & 0x7F800000u) == 0 ? Float(u & 0x80000000u) : x;
+}
+
+// jointsq.PROFIT_DENSITY as float32 and ITEM_WEIGHT.
+inline constexpr double kDensity[3] = {
+    (1 - 1.0 / 16) / 2,
+    (1.0 / 16 - 1.0 / 256) / 2,
+    (1.0 / 256 - 1.0 / 65536) / 4,
+};
+inline constexpr int64_t kWeight[3] = {2, 2, 4};
+inline constexpr uint32_t kTinyBits = 0x00800000u;  // FLT_MIN
+inline constexpr uint32_t kInfBits = 0x7F800000u;
+
+// Profit of item t of an element with square s: the product XLA computes
+// (jnp.float32(d) * squares), flushed.
+inline float Profit(int t, float s) {
+  return Flush(static_cast<float>(kDensity[t]) * s);
+}
+
+// The smallest non-negative float s (as bits, at most +inf) with
+// Profit(t, s) >= tau: items of type t at or above tau are exactly the
+// elements with square >= it (the rounded product is monotone in s).
+inline uint32_t SquareAtLeast(int t, float tau) {
+  uint32_t lo = 0, hi = kInfBits;  // Profit(t, Float(hi)) = inf >= tau
+  if (Profit(t, Float(lo)) >= tau) return lo;
+  while (hi - lo > 1) {  // Profit(lo) < tau <= Profit(hi)
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (Profit(t, Float(mid)) >= tau) {
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  return hi;
+}
+
+// Histogram of the squares' bits, 2^kBucketShift values a bucket; bits
+// above +inf's (never from _squares) share the last bucket.
+inline constexpr int kBucketShift = 15;
+inline constexpr int64_t kBuckets = (kInfBits >> kBucketShift) + 1;
+
+// The exact greedy's classes (jointsq._threshold_classes): cls[j] in 0..3,
+// the items element j takes.
+//
+// squares: jointsq._squares, non-negative and flushed. The item (j, t) has
+// profit Profit(t, sq[j]) and weight kWeight[t]; W(tau) is the weight of
+// the items with profit >= tau. If W(FLT_MIN) <= budget every item with a
+// positive profit is taken; else p*, the largest float tau >= FLT_MIN with
+// W(tau) > budget (an item's profit), and the items above it are taken,
+// then those equal to it in item order (t, then j) while their weights fit
+// (the longest prefix of the items sorted by profit that fits).
+//
+// 1. A histogram of the squares' bits (S[k]: squares in buckets >= k)
+//    bounds W(tau) from below (the buckets wholly above each type's square
+//    threshold) and above (also the buckets that hold the thresholds), and
+//    so p* within [tau_a, tau_b); the same pass computes W(FLT_MIN).
+// 2. One pass counts W(tau_b) and collects the candidate items, profit in
+//    [tau_a, tau_b); sorted by profit descending, then item index, they
+//    give p* and the ties that fit.
+// 3. One pass writes each element's class from its square and the three
+//    square thresholds of "profit > p*", then the ties taken are added.
+inline void SelectClasses(const float* squares, int64_t n, int64_t budget,
+                          int32_t* cls) {
+  const float tiny = Float(kTinyBits);
+  uint32_t thresholds[3];
+  for (int t = 0; t < 3; ++t) thresholds[t] = SquareAtLeast(t, tiny);
+  thread_local std::vector<int32_t> suffix;  // reused: no page faults
+  suffix.assign(kBuckets + 1, 0);
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(squares);
+  // W(FLT_MIN), as 32-bit partial counts (vectorizes).
+  auto weight_at = [&](const uint32_t* at) {
+    int64_t w = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += int64_t{1} << 24) {
+      const int64_t j1 = std::min(n, j0 + (int64_t{1} << 24));
+      uint32_t part = 0;
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint32_t s = bits[j];
+        part += 2 * (s >= at[0]) + 2 * (s >= at[1]) + 4 * (s >= at[2]);
+      }
+      w += part;
+    }
+    return w;
+  };
+  const int64_t all = weight_at(thresholds);
+  {
+    // Zeros (most elements of a sparse gradient) stay out: bucket 0 is
+    // never counted (every threshold is a normal float).
+    int32_t* hist = suffix.data();
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t s = bits[j];
+      if (s == 0) continue;
+      ++hist[std::min(s, kInfBits) >> kBucketShift];
+    }
+  }
+  for (int64_t k = kBuckets - 1; k >= 0; --k) suffix[k] += suffix[k + 1];
+  // Squares >= b (bits), bounded below by the buckets wholly >= b and above
+  // by the buckets that hold any value >= b.
+  auto count_lo = [&](uint32_t b) {
+    const int64_t k = (static_cast<int64_t>(std::min(b, kInfBits)) +
+                       (int64_t{1} << kBucketShift) - 1) >>
+                      kBucketShift;
+    return static_cast<int64_t>(suffix[std::min(k, kBuckets)]);
+  };
+  auto count_hi = [&](uint32_t b) {
+    return static_cast<int64_t>(suffix[std::min(b, kInfBits) >> kBucketShift]);
+  };
+  auto weight_bound = [&](uint32_t tau, bool upper) {
+    int64_t w = 0;
+    for (int t = 0; t < 3; ++t) {
+      const uint32_t b = SquareAtLeast(t, Float(tau));
+      w += kWeight[t] * (upper ? count_hi(b) : count_lo(b));
+    }
+    return w;
+  };
+
+  std::vector<uint32_t> ties;  // elements whose tied item is taken
+  if (all > budget) {
+    // tau_a: the largest tau with a lower bound > budget (FLT_MIN if none),
+    // so p* >= tau_a; tau_b: the smallest with an upper bound <= budget,
+    // so p* < tau_b (the upper bound at FLT_MIN is >= W > budget).
+    uint32_t lo = kTinyBits, hi = kInfBits;
+    if (weight_bound(lo, false) > budget) {
+      while (hi - lo > 1) {
+        const uint32_t mid = lo + (hi - lo) / 2;
+        (weight_bound(mid, false) > budget ? lo : hi) = mid;
+      }
+    }
+    const uint32_t tau_a = lo;
+    lo = kTinyBits;
+    hi = kInfBits;
+    while (hi - lo > 1) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      (weight_bound(mid, true) <= budget ? hi : lo) = mid;
+    }
+    const uint32_t tau_b = std::max(hi, tau_a + 1);
+    uint32_t at_a[3], at_b[3];
+    for (int t = 0; t < 3; ++t) {
+      at_a[t] = SquareAtLeast(t, Float(tau_a));
+      at_b[t] = SquareAtLeast(t, Float(tau_b));
+    }
+    // Pass 2: W(tau_b) and the candidates, (~profit bits, item index t n
+    // + j) as one sort key. Type 0 has the smallest square thresholds.
+    int64_t w = weight_at(at_b);
+    thread_local std::vector<uint64_t> cand;
+    cand.clear();
+    // In [at_a, at_b) as one unsigned compare each. The candidates are
+    // few: a branch-free test over 256 elements, then a scan of the rare
+    // chunks that hold any.
+    const uint32_t width[3] = {at_b[0] - at_a[0], at_b[1] - at_a[1],
+                               at_b[2] - at_a[2]};
+    constexpr int64_t kChunk = 256;
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t j1 = std::min(n, j0 + kChunk);
+      uint32_t any = 0;
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint32_t s = bits[j];
+        any |= static_cast<uint32_t>(s - at_a[0] < width[0]) |
+               static_cast<uint32_t>(s - at_a[1] < width[1]) |
+               static_cast<uint32_t>(s - at_a[2] < width[2]);
+      }
+      if (any == 0) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint32_t s = bits[j];
+        for (int t = 0; t < 3; ++t) {
+          if (s - at_a[t] < width[t]) {
+            const uint32_t p = Bits(Profit(t, squares[j]));
+            cand.push_back((static_cast<uint64_t>(~p) << 32) |
+                           static_cast<uint64_t>(t * n + j));
+          }
+        }
+      }
+    }
+    std::sort(cand.begin(), cand.end());
+    auto profit_of = [&](size_t i) {
+      return ~static_cast<uint32_t>(cand[i] >> 32);
+    };
+    auto weight_of = [&](size_t i) {
+      return kWeight[static_cast<int64_t>(cand[i] & 0xFFFFFFFFu) / n];
+    };
+    // By profit, descending: the first profit whose "all items >= it"
+    // overflows the budget is p* (one always does: W(tau_a) > budget).
+    uint32_t cut = tau_a;
+    size_t i = 0, tie_end = 0;
+    while (i < cand.size()) {
+      const uint32_t p = profit_of(i);
+      size_t e = i;
+      int64_t group = 0;
+      for (; e < cand.size() && profit_of(e) == p; ++e) group += weight_of(e);
+      if (w + group > budget) {
+        cut = p;
+        tie_end = e;
+        break;
+      }
+      w += group;
+      i = e;
+    }
+    for (int t = 0; t < 3; ++t) {
+      thresholds[t] = SquareAtLeast(t, Float(cut + 1));  // profit > p*
+    }
+    // The tied items in item order while they fit the room left.
+    int64_t used = w;
+    for (; i < tie_end; ++i) {
+      used += weight_of(i);
+      if (used > budget) break;
+      ties.push_back(static_cast<uint32_t>((cand[i] & 0xFFFFFFFFu) % n));
+    }
+  }
+  const uint32_t a0 = thresholds[0], a1 = thresholds[1], a2 = thresholds[2];
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t s = Bits(squares[j]);
+    cls[j] = static_cast<int32_t>(s >= a0) + static_cast<int32_t>(s >= a1) +
+             static_cast<int32_t>(s >= a2);
+  }
+  for (const uint32_t j : ties) ++cls[j];
+}
+
+// Classes on the wire (8, 4, 2 bits) and their levels s = 2^(b-1) - 1.
+inline constexpr int kLevels[3] = {127, 7, 1};
+// A class's scale is norm * f32(1 / s), as the twin (jointsq._inverse_levels).
+inline constexpr float kInverseLevels[3] = {static_cast<float>(1.0 / 127),
+                                            static_cast<float>(1.0 / 7), 1.0f};
+
+inline int32_t FloorDiv(int32_t a, int32_t b) {
+  const int32_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+inline int32_t WrapAdd(int32_t a, int32_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) +
+                              static_cast<uint32_t>(b));
+}
+
+// A class-map byte (4 elements, element 0 in bits 7-6) -> the elements of
+// each class as nibbles, bit q for element q: class 1 in bits 0-3, class 2
+// in bits 4-7, class 3 in bits 8-11.
+// count: the elements of class c in 10-bit field c - 1.
+struct ClassMasks {
+  uint16_t of[256];
+  uint32_t count[256];
+  ClassMasks() {
+    for (int b = 0; b < 256; ++b) {
+      uint16_t m = 0;
+      uint32_t k = 0;
+      for (int q = 0; q < 4; ++q) {
+        const int c = (b >> (6 - 2 * q)) & 3;
+        if (c > 0) {
+          m |= static_cast<uint16_t>(1u << (4 * (c - 1) + q));
+          k += 1u << (10 * (c - 1));
+        }
+      }
+      of[b] = m;
+      count[b] = k;
+    }
+  }
+};
+
+inline const ClassMasks& Masks() {
+  static const ClassMasks masks;
+  return masks;
+}
+
+// One payload's elements of class c (1..3) in index order: their decoded
+// values v[c][0..m_c) (m_c counted in the class map) and a cursor.
+struct Decoded {
+  const uint8_t* map;
+  const float* v[4];
+  int64_t at[4];
+};
+
+// DecodeClass's values when every byte read is in the stream.
+template <int kR>
+void DecodeInBounds(const uint8_t* in, int64_t m, float scale, float* v) {
+  constexpr int kLanes = 1 << kR, kCodeBits = 8 >> kR;
+  constexpr int kMask = (1 << kCodeBits) - 1, kLevel = kLevels[kR];
+  const int64_t whole = m / kLanes;
+  for (int64_t i = 0; i < whole; ++i) {
+    for (int q = 0; q < kLanes; ++q) {
+      const int code = (in[i] >> ((kLanes - 1 - q) * kCodeBits)) & kMask;
+      v[i * kLanes + q] = static_cast<float>(code - kLevel) * scale;
+    }
+  }
+  for (int64_t k = whole * kLanes; k < m; ++k) {
+    const int q = static_cast<int>(k & (kLanes - 1));
+    const int code = (in[k >> kR] >> ((kLanes - 1 - q) * kCodeBits)) & kMask;
+    v[k] = static_cast<float>(code - kLevel) * scale;
+  }
+}
+
+// Class c's values of one payload: the element of class c and rank k reads
+// stream[clip(offset_c + (k >> l_c))], lane k & (2^l_c - 1) (element 0 in
+// the high lane), and is float(code - s_c) * scale_c: the twin's
+// _element_values, including its clip for inconsistent counts.
+inline void DecodeClass(const uint8_t* stream, int64_t stream_bytes,
+                        int32_t offset, int r, float scale, int64_t m,
+                        float* v) {
+  const int bits = 8 >> r, lanes_log2 = r, level = kLevels[r];
+  const int64_t lanes = int64_t{1} << lanes_log2;
+  if (offset >= 0 && offset + (m + lanes - 1) / lanes <= stream_bytes) {
+    // In bounds (always for a payload from encode): loops that vectorize.
+    const uint8_t* in = stream + offset;
+    switch (r) {
+      case 0:
+        return DecodeInBounds<0>(in, m, scale, v);
+      case 1:
+        return DecodeInBounds<1>(in, m, scale, v);
+      default:
+        return DecodeInBounds<2>(in, m, scale, v);
+    }
+  }
+  for (int64_t k = 0; k < m; ++k) {
+    const int32_t rank = static_cast<int32_t>(k);
+    int64_t at = WrapAdd(offset, rank >> lanes_log2);
+    at = std::min<int64_t>(std::max<int64_t>(at, 0), stream_bytes - 1);
+    const int shift =
+        ((1 << lanes_log2) - 1 - (rank & ((1 << lanes_log2) - 1))) * bits;
+    const int code = (stream[at] >> shift) & ((1 << bits) - 1);
+    v[k] = static_cast<float>(code - level) * scale;
+  }
+}
+
+// sums[0..16 words) += each element's value from the payload (0 where class
+// 0), flushed: portable.
+inline void AddWords(Decoded& d, int64_t w0, int64_t w1, int64_t map_bytes,
+                     float* sums) {
+  for (int64_t i = w0; i < w1; ++i) {
+    float* t = sums + (i - w0) * 16;
+    for (int b = 0; b < 4; ++b) {
+      const int64_t at = 4 * i + b;
+      const uint8_t byte = at < map_bytes ? d.map[at] : 0;
+      if (byte == 0) continue;
+      for (int q = 0; q < 4; ++q) {
+        const int c = (byte >> (6 - 2 * q)) & 3;
+        if (c == 0) continue;
+        float& x = t[4 * b + q];
+        x = Flush(x + d.v[c][d.at[c]++]);
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GQSGD_JOINTSQ_AVX512 1
+// AddWords with AVX-512: per 16 elements, three masked expand-loads place
+// each class's next values in its elements' lanes.
+__attribute__((target("avx512f,avx512vl,popcnt"))) inline void AddWordsAvx512(
+    Decoded& d, int64_t w0, int64_t w1, int64_t map_bytes, float* sums) {
+  const ClassMasks& masks = Masks();
+  const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const int64_t full = std::min(w1, map_bytes / 4);
+  const float *v1 = d.v[1], *v2 = d.v[2], *v3 = d.v[3];
+  int64_t at1 = d.at[1], at2 = d.at[2], at3 = d.at[3];
+  for (int64_t i = w0; i < w1; ++i) {
+    uint32_t bytes = 0;
+    if (i < full) {
+      std::memcpy(&bytes, d.map + 4 * i, 4);
+    } else {
+      for (int b = 0; b < 4; ++b) {
+        const int64_t at = 4 * i + b;
+        if (at < map_bytes) bytes |= uint32_t{d.map[at]} << (8 * b);
+      }
+    }
+    if (bytes == 0) continue;
+    const uint64_t m = uint64_t{masks.of[bytes & 0xFF]} |
+                       uint64_t{masks.of[(bytes >> 8) & 0xFF]} << 16 |
+                       uint64_t{masks.of[(bytes >> 16) & 0xFF]} << 32 |
+                       uint64_t{masks.of[bytes >> 24]} << 48;
+    // Nibble q of byte b: element 4 b + q.
+    uint32_t of_class[4] = {0, 0, 0, 0};
+    for (int c = 1; c <= 3; ++c) {
+      const int sh = 4 * (c - 1);
+      of_class[c] = static_cast<uint32_t>((m >> sh) & 0xF) |
+                    static_cast<uint32_t>((m >> (16 + sh)) & 0xF) << 4 |
+                    static_cast<uint32_t>((m >> (32 + sh)) & 0xF) << 8 |
+                    static_cast<uint32_t>((m >> (48 + sh)) & 0xF) << 12;
+    }
+    // Register expands of unaligned loads (the values are padded by 16):
+    // expand-loads from memory are slow on some CPUs (Zen 4).
+    // (The empty asm keeps the compiler from folding a load back in.)
+    __m512 l1 = _mm512_loadu_ps(v1 + at1), l2 = _mm512_loadu_ps(v2 + at2),
+           l3 = _mm512_loadu_ps(v3 + at3);
+    asm("" : "+v"(l1), "+v"(l2), "+v"(l3));
+    __m512 x = _mm512_maskz_expand_ps(static_cast<__mmask16>(of_class[1]), l1);
+    x = _mm512_mask_expand_ps(x, static_cast<__mmask16>(of_class[2]), l2);
+    x = _mm512_mask_expand_ps(x, static_cast<__mmask16>(of_class[3]), l3);
+    at1 += __builtin_popcount(of_class[1]);
+    at2 += __builtin_popcount(of_class[2]);
+    at3 += __builtin_popcount(of_class[3]);
+    float* t = sums + (i - w0) * 16;
+    __m512 y = _mm512_add_ps(_mm512_loadu_ps(t), x);
+    const __m512i bits = _mm512_castps_si512(y);
+    const __mmask16 normal = _mm512_test_epi32_mask(bits, exponent);
+    y = _mm512_castsi512_ps(
+        _mm512_mask_blend_epi32(normal, _mm512_and_si512(bits, sign), bits));
+    _mm512_storeu_ps(t, y);
+  }
+  d.at[1] = at1;
+  d.at[2] = at2;
+  d.at[3] = at3;
+}
+#else
+#define GQSGD_JOINTSQ_AVX512 0
+#endif
+
+// Whether MeanClassmap uses AVX-512 (GQSGD_JAX_CPU_ISA=baseline or
+// x86-64-v3 turns it off, as for the other kernels).
+inline bool UseAvx512() {
+#if GQSGD_JOINTSQ_AVX512
+  static const bool use = [] {
+    const char* cap = std::getenv("GQSGD_JAX_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "x86-64-v4") != 0 && cap[0] != 0) {
+      return false;
+    }
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+// The mean of W class-map payloads of G tensors (jointsq._mean with the
+// "classmap" index): chunk uint8[W, G, P] -> out f32[G, n], the workers'
+// decoded values added in worker order (each sum flushed, as XLA:CPU's),
+// then times 1/W. A payload with a NaN norm decodes to NaN everywhere.
+//
+// Each payload's classes are decoded first into dense values in index
+// order (m_c per class, from the class map); then block by block of
+// elements, every worker's values are added in its elements' lanes, so
+// the block's sums stay in cache. Only the selected elements cost work.
+inline void MeanClassmap(const uint8_t* chunk, int64_t workers, int64_t groups,
+                         int64_t payload, int64_t n, float* out) {
+  constexpr int64_t kHeader = 24;
+  const int64_t map_bytes = (n + 3) / 4;
+  const int64_t stream_bytes = payload - kHeader - map_bytes;
+  const int64_t words = (n + 15) / 16;
+  constexpr int64_t kBlockWords = 256;
+  // Per worker n + 48 values: three classes, each padded by 16.
+  thread_local std::vector<float> values;
+  const int64_t per_worker = n + 48;
+  if (static_cast<int64_t>(values.size()) < workers * per_worker) {
+    values.resize(workers * per_worker);
+  }
+  std::vector<Decoded> ds(workers);
+  const ClassMasks& masks = Masks();
+  const bool avx512 = UseAvx512();
+  // Times 1/W in f32, as the twin (XLA:CPU's rewrite of a division by W).
+  const float inverse = static_cast<float>(1.0 / static_cast<double>(workers));
+  for (int64_t g = 0; g < groups; ++g) {
+    float* o = out + g * n;
+    bool nan = false;
+    for (int64_t w = 0; w < workers; ++w) {
+      const uint8_t* p = chunk + (w * groups + g) * payload;
+      float norms[3];
+      int32_t counts[3];
+      std::memcpy(norms, p, 12);
+      std::memcpy(counts, p + 12, 12);
+      for (int r = 0; r < 3; ++r) nan |= norms[r] != norms[r];
+      if (nan) break;
+      Decoded& d = ds[w];
+      d.map = p + kHeader;
+      // Elements per class: 10-bit fields, summed over at most 255 bytes.
+      int64_t m[4] = {0, 0, 0, 0};
+      for (int64_t b0 = 0; b0 < map_bytes; b0 += 255) {
+        const int64_t b1 = std::min(map_bytes, b0 + 255);
+        uint32_t sum = 0;
+        for (int64_t b = b0; b < b1; ++b) sum += masks.count[d.map[b]];
+        m[1] += sum & 0x3FF;
+        m[2] += (sum >> 10) & 0x3FF;
+        m[3] += sum >> 20;
+      }
+      int32_t offset[3];
+      offset[0] = 0;
+      offset[1] = counts[0];
+      offset[2] = WrapAdd(counts[0], FloorDiv(WrapAdd(counts[1], 1), 2));
+      float* base = values.data() + w * per_worker;
+      for (int r = 0; r < 3; ++r) {
+        const int c = 3 - r;  // wire order: classes 3, 2, 1 (8, 4, 2 bits)
+        const bool ok = norms[r] >= Float(kTinyBits);
+        const float scale = ok ? Flush(norms[r] * kInverseLevels[r]) : 0.0f;
+        DecodeClass(p + kHeader + map_bytes, stream_bytes, offset[r], r, scale,
+                    m[c], base);
+        d.v[c] = base;
+        d.at[c] = 0;
+        base += m[c] + 16;
+      }
+    }
+    if (nan) {
+      std::fill(o, o + n, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    for (int64_t w0 = 0; w0 < words; w0 += kBlockWords) {
+      const int64_t w1 = std::min(words, w0 + kBlockWords);
+      alignas(64) float sums[kBlockWords * 16];
+      std::fill(sums, sums + (w1 - w0) * 16, 0.0f);
+      for (int64_t w = 0; w < workers; ++w) {
+#if GQSGD_JOINTSQ_AVX512
+        if (avx512) {
+          AddWordsAvx512(ds[w], w0, w1, map_bytes, sums);
+          continue;
+        }
+#endif
+        AddWords(ds[w], w0, w1, map_bytes, sums);
+      }
+      const int64_t e0 = w0 * 16, e1 = std::min(n, w1 * 16);
+      for (int64_t e = e0; e < e1; ++e) o[e] = Flush(sums[e - e0] * inverse);
+    }
+    (void)avx512;
+  }
+}
+
+inline uint32_t Mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+
+// reference.stochastic_round of one value: SR(clamp(x * scale)) with the
+// uniform r24 = random >> 8.
+inline int32_t StochasticRound(float x, float scale, float lim,
+                               uint32_t random) {
+  float y = Flush(Flush(x) * Flush(scale));
+  if (y > lim) y = lim;
+  if (y < -lim) y = -lim;
+  if (y != y) y = 0.0f;
+  const int32_t z = static_cast<int32_t>(std::floor(y * 16777216.0f));
+  const uint32_t threshold = static_cast<uint32_t>(z) & 0xFFFFFFu;
+  return (z >> 24) + static_cast<int32_t>((random >> 8) < threshold);
+}
+
+// One tensor's class-map payload from its values and classes (jointsq.encode
+// after the selection, "classmap" index): v f32[n] (any values: a non-finite
+// one makes the norms and x_hat NaN), cls s32[n] in 0..3, keys u32[6] the
+// dither stream keys (a, b) of the classes in wire order (8, 4, 2 bits) ->
+// payload u8[P], x_hat f32[n], counts s32[3].
+//
+// Header (norms, counts), the class map (element 0 in the high bits), and
+// the code stream: each class's offset-binary codes in index order, the
+// lanes past a class's count in its last byte holding the code of a zero
+// up to the region's capacity (cap4, cap2), 0 beyond. Element j of class c
+// and rank k gets q = StochasticRound(v, s_c / norm_c, s_c, Mix32(Mix32(k ^
+// a_c) + b_c)) and x_hat = q * flush(norm_c * f32(1 / s_c)).
+inline void EncodeClassmap(const float* v, const int32_t* cls, int64_t n,
+                           const uint32_t* keys, int64_t cap4, int64_t cap2,
+                           uint8_t* payload, int64_t payload_bytes,
+                           float* x_hat, int32_t* counts_out) {
+  constexpr int64_t kHeader = 24;
+  const int64_t map_bytes = (n + 3) / 4;
+  const int64_t size = payload_bytes - kHeader - map_bytes;  // stream
+  uint8_t* map = payload + kHeader;
+  uint8_t* stream = map + map_bytes;
+  std::memset(payload, 0, payload_bytes);
+  // Pass 1: class map, counts, norms (max |v| over the finite values),
+  // x_hat 0; in registers, four elements (a class-map byte) at a time.
+  int32_t count[4] = {0, 0, 0, 0};
+  float norm[4] = {0, 0, 0, 0};
+  bool bad = false;
+  {
+    int32_t c1 = 0, c2 = 0, c3 = 0;
+    float m1 = 0, m2 = 0, m3 = 0;
+    uint32_t nonfinite = 0;
+    for (int64_t b = 0; b < map_bytes; ++b) {
+      uint32_t byte = 0;
+      for (int q = 0; q < 4; ++q) {
+        const int64_t j = 4 * b + q;
+        const bool in = j < n;
+        const int c = in ? cls[j] & 3 : 0;
+        const float x = in ? v[j] : 0.0f;
+        const uint32_t e = Bits(x) & 0x7F800000u;
+        nonfinite |= static_cast<uint32_t>(e == 0x7F800000u);
+        // |x|, flushed; 0 if not finite.
+        const float a = (e == 0 || e == 0x7F800000u) ? 0.0f : std::fabs(x);
+        c1 += c == 1;
+        c2 += c == 2;
+        c3 += c == 3;
+        m1 = std::max(m1, c == 1 ? a : 0.0f);
+        m2 = std::max(m2, c == 2 ? a : 0.0f);
+        m3 = std::max(m3, c == 3 ? a : 0.0f);
+        byte |= static_cast<uint32_t>(c) << (6 - 2 * q);
+      }
+      map[b] = static_cast<uint8_t>(byte);
+    }
+    count[1] = c1;
+    count[2] = c2;
+    count[3] = c3;
+    count[0] = static_cast<int32_t>(n) - c1 - c2 - c3;
+    norm[1] = m1;
+    norm[2] = m2;
+    norm[3] = m3;
+    bad = nonfinite != 0;
+  }
+  std::fill(x_hat, x_hat + n, 0.0f);
+  // Wire order r = 0, 1, 2: classes 3, 2, 1.
+  const int32_t k8 = count[3], k4 = count[2], k2 = count[1];
+  const int32_t offset[3] = {0, k8, k8 + (k4 + 1) / 2};
+  float code_scale[4] = {0, 0, 0, 0}, value_scale[4] = {0, 0, 0, 0};
+  for (int r = 0; r < 3; ++r) {
+    const int c = 3 - r;
+    const bool ok = norm[c] >= Float(kTinyBits);
+    code_scale[c] = ok ? static_cast<float>(kLevels[r]) / norm[c] : 0.0f;
+    value_scale[c] = ok ? Flush(norm[c] * kInverseLevels[r]) : 0.0f;
+  }
+  // Pass 2: codes into the stream, x_hat; only the selected elements (by
+  // class-map byte), each class's rank in a register.
+  int32_t r1 = 0, r2 = 0, r3 = 0;
+  for (int64_t b = 0; b < map_bytes; ++b) {
+    const uint32_t byte = map[b];
+    if (byte == 0) continue;
+    for (int q = 0; q < 4; ++q) {
+      const int c = (byte >> (6 - 2 * q)) & 3;
+      if (c == 0) continue;
+      const int64_t j = 4 * b + q;
+      const int r = 3 - c;
+      const int32_t k = c == 3 ? r3 : (c == 2 ? r2 : r1);
+      r3 += c == 3;
+      r2 += c == 2;
+      r1 += c == 1;
+      const float x = v[j];
+      const bool finite = (Bits(x) & 0x7F800000u) != 0x7F800000u;
+      const uint32_t random = Mix32(
+          Mix32(static_cast<uint32_t>(k) ^ keys[2 * r]) + keys[2 * r + 1]);
+      const int32_t q_code =
+          StochasticRound(finite ? x : 0.0f, code_scale[c],
+                          static_cast<float>(kLevels[r]), random);
+      x_hat[j] = static_cast<float>(q_code) * value_scale[c];
+      const int lanes_log2 = r, bits = 8 >> r;
+      const int64_t at = offset[r] + (k >> lanes_log2);
+      const int shift =
+          ((1 << lanes_log2) - 1 - (k & ((1 << lanes_log2) - 1))) * bits;
+      if (at >= 0 && at < size) {
+        stream[at] = static_cast<uint8_t>(
+            stream[at] +
+            static_cast<uint8_t>(static_cast<uint32_t>(q_code + kLevels[r])
+                                 << shift));
+      }
+    }
+  }
+  // The zero codes after a class's last code in its last byte.
+  if ((k4 % 2) == 1 && k4 < cap4) {
+    const int64_t at = k8 + k4 / 2;
+    if (at < size) stream[at] = static_cast<uint8_t>(stream[at] + kLevels[1]);
+  }
+  const int32_t used2 = k2 % 4;
+  if (used2 != 0) {
+    int pad = 0;
+    for (int lane = used2; lane < 4; ++lane) {
+      if (k2 - used2 + lane < cap2) pad += kLevels[2] << (2 * (3 - lane));
+    }
+    const int64_t at = offset[2] + k2 / 4;
+    if (at < size) stream[at] = static_cast<uint8_t>(stream[at] + pad);
+  }
+  float norms[3] = {norm[3], norm[2], norm[1]};
+  if (bad) {
+    for (float& x : norms) x = std::numeric_limits<float>::quiet_NaN();
+    std::fill(x_hat, x_hat + n, std::numeric_limits<float>::quiet_NaN());
+  }
+  const int32_t counts[3] = {k8, k4, k2};
+  std::memcpy(payload, norms, 12);
+  std::memcpy(payload + 12, counts, 12);
+  std::memcpy(counts_out, counts, 12);
+}
+
+}  // namespace jointsq
+}  // namespace gqsgd
+
+#endif  // GQSGD_JAX_JOINTSQ_KERNELS_H_
