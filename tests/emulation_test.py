@@ -3,7 +3,6 @@
 import functools
 import itertools
 
-import _dither_ties
 import jax
 import numpy as np
 import pytest
@@ -107,35 +106,6 @@ def test_emulated_quantize(code, n, grid):
     x, float(scale), SEED, codes, levels, bits, signed, *grid
   )
   _assert_all_equal(codes, expected)
-
-
-@pytest.mark.parametrize("grid", _grid_params())
-@pytest.mark.parametrize("code", CODES, ids=_code_id)
-def test_emulated_quantize_ties(code, grid):
-  """Every grid draws the tie bits where the half draw ties (see
-  _dither_ties): bits equal to the FFI, the twin and the oracle."""
-  bits, signed = code
-  levels = wire.max_levels(bits, signed)
-  n = 4099
-  x, scale, q = _dither_ties.tied_inputs(emulation, SEED, n, 0.5)
-  fn = functools.partial(
-    ops.quantize, levels=levels, bits=bits, signed_codes=signed
-  )
-  expected = _ffi_and_twin(fn, x, scale, SEED)
-  codes = np.zeros(
-    wire.num_words(n, bits, signed), wire.word_dtype(bits, signed)
-  )
-  emulation.emulate_quantize(
-    x, float(scale), SEED, codes, levels, bits, signed, *grid
-  )
-  _assert_all_equal(codes, expected)
-  if signed:
-    np.testing.assert_array_equal(codes.astype(np.int64), q)
-  else:
-    lanes = wire.lanes_per_word(bits)
-    shifts = bits * np.arange(lanes - 1, -1, -1)
-    unpacked = (codes.astype(np.int64)[:, None] >> shifts) & ((1 << bits) - 1)
-    np.testing.assert_array_equal(unpacked.reshape(-1)[:n] - levels, q)
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 import functools
 import itertools
 
-import _dither_ties
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,33 +250,6 @@ def test_quantize_clamps_to_levels(code):
   codes = _check_quantize(x, scale, levels=levels, bits=bits, signed=signed)
   q = _signed_levels(codes, x.shape[0], bits=bits, signed=signed, levels=levels)
   np.testing.assert_array_equal(q, np.sign(x) * levels)
-
-
-@requires_ffi
-@pytest.mark.parametrize("code", CODES, ids=_code_id)
-@pytest.mark.parametrize(
-  ("n", "tie_fraction"),
-  # All tied; and, past 2^15 elements per chunk, several chunks of the
-  # thread pool whose boundaries fall on odd elements and mid-pair.
-  [(1027, 1.0), (3 * 2**16 + 5, 0.3)],
-)
-def test_quantize_ties_take_the_tie_draw(code, n, tie_fraction):
-  """Where the 16-bit half draw ties the threshold, the 8-bit draw decides.
-
-  Fails if a path skips the tie draw (tied elements would never round up),
-  takes the wrong half of a pair's hash, or misplaces an odd block start.
-  """
-  bits, signed = code
-  levels = wire.max_levels(bits, signed)
-  x, scale, expected = _dither_ties.tied_inputs(
-    ffi_lib.host_emulation, SEED, n, tie_fraction
-  )
-  fn = functools.partial(
-    ops.quantize, levels=levels, bits=bits, signed_codes=signed
-  )
-  codes = _assert_impls_agree(fn, x, scale, SEED)
-  q = _signed_levels(codes, n, bits=bits, signed=signed, levels=levels)
-  np.testing.assert_array_equal(q, expected)
 
 
 def _psum_params():

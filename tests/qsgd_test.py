@@ -159,7 +159,7 @@ def test_reference_compatible_matches_the_torch_model(num_workers):
   total = torch.zeros(n, dtype=torch.float64)
   for i, m in enumerate(norms):
     seed = ops.seed_from_key(prng.fold(step_key, 0, i))
-    k = np.asarray(reference.quantize_draws(seed, n)) >> 8
+    k = np.asarray(reference.random_bits(seed, n)) >> 8
     top = ((k.astype(np.float64) + 1) * 2.0**-24).astype(F32)
     u = torch.from_numpy(np.nextafter(top, F32(0)))
     codes = ref.sd8_encode(torch.from_numpy(g[i]), m, num_workers, u)

@@ -44,11 +44,6 @@ def _bits(seed, n: int, stream: int = 0) -> np.ndarray:
   return _op(reference.random_bits, seed, n=n, stream=stream)
 
 
-def _draws(seed, n: int) -> np.ndarray:
-  """The quantize kernel's rounding draws (r24 = draws >> 8)."""
-  return _op(reference.quantize_draws, seed, n=n)
-
-
 # -----------------------------------------------------------------------------
 # Uniform draws for the reference, built from the bits our kernels consume.
 
@@ -62,7 +57,7 @@ def _sr_uniforms(seed, n: int) -> torch.Tensor:
   same event for every float32 frac (both sides compute frac = y - floor(y)
   in float32 with the same rounding). u is in (0, 1).
   """
-  k = (_draws(seed, n) >> 8).astype(np.float64)
+  k = (_bits(seed, n) >> 8).astype(np.float64)
   top = ((k + 1) * 2.0**-24).astype(F32)  # exact: 24-bit integer * 2^-24
   return torch.from_numpy(np.nextafter(top, F32(0)))
 
@@ -124,7 +119,7 @@ def test_sr_uniform_correspondence_is_exact():
   y[:64] = np.arange(-32, 32)
   y[64:66] = [0.0, -0.0]
   seed = _seed(1)
-  bits = _draws(seed, n)
+  bits = _bits(seed, n)
   ours = _op(reference.stochastic_round, y, 1.0, levels=127, random=bits)
   theirs = ref.random_round(torch.from_numpy(y), _sr_uniforms(seed, n))
   np.testing.assert_array_equal(ours, theirs.numpy().astype(np.int32))
@@ -137,11 +132,11 @@ def test_sr_naive_uniforms_differ_only_below_2pow24_granularity():
   # integer. Put y = (k + 1/2) 2^-24 on the draws that allow it to hit it.
   seed = _seed(2)
   n = 4096
-  k = _draws(seed, n) >> 8
+  k = _bits(seed, n) >> 8
   hit = k < 2**23  # (k + 1/2) 2^-24 < 1/2 is exact in float32
   y = np.where(hit, (k + 0.5) * 2.0**-24, 0.25).astype(F32)
   ours = _op(
-    reference.stochastic_round, y, 1.0, levels=1, random=_draws(seed, n)
+    reference.stochastic_round, y, 1.0, levels=1, random=_bits(seed, n)
   )
   naive = ref.random_round(
     torch.from_numpy(y), torch.from_numpy((k * 2.0**-24).astype(F32))

@@ -129,14 +129,7 @@ def _blocked(
 def stochastic_round(
   x: jax.Array, scale: jax.Array, levels: int, random: jax.Array
 ) -> jax.Array:
-  """SR(clamp(x * scale)) as int32 with the uniform r24 = random >> 8.
-
-  floor(y) + [r24 < floor(frac * 2^24)], for any levels < 2^31 (THC rounds
-  on wider grids). For levels <= 127 these are the bits of math.h's
-  DitherFixedPoint and RoundFixedPoint, which take floor(y) and the
-  fraction's 24 bits from one fixed-point z = floor(y * 2^24): both floors
-  and the scaling by 2^24 are exact.
-  """
+  """math.h StochasticRound: SR(clamp(x * scale)) as int32."""
   lim = jnp.float32(levels)
   y = flush_subnormal(x) * flush_subnormal(scale)
   y = jnp.where(y > lim, lim, y)
@@ -147,22 +140,6 @@ def stochastic_round(
   frac = y - fl.astype(jnp.float32)
   threshold = (frac * jnp.float32(16777216.0)).astype(jnp.int32).astype(_U32)
   return fl + ((random >> 8) < threshold).astype(jnp.int32)
-
-
-def quantize_draws(seed: jax.Array, n: int) -> jax.Array:
-  """The quantize kernel's draws (math.h HalfDraw, TieDraw) as uint32[n].
-
-  Element i gets r16 << 16 | r8 << 8, so that ``stochastic_round`` reads
-  r24 = r16 << 8 | r8: r16 is the low (i even) or high (i odd) half of
-  ``random_bits`` of pair i // 2, r8 the top byte of ``random_bits`` of i
-  in stream 1. The kernels draw r8 only when r16 ties with the threshold;
-  everywhere else it cannot change the comparison, so the bits agree.
-  """
-  pairs = random_bits(seed, (n + 1) // 2)
-  halves = jnp.stack([pairs & _u32(0xFFFF), pairs >> 16], axis=1)
-  r16 = halves.reshape(-1)[:n]
-  r8 = random_bits(seed, n, stream=1) >> 24
-  return (r16 << 16) | (r8 << 8)
 
 
 def pack(codes: jax.Array, bits: int) -> jax.Array:
@@ -205,7 +182,7 @@ def quantize(
   """
   x = x.reshape(-1)
   n = x.shape[0]
-  s, (xb, rb) = _blocked(block_shift, scale, x, quantize_draws(seed, n))
+  s, (xb, rb) = _blocked(block_shift, scale, x, random_bits(seed, n))
   q = stochastic_round(xb, s, levels, rb).reshape(-1)[:n]
   if signed_codes:
     return q.astype(jnp.int8)

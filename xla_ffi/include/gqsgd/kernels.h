@@ -163,8 +163,7 @@ inline void UnpackLanes(const typename Lanes<kBits>::Word* in, int64_t words,
 
 // (a) Stochastic-rounding quantize of x * scale to [-levels, levels].
 // kSigned: int8 codes q. Otherwise offset-binary codes q + levels packed in
-// lanes of kBits (padding lanes of the last word are zero). The draws are
-// math.h's HalfDraw / TieDraw: one hash per two elements.
+// lanes of kBits (padding lanes of the last word are zero).
 template <typename In, int kBits, bool kSigned>
 struct QuantizeKernel {
   using L = Lanes<kBits>;
@@ -187,8 +186,7 @@ struct QuantizeKernel {
   }
 
   GQSGD_HD void Strided(int64_t first, int64_t stride, int64_t end) const {
-    const StreamKey key0 = MakeStreamKey(seed[0], seed[1], 0);
-    const StreamKey key1 = MakeStreamKey(seed[0], seed[1], 1);
+    const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t offset = kSigned ? 0 : levels;
     for (int64_t w = first; w < end; w += stride) {
       uint32_t word = 0;
@@ -199,8 +197,7 @@ struct QuantizeKernel {
         const int64_t at = valid ? i : 0;
         const float v = valid ? ToFloat(x[at]) : 0.0f;
         const float s = FlushSubnormal(scale[at >> scale_shift]);
-        const int32_t q =
-            RoundWithHalfDraw(DitherFixedPoint(v, s, levels), key0, key1, i);
+        const int32_t q = StochasticRound(v, s, levels, RandomBits(key, i));
         const uint32_t c =
             valid ? (static_cast<uint32_t>(q + offset) & L::kMask) : 0u;
         word |= c << ((kPerWord - 1 - k) * kBits);
@@ -210,85 +207,59 @@ struct QuantizeKernel {
   }
 
 #if !defined(__CUDA_ARCH__)
-  // Words [first, end): full words in blocks, the partial last word through
-  // Strided. Per block: the pair hashes into a buffer of 16-bit draws, then
-  // the codes with r24 = r16 << 8 (vectorized; it also notes whether any
-  // element tied), then, for the rare block with a tie (about one in 64),
-  // the tied elements again with their r8, then the packing.
+  // Words [first, end): full words in blocks (codes, then packing), the
+  // partial last word through Strided.
   void Contiguous(int64_t first, int64_t end) const {
     constexpr int64_t kBlockWords = kHostBlock / kPerWord;
     // Locals, not members: stores through the byte-sized code pointers may
     // alias anything, which would force a reload every iteration.
     const float* const sc = scale;
     const int32_t sh = scale_shift;
-    const StreamKey key0 = MakeStreamKey(seed[0], seed[1], 0);
-    const StreamKey key1 = MakeStreamKey(seed[0], seed[1], 1);
+    const StreamKey key = MakeStreamKey(seed[0], seed[1], 0);
     const int32_t lv = levels;
     const uint32_t offset = kSigned ? 0u : static_cast<uint32_t>(lv);
     const In* const xs = x;
     Word* const out = codes;
     const int64_t full = std::min(end, n / kPerWord);
-    // One byte per code where the words are bytes (see PackByteLanes);
-    // 8-bit codes go straight to the output.
-    using Code = typename std::conditional<L::kByte, uint8_t, uint32_t>::type;
     for (int64_t w0 = first; w0 < full; w0 += kBlockWords) {
       const int64_t words = std::min(full - w0, kBlockWords);
       const uint32_t count = static_cast<uint32_t>(words * kPerWord);
-      const int64_t i0 = w0 * kPerWord;
-      // Pairs (i0 >> 1) .. ((i0 + count - 1) >> 1); an odd i0 starts in
-      // the high half of the first hash.
-      const int64_t p0 = i0 >> 1;
-      const uint32_t pairs =
-          static_cast<uint32_t>(((i0 + count - 1) >> 1) - p0 + 1);
       StreamKey k;
       uint32_t lo;
-      if (!HostBlockKey(key0, p0, pairs, &k, &lo)) {
+      if (!HostBlockKey(key, w0 * kPerWord, count, &k, &lo)) {
         Strided(w0, 1, w0 + words);
         continue;
       }
-      uint16_t draws[kHostBlock + 2];
-      for (uint32_t p = 0; p < pairs; ++p) {
-        const uint32_t h = RandomBits(k, lo + p);
-        draws[2 * p] = static_cast<uint16_t>(h);
-        draws[2 * p + 1] = static_cast<uint16_t>(h >> 16);
-      }
-      const uint16_t* const r16 = draws + (i0 & 1);
-      const In* const xb = xs + i0;
-      Code c[kPerWord == 1 ? 1 : kHostBlock];
-      Word* const ob = out + w0;
-      const auto store = [&](uint32_t j, int32_t q) {
-        const uint32_t code = (static_cast<uint32_t>(q) + offset) & L::kMask;
-        if constexpr (kPerWord == 1) {
-          ob[j] = static_cast<Word>(code);
-        } else {
-          c[j] = static_cast<Code>(code);
-        }
-      };
-      uint32_t ties = 0;
-      ForScaleRuns(i0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
-        for (uint32_t j = j0; j < j1; ++j) {
-          const int32_t z = DitherFixedPoint(ToFloat(xb[j]), s, lv);
-          const uint32_t r = r16[j];
-          ties |= static_cast<uint32_t>(DitherTie(z, r));
-          store(j, RoundFixedPoint(z, r << 8));
-        }
-      });
-      if (ties != 0) {
-        ForScaleRuns(i0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
+      const In* xb = xs + w0 * kPerWord;
+      if constexpr (kPerWord == 1) {
+        Word* ob = out + w0;
+        ForScaleRuns(w0, count, sc, sh, [&](uint32_t j0, uint32_t j1, float s) {
           for (uint32_t j = j0; j < j1; ++j) {
-            const int32_t z = DitherFixedPoint(ToFloat(xb[j]), s, lv);
-            const uint32_t r = r16[j];
-            if (DitherTie(z, r))
-              store(j, RoundFixedPoint(z, (r << 8) | TieDraw(key1, i0 + j)));
+            const int32_t q =
+                StochasticRound(ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
+            ob[j] = static_cast<Word>((static_cast<uint32_t>(q) + offset) &
+                                      L::kMask);
           }
         });
-      }
-      if constexpr (kPerWord == 1) {
-        continue;
-      } else if constexpr (L::kByte) {
-        PackByteLanes<kBits>(c, words, ob);
       } else {
-        PackLanes<kBits>(c, words, ob);
+        // One byte per code where the words are bytes (see PackByteLanes).
+        using Code =
+            typename std::conditional<L::kByte, uint8_t, uint32_t>::type;
+        Code c[kBlockWords * kPerWord];
+        ForScaleRuns(w0 * kPerWord, count, sc, sh,
+                     [&](uint32_t j0, uint32_t j1, float s) {
+                       for (uint32_t j = j0; j < j1; ++j) {
+                         const int32_t q = StochasticRound(
+                             ToFloat(xb[j]), s, lv, RandomBits(k, lo + j));
+                         c[j] = static_cast<Code>(
+                             (static_cast<uint32_t>(q) + offset) & L::kMask);
+                       }
+                     });
+        if constexpr (L::kByte) {
+          PackByteLanes<kBits>(c, words, out + w0);
+        } else {
+          PackLanes<kBits>(c, words, out + w0);
+        }
       }
     }
     if (std::max(first, full) < end) Strided(std::max(first, full), 1, end);

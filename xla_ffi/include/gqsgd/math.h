@@ -149,62 +149,20 @@ GQSGD_HD uint32_t RandomBits(StreamKey key, int64_t index) {
 // can exceed s by one ulp when |x| == M, and one rounding up would then
 // carry into the neighbouring lane. NaN maps to 0; the transforms detect
 // non-finite buckets from the global norm and decode them to NaN.
-// Rounding: floor(y) + [r24 < floor(frac * 2^24)] for a uniform 24-bit draw
-// r24, i.e. P(up) = frac rounded down to a multiple of 2^-24 (|bias| below
-// 2^-24 of a step).
+// Rounding: floor(y) + [r24 < floor(frac * 2^24)], i.e. P(up) = frac rounded
+// to a multiple of 2^-24 (|bias| below 2^-24 of a step).
 
-// floor(clamp(x * scale) * 2^24) as a 32-bit fixed-point number: its top
-// bits (arithmetic shift by 24) are floor(y), its low 24 bits
-// floor(frac * 2^24). Exact: the scaling by 2^24 and the floor are exact,
-// and |y| <= levels <= 127 keeps |y * 2^24| below 2^31. One float floor and
-// one conversion, where floor(y) and the fraction separately cost two of
-// each (the quantize kernel is arithmetic-bound on the CPU).
-GQSGD_HD int32_t DitherFixedPoint(float x, float scale, int32_t levels) {
+GQSGD_HD int32_t StochasticRound(float x, float scale, int32_t levels,
+                                 uint32_t random) {
   const float lim = static_cast<float>(levels);
   float y = x * scale;
   y = y > lim ? lim : y;
   y = y < -lim ? -lim : y;
   y = (y == y) ? y : 0.0f;
-  return static_cast<int32_t>(Floor(y * 16777216.0f));
-}
-
-// The rounded integer from DitherFixedPoint's z and a uniform r24 < 2^24.
-GQSGD_HD int32_t RoundFixedPoint(int32_t z, uint32_t r24) {
-  const uint32_t threshold = static_cast<uint32_t>(z) & 0xffffffu;
-  return (z >> 24) + (r24 < threshold ? 1 : 0);
-}
-
-// The quantize kernel's draws: one hash serves two elements. Element i's
-// 24-bit uniform is r24 = r16 << 8 | r8 with
-//   r16 = 16 bits of RandomBits(key0, i >> 1) (element 2p the low half,
-//         2p + 1 the high half), and
-//   r8  = RandomBits(key1, i) >> 24 (stream 1).
-// r8 only decides when r16 equals the threshold's top 16 bits, a tie of
-// probability 2^-16, so the kernels draw it for the ties alone: about half
-// the hashing of one full draw per element, same 2^-24 resolution, and
-// every element's r24 is uniform and independent of the others' (distinct
-// pairs hash distinct counters; the two halves of one hash are disjoint
-// bits of one bijective mix).
-GQSGD_HD uint32_t HalfDraw(StreamKey key0, int64_t i) {
-  const uint32_t h = RandomBits(key0, i >> 1);
-  return (i & 1) ? (h >> 16) : (h & 0xffffu);
-}
-
-GQSGD_HD uint32_t TieDraw(StreamKey key1, int64_t i) {
-  return RandomBits(key1, i) >> 24;
-}
-
-// Whether r16 leaves the rounding of z undecided (r8 decides).
-GQSGD_HD bool DitherTie(int32_t z, uint32_t r16) {
-  return r16 == ((static_cast<uint32_t>(z) >> 8) & 0xffffu);
-}
-
-// The rounding of z with the quantize kernel's draws for element i.
-GQSGD_HD int32_t RoundWithHalfDraw(int32_t z, StreamKey key0, StreamKey key1,
-                                   int64_t i) {
-  const uint32_t r16 = HalfDraw(key0, i);
-  const uint32_t r8 = DitherTie(z, r16) ? TieDraw(key1, i) : 0u;
-  return RoundFixedPoint(z, (r16 << 8) | r8);
+  const float fl = Floor(y);
+  const float frac = y - fl;  // exact, in [0, 1)
+  const uint32_t threshold = static_cast<uint32_t>(frac * 16777216.0f);
+  return static_cast<int32_t>(fl) + ((random >> 8) < threshold ? 1 : 0);
 }
 
 // Largest n_a + n_b that RoundedAverage serves: worker counts up to 2^16.
