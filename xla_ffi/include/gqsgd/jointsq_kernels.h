@@ -6,8 +6,9 @@
 // XLA:CPU's arithmetic: float32 IEEE operations with subnormal results and
 // operands read as zero (FTZ/DAZ), here flushed explicitly.
 //
-// Self-contained (no kernels.h/math.h): plain single-threaded loops, called
-// once per simulated device, which run concurrently.
+// Plain single-threaded loops, called once per simulated device, which run
+// concurrently; the bit casts, the flush, the counter hash and the
+// stochastic rounding are math.h's.
 #ifndef GQSGD_JAX_JOINTSQ_KERNELS_H_
 #define GQSGD_JAX_JOINTSQ_KERNELS_H_
 
@@ -19,30 +20,14 @@
 #include <limits>
 #include <vector>
 
+#include "gqsgd/math.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
 
 namespace gqsgd {
 namespace jointsq {
-
-inline uint32_t Bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-
-inline float Float(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-// A subnormal reads as (signed) zero, as under XLA:CPU's FTZ/DAZ.
-inline float Flush(float x) {
-  const uint32_t u = Bits(x);
-  return (u & 0x7F800000u) == 0 ? Float(u & 0x80000000u) : x;
-}
 
 // jointsq.PROFIT_DENSITY as float32 and ITEM_WEIGHT.
 inline constexpr double kDensity[3] = {
@@ -57,18 +42,18 @@ inline constexpr uint32_t kInfBits = 0x7F800000u;
 // Profit of item t of an element with square s: the product XLA computes
 // (jnp.float32(d) * squares), flushed.
 inline float Profit(int t, float s) {
-  return Flush(static_cast<float>(kDensity[t]) * s);
+  return FlushSubnormal(static_cast<float>(kDensity[t]) * s);
 }
 
 // The smallest non-negative float s (as bits, at most +inf) with
 // Profit(t, s) >= tau: items of type t at or above tau are exactly the
 // elements with square >= it (the rounded product is monotone in s).
 inline uint32_t SquareAtLeast(int t, float tau) {
-  uint32_t lo = 0, hi = kInfBits;  // Profit(t, Float(hi)) = inf >= tau
-  if (Profit(t, Float(lo)) >= tau) return lo;
+  uint32_t lo = 0, hi = kInfBits;  // Profit(t, BitsFloat(hi)) = inf >= tau
+  if (Profit(t, BitsFloat(lo)) >= tau) return lo;
   while (hi - lo > 1) {  // Profit(lo) < tau <= Profit(hi)
     const uint32_t mid = lo + (hi - lo) / 2;
-    if (Profit(t, Float(mid)) >= tau) {
+    if (Profit(t, BitsFloat(mid)) >= tau) {
       hi = mid;
     } else {
       lo = mid;
@@ -104,7 +89,7 @@ inline constexpr int64_t kBuckets = (kInfBits >> kBucketShift) + 1;
 //    square thresholds of "profit > p*", then the ties taken are added.
 inline void SelectClasses(const float* squares, int64_t n, int64_t budget,
                           int32_t* cls) {
-  const float tiny = Float(kTinyBits);
+  const float tiny = BitsFloat(kTinyBits);
   uint32_t thresholds[3];
   for (int t = 0; t < 3; ++t) thresholds[t] = SquareAtLeast(t, tiny);
   thread_local std::vector<int32_t> suffix;  // reused: no page faults
@@ -150,7 +135,7 @@ inline void SelectClasses(const float* squares, int64_t n, int64_t budget,
   auto weight_bound = [&](uint32_t tau, bool upper) {
     int64_t w = 0;
     for (int t = 0; t < 3; ++t) {
-      const uint32_t b = SquareAtLeast(t, Float(tau));
+      const uint32_t b = SquareAtLeast(t, BitsFloat(tau));
       w += kWeight[t] * (upper ? count_hi(b) : count_lo(b));
     }
     return w;
@@ -178,8 +163,8 @@ inline void SelectClasses(const float* squares, int64_t n, int64_t budget,
     const uint32_t tau_b = std::max(hi, tau_a + 1);
     uint32_t at_a[3], at_b[3];
     for (int t = 0; t < 3; ++t) {
-      at_a[t] = SquareAtLeast(t, Float(tau_a));
-      at_b[t] = SquareAtLeast(t, Float(tau_b));
+      at_a[t] = SquareAtLeast(t, BitsFloat(tau_a));
+      at_b[t] = SquareAtLeast(t, BitsFloat(tau_b));
     }
     // Pass 2: W(tau_b) and the candidates, (~profit bits, item index t n
     // + j) as one sort key. Type 0 has the smallest square thresholds.
@@ -206,7 +191,7 @@ inline void SelectClasses(const float* squares, int64_t n, int64_t budget,
         const uint32_t s = bits[j];
         for (int t = 0; t < 3; ++t) {
           if (s - at_a[t] < width[t]) {
-            const uint32_t p = Bits(Profit(t, squares[j]));
+            const uint32_t p = FloatBits(Profit(t, squares[j]));
             cand.push_back((static_cast<uint64_t>(~p) << 32) |
                            static_cast<uint64_t>(t * n + j));
           }
@@ -238,7 +223,7 @@ inline void SelectClasses(const float* squares, int64_t n, int64_t budget,
       i = e;
     }
     for (int t = 0; t < 3; ++t) {
-      thresholds[t] = SquareAtLeast(t, Float(cut + 1));  // profit > p*
+      thresholds[t] = SquareAtLeast(t, BitsFloat(cut + 1));  // profit > p*
     }
     // The tied items in item order while they fit the room left.
     int64_t used = w;
@@ -250,7 +235,7 @@ inline void SelectClasses(const float* squares, int64_t n, int64_t budget,
   }
   const uint32_t a0 = thresholds[0], a1 = thresholds[1], a2 = thresholds[2];
   for (int64_t j = 0; j < n; ++j) {
-    const uint32_t s = Bits(squares[j]);
+    const uint32_t s = FloatBits(squares[j]);
     cls[j] = static_cast<int32_t>(s >= a0) + static_cast<int32_t>(s >= a1) +
              static_cast<int32_t>(s >= a2);
   }
@@ -375,7 +360,7 @@ inline void AddWords(Decoded& d, int64_t w0, int64_t w1, int64_t map_bytes,
         const int c = (byte >> (6 - 2 * q)) & 3;
         if (c == 0) continue;
         float& x = t[4 * b + q];
-        x = Flush(x + d.v[c][d.at[c]++]);
+        x = FlushSubnormal(x + d.v[c][d.at[c]++]);
       }
     }
   }
@@ -519,8 +504,9 @@ inline void MeanClassmap(const uint8_t* chunk, int64_t workers, int64_t groups,
       float* base = values.data() + w * per_worker;
       for (int r = 0; r < 3; ++r) {
         const int c = 3 - r;  // wire order: classes 3, 2, 1 (8, 4, 2 bits)
-        const bool ok = norms[r] >= Float(kTinyBits);
-        const float scale = ok ? Flush(norms[r] * kInverseLevels[r]) : 0.0f;
+        const bool ok = norms[r] >= BitsFloat(kTinyBits);
+        const float scale =
+            ok ? FlushSubnormal(norms[r] * kInverseLevels[r]) : 0.0f;
         DecodeClass(p + kHeader + map_bytes, stream_bytes, offset[r], r, scale,
                     m[c], base);
         d.v[c] = base;
@@ -546,31 +532,11 @@ inline void MeanClassmap(const uint8_t* chunk, int64_t workers, int64_t groups,
         AddWords(ds[w], w0, w1, map_bytes, sums);
       }
       const int64_t e0 = w0 * 16, e1 = std::min(n, w1 * 16);
-      for (int64_t e = e0; e < e1; ++e) o[e] = Flush(sums[e - e0] * inverse);
+      for (int64_t e = e0; e < e1; ++e)
+        o[e] = FlushSubnormal(sums[e - e0] * inverse);
     }
     (void)avx512;
   }
-}
-
-inline uint32_t Mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x21F0AAADu;
-  x ^= x >> 15;
-  x *= 0x735A2D97u;
-  return x ^ (x >> 15);
-}
-
-// reference.stochastic_round of one value: SR(clamp(x * scale)) with the
-// uniform r24 = random >> 8.
-inline int32_t StochasticRound(float x, float scale, float lim,
-                               uint32_t random) {
-  float y = Flush(Flush(x) * Flush(scale));
-  if (y > lim) y = lim;
-  if (y < -lim) y = -lim;
-  if (y != y) y = 0.0f;
-  const int32_t z = static_cast<int32_t>(std::floor(y * 16777216.0f));
-  const uint32_t threshold = static_cast<uint32_t>(z) & 0xFFFFFFu;
-  return (z >> 24) + static_cast<int32_t>((random >> 8) < threshold);
 }
 
 // One tensor's class-map payload from its values and classes (jointsq.encode
@@ -583,8 +549,8 @@ inline int32_t StochasticRound(float x, float scale, float lim,
 // the code stream: each class's offset-binary codes in index order, the
 // lanes past a class's count in its last byte holding the code of a zero
 // up to the region's capacity (cap4, cap2), 0 beyond. Element j of class c
-// and rank k gets q = StochasticRound(v, s_c / norm_c, s_c, Mix32(Mix32(k ^
-// a_c) + b_c)) and x_hat = q * flush(norm_c * f32(1 / s_c)).
+// and rank k gets q = StochasticRound(v, s_c / norm_c, s_c,
+// RandomBits({a_c, b_c}, k)) and x_hat = q * flush(norm_c * f32(1 / s_c)).
 inline void EncodeClassmap(const float* v, const int32_t* cls, int64_t n,
                            const uint32_t* keys, int64_t cap4, int64_t cap2,
                            uint8_t* payload, int64_t payload_bytes,
@@ -611,7 +577,7 @@ inline void EncodeClassmap(const float* v, const int32_t* cls, int64_t n,
         const bool in = j < n;
         const int c = in ? cls[j] & 3 : 0;
         const float x = in ? v[j] : 0.0f;
-        const uint32_t e = Bits(x) & 0x7F800000u;
+        const uint32_t e = FloatBits(x) & 0x7F800000u;
         nonfinite |= static_cast<uint32_t>(e == 0x7F800000u);
         // |x|, flushed; 0 if not finite.
         const float a = (e == 0 || e == 0x7F800000u) ? 0.0f : std::fabs(x);
@@ -641,9 +607,9 @@ inline void EncodeClassmap(const float* v, const int32_t* cls, int64_t n,
   float code_scale[4] = {0, 0, 0, 0}, value_scale[4] = {0, 0, 0, 0};
   for (int r = 0; r < 3; ++r) {
     const int c = 3 - r;
-    const bool ok = norm[c] >= Float(kTinyBits);
+    const bool ok = norm[c] >= BitsFloat(kTinyBits);
     code_scale[c] = ok ? static_cast<float>(kLevels[r]) / norm[c] : 0.0f;
-    value_scale[c] = ok ? Flush(norm[c] * kInverseLevels[r]) : 0.0f;
+    value_scale[c] = ok ? FlushSubnormal(norm[c] * kInverseLevels[r]) : 0.0f;
   }
   // Pass 2: codes into the stream, x_hat; only the selected elements (by
   // class-map byte), each class's rank in a register.
@@ -661,12 +627,14 @@ inline void EncodeClassmap(const float* v, const int32_t* cls, int64_t n,
       r2 += c == 2;
       r1 += c == 1;
       const float x = v[j];
-      const bool finite = (Bits(x) & 0x7F800000u) != 0x7F800000u;
-      const uint32_t random = Mix32(
-          Mix32(static_cast<uint32_t>(k) ^ keys[2 * r]) + keys[2 * r + 1]);
+      const bool finite = (FloatBits(x) & 0x7F800000u) != 0x7F800000u;
+      const uint32_t random =
+          RandomBits(StreamKey{keys[2 * r], keys[2 * r + 1]}, k);
+      // math.h's rounding of reference.stochastic_round; a subnormal
+      // product rounds to 0 as a flushed one would.
       const int32_t q_code =
-          StochasticRound(finite ? x : 0.0f, code_scale[c],
-                          static_cast<float>(kLevels[r]), random);
+          StochasticRound(FlushSubnormal(finite ? x : 0.0f),
+                          FlushSubnormal(code_scale[c]), kLevels[r], random);
       x_hat[j] = static_cast<float>(q_code) * value_scale[c];
       const int lanes_log2 = r, bits = 8 >> r;
       const int64_t at = offset[r] + (k >> lanes_log2);
