@@ -163,8 +163,23 @@ def test_kernels_are_used_on_cpu():
   hlo = enc.lower(v).compile().as_text()
   assert "gqsgd_jointsq_select" in hlo
   assert "gqsgd_jointsq_encode_classmap" in hlo
+  hlo = _mean_hlo(layout, "auto")
+  used = "gqsgd_jointsq_mean_classmap" in hlo
+  assert used == jsq._mean_kernel_is_fast()
+
+
+def _mean_hlo(layout, impl):
   chunk = jnp.zeros((2, 1, layout.payload_bytes), jnp.uint8)
-  hlo = (
-    jax.jit(lambda c: jsq._mean(c, layout, 2)).lower(chunk).compile().as_text()
-  )
-  assert "gqsgd_jointsq_mean_classmap" in hlo
+  mean = jax.jit(lambda c: jsq._mean(c, layout, 2, impl=impl))
+  return mean.lower(chunk).compile().as_text()
+
+
+def test_mean_kernel_only_where_vectorized(monkeypatch):
+  """Without AVX-512 the kernel's portable loop loses to XLA: "auto" takes
+  the twin there, "ffi" still the kernel."""
+  layout = jsq.make_layout(4099, 0.032, "classmap")
+  monkeypatch.setattr(jsq, "_mean_kernel_is_fast", lambda: False)
+  assert "gqsgd_jointsq_mean_classmap" not in _mean_hlo(layout, "auto")
+  assert "gqsgd_jointsq_mean_classmap" in _mean_hlo(layout, "ffi")
+  monkeypatch.setattr(jsq, "_mean_kernel_is_fast", lambda: True)
+  assert "gqsgd_jointsq_mean_classmap" in _mean_hlo(layout, "auto")

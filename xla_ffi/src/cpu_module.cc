@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "gqsgd/jointsq_kernels.h"
 #include "gqsgd/kernels.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/ndarray.h"
@@ -398,6 +399,10 @@ NB_MODULE(_gqsgd_cpu, m) {
   m.def("emulate_exp_reduce", &gqsgd::EmulateExpReduce, nb::arg("a"),
         nb::arg("b"), nb::arg("seed"), nb::arg("out"), nb::arg("blocks"),
         nb::arg("threads"));
+  // Whether JointSQ's mean kernel runs its AVX-512 path; without it the
+  // XLA twin is faster, and impl="auto" takes the twin.
+  m.def("jointsq_mean_vectorized",
+        []() { return gqsgd::jointsq::UseAvx512(); });
   m.def("random_bits_at", &gqsgd::RandomBitsAt, nb::arg("seed"),
         nb::arg("start"), nb::arg("stream"), nb::arg("out"),
         nb::arg("blocks") = 1, nb::arg("threads") = 1);
