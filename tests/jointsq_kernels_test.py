@@ -6,6 +6,10 @@ classes (``gqsgd_jointsq_select``), a class-map payload from the classes
 payloads (``gqsgd_jointsq_mean_classmap``).
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +104,8 @@ def test_encode_matches_twin(kind, n, ratio):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("ratio", [0.032, 0.2, 1.0])
 def test_mean_matches_twin(workers, n, ratio):
+  if os.environ.get(_PORTABLE_CHILD):  # see test_mean_portable_loop_...
+    assert not jsq._mean_kernel_is_fast()
   layout = jsq.make_layout(n, ratio, "classmap")
   keys = jax.random.split(jax.random.key(3), workers)
   kinds = ["normal", "sparse", "heavy", "ties"]
@@ -125,6 +131,29 @@ def test_mean_matches_twin(workers, n, ratio):
   _assert_same(got, want)
   if workers == 1:  # the mean of one payload is its decode
     _assert_same(got[0], jsq.decode(payloads[0, 0], layout))
+
+
+# Set in the child process of test_mean_portable_loop_matches_twin.
+_PORTABLE_CHILD = "GQSGD_JOINTSQ_TEST_PORTABLE"
+
+
+def test_mean_portable_loop_matches_twin():
+  """The mean kernel's loop for CPUs without AVX-512, which CI's machines
+  never take on their own: the mean tests again in a child process with
+  GQSGD_JAX_CPU_ISA=baseline (read once per process)."""
+  env = dict(os.environ, GQSGD_JAX_CPU_ISA="baseline", **{_PORTABLE_CHILD: "1"})
+  tests = "test_mean_matches_twin or test_mean_with_a_nan or test_mean_clips"
+  child = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    + [__file__, "-k", tests],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
+  assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+  assert " passed" in child.stdout
 
 
 def test_mean_with_a_nan_payload_is_nan():
