@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "gqsgd/kernels.h"
 #include "gqsgd/math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -295,23 +296,13 @@ struct Decoded {
   int64_t at[4];
 };
 
-// DecodeClass's values when every byte read is in the stream.
-template <int kR>
-void DecodeInBounds(const uint8_t* in, int64_t m, float scale, float* v) {
-  constexpr int kLanes = 1 << kR, kCodeBits = 8 >> kR;
-  constexpr int kMask = (1 << kCodeBits) - 1, kLevel = kLevels[kR];
-  const int64_t whole = m / kLanes;
-  for (int64_t i = 0; i < whole; ++i) {
-    for (int q = 0; q < kLanes; ++q) {
-      const int code = (in[i] >> ((kLanes - 1 - q) * kCodeBits)) & kMask;
-      v[i * kLanes + q] = static_cast<float>(code - kLevel) * scale;
-    }
-  }
-  for (int64_t k = whole * kLanes; k < m; ++k) {
-    const int q = static_cast<int>(k & (kLanes - 1));
-    const int code = (in[k >> kR] >> ((kLanes - 1 - q) * kCodeBits)) & kMask;
-    v[k] = static_cast<float>(code - kLevel) * scale;
-  }
+// m offset-binary codes of kBits (s = 2^(kBits-1) - 1) -> float(code - s) *
+// scale: kernels.h's DequantizeKernel on one thread.
+template <int kBits>
+void Dequantize(const uint8_t* in, int64_t m, float scale, float* v) {
+  const DequantizeKernel<kBits, false> k{in, &scale, v, m,
+                                         (1 << (kBits - 1)) - 1};
+  k(0, 1, NumWords(m, Lanes<kBits>::kCount));
 }
 
 // Class c's values of one payload: the element of class c and rank k reads
@@ -324,15 +315,16 @@ inline void DecodeClass(const uint8_t* stream, int64_t stream_bytes,
   const int bits = 8 >> r, lanes_log2 = r, level = kLevels[r];
   const int64_t lanes = int64_t{1} << lanes_log2;
   if (offset >= 0 && offset + (m + lanes - 1) / lanes <= stream_bytes) {
-    // In bounds (always for a payload from encode): loops that vectorize.
+    // In bounds (always for a payload from encode): the dequantize
+    // kernel's host loop, (code - s_c) * scale over 8/4/2-bit byte lanes.
     const uint8_t* in = stream + offset;
     switch (r) {
       case 0:
-        return DecodeInBounds<0>(in, m, scale, v);
+        return Dequantize<8>(in, m, scale, v);
       case 1:
-        return DecodeInBounds<1>(in, m, scale, v);
+        return Dequantize<4>(in, m, scale, v);
       default:
-        return DecodeInBounds<2>(in, m, scale, v);
+        return Dequantize<2>(in, m, scale, v);
     }
   }
   for (int64_t k = 0; k < m; ++k) {
