@@ -26,6 +26,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdBlockMaxAbsCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdJointsqSelectCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdJointsqMeanClassmapCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdJointsqEncodeClassmapCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GqsgdHadamardCpu);
 
 namespace gqsgd {
 namespace {
@@ -296,6 +297,9 @@ NB_MODULE(_gqsgd_cpu, m) {
         gqsgd::Capsule(GqsgdJointsqMeanClassmapCpu);
     d["gqsgd_jointsq_encode_classmap"] =
         gqsgd::Capsule(GqsgdJointsqEncodeClassmapCpu);
+    // CPU only: THC's Walsh-Hadamard transform (hadamard_handlers.cc); GPUs
+    // keep the matrix products.
+    d["gqsgd_hadamard"] = gqsgd::Capsule(GqsgdHadamardCpu);
     return d;
   });
   // emulate_quantize, emulate_dequantize, emulate_exp_encode and
