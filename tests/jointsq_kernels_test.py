@@ -90,6 +90,8 @@ def test_select_tied_cut_takes_ties_in_item_order():
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("ratio", [0.032, 0.2, 1.0])
 def test_encode_matches_twin(kind, n, ratio):
+  if os.environ.get(_PORTABLE_CHILD):  # see test_portable_loops_...
+    assert not jsq._mean_kernel_is_fast()  # the same probe as encode's
   layout = jsq.make_layout(n, ratio, "classmap")
   v = _data(kind, n, seed=1)
   key = jax.random.key(7)
@@ -104,7 +106,7 @@ def test_encode_matches_twin(kind, n, ratio):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("ratio", [0.032, 0.2, 1.0])
 def test_mean_matches_twin(workers, n, ratio):
-  if os.environ.get(_PORTABLE_CHILD):  # see test_mean_portable_loop_...
+  if os.environ.get(_PORTABLE_CHILD):  # see test_portable_loops_...
     assert not jsq._mean_kernel_is_fast()
   layout = jsq.make_layout(n, ratio, "classmap")
   keys = jax.random.split(jax.random.key(3), workers)
@@ -133,16 +135,19 @@ def test_mean_matches_twin(workers, n, ratio):
     _assert_same(got[0], jsq.decode(payloads[0, 0], layout))
 
 
-# Set in the child process of test_mean_portable_loop_matches_twin.
+# Set in the child process of test_portable_loops_match_twin.
 _PORTABLE_CHILD = "GQSGD_JOINTSQ_TEST_PORTABLE"
 
 
-def test_mean_portable_loop_matches_twin():
-  """The mean kernel's loop for CPUs without AVX-512, which CI's machines
-  never take on their own: the mean tests again in a child process with
-  GQSGD_JAX_CPU_ISA=baseline (read once per process)."""
+def test_portable_loops_match_twin():
+  """The encode and mean kernels' loops for CPUs without AVX-512, which CI's
+  machines never take on their own: their tests again in a child process
+  with GQSGD_JAX_CPU_ISA=baseline (read once per process)."""
   env = dict(os.environ, GQSGD_JAX_CPU_ISA="baseline", **{_PORTABLE_CHILD: "1"})
-  tests = "test_mean_matches_twin or test_mean_with_a_nan or test_mean_clips"
+  tests = (
+    "test_mean_matches_twin or test_mean_with_a_nan or test_mean_clips"
+    " or test_encode_matches_twin"
+  )
   child = subprocess.run(
     [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     + [__file__, "-k", tests],

@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu_executor.h"
 #include "gqsgd/jointsq_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -10,6 +11,15 @@ namespace ffi = xla::ffi;
 namespace gqsgd {
 namespace jointsq {
 namespace {
+
+// Runs body() compiled for the widest instruction set the CPU has, as the
+// other CPU kernels (cpu_executor.h's RunChunk: x86-64-v4, v3 or baseline
+// copies, everything inlined), on the calling thread: the simulated
+// devices already run concurrently.
+template <typename Body>
+void OnHostIsa(const Body& body) {
+  RunChunk([&](int64_t, int64_t, int64_t) { body(); }, 0, 1);
+}
 
 // squares f32[n] -> cls s32[n] (see SelectClasses).
 ffi::Error SelectHandler(ffi::Buffer<ffi::F32> squares,
@@ -25,7 +35,11 @@ ffi::Error SelectHandler(ffi::Buffer<ffi::F32> squares,
         "jointsq_select needs 3 n < 2^32 and budget >= 0, got n = " +
         std::to_string(n) + ", budget = " + std::to_string(budget));
   }
-  if (n > 0) SelectClasses(squares.typed_data(), n, budget, cls->typed_data());
+  if (n > 0) {
+    OnHostIsa([&] {
+      SelectClasses(squares.typed_data(), n, budget, cls->typed_data());
+    });
+  }
   return ffi::Error::Success();
 }
 
@@ -44,8 +58,10 @@ ffi::Error MeanClassmapHandler(ffi::Buffer<ffi::U8> chunk,
         "jointsq_mean_classmap: out must be f32[G, numel] and each payload "
         "hold a header, the class map and a stream");
   }
-  MeanClassmap(chunk.typed_data(), workers, groups, payload, numel,
-               out->typed_data());
+  OnHostIsa([&] {
+    MeanClassmap(chunk.typed_data(), workers, groups, payload, numel,
+                 out->typed_data());
+  });
   return ffi::Error::Success();
 }
 
@@ -69,9 +85,11 @@ ffi::Error EncodeClassmapHandler(ffi::Buffer<ffi::F32> v,
         "u32[6], counts s32[3] and a payload of at least 24 + ceil(n / 4) "
         "bytes");
   }
-  EncodeClassmap(v.typed_data(), cls.typed_data(), n, keys.typed_data(), cap4,
-                 cap2, payload->typed_data(), bytes, x_hat->typed_data(),
-                 counts->typed_data());
+  OnHostIsa([&] {
+    EncodeClassmap(v.typed_data(), cls.typed_data(), n, keys.typed_data(), cap4,
+                   cap2, payload->typed_data(), bytes, x_hat->typed_data(),
+                   counts->typed_data());
+  });
   return ffi::Error::Success();
 }
 
