@@ -486,8 +486,7 @@ def discussion(record: dict, rows: list[dict]) -> list[str]:
       + ", ".join(costs)
       + ". The low-rank and sparse methods send almost "
       "nothing but pay their matrix products, orthogonalisation or top-k "
-      "here; THC's randomized Hadamard transform as XLA ops dominates "
-      "its step at this size."
+      "here; THC pays its two Hadamard transforms and its error feedback."
     )
   if any(r["key"] == "gq4_psum" for r in rows):
     w = record["processes"]

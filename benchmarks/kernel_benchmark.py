@@ -43,6 +43,7 @@ import numpy as np
 import gqsgd_jax as gq
 from gqsgd_jax._src import ffi as ffi_lib
 from gqsgd_jax._src import wire
+from gqsgd_jax._src.baselines import hadamard
 
 import _common
 
@@ -211,6 +212,19 @@ def build_cases(n: int) -> list[Case]:
         (x32,),
         None,
         _nbytes(x32) + 4 * -(-n // block),
+      )
+    )
+  # THC's Hadamard transform (CPU kernel) vs its matrix-product passes, on
+  # rows of up to 2^23 elements (THC's chunk size); per call only.
+  if jax.default_backend() == "cpu":
+    block_log2 = min(23, (n & -n).bit_length() - 1)
+    cases.append(
+      Case(
+        f"hadamard rows of 2^{block_log2} (f32)",
+        functools.partial(hadamard.transform_blocks, block_log2=block_log2),
+        (x32,),
+        None,
+        _nbytes(x32, x32),
       )
     )
   return cases

@@ -536,7 +536,7 @@ def _np_random_bits(seed, start: int, n: int, stream: int) -> np.ndarray:
   lo = i & np.uint64(_M32)
   hi = i >> np.uint64(32)
   hi_term = (hi * np.uint64(_GOLDEN)) & np.uint64(_M32)
-  inner = (_np_mix32(lo ^ a) + (b ^ hi_term)) & np.uint64(_M32)
+  inner = ((lo ^ a) + (b ^ hi_term)) & np.uint64(_M32)
   return _np_mix32(inner).astype(np.uint32)
 
 

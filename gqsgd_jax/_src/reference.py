@@ -70,7 +70,7 @@ def random_bits(
     stop = min(end, (hi + 1) << 32)
     lo = jax.lax.iota(_U32, stop - first) + _u32(first & _M32)  # no wrap
     key_b = b ^ _u32((hi * _GOLDEN) & _M32)
-    pieces.append(mix32(mix32(lo ^ a) + key_b))
+    pieces.append(mix32((lo ^ a) + key_b))
     first = stop
   if not pieces:
     return jnp.zeros((0,), _U32)

@@ -203,7 +203,7 @@ def counter_signs(
   start: int = 0,
 ) -> jax.Array:
   """``n`` random ±1 of ``dtype`` from a uint32[2] seed, by the kernels'
-  counter hash (``reference.random_bits``: two integer mixes per element).
+  counter hash (``reference.random_bits``: one integer mix per element).
 
   A cheap stand-in for ``random_signs`` when the signs are recomputed every
   step: the same seed gives the same signs, with no threefry rounds.

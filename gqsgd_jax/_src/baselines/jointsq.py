@@ -780,7 +780,7 @@ def _codes(
   keys = [reference.stream_key(seeds[c - 1], 0) for c in _WIRE_CLASSES]
   a = _by_class(cls, [k[0] for k in keys])
   b = _by_class(cls, [k[1] for k in keys])
-  random = reference.mix32(reference.mix32(rank.astype(jnp.uint32) ^ a) + b)
+  random = reference.mix32((rank.astype(jnp.uint32) ^ a) + b)
   lim = _by_class(cls, [jnp.float32(x) for x in s])
   q = reference.stochastic_round(
     v, _by_class(cls, [scale[0], scale[1], scale[2]]), cast(int, lim), random

@@ -16,14 +16,15 @@ Per chunk of the gradient, on every worker:
 7. EF update: e = x - H^-1 D^-1 (-t + delta c), the local quantization and
    clipping error.
 
-Implementation: since D is fixed, the memory is kept rotated, e~ = H D e,
-so x~ = H D g + e~ and e~ <- x~ - (-t + delta c): two transforms per step
-(the gradient's and the mean's), each a few matrix products by small
-Hadamard blocks (``hadamard``). The signs come from the kernels' counter
-hash and the rounding bits from the quantize kernel (up to 128 levels;
-beyond, the same counter hash). The fused buffer is never built: each chunk
-is assembled from its leaves' pieces, and the leaves from the chunks'
-pieces, by in-place updates (XLA:CPU computes a concatenation with a
+Implementation: since D is fixed, the memory is kept rotated, e~ = H D e, so
+x~ = H D g + e~ and e~ <- x~ - (-t + delta c): two transforms per step (the
+gradient's and the mean's), each a fast Walsh-Hadamard transform
+(``hadamard``: a CPU kernel in two passes over memory, elsewhere a few
+matrix products by small Hadamard blocks). The signs come from the kernels'
+counter hash and the rounding bits from the quantize kernel (up to 128
+levels; beyond, the same counter hash). The fused buffer is never built:
+each chunk is assembled from its leaves' pieces, and the leaves from the
+chunks' pieces, by in-place updates (XLA:CPU computes a concatenation with a
 per-element choice of the operand, several times slower than a copy); the
 memory is kept chunk by chunk, so its update is one elementwise pass per
 chunk; the norms take one pass (a sum of squares) unless it overflows or
@@ -570,9 +571,9 @@ def thc(
       sigma = np.float32(_prescale(d, cfg))
       # sigma D x, assembled from the leaves' pieces in place: the buffer of
       # concatenated leaves is never built (XLA's concatenation branches
-      # per element), and the transform starts with a matrix product,
-      # which reads it as it is. (XLA:CPU copies the buffer once before
-      # the last in-place write, which the product reads as a matrix; one
+      # per element), and the transform (a kernel or a matrix product)
+      # reads it as it is. (XLA:CPU copies the buffer once before the last
+      # in-place write, which the transform reads as its operand; one
       # elementwise pass of the signs over the whole chunk instead measured
       # slower, the hash and the choice of the piece per element.)
       pieces = [

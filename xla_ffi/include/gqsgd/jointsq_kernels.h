@@ -825,9 +825,9 @@ GQSGD_JOINTSQ_AVX512_TARGET inline void WriteCodesAvx512(
           rank, k3, _mm512_add_epi32(iota, _mm512_set1_epi32(r3)));
     }
     // RandomBits(key, rank): the rank's high word is 0 (n < 2^31).
-    const __m512i random = Mix32x16(_mm512_add_epi32(
-        Mix32x16(_mm512_xor_si512(rank, ByClass(g.key_a, k1, k2, k3))),
-        ByClass(g.key_b, k1, k2, k3)));
+    const __m512i random = Mix32x16(
+        _mm512_add_epi32(_mm512_xor_si512(rank, ByClass(g.key_a, k1, k2, k3)),
+                         ByClass(g.key_b, k1, k2, k3)));
     // StochasticRound(FlushSubnormal(finite ? x : 0), ...): a non-finite x
     // reads 0, a subnormal one keeps only its sign.
     const __m512i bits = _mm512_maskz_loadu_epi32(in, v + j);

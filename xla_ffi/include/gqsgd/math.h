@@ -101,11 +101,17 @@ GQSGD_HD uint32_t Select(bool c, uint32_t a, uint32_t b) {
 // ---------------------------------------------------------------------------
 // Counter-based random bits.
 //
-// bits(seed, stream, i) for a 64-bit element index i = (hi, lo). Two rounds
-// of Wellons' lowbias32 integer hash; for a fixed key and hi the map
-// lo -> bits is a bijection, so no two elements of a 2^32-element piece
-// share a draw. Only 32-bit multiplies, so jnp (without x64) computes the
-// same bits (the twin cuts its indices at the multiples of 2^32).
+// bits(seed, stream, i) for a 64-bit element index i = (hi, lo): one round
+// of Wellons' lowbias32 integer hash (a full-avalanche 32-bit mix) of the
+// index keyed by the stream, Mix32((lo ^ a) + (b ^ hi * golden)). For a
+// fixed key and hi the map lo -> bits is a bijection, so no two elements of
+// a 2^32-element piece share a draw, and over a uniformly random key a
+// draw is exactly uniform. (A second round, as the stream keys have, cost
+// 16 % of the quantize kernel's CPU time on AVX-512, two more multiplies
+// per element (benchmarks/results/kernels_history.md); the statistics
+// tests, neighbours' correlation included, hold with one.) Only 32-bit
+// multiplies, so jnp (without x64) computes the same bits (the twin cuts
+// its indices at the multiples of 2^32).
 
 GQSGD_HD uint32_t Mix32(uint32_t x) {
   x ^= x >> 16;
@@ -138,7 +144,7 @@ GQSGD_HD uint32_t RandomBits(StreamKey key, int64_t index) {
   const uint64_t i = static_cast<uint64_t>(index);
   const uint32_t lo = static_cast<uint32_t>(i);
   const uint32_t hi = static_cast<uint32_t>(i >> 32);
-  return Mix32(Mix32(lo ^ key.a) + (key.b ^ (hi * 0x9e3779b9u)));
+  return Mix32((lo ^ key.a) + (key.b ^ (hi * 0x9e3779b9u)));
 }
 
 // ---------------------------------------------------------------------------
