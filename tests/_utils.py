@@ -1,8 +1,11 @@
 """Shared test helpers: tree comparisons (optax's test_utils style, without
-chex), the data mesh, a sharded update with replica checks, and a compiled
-Flax MLP step for HLO wire tests."""
+chex), the data mesh, a sharded update with replica checks, a compiled
+Flax MLP step for HLO wire tests, and pytest in a child process."""
 
 import functools
+import os
+import subprocess
+import sys
 
 from flax import nnx
 import jax
@@ -202,3 +205,22 @@ def monte_carlo_estimates(tx, stacked, count: int) -> np.ndarray:
     )(keys)
 
   return np.asarray(run(stacked, keys), np.float64)
+
+
+def assert_child_pytest_passes(
+  test_file: str, selection: str, env: dict
+) -> None:
+  """Runs ``pytest -k selection`` on test_file in a child process with the
+  extra environment ``env`` (e.g. GQSGD_JAX_CPU_ISA, which the kernels read
+  once per process) and asserts that it passed."""
+  child = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    + [test_file, "-k", selection],
+    env=dict(os.environ, **env),
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
+  assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+  assert " passed" in child.stdout

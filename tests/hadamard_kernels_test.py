@@ -4,8 +4,6 @@ what THC's transforms run on CPU."""
 
 import functools
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ from gqsgd_jax._src.baselines import hadamard
 from gqsgd_jax._src.baselines import thc as thc_lib
 from gqsgd_jax._src.worker_state import worker_state_specs
 
+from _utils import assert_child_pytest_passes
 from _utils import data_mesh
 
 pytestmark = pytest.mark.skipif(
@@ -162,19 +161,9 @@ def test_every_isa_copy_matches_radix2(isa):
   once per process)."""
   if os.environ.get(_ISA_CHILD):
     pytest.skip("already in a child process")
-  env = dict(os.environ, GQSGD_JAX_CPU_ISA=isa, **{_ISA_CHILD: "1"})
-  tests = "radix2"
-  child = subprocess.run(
-    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    + [__file__, "-k", tests],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-    check=False,
+  assert_child_pytest_passes(
+    __file__, "radix2", {"GQSGD_JAX_CPU_ISA": isa, _ISA_CHILD: "1"}
   )
-  assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-  assert " passed" in child.stdout
 
 
 @pytest.mark.parametrize("k", [1, 6, 7, 12, 13, 18, 23])

@@ -7,8 +7,6 @@ payloads (``gqsgd_jointsq_mean_classmap``).
 """
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +15,8 @@ import pytest
 
 from gqsgd_jax._src import ffi as ffi_lib
 from gqsgd_jax._src.baselines import jointsq as jsq
+
+from _utils import assert_child_pytest_passes
 
 pytestmark = pytest.mark.skipif(
   jax.default_backend() != "cpu" or "cpu" not in ffi_lib.REGISTERED_PLATFORMS,
@@ -143,22 +143,13 @@ def test_portable_loops_match_twin():
   """The encode and mean kernels' loops for CPUs without AVX-512, which CI's
   machines never take on their own: their tests again in a child process
   with GQSGD_JAX_CPU_ISA=baseline (read once per process)."""
-  env = dict(os.environ, GQSGD_JAX_CPU_ISA="baseline", **{_PORTABLE_CHILD: "1"})
   tests = (
     "test_mean_matches_twin or test_mean_with_a_nan or test_mean_clips"
     " or test_encode_matches_twin"
   )
-  child = subprocess.run(
-    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    + [__file__, "-k", tests],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-    check=False,
+  assert_child_pytest_passes(
+    __file__, tests, {"GQSGD_JAX_CPU_ISA": "baseline", _PORTABLE_CHILD: "1"}
   )
-  assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-  assert " passed" in child.stdout
 
 
 def test_mean_with_a_nan_payload_is_nan():
